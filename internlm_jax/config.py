@@ -1,0 +1,255 @@
+"""InternLM2Config: the HF `config.json` of InternLM2 / InternLM2.5, validated, plus presets.
+
+The reference config class has defaults that no released checkpoint uses (vocab 103168, bias True,
+eps 1e-6, theta 1e4, max_pos 2048), so values are always read from `config.json`; the quirks of the
+released files are handled here and nowhere else:
+
+* a missing ``bias`` key means True (the class default);
+* ``rope_scaling`` is null, ``{"type": "linear"|"dynamic", "factor": f}``, or (as written by
+  transformers 5) a dict without a type or with ``rope_type: "default"``, which means no scaling;
+* ``head_dim`` is never stored: it is ``hidden_size // num_attention_heads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+ROPE_TYPES = ("linear", "dynamic")
+MODEL_TYPE = "internlm2"
+ARCHITECTURE = "InternLM2ForCausalLM"
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary scaling as the reference understands it: ``type`` is "linear" or "dynamic" (NTK)."""
+
+    type: str
+    factor: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": self.type, "factor": self.factor}
+
+
+@dataclasses.dataclass(frozen=True)
+class InternLM2Config:
+    """Architecture hyper-parameters, named as in the HF ``config.json``."""
+
+    vocab_size: int = 92544
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    rope_scaling: RopeScaling | None = None
+    bias: bool = False
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 2
+    # Keys of config.json that the model does not use (auto_map, torch_dtype, ...), kept so that
+    # writing the config back loses nothing.
+    extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False)
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _parse_rope_scaling(self.rope_scaling))
+        if isinstance(self.extra, dict):
+            object.__setattr__(self, "extra", tuple(self.extra.items()))
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads per KV head (G in the packed wqkv layout)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes) -> "InternLM2Config":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count of the architecture (matches the released models' counts)."""
+        h, i, v, n = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
+        d, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
+        attn = h * (nh + 2 * nkv) * d + nh * d * h
+        if self.bias:
+            attn += (nh + 2 * nkv) * d + h
+        layer = attn + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + n * layer + h
+
+    # ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot describe an InternLM2 model."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"config field {name!r} must be a positive number, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"config field 'hidden_size' ({self.hidden_size}) must be divisible by "
+                f"'num_attention_heads' ({self.num_attention_heads})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config field 'num_attention_heads' ({self.num_attention_heads}) must be divisible by "
+                f"'num_key_value_heads' ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim = hidden_size // num_attention_heads = {self.head_dim} must be "
+                             "even for rotary embeddings (config field 'hidden_size')")
+        if self.hidden_act != "silu":
+            raise ValueError(f"config field 'hidden_act' must be 'silu' for InternLM2, got {self.hidden_act!r}")
+        for name in ("bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        rs = self.rope_scaling
+        if rs is not None:
+            if not isinstance(rs, RopeScaling):
+                raise ValueError(f"config field 'rope_scaling' must be null or a dict, got {rs!r}")
+            if rs.type not in ROPE_TYPES:
+                raise ValueError(f"config field 'rope_scaling.type' must be one of {ROPE_TYPES}, got {rs.type!r}")
+            if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor > 0:
+                raise ValueError(f"config field 'rope_scaling.factor' must be a positive number, got {rs.factor!r}")
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "InternLM2Config":
+        """Build from a parsed ``config.json``; refuses configs of other architectures."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        model_type = data.get("model_type")
+        archs = data.get("architectures") or []
+        if model_type not in (None, MODEL_TYPE) or (model_type is None and ARCHITECTURE not in archs):
+            raise ValueError(
+                f"{source}: not an InternLM2 config (model_type={model_type!r}, architectures={archs!r}); "
+                f"expected model_type {MODEL_TYPE!r}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kwargs: dict[str, Any] = {}
+        extra = {}
+        for key, value in data.items():
+            if key in fields:
+                kwargs[key] = value
+            else:
+                extra[key] = value
+        kwargs.setdefault("bias", True)  # the reference class default: absent means biased
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(key), list):  # some configs list several ids; keep the first
+                extra[f"{key}_list"] = kwargs[key]
+                kwargs[key] = kwargs[key][0]
+            if kwargs.get(key, 0) is None:
+                kwargs.pop(key)
+        try:
+            kwargs["rope_scaling"] = _parse_rope_scaling(data.get("rope_scaling"))
+            return cls(**kwargs, extra=tuple(extra.items()))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "InternLM2Config":
+        """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json at {file}")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` form (including the keys the model does not use)."""
+        out: dict[str, Any] = {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE}
+        extra = dict(self.extra)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            listed = extra.pop(f"{key}_list", None)
+            if listed is not None and listed[0] == getattr(self, key):
+                extra[key] = listed
+        out.update({k: v for k, v in extra.items() if k not in ("architectures", "model_type")})
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name in extra:
+                continue
+            out[f.name] = value.to_dict() if isinstance(value, RopeScaling) else value
+        return out
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``config.json`` into folder ``path`` (atomically); returns the file written."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        file = path / "config.json"
+        tmp = file.with_name(f".config.json.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, file)
+        return file
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "InternLM2Config":
+        """The architecture of a released model, e.g. ``"internlm2_5-7b-chat"``."""
+        key = name.split("/")[-1].lower()
+        if key not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**PRESETS[key])
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(PRESETS)
+
+
+def _parse_rope_scaling(value: Any) -> RopeScaling | None:
+    if value is None or isinstance(value, RopeScaling):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"config field 'rope_scaling' must be null or a dict, got {value!r}")
+    kind = value.get("type", value.get("rope_type"))
+    if kind in (None, "default"):
+        return None
+    if "factor" not in value:
+        raise ValueError(f"config field 'rope_scaling' has type {kind!r} but no 'factor': {value!r}")
+    factor = value["factor"]
+    if isinstance(factor, int) and not isinstance(factor, bool):
+        factor = float(factor)
+    return RopeScaling(type=kind, factor=factor)
+
+
+def _arch(h, i, layers, heads, max_pos, theta, scaling):
+    return dict(hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=8, max_position_embeddings=max_pos, rope_theta=theta,
+                rope_scaling=None if scaling is None else RopeScaling("dynamic", scaling),
+                vocab_size=92544, rms_norm_eps=1e-5, bias=False, tie_word_embeddings=False)
+
+
+# Released models (FACTS.md). Where snapshots of a model differ in rope_scaling, the preset takes
+# the value of the released config.json at the time of writing; checkpoints always use their own.
+PRESETS: dict[str, dict[str, Any]] = {
+    "internlm2-1_8b": _arch(2048, 8192, 24, 16, 32768, 1e6, None),
+    "internlm2-chat-1_8b": _arch(2048, 8192, 24, 16, 32768, 1e6, None),
+    "internlm2-7b": _arch(4096, 14336, 32, 32, 32768, 1e6, None),
+    "internlm2-chat-7b": _arch(4096, 14336, 32, 32, 32768, 1e6, None),
+    "internlm2-20b": _arch(6144, 16384, 48, 48, 32768, 1e6, None),
+    "internlm2-chat-20b": _arch(6144, 16384, 48, 48, 32768, 1e6, 3.0),
+    "internlm2_5-7b": _arch(4096, 14336, 32, 32, 262144, 5e7, 2.0),
+    "internlm2_5-7b-chat": _arch(4096, 14336, 32, 32, 32768, 1e6, 2.0),
+    "internlm2_5-7b-chat-1m": _arch(4096, 14336, 32, 32, 262144, 5e7, 2.5),
+    "internlm2_5-20b": _arch(6144, 16384, 48, 48, 262144, 5e7, 2.0),
+    "internlm2_5-20b-chat": _arch(6144, 16384, 48, 48, 32768, 5e7, 2.5),
+}

@@ -1,0 +1,406 @@
+"""HF checkpoint folders: read them tensor by tensor into sharded parameters, and write them back.
+
+Reading never holds more than one checkpoint tensor (plus its converted copy) in host memory:
+each tensor is read from disk, split into our layout by :mod:`internlm_jax.weights`, and placed
+on the devices that own its shards (``jax.make_array_from_callback``); stacked layer parameters
+are filled row by row in a preallocated, donated device buffer.
+
+Safetensors are parsed here rather than through the ``safetensors`` package because its NumPy
+backend cannot represent bfloat16 and its Flax backend puts whole tensors on one device. The format
+is a little-endian u64 header length, a JSON header and the raw bytes, so the parser is short and
+can say exactly which file is truncated or corrupt. ``.bin`` files go through the restricted
+unpickler of :mod:`internlm_jax.torch_pickle`, which never executes pickled code and needs no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from . import weights
+from .config import InternLM2Config
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file, the tensor and the shapes."""
+
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float64))
+
+
+class TensorRef:
+    """A tensor in a file, not yet read: ``name``, ``file``, ``shape``, ``dtype`` and ``load()``."""
+
+    def __init__(self, name: str, file: Path, shape: tuple[int, ...], dtype: np.dtype, loader: Callable[[], np.ndarray]):
+        self.name, self.file, self.shape, self.dtype, self._loader = name, file, shape, dtype, loader
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        return self._loader()
+
+
+# --- safetensors ---------------------------------------------------------------------------------
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """(header dict, byte offset of the data) after checking the header against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + n
+
+
+def open_safetensors(path: Path) -> dict[str, TensorRef]:
+    header, start = read_safetensors_header(path)
+    size = path.stat().st_size
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name!r}")
+        dtype = SAFETENSORS_DTYPES[dtype_name]
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} {dtype_name} needs {nbytes} bytes "
+                                  f"but its offsets span {end - begin}")
+        if start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {start + end}, file has {size}")
+        refs[name] = TensorRef(name, path, shape, dtype, _safetensors_loader(path, start + begin, shape, dtype))
+    return refs
+
+
+def _safetensors_loader(path: Path, offset: int, shape, dtype):
+    def load():
+        with open(path, "rb") as f:
+            arr = np.fromfile(f, dtype=dtype, count=math.prod(shape), offset=offset)
+        if arr.size != math.prod(shape):
+            raise CheckpointError(f"{path}: truncated while reading a tensor of shape {shape}")
+        return arr.reshape(shape)
+    return load
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.dtype]],
+                      produce: Callable[[str], np.ndarray], on_tensor: Callable[[int], None] | None = None) -> None:
+    """Stream a safetensors file: the header is known up front, then each tensor is produced and
+    written in turn, so only one tensor is in memory at a time."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape, dtype in tensors:
+            arr = np.ascontiguousarray(produce(name), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{name}: produced shape {arr.shape}, header says {tuple(shape)}")
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+            if on_tensor:
+                on_tensor(arr.nbytes)
+
+
+# --- finding the tensors of a folder -------------------------------------------------------------
+
+
+def open_hf_tensors(folder: str | os.PathLike) -> dict[str, TensorRef]:
+    """Name -> TensorRef for every tensor of an HF checkpoint folder (headers only, nothing loaded)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    for index_name, opener in (("model.safetensors.index.json", open_safetensors),
+                               ("pytorch_model.bin.index.json", _open_torch)):
+        index = folder / index_name
+        if index.is_file():
+            return _open_indexed(index, opener)
+    for single, opener in (("model.safetensors", open_safetensors), ("pytorch_model.bin", _open_torch)):
+        if (folder / single).is_file():
+            return opener(folder / single)
+    for pattern, opener in (("*.safetensors", open_safetensors), ("pytorch_model*.bin", _open_torch)):
+        files = sorted(folder.glob(pattern))
+        if files:
+            return _merge([opener(f) for f in files])
+    raise CheckpointError(f"{folder}: no weights found (looked for model.safetensors, "
+                          "model.safetensors.index.json, pytorch_model*.bin)")
+
+
+def _open_torch(path: Path) -> dict[str, TensorRef]:
+    from .torch_pickle import TorchCheckpoint
+
+    ckpt = TorchCheckpoint(path)
+    return {name: TensorRef(name, path, tuple(t.shape), np.dtype(t.dtype), t.load) for name, t in ckpt.tensors.items()}
+
+
+def _open_indexed(index: Path, opener) -> dict[str, TensorRef]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid index file ({e!r})") from None
+    opened = {}
+    for file in sorted(set(weight_map.values())):
+        path = index.parent / file
+        if not path.is_file():
+            names = [n for n, f in weight_map.items() if f == file]
+            raise CheckpointError(f"{index}: shard {file} is named by the index (for {len(names)} tensors, e.g. "
+                                  f"{names[0]!r}) but is absent")
+        opened[file] = opener(path)
+    refs = {}
+    for name, file in weight_map.items():
+        if name not in opened[file]:
+            raise CheckpointError(f"{index.parent / file}: tensor {name!r} is listed in {index.name} but not in the file")
+        refs[name] = opened[file][name]
+    for file, tensors in opened.items():  # tensors a shard holds beyond the index are still reported
+        for name, ref in tensors.items():
+            refs.setdefault(name, ref)
+    return refs
+
+
+def _merge(parts: Iterable[dict[str, TensorRef]]) -> dict[str, TensorRef]:
+    refs: dict[str, TensorRef] = {}
+    for part in parts:
+        for name, ref in part.items():
+            if name in refs:
+                raise CheckpointError(f"tensor {name!r} appears in both {refs[name].file} and {ref.file}")
+            refs[name] = ref
+    return refs
+
+
+def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: str) -> list[weights.HFTensor]:
+    """Compare the checkpoint's names, shapes and dtypes with what ``cfg`` implies; raise on the first problem."""
+    expected = weights.hf_tensors(cfg)
+    names = {t.name for t in expected}
+    missing = [t.name for t in expected if t.name not in refs]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} "
+                              f"(config.json: {cfg.num_hidden_layers} layers, bias={cfg.bias}, "
+                              f"tie_word_embeddings={cfg.tie_word_embeddings})")
+    unexpected = [n for n in refs if n not in names and not weights.IGNORED_HF_TENSORS.match(n)]
+    if unexpected:
+        ref = refs[unexpected[0]]
+        raise CheckpointError(f"{ref.file}: unexpected tensor {ref.name!r} of shape {ref.shape} "
+                              f"(not part of an InternLM2 model with this config.json)"
+                              + (f"; {len(unexpected) - 1} more unexpected" if len(unexpected) > 1 else ""))
+    for t in expected:
+        ref = refs[t.name]
+        if ref.shape != t.shape:
+            raise CheckpointError(f"{ref.file}: tensor {t.name!r} has shape {ref.shape} but config.json implies "
+                                  f"{t.shape} (hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
+                                  f"heads={cfg.num_attention_heads}, kv_heads={cfg.num_key_value_heads}, "
+                                  f"vocab_size={cfg.vocab_size})")
+        if ref.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{ref.file}: tensor {t.name!r} has dtype {ref.dtype}, expected a float type")
+    return expected
+
+
+# --- loading into a model ------------------------------------------------------------------------
+
+
+def _progress(total_bytes: int, n: int, desc: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not enabled, postfix=f"0/{n} tensors")
+
+
+def _sharding_of(value) -> jax.sharding.Sharding:
+    sharding = getattr(value, "sharding", None)
+    return sharding if sharding is not None else SingleDeviceSharding(jax.devices()[0])
+
+
+def _row_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    if isinstance(stacked, NamedSharding):
+        return NamedSharding(stacked.mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
+    return stacked
+
+
+@jax.jit
+def _get_row(stacked, i):
+    return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+
+
+@jax.jit
+def _zeros_like_sds(x):
+    return jnp.zeros_like(x)
+
+
+_set_row = jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
+                   donate_argnums=0)
+
+
+def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool | None = None) -> None:
+    """Fill an abstract :class:`InternLM2` (ShapeDtypeStruct params) from HF tensors, in place."""
+    cfg = model.config
+    expected = check_hf_tensors(refs, cfg, where)
+    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    stacked: dict[str, jax.Array] = {}
+    for name, param in params.items():
+        target = param.get_value()
+        if name.startswith("layers."):
+            sharding = _sharding_of(target)
+            stacked[name] = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=sharding)()
+    order = sorted(expected, key=lambda t: (str(refs[t.name].file), t.name))  # file order: fewer seeks
+    bar = _progress(sum(refs[t.name].nbytes for t in expected), len(expected), "loading", progress)
+    with bar:
+        for n, t in enumerate(order, 1):
+            array = refs[t.name].load()
+            for path, piece in weights.to_params(t, array, cfg).items():
+                target = params[path].get_value()
+                piece = np.asarray(piece).astype(target.dtype, copy=False)
+                if t.layer is None:
+                    params[path].set_value(jax.make_array_from_callback(
+                        piece.shape, _sharding_of(target), lambda idx, p=piece: p[idx]))
+                else:
+                    row = jax.make_array_from_callback(piece.shape, _row_sharding(_sharding_of(target)),
+                                                       lambda idx, p=piece: p[idx])
+                    stacked[path] = _set_row(stacked[path], row, t.layer)
+            del array
+            bar.update(refs[t.name].nbytes)
+            bar.set_postfix_str(f"{n}/{len(order)} tensors")
+    for path, value in stacked.items():
+        params[path].set_value(value)
+
+
+def load_hf_checkpoint(path, *, mesh=None, dtype=None, param_dtype=None, progress=None):
+    """:meth:`InternLM2.from_pretrained` for HF folders."""
+    from .model import InternLM2
+
+    path = Path(path)
+    cfg = InternLM2Config.from_pretrained(path)
+    refs = open_hf_tensors(path)
+    model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+    load_params(model, refs, where=str(path), progress=progress)
+    return model
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units, as HF uses)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
+                       overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
+                       progress: bool | None = None) -> Path:
+    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json).
+
+    Written into a temporary sibling and renamed when complete, so an interrupted save leaves no
+    folder that looks like a checkpoint. ``extra_files`` (e.g. tokenizer files) are copied in.
+    """
+    from .model import canonical_dtype
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True to replace it)")
+    cfg = model.config
+    dtype = np.dtype(canonical_dtype(dtype or model.param_dtype))
+    tensors = weights.hf_tensors(cfg)
+    limit = parse_size(shard_size)
+    shards: list[list[weights.HFTensor]] = [[]]
+    used = 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * dtype.itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(t)
+        used += nbytes
+    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    by_name = {t.name: t for t in tensors}
+
+    def produce(name: str) -> np.ndarray:
+        t = by_name[name]
+        parts = {}
+        for path in t.targets:
+            value = params[path].get_value()
+            parts[path] = _to_host(value if t.layer is None else _get_row(value, t.layer))
+        return weights.from_params(t, parts, cfg)
+
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    total = sum(math.prod(t.shape) for t in tensors) * dtype.itemsize
+    try:
+        bar = _progress(total, len(tensors), "saving", progress)
+        with bar:
+            weight_map = {}
+            for k, shard in enumerate(shards, 1):
+                file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(tmp / file, [(t.name, t.shape, dtype) for t in shard], produce, bar.update)
+                weight_map.update({t.name: file for t in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        cfg.replace(extra=dict(cfg.extra, torch_dtype=str(dtype))).save(tmp)
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+        if folder.exists():
+            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

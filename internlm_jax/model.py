@@ -1,0 +1,297 @@
+"""InternLM2 as a Flax NNX module tree with scanned (stacked) decoder layers.
+
+Module tree and parameter shapes (``L`` layers stacked on a leading axis, so one compiled layer body
+serves every depth):
+
+    InternLM2
+      tok_embeddings            [V, H]
+      layers: DecoderLayer      (every parameter has a leading [L] axis)
+        attention_norm.weight   [L, H]
+        attention.wq/wk/wv      [L, H, nH|nKV, D]   (+ bq/bk/bv [L, nH|nKV, D] when config.bias)
+        attention.wo            [L, nH, D, H]       (+ bo [L, H])
+        ffn_norm.weight         [L, H]
+        feed_forward.w1/w3      [L, H, I];  w2 [L, I, H]
+      norm.weight               [H]
+      output                    [H, V]   (absent when tie_word_embeddings)
+
+Every parameter carries ``logical_axes`` metadata; :mod:`internlm_jax.sharding` maps those to the
+mesh. Parameters are created directly in their target sharding (or as abstract shapes for restore),
+never materialised whole on one device first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from .attention import causal_mask, dense_attention
+from .config import InternLM2Config
+from .rope import apply_rope, rope_tables
+from .sharding import constrain, named_sharding
+
+DTypeLike = Any
+
+
+def canonical_dtype(dtype: DTypeLike) -> jnp.dtype:
+    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.float32`` ... -> a numpy dtype; ValueError otherwise."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return dt
+
+
+class ParamFactory:
+    """Creates parameters: random and already sharded, or abstract (shape, dtype, sharding only)."""
+
+    def __init__(self, cfg: InternLM2Config, mesh: Mesh | None, dtype, rngs: nnx.Rngs | None):
+        self.cfg, self.mesh, self.dtype, self.rngs = cfg, mesh, dtype, rngs
+
+    def __call__(self, shape: tuple[int, ...], axes: tuple[str, ...], init: str = "normal") -> nnx.Param:
+        sharding = named_sharding(axes, shape, self.mesh) if self.mesh is not None else None
+        if self.rngs is None:  # abstract: the description that restore and loading fill in
+            return nnx.Param(jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding), logical_axes=axes)
+        std, dtype = self.cfg.initializer_range, self.dtype
+
+        def make(key):
+            if init == "ones":
+                return jnp.ones(shape, dtype)
+            if init == "zeros":
+                return jnp.zeros(shape, dtype)
+            return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+        return nnx.Param(jax.jit(make, out_shardings=sharding)(self.rngs.params()), logical_axes=axes)
+
+
+def _cast(p: nnx.Param, dtype) -> jax.Array:
+    return p[...].astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32, as the reference."""
+
+    def __init__(self, dim: int, eps: float, make: ParamFactory, stack: tuple[int, ...] = ()):
+        self.eps = eps
+        self.weight = make(stack + (dim,), ("layers",) * len(stack) + ("vector",), init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + jnp.float32(self.eps))
+        return _cast(self.weight, x.dtype) * y.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA self-attention: projections per head, rope on q and k, dense attention, output projection."""
+
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        lay = ("layers",) * len(stack)
+        self.wq = make(stack + (h, nh, d), lay + ("embed", "q_heads", "head_dim"))
+        self.wk = make(stack + (h, nkv, d), lay + ("embed", "kv_heads", "head_dim"))
+        self.wv = make(stack + (h, nkv, d), lay + ("embed", "kv_heads", "head_dim"))
+        self.wo = make(stack + (nh, d, h), lay + ("q_heads", "head_dim", "embed"))
+        self.use_bias = cfg.bias
+        if cfg.bias:
+            self.bq = make(stack + (nh, d), lay + ("q_heads", "head_dim"), init="zeros")
+            self.bk = make(stack + (nkv, d), lay + ("kv_heads", "head_dim"), init="zeros")
+            self.bv = make(stack + (nkv, d), lay + ("kv_heads", "head_dim"), init="zeros")
+            self.bo = make(stack + (h,), lay + ("vector",), init="zeros")
+
+    def project_qkv(self, x, cos, sin, mesh):
+        """q, k, v ``[B, S, heads, D]`` with rope applied to q and k (k is what a cache stores)."""
+        dt = x.dtype
+        q = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wq, dt))
+        k = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wk, dt))
+        v = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wv, dt))
+        if self.use_bias:
+            q, k, v = q + _cast(self.bq, dt), k + _cast(self.bk, dt), v + _cast(self.bv, dt)
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"), mesh)
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+        v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
+        return q, k, v
+
+    def project_out(self, o, mesh):
+        y = jnp.einsum("bsnd,ndh->bsh", o, _cast(self.wo, o.dtype))
+        if self.use_bias:
+            y = y + _cast(self.bo, o.dtype)
+        return constrain(y, ("batch", "seq", "act_embed"), mesh)
+
+    def __call__(self, x, cos, sin, mask, mesh=None):
+        q, k, v = self.project_qkv(x, cos, sin, mesh)
+        return self.project_out(dense_attention(q, k, v, mask), mesh)
+
+
+class MLP(nnx.Module):
+    """``w2(silu(w1 x) * w3 x)``, never biased."""
+
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        lay = ("layers",) * len(stack)
+        self.w1 = make(stack + (h, i), lay + ("embed", "mlp"))
+        self.w3 = make(stack + (h, i), lay + ("embed", "mlp"))
+        self.w2 = make(stack + (i, h), lay + ("mlp", "embed"))
+
+    def __call__(self, x, mesh=None):
+        dt = x.dtype
+        gate = jnp.einsum("bsh,hi->bsi", x, _cast(self.w1, dt))
+        up = jnp.einsum("bsh,hi->bsi", x, _cast(self.w3, dt))
+        hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh)
+        return constrain(jnp.einsum("bsi,ih->bsh", hidden, _cast(self.w2, dt)), ("batch", "seq", "act_embed"), mesh)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
+        self.attention = Attention(cfg, make, stack)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
+        self.feed_forward = MLP(cfg, make, stack)
+
+    def __call__(self, x, cos, sin, mask, mesh=None):
+        with jax.named_scope("attention"):
+            x = x + self.attention(self.attention_norm(x), cos, sin, mask, mesh)
+        with jax.named_scope("mlp"):
+            x = x + self.feed_forward(self.ffn_norm(x), mesh)
+        return x
+
+
+class InternLM2(nnx.Module):
+    """The InternLM2 / InternLM2.5 causal LM.
+
+    ``InternLM2(config, mesh=mesh, seed=0)`` initialises randomly, each parameter created directly
+    in its sharding over ``mesh``; :meth:`from_pretrained` loads a checkpoint. ``dtype`` is the
+    compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``, itself default float32).
+    Calling the model runs a jit-compiled forward and returns float32 logits ``[B, S, V]``.
+    """
+
+    def __init__(self, config: InternLM2Config, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
+                 param_dtype: DTypeLike = None, seed: int = 0, rngs: nnx.Rngs | None = None,
+                 abstract: bool = False):
+        self.config = config
+        self.mesh = mesh
+        self.dtype = canonical_dtype(dtype or jnp.float32)
+        self.param_dtype = canonical_dtype(param_dtype or self.dtype)
+        if abstract:
+            rngs = None
+        elif rngs is None:
+            rngs = nnx.Rngs(seed)
+        make = ParamFactory(config, mesh, self.param_dtype, rngs)
+        cfg = config
+        self.tok_embeddings = make((cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
+        self.layers = DecoderLayer(cfg, make, stack=(cfg.num_hidden_layers,))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make)
+        if not cfg.tie_word_embeddings:
+            self.output = make((cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+
+    # --- loading --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
+                        param_dtype: DTypeLike = None, progress: bool | None = None) -> "InternLM2":
+        """Load an HF InternLM2 checkpoint folder, tensor by tensor, into the shardings of ``mesh``.
+
+        ``dtype`` defaults to float32. Reads ``model.safetensors``, sharded safetensors with an
+        index, or ``pytorch_model*.bin`` (without executing pickled code).
+        """
+        from .hf_checkpoint import load_hf_checkpoint
+
+        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, progress=progress)
+
+    @classmethod
+    def abstract(cls, config: InternLM2Config, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
+                 param_dtype: DTypeLike = None) -> "InternLM2":
+        """A model whose parameters are ``ShapeDtypeStruct`` s carrying their target shardings."""
+        return cls(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype, abstract=True)
+
+    def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
+        """Write an HF InternLM2 folder (see :func:`internlm_jax.hf_checkpoint.save_hf_checkpoint`)."""
+        from .hf_checkpoint import save_hf_checkpoint
+
+        return save_hf_checkpoint(self, folder, **kwargs)
+
+    def num_parameters(self) -> int:
+        return sum(int(np.prod(p.get_value().shape)) for _, p in nnx.to_flat_state(nnx.state(self, nnx.Param)))
+
+    # --- forward --------------------------------------------------------------------------
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states: bool = False):
+        """Logits ``[B, S, V]`` (float32) for token ids ``[B, S]``.
+
+        positions: ``[B, S]`` int, default ``arange(S)`` per row (as the reference forward; pass
+        ``cumsum(mask) - 1`` for left-padded batches). attention_mask: ``[B, S]`` 1 = token, 0 = padding
+        key. With ``output_hidden_states`` returns ``(logits, hidden_states)`` where hidden_states is
+        ``[L + 1, B, S, H]`` following HF: the embeddings, the outputs of layers 1..L-1, and the
+        final-norm output of the last layer.
+        """
+        if not isinstance(input_ids, jax.core.Tracer):
+            input_ids = _check_ids(input_ids, self.config.vocab_size)
+            graphdef, state = nnx.split(self)
+            return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states)
+        return self.forward(input_ids, positions=positions, attention_mask=attention_mask,
+                            output_hidden_states=output_hidden_states)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(self.dtype)
+        return constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float32 logits from final hidden states (already normed)."""
+        w = self.tok_embeddings[...].T if self.config.tie_word_embeddings else self.output[...]
+        out = jnp.einsum("bsh,hv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
+
+    def forward(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states=False):
+        """The traceable forward (no jit of its own): use inside your own jitted functions."""
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        mask = causal_mask(s, s)[None]
+        if attention_mask is not None:
+            mask = mask & jnp.asarray(attention_mask).astype(bool)[:, None, :]
+        cos, sin = rope_tables(self.config, positions, self.dtype)
+        x = self.embed(input_ids)
+        layer_def, layer_state = nnx.split(self.layers)
+        mesh = self.mesh
+
+        def body(h, state):
+            layer = nnx.merge(layer_def, state)
+            h = constrain(layer(h, cos, sin, mask, mesh), ("batch", "seq", "act_embed"), mesh)
+            return h, (h if output_hidden_states else None)
+
+        x, per_layer = jax.lax.scan(body, x, layer_state)
+        x = self.norm(x)
+        logits = self.logits(x)
+        if not output_hidden_states:
+            return logits
+        hidden = jnp.concatenate([self.embed(input_ids)[None], per_layer[:-1], x[None]], axis=0)
+        return logits, hidden
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))
+def _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states):
+    model = nnx.merge(graphdef, state)
+    return model.forward(input_ids, positions=positions, attention_mask=attention_mask,
+                         output_hidden_states=output_hidden_states)
+
+
+def _check_ids(input_ids, vocab_size: int) -> jax.Array:
+    arr = np.asarray(input_ids)
+    if arr.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError("input_ids is empty (sequence length 0)")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"input_ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size}")
+    return input_ids if isinstance(input_ids, jax.Array) else jnp.asarray(arr, jnp.int32)
