@@ -57,7 +57,7 @@ class InternLM2Config:
     pad_token_id: int = 2
     # Keys of config.json that the model does not use (auto_map, torch_dtype, ...), kept so that
     # writing the config back loses nothing.
-    extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False)
+    extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):

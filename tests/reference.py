@@ -428,5 +428,5 @@ def llama_config_from_internlm2(config: dict):
         tie_word_embeddings=is_tied(config),
         bos_token_id=config.get("bos_token_id", 1),
         eos_token_id=config.get("eos_token_id", 2),
-        pad_token_id=config.get("pad_token_id", 2),
+        pad_token_id=config.get("pad_token_id"),
     )

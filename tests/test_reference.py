@@ -225,6 +225,31 @@ def test_split_wqkv_by_hand():
     assert wq2.tolist() == [0, 1, 2, 3, 4, 5] and wk2.tolist() == [6, 7] and wv2.tolist() == [8, 9]
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_llama_state_unpacking_by_reshape(name):
+    """A second, reshape-based formulation of the unpacking agrees with llama_state_from_internlm2."""
+    cfg = CONFIGS[name]
+    state = state_for(name)
+    nH, nKV, H = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    D, G = H // nH, nH // nKV
+    llama = ref.llama_state_from_internlm2(state, cfg)
+    for i in range(cfg["num_hidden_layers"]):
+        grouped = state[f"model.layers.{i}.attention.wqkv.weight"].reshape(nKV, G + 2, D, H)
+        a = f"model.layers.{i}.self_attn."
+        np.testing.assert_array_equal(llama[a + "q_proj.weight"], grouped[:, :G].reshape(nH * D, H))
+        np.testing.assert_array_equal(llama[a + "k_proj.weight"], grouped[:, G].reshape(nKV * D, H))
+        np.testing.assert_array_equal(llama[a + "v_proj.weight"], grouped[:, G + 1].reshape(nKV * D, H))
+        if cfg["bias"]:
+            gb = state[f"model.layers.{i}.attention.wqkv.bias"].reshape(nKV, G + 2, D)
+            np.testing.assert_array_equal(llama[a + "q_proj.bias"], gb[:, :G].reshape(-1))
+            np.testing.assert_array_equal(llama[a + "k_proj.bias"], gb[:, G].reshape(-1))
+            np.testing.assert_array_equal(llama[a + "v_proj.bias"], gb[:, G + 1].reshape(-1))
+        else:
+            assert a + "q_proj.bias" not in llama
+    out = state["model.tok_embeddings.weight"] if cfg["tie_word_embeddings"] else state["output.weight"]
+    np.testing.assert_array_equal(llama["lm_head.weight"], out)
+
+
 def test_random_state_keys():
     for name, cfg in CONFIGS.items():
         st = ref.random_state(cfg, seed=1)
@@ -279,6 +304,12 @@ def test_transformers_rope_parameters():
     assert cfg.rope_parameters["factor"] == 2.0
     assert cfg.rope_parameters["rope_theta"] == 10000.0
     assert cfg.head_dim == 8 and cfg.attention_bias and not cfg.mlp_bias
+    lin = ref.llama_config_from_internlm2(CONFIGS["gqa4_linear"])
+    assert lin.rope_parameters["rope_type"] == "linear" and lin.rope_parameters["factor"] == 2.0
+    plain = ref.llama_config_from_internlm2(CONFIGS["gqa3_default"])
+    assert plain.rope_parameters["rope_type"] == "default" and plain.rope_parameters["rope_theta"] == 10000.0
+    assert not plain.attention_bias and plain.num_key_value_heads == 2
+    assert ref.llama_config_from_internlm2(CONFIGS["mqa_tied_dynamic"]).tie_word_embeddings
     # the legacy kwargs are folded into rope_parameters
     legacy = transformers.LlamaConfig(rope_theta=5e7, rope_scaling={"type": "linear", "factor": 2.0})
     assert legacy.rope_parameters["rope_theta"] == 5e7 and legacy.rope_parameters["rope_type"] == "linear"

@@ -388,7 +388,8 @@ def test_empty_file(tmp_path):
 @pytest.mark.parametrize("keep", [0.5, 0.99])
 def test_truncated_checkpoint(tmp_path, keep):
     full = save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "full.bin")
-    data = open(full, "rb").read()
+    with open(full, "rb") as f:
+        data = f.read()
     path = tmp_path / "truncated.bin"
     path.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(ValueError, match=r"truncated\.bin.*truncated"):

@@ -1,0 +1,53 @@
+"""Tiny HF InternLM2 checkpoints for tests, written with torch's own writers (independent of ours)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_config(**overrides) -> dict:
+    """An HF config.json dict for a tiny InternLM2 (GQA 3:1, dynamic NTK, max_pos 16)."""
+    cfg = dict(architectures=["InternLM2ForCausalLM"], model_type="internlm2", vocab_size=96, hidden_size=48,
+               intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+               max_position_embeddings=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+               rope_scaling={"type": "dynamic", "factor": 2.0}, bias=False, tie_word_embeddings=False,
+               hidden_act="silu", initializer_range=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg.update(overrides)
+    return cfg
+
+
+def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "safetensors",
+                        dtype: str = "float32", shards: int = 1) -> Path:
+    """Write ``state`` (HF names, numpy) the way HF tooling does, with torch's own writers.
+
+    layout: "safetensors" (one file or ``shards`` files + index) or "bin" (torch.save, same sharding).
+    """
+    import torch
+    import safetensors.torch as st
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    tdtype = getattr(torch, dtype)
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).to(tdtype) for k, v in state.items()}
+    names = list(tensors)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if layout == "safetensors" else "bin"
+    weight_map = {}
+    for k, group in enumerate(groups, 1):
+        if shards == 1:
+            file = "model.safetensors" if ext == "safetensors" else "pytorch_model.bin"
+        else:
+            stem = "model" if ext == "safetensors" else "pytorch_model"
+            file = f"{stem}-{k:05d}-of-{shards:05d}.{ext}"
+        part = {n: tensors[n] for n in group}
+        if ext == "safetensors":
+            st.save_file(part, str(folder / file), metadata={"format": "pt"})
+        else:
+            torch.save(part, folder / file)
+        weight_map.update({n: file for n in group})
+    if shards > 1:
+        index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
+        (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder

@@ -1,0 +1,139 @@
+"""InternLM2Config: released config.json files and their quirks, presets, validation, write-back."""
+
+import json
+
+import pytest
+
+from internlm_jax import InternLM2Config, RopeScaling
+
+# config.json as released (values from FACTS.md), in the form the hub files have them.
+BASE = {"architectures": ["InternLM2ForCausalLM"], "auto_map": {
+    "AutoConfig": "configuration_internlm2.InternLM2Config",
+    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+    "model_type": "internlm2", "vocab_size": 92544, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "bias": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu",
+    "initializer_range": 0.02, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "attn_implementation": "eager", "transformers_version": "4.41.0"}
+
+RELEASED = {
+    "internlm2-1_8b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=16,
+                           max_position_embeddings=32768, rope_theta=1000000, rope_scaling=None),
+    "internlm2-chat-7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                              max_position_embeddings=32768, rope_theta=1000000,
+                              rope_scaling={"type": "dynamic", "factor": 1.0}),
+    "internlm2-chat-20b": dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48, num_attention_heads=48,
+                               max_position_embeddings=32768, rope_theta=1000000,
+                               rope_scaling={"type": "dynamic", "factor": 3.0}),
+    "internlm2_5-7b-chat-1m": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                   num_attention_heads=32, max_position_embeddings=262144, rope_theta=50000000,
+                                   rope_scaling={"type": "dynamic", "factor": 2.5}),
+    "internlm2_5-20b-chat": dict(hidden_size=6144, intermediate_size=16384, num_hidden_layers=48,
+                                 num_attention_heads=48, max_position_embeddings=32768, rope_theta=50000000,
+                                 rope_scaling={"type": "dynamic", "factor": 2.5}),
+}
+PARAM_COUNTS = {"internlm2-1_8b": 1_889_110_016, "internlm2-chat-7b": 7_737_708_544,
+                "internlm2-chat-20b": 19_861_149_696, "internlm2_5-7b-chat-1m": 7_737_708_544,
+                "internlm2_5-20b-chat": 19_861_149_696}
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_released_configs_parse(tmp_path, name):
+    data = dict(BASE, **RELEASED[name])
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    cfg = InternLM2Config.from_pretrained(tmp_path)
+    assert cfg.head_dim == 128
+    assert cfg.num_key_value_heads == 8 and cfg.bias is False
+    assert cfg.num_parameters() == PARAM_COUNTS[name]
+    rs = RELEASED[name]["rope_scaling"]
+    assert cfg.rope_scaling == (None if rs is None else RopeScaling(rs["type"], rs["factor"]))
+    # written back, it reads the same and keeps the keys the model does not use
+    out = cfg.save(tmp_path / "back")
+    written = json.loads(out.read_text())
+    assert written["auto_map"] == BASE["auto_map"] and written["torch_dtype"] == "bfloat16"
+    assert InternLM2Config.from_pretrained(tmp_path / "back") == cfg
+    for key, value in data.items():
+        assert written[key] == value, key
+
+
+@pytest.mark.parametrize("name", sorted(RELEASED))
+def test_presets_match_released(name):
+    data = dict(BASE, **RELEASED[name])
+    from_json = InternLM2Config.from_dict(data)
+    preset = InternLM2Config.preset(name)
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings", "rope_theta", "vocab_size"):
+        assert getattr(preset, field) == getattr(from_json, field), field
+    assert preset.num_parameters() == PARAM_COUNTS[name]
+
+
+def test_missing_bias_means_true():
+    data = dict(BASE, **RELEASED["internlm2-1_8b"])
+    del data["bias"]
+    assert InternLM2Config.from_dict(data).bias is True
+
+
+@pytest.mark.parametrize("rope", [None, {}, {"rope_type": "default", "rope_theta": 1e6}, {"factor": None}])
+def test_rope_scaling_without_type_is_null(rope):
+    data = dict(BASE, **RELEASED["internlm2-1_8b"], )
+    data["rope_scaling"] = rope
+    assert InternLM2Config.from_dict(data).rope_scaling is None
+
+
+def test_rope_scaling_linear_and_transformers5_key():
+    data = dict(BASE, **RELEASED["internlm2-1_8b"])
+    data["rope_scaling"] = {"type": "linear", "factor": 4}
+    assert InternLM2Config.from_dict(data).rope_scaling == RopeScaling("linear", 4.0)
+    data["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    assert InternLM2Config.from_dict(data).rope_scaling == RopeScaling("dynamic", 2.0)
+
+
+def test_tie_word_embeddings_honoured():
+    data = dict(BASE, **RELEASED["internlm2-1_8b"], )
+    data["tie_word_embeddings"] = True
+    cfg = InternLM2Config.from_dict(data)
+    assert cfg.tie_word_embeddings
+    assert cfg.num_parameters() == PARAM_COUNTS["internlm2-1_8b"] - 92544 * 2048
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_size", 0), ("num_attention_heads", -1), ("num_key_value_heads", 3), ("rms_norm_eps", 0),
+    ("rope_theta", "big"), ("hidden_act", "gelu"), ("vocab_size", 1.5), ("bias", "yes"),
+    ("rope_scaling", {"type": "yarn", "factor": 2.0}), ("rope_scaling", {"type": "dynamic", "factor": -1}),
+    ("rope_scaling", {"type": "linear"}), ("rope_scaling", "dynamic"),
+])
+def test_invalid_values_name_the_field(field, value):
+    data = dict(BASE, **RELEASED["internlm2-1_8b"])
+    data[field] = value
+    with pytest.raises(ValueError, match=field.split(".")[0]):
+        InternLM2Config.from_dict(data)
+
+
+def test_head_dim_must_divide():
+    with pytest.raises(ValueError, match="hidden_size"):
+        InternLM2Config(hidden_size=100, num_attention_heads=8, num_key_value_heads=8)
+
+
+def test_not_internlm2(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                      "hidden_size": 64}))
+    with pytest.raises(ValueError, match="not an InternLM2 config"):
+        InternLM2Config.from_pretrained(tmp_path)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        InternLM2Config.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        InternLM2Config.from_pretrained(tmp_path)
+
+
+def test_replace_and_preset_errors():
+    cfg = InternLM2Config.preset("internlm2_5-20b-chat")
+    small = cfg.replace(num_hidden_layers=2)
+    assert small.num_hidden_layers == 2 and small.hidden_size == 6144
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        cfg.replace(num_hidden_layers=0)
+    with pytest.raises(ValueError, match="unknown preset"):
+        InternLM2Config.preset("internlm3-8b")
+    assert InternLM2Config.preset("internlm/internlm2_5-7b-chat").max_position_embeddings == 32768
