@@ -1,0 +1,45 @@
+"""The offline demo and the examples run end to end (in fresh processes, as a user runs them)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_demo_runs_offline_and_sharded_matches_single_device():
+    done = _run(["-m", "internlm_jax", "demo", "--devices", "8", "--tensor", "4"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 4, 'sequence': 1}" in out
+    diff = float(out.split("logit difference: ")[1].split()[0])
+    assert diff < 1e-4
+
+
+def test_demo_with_real_tokenizer(tokenizer_path):
+    done = _run(["-m", "internlm_jax", "demo", "--tokenizer", str(tokenizer_path), "--prompt", "Hello world"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'Hello world' -> 3 tokens" in done.stdout  # BOS + [9843, 2028]
+
+
+def test_cli_errors_are_one_line():
+    done = _run(["-m", "internlm_jax", "demo", "--tensor", "3"])
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0 and "cannot be split" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_example_load_and_inspect():
+    done = _run(["examples/load_and_inspect.py"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "logits (1, 5, 92544) float32" in done.stdout
+    assert "hidden state 2: mean norm" in done.stdout
