@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 ROPE_TYPES = ("linear", "dynamic")
+
+# What the reference config class assumes for a key that config.json lacks. These are not the
+# released models' values (FACTS.md), which is why presets and checkpoints always state them.
+REFERENCE_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=103168, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+    hidden_act="silu", max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, bias=True, rope_theta=10000.0)
 MODEL_TYPE = "internlm2"
 ARCHITECTURE = "InternLM2ForCausalLM"
 
@@ -124,8 +131,8 @@ class InternLM2Config:
                 raise ValueError(f"config field 'rope_scaling' must be null or a dict, got {rs!r}")
             if rs.type not in ROPE_TYPES:
                 raise ValueError(f"config field 'rope_scaling.type' must be one of {ROPE_TYPES}, got {rs.type!r}")
-            if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor > 0:
-                raise ValueError(f"config field 'rope_scaling.factor' must be a positive number, got {rs.factor!r}")
+            if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor >= 1.0:
+                raise ValueError(f"config field 'rope_scaling.factor' must be a number >= 1, got {rs.factor!r}")
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -147,13 +154,15 @@ class InternLM2Config:
                 kwargs[key] = value
             else:
                 extra[key] = value
-        kwargs.setdefault("bias", True)  # the reference class default: absent means biased
+        for key, value in REFERENCE_DEFAULTS.items():  # e.g. an absent "bias" means True
+            if kwargs.get(key) is None:
+                kwargs[key] = value
+        if kwargs.get("num_key_value_heads") is None:  # reference: absent means MHA
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(key), list):  # some configs list several ids; keep the first
                 extra[f"{key}_list"] = kwargs[key]
                 kwargs[key] = kwargs[key][0]
-            if kwargs.get(key, 0) is None:
-                kwargs.pop(key)
         try:
             kwargs["rope_scaling"] = _parse_rope_scaling(data.get("rope_scaling"))
             return cls(**kwargs, extra=tuple(extra.items()))

@@ -72,6 +72,15 @@ def test_missing_bias_means_true():
     assert InternLM2Config.from_dict(data).bias is True
 
 
+def test_missing_keys_take_the_reference_class_defaults():
+    data = dict(BASE, **RELEASED["internlm2-1_8b"])
+    for key in ("rope_theta", "rms_norm_eps", "num_key_value_heads", "max_position_embeddings", "vocab_size"):
+        del data[key]
+    cfg = InternLM2Config.from_dict(data)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.vocab_size) == (10000.0, 1e-6, 2048, 103168)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads == 16  # absent KV heads: MHA
+
+
 @pytest.mark.parametrize("rope", [None, {}, {"rope_type": "default", "rope_theta": 1e6}, {"factor": None}])
 def test_rope_scaling_without_type_is_null(rope):
     data = dict(BASE, **RELEASED["internlm2-1_8b"], )
@@ -99,6 +108,7 @@ def test_tie_word_embeddings_honoured():
     ("hidden_size", 0), ("num_attention_heads", -1), ("num_key_value_heads", 3), ("rms_norm_eps", 0),
     ("rope_theta", "big"), ("hidden_act", "gelu"), ("vocab_size", 1.5), ("bias", "yes"),
     ("rope_scaling", {"type": "yarn", "factor": 2.0}), ("rope_scaling", {"type": "dynamic", "factor": -1}),
+    ("rope_scaling", {"type": "linear", "factor": 0.5}),
     ("rope_scaling", {"type": "linear"}), ("rope_scaling", "dynamic"),
 ])
 def test_invalid_values_name_the_field(field, value):
