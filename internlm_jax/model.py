@@ -231,7 +231,7 @@ class InternLM2(nnx.Module):
         ``[L + 1, B, S, H]`` following HF: the embeddings, the outputs of layers 1..L-1, and the
         final-norm output of the last layer.
         """
-        if not isinstance(input_ids, jax.core.Tracer):
+        if not _is_traced(input_ids):
             input_ids = _check_ids(input_ids, self.config.vocab_size)
             graphdef, state = nnx.split(self)
             return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states)
@@ -280,6 +280,15 @@ def _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_h
     model = nnx.merge(graphdef, state)
     return model.forward(input_ids, positions=positions, attention_mask=attention_mask,
                          output_hidden_states=output_hidden_states)
+
+
+def _is_traced(x) -> bool:
+    """True inside jit/grad/vmap tracing (then the caller's transformation compiles the forward)."""
+    try:
+        from jax.core import Tracer
+    except ImportError:  # moved in some JAX versions
+        from jax._src.core import Tracer
+    return isinstance(x, Tracer)
 
 
 def _check_ids(input_ids, vocab_size: int) -> jax.Array:

@@ -59,3 +59,20 @@ def test_attention_mlp_and_layer(model):
     h = X + ref.attention_block(STATE, CFG, 0, h, want_cos, want_sin, allowed, None)[0]
     h = h + ref.mlp_block(STATE, 0, ref.rms_norm(h, STATE["model.layers.0.ffn_norm.weight"], CFG["rms_norm_eps"]))
     np.testing.assert_allclose(np.asarray(layer(jnp.asarray(X), cos, sin, jnp.asarray(mask))), h, atol=1e-4)
+
+
+def test_forward_inside_user_jit_and_grad(model):
+    """model.forward composes with the user's own jax.jit / jax.grad over the split state."""
+    ids = jnp.asarray(RNG.randint(0, CFG["vocab_size"], (2, 12)))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def loss(state):
+        logits = nnx.merge(graphdef, state)(ids)  # traced: no nested jit of its own
+        return -jnp.mean(jax.nn.log_softmax(logits)[:, :-1].max(-1)), logits
+
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(state)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(ids)), atol=1e-5)
+    g = nnx.to_flat_state(grads)
+    assert all(np.isfinite(np.asarray(v.get_value() if hasattr(v, "get_value") else v)).all() for _, v in g)
+    assert np.abs(np.asarray(grads["layers"]["attention"]["wq"].get_value())).max() > 0
