@@ -2,7 +2,8 @@
 
 ``internlm-jax demo`` runs offline on an embedded tiny configuration: it builds a random InternLM2,
 saves it as an HF folder, loads it back sharded over (simulated) devices and runs a forward.
-``internlm-jax presets`` lists the released architectures. Errors print one line and exit 1;
+``internlm-jax presets`` lists the released architectures. ``internlm-jax convert hf-to-orbax`` /
+``orbax-to-hf`` convert checkpoints (see :mod:`conversion.convert`). Errors print one line and exit 1;
 ``--debug`` shows the traceback.
 """
 
@@ -101,18 +102,48 @@ def cmd_presets(args) -> None:
               f"theta={c.rope_theta:g} rope_scaling={c.rope_scaling}")
 
 
+def cmd_convert(args) -> None:
+    from conversion.convert import hf_to_orbax, orbax_to_hf
+
+    t = time.perf_counter()
+    progress = not args.quiet
+    if args.direction == "hf-to-orbax":
+        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+    else:
+        out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
+                          overwrite=args.overwrite, progress=progress)
+    if not args.quiet:
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f}s")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0])
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0], parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline demo on a tiny random model (no download)")
+    convert = sub.add_parser("convert", help="HF checkpoint folders <-> Orbax checkpoints (streaming)")
+    csub = convert.add_subparsers(dest="direction", required=True)
+    for direction, text in (("hf-to-orbax", "an HF folder (safetensors or pytorch_model*.bin) -> Orbax"),
+                            ("orbax-to-hf", "an Orbax checkpoint -> an HF folder the official code loads")):
+        c = csub.add_parser(direction, help=text, parents=[common])
+        c.add_argument("src")
+        c.add_argument("dst")
+        c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="convert the weights on the way (default: keep the source dtype)")
+        c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        if direction == "orbax-to-hf":
+            c.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+        c.set_defaults(func=cmd_convert)
+    demo = sub.add_parser("demo", help="offline demo on a tiny random model (no download)", parents=[common])
     demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8; 0 = as found)")
     demo.add_argument("--tokenizer", help="a tokenizer.model (or HF folder) to encode --prompt with")
     demo.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
     demo.add_argument("--seed", type=int, default=0)
     add_mesh_args(demo)
     demo.set_defaults(func=cmd_demo, tensor=2)
-    presets = sub.add_parser("presets", help="list the released architectures")
+    presets = sub.add_parser("presets", help="list the released architectures", parents=[common])
     presets.set_defaults(func=cmd_presets)
     return p
 
@@ -129,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for users; the traceback with --debug
         if args.debug:
             raise
-        print(f"internlm-jax {args.command}: error: {e}", file=sys.stderr)
+        what = " ".join(x for x in (args.command, getattr(args, "direction", None)) if x)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"internlm-jax {what}: error: {message}", file=sys.stderr)
         return 1
     return 0
 

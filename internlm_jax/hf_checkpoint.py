@@ -238,13 +238,14 @@ def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: st
 # --- loading into a model ------------------------------------------------------------------------
 
 
-def _progress(total_bytes: int, n: int, desc: str, enabled: bool | None):
+def _progress(total: int, n: int, desc: str, enabled: bool | None, unit: str = "B"):
+    """A tqdm bar on stderr (bytes by default); shown when stderr is a terminal unless told."""
     from tqdm.auto import tqdm
 
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                disable=not enabled, postfix=f"0/{n} tensors")
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1024, desc=desc,
+                disable=not enabled, postfix=f"0/{n} tensors" if n else None)
 
 
 def _sharding_of(value) -> jax.sharding.Sharding:
@@ -339,23 +340,8 @@ def parse_size(size: int | str) -> int:
     return int(s)
 
 
-def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
-                       overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
-                       progress: bool | None = None) -> Path:
-    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json).
-
-    Written into a temporary sibling and renamed when complete, so an interrupted save leaves no
-    folder that looks like a checkpoint. ``extra_files`` (e.g. tokenizer files) are copied in.
-    """
-    from .model import canonical_dtype
-
-    folder = Path(folder)
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise FileExistsError(f"{folder} exists and is not empty (pass overwrite=True to replace it)")
-    cfg = model.config
-    dtype = np.dtype(canonical_dtype(dtype or model.param_dtype))
-    tensors = weights.hf_tensors(cfg)
-    limit = parse_size(shard_size)
+def plan_shards(tensors: list[weights.HFTensor], dtype: np.dtype, limit: int) -> list[list[weights.HFTensor]]:
+    """Group tensors, in order, into files of at most ``limit`` bytes (a larger tensor goes alone)."""
     shards: list[list[weights.HFTensor]] = [[]]
     used = 0
     for t in tensors:
@@ -365,42 +351,67 @@ def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_si
             used = 0
         shards[-1].append(t)
         used += nbytes
-    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    return shards
+
+
+def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Callable[[weights.HFTensor], np.ndarray],
+                    *, dtype, shard_size: int | str = "5GB", overwrite: bool = False,
+                    extra_files: Iterable[str | os.PathLike] = (), progress: bool | None = None) -> Path:
+    """Write an HF InternLM2 folder whose tensors come from ``produce(tensor)``, one at a time, in
+    checkpoint order. Written into a temporary sibling and renamed when complete, so an interrupted
+    save leaves no folder that looks like a checkpoint."""
+    from .checkpoint import _replace_dir, check_destination
+
+    folder = Path(folder).absolute()
+    dtype = np.dtype(dtype)
+    tensors = weights.hf_tensors(cfg)
+    total = sum(math.prod(t.shape) for t in tensors) * dtype.itemsize
+    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        check_destination(folder, overwrite, total)
+    else:
+        check_destination(folder, True, total)
+    shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
-
-    def produce(name: str) -> np.ndarray:
-        t = by_name[name]
-        parts = {}
-        for path in t.targets:
-            value = params[path].get_value()
-            parts[path] = _to_host(value if t.layer is None else _get_row(value, t.layer))
-        return weights.from_params(t, parts, cfg)
-
     tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    total = sum(math.prod(t.shape) for t in tensors) * dtype.itemsize
     try:
-        bar = _progress(total, len(tensors), "saving", progress)
+        bar = _progress(total, len(tensors), "writing hf", progress)
         with bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
                 file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-                write_safetensors(tmp / file, [(t.name, t.shape, dtype) for t in shard], produce, bar.update)
+                write_safetensors(tmp / file, [(t.name, t.shape, dtype) for t in shard],
+                                  lambda name: produce(by_name[name]), bar.update)
                 weight_map.update({t.name: file for t in shard})
+                bar.set_postfix_str(f"{len(weight_map)}/{len(tensors)} tensors")
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         cfg.replace(extra=dict(cfg.extra, torch_dtype=str(dtype))).save(tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
+        _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
+                       overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
+                       progress: bool | None = None) -> Path:
+    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json)."""
+    from .model import canonical_dtype
+
+    cfg = model.config
+    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+    def produce(t: weights.HFTensor) -> np.ndarray:
+        parts = {}
+        for path in t.targets:
+            value = params[path].get_value()
+            parts[path] = _to_host(value if t.layer is None else _get_row(value, t.layer))
+        return weights.from_params(t, parts, cfg)
+
+    return write_hf_folder(folder, cfg, produce, dtype=canonical_dtype(dtype or model.param_dtype),
+                           shard_size=shard_size, overwrite=overwrite, extra_files=extra_files, progress=progress)

@@ -197,12 +197,18 @@ class InternLM2(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
                         param_dtype: DTypeLike = None, progress: bool | None = None) -> "InternLM2":
-        """Load an HF InternLM2 checkpoint folder, tensor by tensor, into the shardings of ``mesh``.
+        """Load a checkpoint folder into the shardings of ``mesh``.
 
-        ``dtype`` defaults to float32. Reads ``model.safetensors``, sharded safetensors with an
-        index, or ``pytorch_model*.bin`` (without executing pickled code).
+        An HF folder (``model.safetensors``, sharded safetensors with an index, or
+        ``pytorch_model*.bin``, read without executing pickled code) is read tensor by tensor;
+        ``dtype`` defaults to float32. An Orbax folder written by :meth:`save` or the converter is
+        restored with each process reading only its shards; ``dtype`` defaults to the saved one.
         """
+        from .checkpoint import is_orbax_checkpoint, load_checkpoint
         from .hf_checkpoint import load_hf_checkpoint
+
+        if is_orbax_checkpoint(path):
+            return load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, progress=progress)
 
         return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, progress=progress)
 
@@ -211,6 +217,12 @@ class InternLM2(nnx.Module):
                  param_dtype: DTypeLike = None) -> "InternLM2":
         """A model whose parameters are ``ShapeDtypeStruct`` s carrying their target shardings."""
         return cls(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype, abstract=True)
+
+    def save(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
+        """Write an Orbax checkpoint folder (see :mod:`internlm_jax.checkpoint`); restore with from_pretrained."""
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, folder, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
         """Write an HF InternLM2 folder (see :func:`internlm_jax.hf_checkpoint.save_hf_checkpoint`)."""

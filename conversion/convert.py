@@ -1,0 +1,89 @@
+"""HF checkpoint folders <-> internlm-jax Orbax checkpoints, streaming in both directions.
+
+Both directions hold one decoder layer at a time (HF -> Orbax) or one item plus one tensor
+(Orbax -> HF), so peak host memory stays near the largest tensor whatever the model size. The tensor
+names and layouts come from :mod:`internlm_jax.weights`, the library's one HF name map.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from internlm_jax import weights
+from internlm_jax.checkpoint import (TOKENIZER_FILES, OrbaxCheckpointError, item_name, iter_items, read_metadata,
+                                     sha256, write_checkpoint)
+from internlm_jax.config import InternLM2Config
+from internlm_jax.hf_checkpoint import check_hf_tensors, open_hf_tensors, write_hf_folder
+from internlm_jax.model import canonical_dtype
+
+
+def _tokenizer_files(folder: Path) -> list[Path]:
+    return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
+                progress: bool | None = None) -> Path:
+    """Convert an HF InternLM2 folder into an Orbax checkpoint folder (config and tokenizer copied).
+
+    ``dtype`` (float32, bfloat16, float16) defaults to the dtype of the source's embedding.
+    """
+    src = Path(src)
+    cfg = InternLM2Config.from_pretrained(src)
+    refs = open_hf_tensors(src)
+    expected = check_hf_tensors(refs, cfg, str(src))
+    source_dtype = refs[expected[0].name].dtype
+    target = np.dtype(canonical_dtype(dtype if dtype is not None else source_dtype))
+    groups: dict[str, list[weights.HFTensor]] = {}
+    for t in expected:
+        groups.setdefault(item_name(t.layer, t.targets[0]), []).append(t)
+
+    def items() -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        for name, tensors in groups.items():
+            arrays = {}
+            for t in tensors:
+                for path, piece in weights.to_params(t, refs[t.name].load(), cfg).items():
+                    key = path[len("layers."):] if t.layer is not None else path
+                    arrays[key] = np.ascontiguousarray(piece.astype(target, copy=False))
+            yield name, arrays
+
+    total = sum(math.prod(t.shape) for t in expected) * target.itemsize
+    layout = "bin" if str(refs[expected[0].name].file).endswith(".bin") else "safetensors"
+    source = {"kind": "hf", "path": str(src.absolute()), "layout": layout, "dtype": str(source_dtype)}
+    return write_checkpoint(dst, cfg, items(), dtype=target, source=source, total_bytes=total, overwrite=overwrite,
+                            extra_files=_tokenizer_files(src), progress=progress)
+
+
+def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
+                overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Convert an Orbax checkpoint folder back to an HF folder that the official remote code loads.
+
+    Every restored array is checked against the sha256 recorded when it was written.
+    """
+    src = Path(src)
+    meta = read_metadata(src)
+    cfg = InternLM2Config.from_pretrained(src)
+    target = np.dtype(canonical_dtype(dtype if dtype is not None else meta["dtype"]))
+    stream = iter_items(src)
+    current: dict = {"name": None, "arrays": {}}
+
+    def produce(t: weights.HFTensor) -> np.ndarray:
+        want = item_name(t.layer, t.targets[0])
+        while current["name"] != want:  # items come in checkpoint order, as HF tensors do
+            try:
+                name, arrays = next(stream)
+            except StopIteration:
+                raise OrbaxCheckpointError(f"{src}: item {want} not found") from None
+            for key, a in arrays.items():
+                if sha256(np.asarray(a)) != meta["sha256"].get(f"{name}/{key}"):
+                    raise OrbaxCheckpointError(f"{src}: checksum mismatch for orbax/{name} array {key!r} (corrupt?)")
+            current.update(name=name, arrays=arrays)
+        parts = {p: np.asarray(current["arrays"][p[len("layers."):] if t.layer is not None else p]) for p in t.targets}
+        return weights.from_params(t, parts, cfg).astype(target, copy=False)
+
+    return write_hf_folder(dst, cfg, produce, dtype=target, shard_size=shard_size, overwrite=overwrite,
+                           extra_files=_tokenizer_files(src), progress=progress)
