@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from internlm_jax import weights
-from internlm_jax.checkpoint import (TOKENIZER_FILES, OrbaxCheckpointError, item_name, iter_items, read_metadata,
-                                     sha256, write_checkpoint)
+from internlm_jax.checkpoint import (TOKENIZER_FILES, OrbaxCheckpointError, check_items, item_name, iter_items,
+                                     read_metadata, sha256, write_checkpoint)
 from internlm_jax.config import InternLM2Config
 from internlm_jax.hf_checkpoint import check_hf_tensors, open_hf_tensors, write_hf_folder
 from internlm_jax.model import canonical_dtype
@@ -67,6 +67,7 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, s
     src = Path(src)
     meta = read_metadata(src)
     cfg = InternLM2Config.from_pretrained(src)
+    check_items(src, meta, cfg)
     target = np.dtype(canonical_dtype(dtype if dtype is not None else meta["dtype"]))
     stream = iter_items(src)
     current: dict = {"name": None, "arrays": {}}

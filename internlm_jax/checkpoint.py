@@ -185,7 +185,7 @@ def save_checkpoint(model, dst: str | os.PathLike, *, overwrite: bool = False, s
 # --- reading -------------------------------------------------------------------------------------
 
 
-def _check_items(path: Path, meta: dict, cfg: InternLM2Config) -> None:
+def check_items(path: Path, meta: dict, cfg: InternLM2Config) -> None:
     expected = ["embed"] + [item_name(i, "") for i in range(cfg.num_hidden_layers)] + ["final"]
     if meta.get("items") != expected:
         raise OrbaxCheckpointError(f"{path}: checkpoint items {meta.get('items')!r} do not match config.json "
@@ -223,7 +223,7 @@ def load_checkpoint(path: str | os.PathLike, *, mesh=None, dtype=None, param_dty
     path = Path(path)
     meta = read_metadata(path)
     cfg = InternLM2Config.from_pretrained(path)
-    _check_items(path, meta, cfg)
+    check_items(path, meta, cfg)
     saved = np.dtype(meta["dtype"])
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype or saved, param_dtype=param_dtype or dtype or saved)
     params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}

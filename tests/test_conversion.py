@@ -1,0 +1,223 @@
+"""Conversion HF <-> Orbax: bit-exact round trips, restore onto any mesh, atomicity, bad input."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import reference as ref
+from hf_fixtures import tiny_config, write_hf_checkpoint
+from internlm_jax import InternLM2, make_mesh
+from internlm_jax.checkpoint import META_FILE
+from internlm_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = tiny_config(bias=True)
+STATE = ref.random_state(CFG, seed=6)
+IDS = np.random.RandomState(2).randint(0, CFG["vocab_size"], (2, 20))
+
+
+def _tree_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _convert(*args) -> int:
+    return main(["convert", *map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def hf_bf16(tmp_path_factory):
+    folder = write_hf_checkpoint(tmp_path_factory.mktemp("src") / "hf", CFG, STATE, dtype="bfloat16", shards=2)
+    (folder / "tokenizer.model").write_bytes(b"tokenizer bytes")
+    (folder / "tokenizer_config.json").write_text("{}")
+    return folder
+
+
+@pytest.mark.parametrize("layout,dtype", [("safetensors", "bfloat16"), ("bin", "float32"), ("safetensors", "float16")])
+def test_round_trip_is_bit_exact(tmp_path, layout, dtype):
+    import safetensors.torch as st
+    import torch
+
+    src = write_hf_checkpoint(tmp_path / "hf", CFG, STATE, layout=layout, dtype=dtype, shards=2)
+    before = _tree_digest(src)
+    assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back", "--shard-size", "30KB") == 0
+    assert _tree_digest(src) == before  # the source is never modified
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(STATE)
+    tdtype = getattr(torch, dtype)
+    for name, array in STATE.items():
+        got = st.load_file(tmp_path / "back" / index["weight_map"][name])[name]
+        want = torch.from_numpy(array).to(tdtype)
+        assert got.dtype == tdtype and got.shape == want.shape
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name  # same bytes
+    meta = json.loads((tmp_path / "ox" / META_FILE).read_text())
+    assert meta["dtype"] == dtype and meta["source"]["dtype"] == dtype and meta["source"]["layout"] == layout
+    assert len(meta["sha256"]) == sum(1 for _ in meta["sha256"]) > 0
+
+
+def test_dtype_conversion_recorded(tmp_path):
+    import safetensors.torch as st
+    import torch
+
+    src = write_hf_checkpoint(tmp_path / "hf", CFG, STATE, dtype="float32")
+    assert _convert("hf-to-orbax", src, tmp_path / "ox", "--dtype", "bfloat16") == 0
+    meta = json.loads((tmp_path / "ox" / META_FILE).read_text())
+    assert (meta["dtype"], meta["source"]["dtype"]) == ("bfloat16", "float32")
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back") == 0
+    back = st.load_file(tmp_path / "back" / "model.safetensors")
+    for name, array in STATE.items():  # rounded exactly as torch rounds float32 -> bfloat16
+        assert torch.equal(back[name].view(torch.int16), torch.from_numpy(array).bfloat16().view(torch.int16))
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back32", "--dtype", "float32") == 0
+
+
+@pytest.mark.parametrize("axes", [dict(devices=1), dict(tensor=2, fsdp=4), dict(data=2, tensor=4, fsdp=1)],
+                         ids=["1dev", "tensor2xfsdp4", "data2xtensor4"])
+def test_orbax_restore_equals_hf_loading(tmp_path_factory, hf_bf16, axes):
+    ox = tmp_path_factory.getbasetemp() / "ox_restore"
+    if not ox.exists():
+        assert _convert("hf-to-orbax", hf_bf16, ox) == 0
+    import jax
+
+    mesh = make_mesh(devices=jax.devices()[:1]) if "devices" in axes else make_mesh(**axes)
+    direct = InternLM2.from_pretrained(hf_bf16, mesh=mesh, dtype="float32")
+    restored = InternLM2.from_pretrained(ox, mesh=mesh, dtype="float32")
+    np.testing.assert_array_equal(np.asarray(restored(IDS)), np.asarray(direct(IDS)))
+    assert restored.layers.attention.wq.get_value().sharding == direct.layers.attention.wq.get_value().sharding
+    native = InternLM2.from_pretrained(ox, mesh=mesh)  # default: the saved dtype
+    assert native.param_dtype == np.dtype("bfloat16")
+
+
+def test_save_from_python_on_one_mesh_restore_on_another(tmp_path):
+    from internlm_jax import InternLM2Config
+
+    cfg = InternLM2Config.from_dict(CFG)
+    model = InternLM2(cfg, mesh=make_mesh(tensor=4, fsdp=2), seed=1)
+    model.save(tmp_path / "ck")
+    again = InternLM2.from_pretrained(tmp_path / "ck", mesh=make_mesh(data=2, tensor=2, fsdp=2))
+    from flax import nnx
+
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(again, nnx.Param)), nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
+    want = np.asarray(model(IDS))  # another mesh sums in another order: equal to rounding
+    assert np.abs(np.asarray(again(IDS)) - want).max() <= 1e-5 * np.abs(want).max()
+    with pytest.raises(FileExistsError, match="already exists"):
+        model.save(tmp_path / "ck")
+
+
+def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
+    cfg = tiny_config(num_hidden_layers=40)
+    src = write_hf_checkpoint(tmp_path / "hf", cfg, ref.random_state(cfg, seed=0))
+    dst = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "conversion", "hf-to-orbax", str(src), str(dst), "--quiet"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until layer items are being written, then kill
+        partial = list(tmp_path.glob(".out.tmp-*/orbax/layer_0000*"))
+        if partial or proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    assert partial, "the conversion ended before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists()
+    with pytest.raises((FileNotFoundError, ValueError)):
+        InternLM2.from_pretrained(dst)
+    assert _convert("hf-to-orbax", src, dst) == 0  # a rerun is not blocked by the leftover temporary
+    assert InternLM2.from_pretrained(dst).config.num_hidden_layers == 40
+
+
+def _one_line_error(capsys, *args) -> str:
+    assert _convert(*args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path, capsys, hf_bf16):
+    # missing source
+    assert "config.json" in _one_line_error(capsys, "hf-to-orbax", tmp_path / "nope", tmp_path / "o1")
+    # truncated safetensors
+    bad = write_hf_checkpoint(tmp_path / "trunc", CFG, STATE)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-64])
+    assert "truncated" in _one_line_error(capsys, "hf-to-orbax", bad, tmp_path / "o2")
+    # corrupt header
+    (bad / "model.safetensors").write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+    assert "corrupt" in _one_line_error(capsys, "hf-to-orbax", bad, tmp_path / "o3")
+    # shard named by the index that is absent
+    sharded = write_hf_checkpoint(tmp_path / "sh", CFG, STATE, shards=2)
+    (sharded / "model-00001-of-00002.safetensors").unlink()
+    assert "absent" in _one_line_error(capsys, "hf-to-orbax", sharded, tmp_path / "o4")
+    # shapes that disagree with the config
+    wrong = write_hf_checkpoint(tmp_path / "shape", dict(CFG, intermediate_size=64), STATE)
+    assert "implies" in _one_line_error(capsys, "hf-to-orbax", wrong, tmp_path / "o5")
+    # missing and unexpected tensors
+    state = dict(STATE)
+    state.pop("output.weight")
+    assert "missing tensor" in _one_line_error(capsys, "hf-to-orbax", write_hf_checkpoint(tmp_path / "m", CFG, state), tmp_path / "o6")
+    state = dict(STATE, extra=np.zeros(3, np.float32))
+    assert "unexpected tensor" in _one_line_error(capsys, "hf-to-orbax", write_hf_checkpoint(tmp_path / "u", CFG, state), tmp_path / "o7")
+    # not InternLM2
+    llama = write_hf_checkpoint(tmp_path / "llama", dict(CFG, model_type="llama", architectures=["LlamaForCausalLM"]), STATE)
+    assert "not an InternLM2 config" in _one_line_error(capsys, "hf-to-orbax", llama, tmp_path / "o8")
+    # unsupported dtype: argparse refuses it (exit 2) before anything is read
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "hf-to-orbax", str(hf_bf16), str(tmp_path / "o9"), "--dtype", "int8"])
+    assert e.value.code == 2
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    # an Orbax checkpoint with a missing item, and one with a corrupted array
+    ox = tmp_path / "ox"
+    assert _convert("hf-to-orbax", hf_bf16, ox) == 0
+    meta = json.loads((ox / META_FILE).read_text())
+    key = next(k for k in meta["sha256"] if k.startswith("layer_00001/"))
+    meta["sha256"][key] = "0" * 64
+    (ox / META_FILE).write_text(json.dumps(meta))
+    assert "checksum mismatch" in _one_line_error(capsys, "orbax-to-hf", ox, tmp_path / "o10")
+    assert not (tmp_path / "o10").exists() and not list(tmp_path.glob(".o10*"))
+    import shutil
+
+    shutil.rmtree(ox / "orbax" / "layer_00001")
+    assert "missing" in _one_line_error(capsys, "orbax-to-hf", ox, tmp_path / "o11")
+    assert not any(p.name.startswith(".o") for p in tmp_path.iterdir())  # no temporaries left behind
+    for name in ("o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8"):
+        assert not (tmp_path / name).exists()
+    # --debug shows the traceback instead
+    with pytest.raises(Exception):
+        main(["convert", "hf-to-orbax", str(tmp_path / "nope"), str(tmp_path / "o12"), "--debug"])
+
+
+def test_existing_destination_needs_overwrite_and_disk_space_is_checked(tmp_path, capsys, hf_bf16, monkeypatch):
+    dst = tmp_path / "ox"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("user data")
+    assert "already exists" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, dst)
+    assert (dst / "keep.txt").read_text() == "user data"
+    assert _convert("hf-to-orbax", hf_bf16, dst, "--overwrite") == 0
+    assert (dst / META_FILE).exists() and not (dst / "keep.txt").exists()
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - 1000, 1000))
+    assert "not enough free disk space" in _one_line_error(capsys, "orbax-to-hf", dst, tmp_path / "hf_out")
+
+
+def test_progress_bar_and_quiet_mode(tmp_path, capsys, hf_bf16):
+    assert main(["convert", "hf-to-orbax", str(hf_bf16), str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "writing orbax" in out.err and "100%" in out.err and "wrote" in out.out
+    assert _convert("hf-to-orbax", hf_bf16, tmp_path / "b") == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out == ""
+    assert (tmp_path / "a" / "tokenizer.model").read_bytes() == b"tokenizer bytes"
