@@ -1,6 +1,6 @@
 """Peak host memory while loading an HF checkpoint: it should stay near the largest tensor.
 
-Writes a synthetic checkpoint of a real architecture (random bf16 values, sharded safetensors with an
+Writes a synthetic checkpoint of a real architecture (random, incompressible bf16 values, sharded safetensors with an
 index, as released checkpoints are), then loads it in a fresh process and reports peak RSS. On CPU
 the "devices" live in host memory too, so the loaded model itself is part of RSS: the figure that
 matters is the overhead above baseline + model bytes, compared with the largest single tensor.
@@ -31,7 +31,10 @@ def write_checkpoint(folder: Path, preset: str, shard_gb: float) -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     cfg.save(tmp)
     rng = np.random.default_rng(0)
-    block = (rng.standard_normal(1 << 20) * 0.02).astype(ml_dtypes.bfloat16)
+
+    def random_bf16(shape):  # random sign and mantissa, exponent fixed: incompressible, finite, |x| ~ 0.01
+        bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+        return ((bits & 0x807F) | 0x3C00).view(ml_dtypes.bfloat16)
     tensors = weights.hf_tensors(cfg)
     shards, used, limit = [[]], 0, shard_gb * 1e9
     for t in tensors:
@@ -45,7 +48,7 @@ def write_checkpoint(folder: Path, preset: str, shard_gb: float) -> None:
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         write_safetensors(tmp / file, [(t.name, t.shape, np.dtype(ml_dtypes.bfloat16)) for t in shard],
-                          lambda name, s={t.name: t.shape for t in shard}: np.resize(block, s[name]))
+                          lambda name, s={t.name: t.shape for t in shard}: random_bf16(s[name]))
         weight_map.update({t.name: file for t in shard})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     os.replace(tmp, folder)
