@@ -123,7 +123,7 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
                 ckptr.wait_until_finished()  # one item in flight: memory stays at one layer
                 names.append(name)
                 bar.update(sum(a.nbytes for a in host.values()))
-                bar.set_postfix_str(f"{len(names)} items")
+                bar.set_postfix_str(f"{len(checksums)} tensors, {len(names)} items")
         cfg.save(tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
