@@ -24,7 +24,6 @@ args = parser.parse_args(sys.argv[1:] if __name__ == "__main__" else [])
 if args.checkpoint is None:  # simulate devices before JAX starts
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 

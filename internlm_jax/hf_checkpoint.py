@@ -264,11 +264,6 @@ def _get_row(stacked, i):
     return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
 
 
-@jax.jit
-def _zeros_like_sds(x):
-    return jnp.zeros_like(x)
-
-
 _set_row = jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
                    donate_argnums=0)
 

@@ -15,7 +15,6 @@ import math
 from typing import Iterable, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
@@ -131,8 +130,3 @@ def explain_sharding(model) -> dict[str, str]:
             if model.mesh is not None else PartitionSpec()
         out[name] = str(spec) + ("" if not notes else "  # " + "; ".join(notes))
     return out
-
-
-def host_local_array(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """A global array from a host numpy array that every process holds: each device gets its slice."""
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
