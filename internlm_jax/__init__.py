@@ -26,6 +26,12 @@ _EXPORTS = {
     "make_mesh": "sharding",
     "explain_sharding": "sharding",
     "LOGICAL_RULES": "sharding",
+    "generate": "generation",
+    "generate_ids": "generation",
+    "stream": "generation",
+    "chat": "generation",
+    "SamplingParams": "generation",
+    "Generator": "generation",
 }
 
 

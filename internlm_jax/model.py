@@ -125,9 +125,17 @@ class Attention(nnx.Module):
             y = y + _cast(self.bo, o.dtype)
         return constrain(y, ("batch", "seq", "act_embed"), mesh)
 
-    def __call__(self, x, cos, sin, mask, mesh=None):
+    def __call__(self, x, cos, sin, mask, mesh=None, kv=None, index=None):
+        """Without ``kv``: self-attention over ``x``. With ``kv = (k_cache, v_cache)`` ``[B, T, nKV, D]``:
+        this call's (already rotated) keys and values are written at slot ``index`` and the queries
+        attend over the whole cache under ``mask [B, S, T]``; returns ``(out, (k_cache, v_cache))``."""
         q, k, v = self.project_qkv(x, cos, sin, mesh)
-        return self.project_out(dense_attention(q, k, v, mask), mesh)
+        if kv is None:
+            return self.project_out(dense_attention(q, k, v, mask), mesh)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        out = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+        return self.project_out(out, mesh), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -157,12 +165,15 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
         self.feed_forward = MLP(cfg, make, stack)
 
-    def __call__(self, x, cos, sin, mask, mesh=None):
+    def __call__(self, x, cos, sin, mask, mesh=None, kv=None, index=None):
         with jax.named_scope("attention"):
-            x = x + self.attention(self.attention_norm(x), cos, sin, mask, mesh)
+            attn = self.attention(self.attention_norm(x), cos, sin, mask, mesh, kv, index)
+            if kv is not None:
+                attn, kv = attn
+            x = x + attn
         with jax.named_scope("mlp"):
             x = x + self.feed_forward(self.ffn_norm(x), mesh)
-        return x
+        return x if kv is None else (x, kv)
 
 
 class InternLM2(nnx.Module):
@@ -285,6 +296,38 @@ class InternLM2(nnx.Module):
             return logits
         hidden = jnp.concatenate([self.embed(input_ids)[None], per_layer[:-1], x[None]], axis=0)
         return logits, hidden
+
+
+    def forward_cached(self, input_ids, positions, chunk_mask, cache_k, cache_v, kv_valid, index):
+        """Run ``input_ids [B, S]`` against a KV cache, writing their keys/values at slot ``index``.
+
+        cache_k/v: ``[L, B, T, nKV, D]``; kv_valid: ``[B, T]`` bool, which slots hold real tokens;
+        chunk_mask: ``[B, S]`` which of the new tokens are real (left padding is not). Slot order is
+        causal order. Returns float32 logits of the last position ``[B, V]``, the caches and kv_valid.
+        """
+        b, s = input_ids.shape
+        t = cache_k.shape[2]
+        kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, chunk_mask.astype(bool), index, axis=1)
+        slots = jnp.arange(t)[None, None, :]
+        mask = kv_valid[:, None, :] & (slots <= (index + jnp.arange(s))[None, :, None])
+        cos, sin = rope_tables(self.config, positions, self.dtype)
+        x = self.embed(input_ids)
+        layer_def, layer_state = nnx.split(self.layers)
+        mesh = self.mesh
+
+        def body(carry, xs):
+            h, ck, cv = carry
+            state, i = xs
+            layer = nnx.merge(layer_def, state)
+            h, (k_l, v_l) = layer(h, cos, sin, mask, mesh, kv=(ck[i], cv[i]), index=index)
+            ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
+            return (constrain(h, ("batch", "seq", "act_embed"), mesh), ck, cv), None
+
+        (x, cache_k, cache_v), _ = jax.lax.scan(
+            body, (x, cache_k, cache_v), (layer_state, jnp.arange(self.config.num_hidden_layers)))
+        logits = self.logits(self.norm(x[:, -1:]))[:, 0]
+        return logits, cache_k, cache_v, kv_valid
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))

@@ -1,0 +1,173 @@
+"""Generation: greedy fidelity to the reference's cached generation, bucketing, stops, sampling, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+from hf_fixtures import tiny_config, write_hf_checkpoint
+import internlm_jax as ij
+from internlm_jax.generation import SamplingParams, generator_for, process_logits, sample_tokens
+
+# dynamic NTK with max_position_embeddings=16: prompts + 12 new tokens cross it
+CFG = tiny_config(bias=True)
+STATE = ref.random_state(CFG, 0, scale=0.2)  # larger weights: clear argmax margins
+PROMPTS = [[5, 7, 9, 11, 13, 3, 4, 8, 9, 10], [20, 21, 22, 23], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = write_hf_checkpoint(tmp_path_factory.mktemp("gen"), CFG, STATE)
+    return ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(tensor=2, fsdp=4))
+
+
+def _reference(state, cfg, prompts, n):
+    s = max(map(len, prompts))
+    ids = np.zeros((len(prompts), s), np.int64)
+    mask = np.zeros((len(prompts), s), np.int64)
+    for i, p in enumerate(prompts):
+        ids[i, s - len(p):] = p
+        mask[i, s - len(p):] = 1
+    return ref.greedy_generate(state, cfg, ids, n, attention_mask=mask).tolist()
+
+
+def test_greedy_matches_reference_across_max_position_embeddings(model):
+    out = ij.generate_ids(model, PROMPTS, max_new_tokens=12, stop_ids=())
+    assert out == _reference(STATE, CFG, PROMPTS, 12)  # left-padded batch, crossing max_pos=16
+    for p in PROMPTS:  # and each prompt alone gives the same tokens
+        assert ij.generate_ids(model, [p], max_new_tokens=12, stop_ids=()) == _reference(STATE, CFG, [p], 12)
+
+
+@pytest.mark.parametrize("overrides", [dict(num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
+                                            rope_scaling={"type": "dynamic", "factor": 3.0}),
+                                       dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=64,
+                                            rope_scaling={"type": "linear", "factor": 2.0})],
+                         ids=["mqa_dynamic3", "gqa4_linear"])
+def test_greedy_matches_reference_other_configs(tmp_path, overrides):
+    cfg = tiny_config(**overrides)
+    state = ref.random_state(cfg, 3, scale=0.2)
+    m = ij.InternLM2.from_pretrained(write_hf_checkpoint(tmp_path, cfg, state), mesh=ij.make_mesh(tensor=2, fsdp=4))
+    assert ij.generate_ids(m, PROMPTS[:2], max_new_tokens=14, stop_ids=(), max_length=64) == \
+        _reference(state, cfg, PROMPTS[:2], 14)
+
+
+def test_greedy_matches_hf_llama_generate(tmp_path):
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaForCausalLM
+
+    cfg = tiny_config(max_position_embeddings=32, rope_scaling=None)
+    state = ref.random_state(cfg, 5, scale=0.2)
+    m = ij.InternLM2.from_pretrained(write_hf_checkpoint(tmp_path, cfg, state))
+    llama = LlamaForCausalLM(ref.llama_config_from_internlm2(cfg)).eval()
+    llama.load_state_dict({k: torch.from_numpy(v) for k, v in ref.llama_state_from_internlm2(state, cfg).items()},
+                          strict=False)
+    s = max(map(len, PROMPTS))
+    ids = torch.zeros((len(PROMPTS), s), dtype=torch.long)
+    mask = torch.zeros((len(PROMPTS), s), dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        ids[i, s - len(p):] = torch.tensor(p)
+        mask[i, s - len(p):] = 1
+    with torch.no_grad():
+        hf = llama.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                            eos_token_id=None, min_new_tokens=12)[:, s:].tolist()
+    assert ij.generate_ids(m, PROMPTS, max_new_tokens=12, stop_ids=()) == hf
+
+
+def test_prompt_lengths_share_compiled_programs(model):
+    gen = generator_for(model)
+    ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=4, stop_ids=())
+    prefill, loop = gen.prefill._cache_size(), gen.decode_loop._cache_size()
+    for n in (5, 9, 13, 16):  # all in the 16-token bucket
+        ij.generate_ids(model, [list(range(3, 3 + n))], max_new_tokens=4, stop_ids=())
+    assert gen.prefill._cache_size() == prefill and gen.decode_loop._cache_size() == loop
+    ij.generate_ids(model, [list(range(3, 23))], max_new_tokens=4, stop_ids=())  # 20 tokens: the 32 bucket
+    assert gen.prefill._cache_size() == prefill + 1
+
+
+def test_each_sequence_stops_at_its_own_stop_id(model):
+    full = ij.generate_ids(model, PROMPTS, max_new_tokens=12, stop_ids=())
+    stop = full[0][3]  # sequence 0 makes this token at step 3
+    out = ij.generate_ids(model, PROMPTS, max_new_tokens=12, stop_ids=(stop,))
+    for seq, whole in zip(out, full):
+        n = whole.index(stop) + 1 if stop in whole else len(whole)
+        assert seq == whole[:n]
+    assert len(out[0]) == 4 and out[0][-1] == stop
+
+
+def test_kv_cache_is_preallocated_and_sharded(model):
+    gen = generator_for(model)
+    batch = gen.prepare([[1, 2, 3]] * 4)
+    logits, ck, cv, valid, index, pos, seen = gen.start(batch, max_new_tokens=20)
+    cfg = model.config
+    assert ck.shape == (cfg.num_hidden_layers, 4, 64, cfg.num_key_value_heads, cfg.head_dim)  # GQA count
+    assert ck.sharding.spec[1] == "fsdp" and ck.sharding.spec[3] == "tensor"  # batch and KV heads
+    assert logits.dtype == jnp.float32 and int(index) == 16 and valid[:, 13:16].all() and not valid[:, :13].any()
+
+
+def test_sampling_reproducible_and_greedy_limits(model):
+    kw = dict(max_new_tokens=10, stop_ids=())
+    a = ij.generate_ids(model, PROMPTS, temperature=1.0, seed=1, **kw)
+    assert a == ij.generate_ids(model, PROMPTS, temperature=1.0, seed=1, **kw)
+    assert a != ij.generate_ids(model, PROMPTS, temperature=1.0, seed=2, **kw)
+    greedy = ij.generate_ids(model, PROMPTS, **kw)
+    assert ij.generate_ids(model, PROMPTS, temperature=0.7, top_k=1, seed=3, **kw) == greedy
+    assert ij.generate_ids(model, PROMPTS, temperature=0.7, top_p=1e-6, seed=3, **kw) == greedy
+
+
+def test_logit_processing_matches_hf_warpers():
+    torch = pytest.importorskip("torch")
+    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
+
+    rng = np.random.RandomState(0)
+    logits = rng.standard_normal((3, 50)).astype(np.float32) * 3
+    history = rng.randint(0, 50, (3, 7))
+    seen = np.zeros((3, 50), bool)
+    seen[np.arange(3)[:, None], history] = True
+    for t, k, p, r in [(0.7, 0, 1.0, 1.3), (1.0, 5, 1.0, 1.0), (0.9, 0, 0.8, 1.0), (1.3, 10, 0.5, 0.8)]:
+        x = torch.from_numpy(logits.copy())
+        ids = torch.from_numpy(history)
+        if r != 1.0:
+            x = RepetitionPenaltyLogitsProcessor(r)(ids, x)
+        x = TemperatureLogitsWarper(t)(ids, x)
+        if k:
+            x = TopKLogitsWarper(k)(ids, x)
+        if p < 1.0:
+            x = TopPLogitsWarper(p)(ids, x)
+        got = np.asarray(process_logits(jnp.asarray(logits), SamplingParams(t, k, p, r), jnp.asarray(seen)))
+        want = x.numpy()
+        np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+        np.testing.assert_allclose(got[~np.isinf(got)], want[~np.isinf(want)], rtol=1e-6)
+
+
+def test_top_k_and_top_p_never_sample_outside_their_sets():
+    logits = jnp.asarray(np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32)))
+    keys = jax.random.split(jax.random.key(0), 400)
+    topk = np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0, 2), None))(keys))
+    assert set(topk.ravel()) == {0, 1}
+    topp = np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0, 0, 0.85), None))(keys))
+    assert set(topp.ravel()) == {0, 1, 2}
+    free = np.bincount(np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0), None))(keys)).ravel(), minlength=4)
+    assert abs(free[0] / 400 - 0.5) < 0.1 and free[3] > 0
+
+
+@pytest.mark.parametrize("kw,match", [(dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
+                                      (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                                      (dict(repetition_penalty=0.0), "repetition_penalty"),
+                                      (dict(max_new_tokens=0), "max_new_tokens")])
+def test_invalid_sampling_values(model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        ij.generate_ids(model, PROMPTS, **{"max_new_tokens": 4, **kw})
+
+
+def test_prompt_too_long_empty_and_truncation(model):
+    long = list(range(3, 40))
+    with pytest.raises(ValueError, match=r"prompt 0 has 37 tokens.*max_length=32.*truncate=True"):
+        ij.generate_ids(model, [long], max_new_tokens=8)  # limit: 16 positions x dynamic factor 2
+    kept = ij.generate_ids(model, [long], max_new_tokens=8, truncate=True, stop_ids=())
+    assert kept == ij.generate_ids(model, [long[-24:]], max_new_tokens=8, stop_ids=())
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        ij.generate_ids(model, [[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="leaves no room"):
+        ij.generate_ids(model, [[1, 2]], max_new_tokens=40)
