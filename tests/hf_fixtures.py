@@ -51,3 +51,31 @@ def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "saf
         index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"
         (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
+
+
+def chain_checkpoint(folder: Path, chain: list[int], tokenizer_model: Path | None = None, seed: int = 0) -> Path:
+    """An InternLM2 checkpoint (real vocab size) whose greedy output follows ``chain``: after token
+    ``chain[i]`` it predicts ``chain[i + 1]``. The layers are switched off (wo = w2 = 0), so the final
+    hidden state is the embedding of the last token; chain tokens get one-hot embeddings and the output
+    matrix links each to its successor. Deterministic text for streaming, chat and CLI tests."""
+    import shutil
+
+    import reference as ref
+
+    assert len(set(chain)) == len(chain), "chain tokens must be distinct"
+    cfg = tiny_config(vocab_size=92544, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rope_scaling=None)
+    assert len(chain) <= cfg["hidden_size"]
+    state = ref.random_state(cfg, seed)
+    state["model.layers.0.attention.wo.weight"][:] = 0
+    state["model.layers.0.feed_forward.w2.weight"][:] = 0
+    emb, out = state["model.tok_embeddings.weight"], state["output.weight"]
+    for slot, token in enumerate(chain):
+        emb[token] = 0
+        emb[token, slot] = 1.0
+        if slot + 1 < len(chain):
+            out[chain[slot + 1], slot] = 10.0
+    write_hf_checkpoint(folder, cfg, state)
+    if tokenizer_model is not None:
+        shutil.copy(tokenizer_model, Path(folder) / "tokenizer.model")
+    return Path(folder)

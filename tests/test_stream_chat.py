@@ -1,0 +1,60 @@
+"""Streaming and chat with the real tokenizer, on a model whose greedy output is a known token chain."""
+
+import numpy as np
+import pytest
+
+from hf_fixtures import chain_checkpoint
+import internlm_jax as ij
+
+TEXT = "My name is InternLM 龘!"  # 龘 is written with byte-fallback pieces
+
+
+@pytest.fixture(scope="module")
+def setup(tokenizer_path, tmp_path_factory):
+    tok = ij.Tokenizer.from_pretrained(tokenizer_path)
+    body = tok.encode(TEXT, add_bos=False)
+    assert any(3 <= t <= 258 for t in body)  # the test really crosses multi-byte characters
+    markers = [tok.special_tokens[s] for s in ("<|action_start|>", "<|plugin|>", "<|action_end|>", "<|im_end|>")]
+    chain = [364] + body + markers  # after "\n": the text, then a tool-call marker sequence, then <|im_end|>
+    folder = chain_checkpoint(tmp_path_factory.mktemp("chain"), chain, tokenizer_path)
+    model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(tensor=2, fsdp=4))
+    return tok, model, folder
+
+
+EXPECTED = TEXT + "<|action_start|><|plugin|><|action_end|>"
+
+
+def test_stream_pieces_arrive_one_by_one_and_join_exactly(setup):
+    tok, model, _ = setup
+    pieces = list(ij.stream(model, tok, "Hi\n", max_new_tokens=40))
+    assert "".join(pieces) == EXPECTED
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+    assert " name" in pieces or any(p.startswith(" ") for p in pieces)  # spaces travel with their pieces
+
+
+def test_generate_text_batch_and_stop(setup):
+    tok, model, _ = setup
+    texts = ij.generate(model, tok, ["Hi\n", "Hello there\n"], max_new_tokens=40)
+    assert texts == [EXPECTED, EXPECTED]
+    short = ij.generate(model, tok, "Hi\n", max_new_tokens=3)
+    assert short == tok.decode(tok.encode(TEXT, add_bos=False)[:3])
+    assert ij.generate(model, tok, "Hi\n", max_new_tokens=40, skip_special_tokens=True) == TEXT
+
+
+def test_chat_returns_assistant_message_with_tool_markers(setup):
+    tok, model, _ = setup
+    seen = []
+    reply = ij.chat(model, tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你好"}],
+                    max_new_tokens=40, stream_to=seen.append)
+    assert reply == {"role": "assistant", "content": EXPECTED}
+    assert "".join(seen) == EXPECTED
+    with pytest.raises(ValueError, match="role"):
+        ij.chat(model, tok, [{"role": "robot", "content": "x"}])
+
+
+def test_empty_prompt_errors(setup):
+    tok, model, _ = setup
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        ij.generate(model, tok, "")
+    with pytest.raises(ValueError, match="empty"):
+        list(ij.stream(model, tok, ""))
