@@ -92,6 +92,71 @@ def cmd_demo(args) -> None:
         raise RuntimeError(f"sharded and single-device logits differ by {diff}")
 
 
+def _load_for_generation(args):
+    _simulate_devices(args.devices)
+    from . import InternLM2, Tokenizer, make_mesh
+
+    mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
+    model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    return model, tok
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                truncate=args.truncate)
+
+
+def cmd_generate(args) -> None:
+    model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
+    from .generation import generate, stream
+
+    if args.no_stream:
+        print(generate(model, tok, args.prompt, **_sampling_kwargs(args)))
+        return
+    for piece in stream(model, tok, args.prompt, **_sampling_kwargs(args)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args) -> None:
+    model, tok = _load_for_generation(args)
+    from .generation import chat
+
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("user> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("exit", "quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = chat(model, tok, messages, stream_to=lambda p: print(p, end="", flush=True), **_sampling_kwargs(args))
+        print()
+        messages.append(reply)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF or Orbax checkpoint folder")
+    p.add_argument("--tokenizer", help="tokenizer.model or folder (default: the model folder)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 for HF, saved for Orbax)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
+    p.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    add_mesh_args(p)
+
+
 def cmd_presets(args) -> None:
     from .config import InternLM2Config
 
@@ -119,8 +184,9 @@ def cmd_convert(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0], parents=[common])
+    p.set_defaults(debug=False)
     sub = p.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="HF checkpoint folders <-> Orbax checkpoints (streaming)")
     csub = convert.add_subparsers(dest="direction", required=True)
@@ -143,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     add_mesh_args(demo)
     demo.set_defaults(func=cmd_demo, tensor=2)
+    gen = sub.add_parser("generate", help="generate text from a prompt (streamed)", parents=[common])
+    _add_generation_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin)", parents=[common])
+    _add_generation_args(chat)
+    chat.add_argument("--system", help="a system message")
+    chat.set_defaults(func=cmd_chat)
     presets = sub.add_parser("presets", help="list the released architectures", parents=[common])
     presets.set_defaults(func=cmd_presets)
     return p

@@ -58,3 +58,29 @@ def test_empty_prompt_errors(setup):
         ij.generate(model, tok, "")
     with pytest.raises(ValueError, match="empty"):
         list(ij.stream(model, tok, ""))
+
+
+def _cli(args, stdin=""):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(root)
+    return subprocess.run([sys.executable, "-m", "internlm_jax", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=600, cwd=root)
+
+
+def test_cli_generate_and_chat(setup):
+    tok, model, folder = setup
+    done = _cli(["generate", "--model", str(folder), "--prompt", "Hi\n", "--max-new-tokens", "40", "--devices", "4",
+                 "--tensor", "2", "--quiet"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == EXPECTED + "\n"
+    done = _cli(["chat", "--model", str(folder), "--quiet", "--max-new-tokens", "40"], stdin="你好\nagain\n")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == EXPECTED + "\n" + EXPECTED + "\n"
+    done = _cli(["generate", "--model", str(folder), "--prompt", "x", "--top-p", "2", "--quiet"])
+    assert done.returncode == 1 and "top_p must be in (0, 1]" in done.stderr and "Traceback" not in done.stderr
