@@ -61,6 +61,11 @@ def test_empty_prompt_errors(setup):
 
 
 def _cli(args, stdin=""):
+    return _run(["-m", "internlm_jax", *args], stdin)
+
+
+def _run(argv, stdin=""):
+    """A fresh Python process, as a user runs it (no simulated-device flags inherited)."""
     import os
     import subprocess
     import sys
@@ -69,8 +74,8 @@ def _cli(args, stdin=""):
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(root)
-    return subprocess.run([sys.executable, "-m", "internlm_jax", *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=600, cwd=root)
+    return subprocess.run([sys.executable, *argv], input=stdin, capture_output=True, text=True, env=env,
+                          timeout=600, cwd=root)
 
 
 def test_cli_generate_and_chat(setup):
@@ -84,3 +89,11 @@ def test_cli_generate_and_chat(setup):
     assert done.stdout == EXPECTED + "\n" + EXPECTED + "\n"
     done = _cli(["generate", "--model", str(folder), "--prompt", "x", "--top-p", "2", "--quiet"])
     assert done.returncode == 1 and "top_p must be in (0, 1]" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_example_generate_and_chat(tokenizer_path):
+    done = _run(["examples/generate_and_chat.py", "--tokenizer", str(tokenizer_path), "--max-new-tokens", "8"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1].startswith("assistant : ") and len(lines) >= 4
+
