@@ -1,6 +1,5 @@
 """Streaming and chat with the real tokenizer, on a model whose greedy output is a known token chain."""
 
-import numpy as np
 import pytest
 
 from hf_fixtures import chain_checkpoint
