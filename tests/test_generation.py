@@ -171,3 +171,12 @@ def test_prompt_too_long_empty_and_truncation(model):
         ij.generate_ids(model, [[1, 2], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="leaves no room"):
         ij.generate_ids(model, [[1, 2]], max_new_tokens=40)
+
+
+def test_cache_sharded_over_sequence_axis_gives_same_tokens(tmp_path):
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    m = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=2, tensor=2, fsdp=2))
+    gen = generator_for(m)
+    _, ck, *_ = gen.start(gen.prepare(PROMPTS), max_new_tokens=12)
+    assert ck.sharding.spec[2] == "sequence"  # cache slots split over the sequence axis
+    assert ij.generate_ids(m, PROMPTS, max_new_tokens=12, stop_ids=()) == _reference(STATE, CFG, PROMPTS, 12)
