@@ -1,0 +1,174 @@
+"""Ring attention over the ``sequence`` mesh axis, and decode attention over a sequence-sharded cache.
+
+Prefill: every device holds a slice of the queries and of the keys/values (at the GQA head count);
+K/V blocks travel around the ring with ``ppermute`` while each device folds them into float32
+online-softmax accumulators. Inside a ring step the local attention is blockwise (a ``block`` of
+queries against a ``block`` of keys at a time), so no more than one block of scores exists at once,
+and blocks that the causal mask hides entirely are skipped. Causality comes from the *global* index
+of every token, so any token layout works; :func:`zigzag_order` gives the balanced one (device ``i``
+holds chunks ``i`` and ``2n-1-i``), under which every device does the same amount of causal work.
+
+Decode: each device attends to the cache slots it holds and returns its partial output with its
+log-sum-exp; the partials merge exactly across the axis.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+NEG = jnp.float32(-jnp.inf)
+
+
+def zigzag_order(length: int, n: int) -> np.ndarray:
+    """Permutation of ``range(length)`` (length a multiple of 2n) that gives device ``i`` chunks
+    ``i`` and ``2n-1-i`` of ``2n`` equal chunks: the causal work per device is then equal."""
+    if length % (2 * n):
+        raise ValueError(f"zigzag layout needs a length divisible by 2 x {n}, got {length}")
+    chunks = np.arange(length).reshape(2 * n, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]]) for i in range(n)])
+
+
+def _attend_block(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool):
+    """Fold one key block into the accumulators of one query block (online softmax, float32).
+
+    q [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; q_idx [B, Sq]; k_idx, k_ok [B, Sk];
+    m, l [B, nKV, G, Sq]; acc [B, Sq, nKV, G, D].
+    """
+    visible = k_ok[:, None, :]
+    if causal:
+        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])  # [B, Sq, Sk]
+    s = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible[:, None, None], s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows with nothing visible yet stay empty
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    l = l * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * jnp.moveaxis(correction, -1, 1)[..., None] + pv
+    return m_new, l, acc
+
+
+def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True):
+    """Blockwise attention of local queries over one K/V chunk, updating (m, l, acc)."""
+    b, sq, nkv, g, d = q.shape
+    sk = k.shape[1]
+    scale = jnp.float32(1.0 / math.sqrt(d))
+    bq, bk = min(block, sq), min(block, sk)
+    if sq % bq or sk % bk:
+        raise ValueError(f"local lengths {sq}, {sk} must be multiples of the block size {block}")
+    nq, nk = sq // bq, sk // bk
+
+    def per_q_block(args):
+        qb, qi, mb, lb, ab = args
+
+        def per_k_block(carry, xs):
+            kb, vb, ki, ko = xs
+            visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
+                if causal else jnp.any(ko)
+            return jax.lax.cond(visible, lambda c: _attend_block(qb, kb, vb, qi, ki, ko, *c, scale, causal),
+                                lambda c: c, carry), None
+
+        ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+        vs = v.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+        kis = k_idx.reshape(b, nk, bk).swapaxes(0, 1)
+        kos = k_ok.reshape(b, nk, bk).swapaxes(0, 1)
+        (mb, lb, ab), _ = jax.lax.scan(per_k_block, (mb, lb, ab), (ks, vs, kis, kos))
+        return mb, lb, ab
+
+    qs = q.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    qis = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
+    ms = m.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+    ls = l.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+    accs = acc.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    ms, ls, accs = jax.lax.map(per_q_block, (qs, qis, ms, ls, accs))
+    m = ms.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, sq)
+    l = ls.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, sq)
+    acc = accs.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
+    return m, l, acc
+
+
+def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
+    """shard_map specs: batch over data/fsdp when it divides, heads over tensor when both counts do."""
+    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    if batch % math.prod(mesh.shape[a] for a in batch_axes):
+        batch_axes = ()
+    t = mesh.shape["tensor"]
+    heads = "tensor" if t > 1 and nh % t == 0 and nkv % t == 0 else None
+    bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
+    return bspec, heads
+
+
+def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 512, causal: bool = True):
+    """Attention of q ``[B, S, nH, D]`` over k, v ``[B, S, nKV, D]``, the sequence split over ``mesh``'s
+    ``sequence`` axis. q_idx/kv_idx ``[B, S]`` are global token indices (causality), kv_ok masks padding.
+    Returns ``[B, S, nH, D]`` in q's dtype, sharded like q."""
+    b, s, nh, d = q.shape
+    nkv = k.shape[2]
+    n = mesh.shape["sequence"]
+    if s % n:
+        raise ValueError(f"sequence length {s} must be a multiple of the sequence axis size {n}")
+    bspec, heads = _specs(mesh, b, nh, nkv)
+    tok = P(bspec, "sequence")
+    qkv = P(bspec, "sequence", heads, None)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv, qkv, qkv, tok, tok, tok), out_specs=qkv,
+                       check_vma=False)
+    def run(q, k, v, q_idx, kv_idx, kv_ok):
+        lb, ls, lh, _ = q.shape
+        lkv = k.shape[2]
+        qg = q.reshape(lb, ls, lkv, lh // lkv, d)
+        m = jnp.full((lb, lkv, lh // lkv, ls), NEG)
+        l = jnp.zeros((lb, lkv, lh // lkv, ls), jnp.float32)
+        acc = jnp.zeros((lb, ls, lkv, lh // lkv, d), jnp.float32)
+        perm = [(i, (i + 1) % n) for i in range(n)]
+
+        def step(carry, _):
+            m, l, acc, k, v, kv_idx, kv_ok = carry
+            m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal)
+            k, v, kv_idx, kv_ok = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok))
+            return (m, l, acc, k, v, kv_idx, kv_ok), None
+
+        (m, l, acc, *_), _ = jax.lax.scan(step, (m, l, acc, k, v, kv_idx, kv_ok), None, length=n)
+        out = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
+        return out.reshape(lb, ls, lh, d).astype(q.dtype)
+
+    return run(q, k, v, q_idx.astype(jnp.int32), kv_idx.astype(jnp.int32), kv_ok.astype(bool))
+
+
+def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh):
+    """Decode attention of q ``[B, S, nH, D]`` (S new tokens, all after every cached one) over a cache
+    ``[B, T, nKV, D]`` whose slots are split over ``sequence``: each device attends to its slots and
+    the partial outputs merge through their log-sum-exp. kv_ok ``[B, S, T]`` says which slot each
+    query may see. Returns ``[B, S, nH, D]``."""
+    b, s, nh, d = q.shape
+    nkv = k_cache.shape[2]
+    bspec, heads = _specs(mesh, b, nh, nkv)
+    qspec = P(bspec, None, heads, None)
+    cspec = P(bspec, "sequence", heads, None)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qspec, cspec, cspec, P(bspec, None, "sequence")),
+                       out_specs=qspec, check_vma=False)
+    def run(q, k, v, ok):
+        lb, ls, lh, _ = q.shape
+        lkv = k.shape[2]
+        qg = q.reshape(lb, ls, lkv, lh // lkv, d)
+        sc = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) / jnp.float32(math.sqrt(d))
+        sc = jnp.where(ok[:, None, None], sc, NEG)
+        m_local = jnp.max(sc, axis=-1)
+        m = jax.lax.pmax(m_local, "sequence")
+        m_safe = jnp.where(jnp.isinf(m), 0.0, m)
+        p = jnp.exp(sc - m_safe[..., None])
+        l = jax.lax.psum(jnp.sum(p, axis=-1), "sequence")
+        o = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        o = jax.lax.psum(o, "sequence") / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
+        return o.reshape(lb, ls, lh, d).astype(q.dtype)
+
+    return run(q, k_cache, v_cache, kv_ok)
+
