@@ -125,17 +125,15 @@ class Attention(nnx.Module):
             y = y + _cast(self.bo, o.dtype)
         return constrain(y, ("batch", "seq", "act_embed"), mesh)
 
-    def __call__(self, x, cos, sin, mask, mesh=None, kv=None, index=None):
-        """Without ``kv``: self-attention over ``x``. With ``kv = (k_cache, v_cache)`` ``[B, T, nKV, D]``:
-        this call's (already rotated) keys and values are written at slot ``index`` and the queries
-        attend over the whole cache under ``mask [B, S, T]``; returns ``(out, (k_cache, v_cache))``."""
+    def __call__(self, x, cos, sin, attend, mesh=None):
+        """Returns ``(out, aux)``. ``attend(q, k, v) -> (o, aux)`` is the attention strategy (dense,
+        cached, ring, sharded decode); a bool mask ``[B, S, S]`` instead means dense attention."""
         q, k, v = self.project_qkv(x, cos, sin, mesh)
-        if kv is None:
-            return self.project_out(dense_attention(q, k, v, mask), mesh)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        out = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-        return self.project_out(out, mesh), (k_cache, v_cache)
+        if not callable(attend):
+            o, aux = dense_attention(q, k, v, attend), None
+        else:
+            o, aux = attend(q, k, v)
+        return self.project_out(o, mesh), aux
 
 
 class MLP(nnx.Module):
@@ -165,15 +163,14 @@ class DecoderLayer(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
         self.feed_forward = MLP(cfg, make, stack)
 
-    def __call__(self, x, cos, sin, mask, mesh=None, kv=None, index=None):
+    def __call__(self, x, cos, sin, attend, mesh=None):
+        """Returns ``(x, aux)``; ``attend`` as in :meth:`Attention.__call__`."""
         with jax.named_scope("attention"):
-            attn = self.attention(self.attention_norm(x), cos, sin, mask, mesh, kv, index)
-            if kv is not None:
-                attn, kv = attn
+            attn, aux = self.attention(self.attention_norm(x), cos, sin, attend, mesh)
             x = x + attn
         with jax.named_scope("mlp"):
             x = x + self.feed_forward(self.ffn_norm(x), mesh)
-        return x if kv is None else (x, kv)
+        return x, aux
 
 
 class InternLM2(nnx.Module):
@@ -271,32 +268,83 @@ class InternLM2(nnx.Module):
         out = jnp.einsum("bsh,hv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
 
-    def forward(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states=False):
-        """The traceable forward (no jit of its own): use inside your own jitted functions."""
-        b, s = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        mask = causal_mask(s, s)[None]
-        if attention_mask is not None:
-            mask = mask & jnp.asarray(attention_mask).astype(bool)[:, None, :]
-        cos, sin = rope_tables(self.config, positions, self.dtype)
-        x = self.embed(input_ids)
+    def run_layers(self, x, cos, sin, attend, caches=None, collect: bool = False):
+        """Scan the stacked decoder layers over ``x``.
+
+        ``attend(q, k, v, layer_caches) -> (o, new_layer_caches)`` is the attention strategy; ``caches``
+        is a pytree of arrays with a leading layer axis whose row ``i`` is layer ``i``'s (updated in
+        place). Returns ``(x, caches, per-layer outputs or None)``.
+        """
         layer_def, layer_state = nnx.split(self.layers)
         mesh = self.mesh
 
-        def body(h, state):
+        def body(carry, xs):
+            h, cs = carry
+            state, i = xs
             layer = nnx.merge(layer_def, state)
-            h = constrain(layer(h, cos, sin, mask, mesh), ("batch", "seq", "act_embed"), mesh)
-            return h, (h if output_hidden_states else None)
+            row = None if cs is None else jax.tree.map(lambda c: c[i], cs)
+            h, new_row = layer(h, cos, sin, lambda q, k, v: attend(q, k, v, row), mesh)
+            if cs is not None:
+                cs = jax.tree.map(lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, i, 0), cs, new_row)
+            h = constrain(h, ("batch", "seq", "act_embed"), mesh)
+            return (h, cs), (h if collect else None)
 
-        x, per_layer = jax.lax.scan(body, x, layer_state)
+        (x, caches), per_layer = jax.lax.scan(body, (x, caches), (layer_state, jnp.arange(self.config.num_hidden_layers)))
+        return x, caches, per_layer
+
+    @property
+    def sequence_parallel(self) -> int:
+        """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
+        return 1 if self.mesh is None else self.mesh.shape["sequence"]
+
+    def forward(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states=False):
+        """The traceable forward (no jit of its own): use inside your own jitted functions.
+
+        With a ``sequence`` mesh axis larger than 1, attention is ring attention: the tokens are
+        padded to a multiple of 2n and laid out zigzag, and the results are put back in order.
+        """
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        positions = jnp.asarray(positions, jnp.int32)
+        valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
+        seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
+        n = self.sequence_parallel
+        if n > 1:
+            from .ring import ring_attention, zigzag_order
+
+            padded = -(-s // (2 * n)) * (2 * n)
+            order = zigzag_order(padded, n)
+            pad = ((0, 0), (0, padded - s))
+            index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))[:, order]
+            ids_p = jnp.pad(input_ids, pad)[:, order]
+            pos_p = jnp.pad(positions, pad)[:, order]
+            ok_p = jnp.pad(valid, pad)[:, order]
+            mesh = self.mesh
+
+            def attend(q, k, v, _):
+                return ring_attention(q, k, v, index, index, ok_p, mesh), None
+        else:
+            ids_p, pos_p = input_ids, positions
+            mask = causal_mask(s, s)[None] & valid[:, None, :]
+
+            def attend(q, k, v, _):
+                return dense_attention(q, k, v, mask), None
+
+        cos, sin = rope_tables(self.config, pos_p, self.dtype, seq_len=seq_len)
+        emb = self.embed(ids_p)
+        x, _, per_layer = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
         x = self.norm(x)
         logits = self.logits(x)
+        if n > 1:  # back to token order, padding dropped
+            inverse = np.argsort(order)[:s]
+            logits = constrain(logits[:, inverse], ("batch", "seq", "act_vocab"), self.mesh)
+            if output_hidden_states:
+                emb, per_layer, x = emb[:, inverse], per_layer[:, :, inverse], x[:, inverse]
         if not output_hidden_states:
             return logits
-        hidden = jnp.concatenate([self.embed(input_ids)[None], per_layer[:-1], x[None]], axis=0)
+        hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
         return logits, hidden
-
 
     def forward_cached(self, input_ids, positions, chunk_mask, cache_k, cache_v, kv_valid, index):
         """Run ``input_ids [B, S]`` against a KV cache, writing their keys/values at slot ``index``.
@@ -310,22 +358,15 @@ class InternLM2(nnx.Module):
         kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, chunk_mask.astype(bool), index, axis=1)
         slots = jnp.arange(t)[None, None, :]
         mask = kv_valid[:, None, :] & (slots <= (index + jnp.arange(s))[None, :, None])
+
+        def attend(q, k, v, row):
+            k_cache = jax.lax.dynamic_update_slice_in_dim(row[0], k.astype(row[0].dtype), index, axis=1)
+            v_cache = jax.lax.dynamic_update_slice_in_dim(row[1], v.astype(row[1].dtype), index, axis=1)
+            o = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+            return o, (k_cache, v_cache)
+
         cos, sin = rope_tables(self.config, positions, self.dtype)
-        x = self.embed(input_ids)
-        layer_def, layer_state = nnx.split(self.layers)
-        mesh = self.mesh
-
-        def body(carry, xs):
-            h, ck, cv = carry
-            state, i = xs
-            layer = nnx.merge(layer_def, state)
-            h, (k_l, v_l) = layer(h, cos, sin, mask, mesh, kv=(ck[i], cv[i]), index=index)
-            ck = jax.lax.dynamic_update_index_in_dim(ck, k_l, i, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, v_l, i, 0)
-            return (constrain(h, ("batch", "seq", "act_embed"), mesh), ck, cv), None
-
-        (x, cache_k, cache_v), _ = jax.lax.scan(
-            body, (x, cache_k, cache_v), (layer_state, jnp.arange(self.config.num_hidden_layers)))
+        x, (cache_k, cache_v), _ = self.run_layers(self.embed(input_ids), cos, sin, attend, (cache_k, cache_v))
         logits = self.logits(self.norm(x[:, -1:]))[:, 0]
         return logits, cache_k, cache_v, kv_valid
 
