@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .rope import rope_tables
 from .sharding import named_sharding
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
@@ -104,7 +105,8 @@ class Generator:
         self.model_ref = weakref.ref(model)
         self.graphdef, self.state = nnx.split(model)
         self.config, self.mesh, self.dtype = model.config, model.mesh, model.dtype
-        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len",))
+        self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
+        self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
         self.decode_step = jax.jit(self._decode_step, donate_argnames=("cache_k", "cache_v"))
         # the loop keeps its cache internal (XLA updates it in place); it returns only tokens
         self.decode_loop = jax.jit(self._decode_loop, static_argnames=("max_new_tokens", "sampling", "stop_ids"))
@@ -116,7 +118,9 @@ class Generator:
             return x
         return jax.lax.with_sharding_constraint(x, named_sharding(CACHE_AXES, x.shape, self.mesh))
 
-    def _prefill(self, state, ids, mask, positions, cache_len: int):
+    def _prefill(self, state, ids, mask, positions, index, cache_len: int, last: int):
+        """Prompt -> (last-position logits, cache, kv_valid). ``index`` is each token's causal index; with
+        a sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
         model = nnx.merge(self.graphdef, state)
         cfg = self.config
         b = ids.shape[0]
@@ -124,15 +128,50 @@ class Generator:
         cache_k = self._cache_constraint(jnp.zeros(shape, self.dtype))
         cache_v = self._cache_constraint(jnp.zeros(shape, self.dtype))
         kv_valid = jnp.zeros((b, cache_len), bool)
-        logits, cache_k, cache_v, kv_valid = model.forward_cached(ids, positions, mask, cache_k, cache_v, kv_valid, 0)
+        if self.n == 1:
+            logits, cache_k, cache_v, kv_valid = model.forward_cached(ids, positions, mask, cache_k, cache_v, kv_valid, 0)
+            return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
+        from .ring import ring_attention, write_prefill
+
+        mesh, nh, ok = self.mesh, cfg.num_attention_heads, mask.astype(bool)
+        kv_valid = write_prefill(kv_valid, ok, mesh)
+
+        def attend(q, k, v, row):
+            o = ring_attention(q, k, v, index, index, ok, mesh)
+            return o, (write_prefill(row[0], k, mesh, nh), write_prefill(row[1], v, mesh, nh))
+
+        cos, sin = rope_tables(cfg, positions, self.dtype)  # max(positions) + 1 over all shards: global
+        x, (cache_k, cache_v), _ = model.run_layers(model.embed(ids), cos, sin, attend, (cache_k, cache_v))
+        logits = model.logits(model.norm(x[:, last:last + 1]))[:, 0]
         return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
 
-    def _decode_step(self, state, tokens, positions, cache_k, cache_v, kv_valid, index):
-        """One token per sequence at slot ``index``: logits ``[B, V]`` and the updated cache."""
+    def _decode_step(self, state, tokens, positions, cache_k, cache_v, kv_valid, base, step):
+        """Token number ``step`` of every sequence: logits ``[B, V]`` and the updated cache (donated).
+
+        Without a sequence axis it goes to slot ``base + step``. With one, decode tokens go round-robin
+        to the sequence shards (shard ``step % n``, local slot ``base + step // n``), so the shards fill
+        evenly; each shard attends to its own slots and the partials merge by log-sum-exp.
+        """
         model = nnx.merge(self.graphdef, state)
-        ones = jnp.ones((tokens.shape[0], 1), bool)
-        logits, cache_k, cache_v, kv_valid = model.forward_cached(
-            tokens[:, None], positions[:, None], ones, cache_k, cache_v, kv_valid, index)
+        b = tokens.shape[0]
+        if self.n == 1:
+            logits, cache_k, cache_v, kv_valid = model.forward_cached(
+                tokens[:, None], positions[:, None], jnp.ones((b, 1), bool), cache_k, cache_v, kv_valid, base + step)
+            return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
+        from .ring import sharded_decode_attention, write_decode
+
+        mesh, nh = self.mesh, self.config.num_attention_heads
+        owner, slot = step % self.n, base + step // self.n
+        kv_valid = write_decode(kv_valid, jnp.ones((b, 1), bool), owner, slot, mesh)
+
+        def attend(q, k, v, row):
+            ck = write_decode(row[0], k, owner, slot, mesh, nh)
+            cv = write_decode(row[1], v, owner, slot, mesh, nh)
+            return sharded_decode_attention(q, ck, cv, kv_valid[:, None, :], mesh), (ck, cv)
+
+        cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
+        x, (cache_k, cache_v), _ = model.run_layers(model.embed(tokens[:, None]), cos, sin, attend, (cache_k, cache_v))
+        logits = model.logits(model.norm(x))[:, 0]
         return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
 
     def _decode_loop(self, state, logits, cache_k, cache_v, kv_valid, index, positions, seen, key,
@@ -160,7 +199,7 @@ class Generator:
 
             def advance(args):
                 ck, cv, valid = args
-                out = self._decode_step(state, tok, pos, ck, cv, valid, index + step)
+                out = self._decode_step(state, tok, pos, ck, cv, valid, index, step)
                 return out
 
             more = (step + 1 < max_new_tokens) & ~jnp.all(done)
@@ -175,6 +214,7 @@ class Generator:
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
         lengths = [len(p) for p in prompts]
         s = bucket or bucket_length(max(lengths))
+        s = -(-s // (2 * self.n)) * (2 * self.n)  # the zigzag layout needs a multiple of 2n
         ids = np.zeros((len(prompts), s), np.int32)
         mask = np.zeros((len(prompts), s), np.int32)
         for i, p in enumerate(prompts):
@@ -189,16 +229,28 @@ class Generator:
         return jax.device_put(x, named_sharding(axes, x.shape, self.mesh))
 
     def start(self, batch: PreparedBatch, max_new_tokens: int):
-        """Prefill; returns first logits, cache, kv_valid, the next slot and the next positions."""
-        s = batch.ids.shape[1]
-        cache_len = bucket_length(s + max_new_tokens)
-        logits, ck, cv, valid = self.prefill(self.state, self.put(batch.ids, ("batch", "seq")),
-                                             self.put(batch.mask, ("batch", "seq")),
-                                             self.put(batch.positions, ("batch", "seq")), cache_len=cache_len)
+        """Prefill; returns first logits, cache, kv_valid, the slot base of decode tokens, the next
+        positions and the repetition-penalty mask of tokens seen."""
+        b, s = batch.ids.shape
+        n = self.n
+        index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+        arrays = [batch.ids, batch.mask, batch.positions, index]
+        if n == 1:
+            cache_len, last, base = bucket_length(s + max_new_tokens), s - 1, s
+        else:
+            from .ring import zigzag_order
+
+            order = zigzag_order(s, n)  # permuted on the host: the devices get their chunks directly
+            arrays = [a[:, order] for a in arrays]
+            base = s // n
+            cache_len = n * bucket_length(base + -(-max_new_tokens // n))
+            last = int(np.argmax(order == s - 1))
+        ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
+        logits, ck, cv, valid = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
         next_pos = jnp.asarray(batch.positions[:, -1] + 1, jnp.int32)
-        seen = jnp.zeros((batch.ids.shape[0], self.config.vocab_size), bool)
-        seen = seen.at[jnp.arange(batch.ids.shape[0])[:, None], jnp.asarray(batch.ids)].max(jnp.asarray(batch.mask) > 0)
-        return logits, ck, cv, valid, jnp.int32(s), next_pos, seen
+        seen = jnp.zeros((b, self.config.vocab_size), bool)
+        seen = seen.at[jnp.arange(b)[:, None], jnp.asarray(batch.ids)].max(jnp.asarray(batch.mask) > 0)
+        return logits, ck, cv, valid, jnp.int32(base), next_pos, seen
 
 
 _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -321,7 +373,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128
             yield piece
         if step + 1 < max_new_tokens:
             seen = seen.at[0, t].set(True)
-            logits, ck, cv, valid = gen.decode_step(gen.state, token, pos, ck, cv, valid, index + step)
+            logits, ck, cv, valid = gen.decode_step(gen.state, token, pos, ck, cv, valid, index, step)
             pos = pos + 1
     tail = decoder.flush()
     if tail:

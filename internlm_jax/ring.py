@@ -172,3 +172,33 @@ def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh):
 
     return run(q, k_cache, v_cache, kv_ok)
 
+
+
+def write_prefill(cache, new, mesh: Mesh, nh: int | None = None):
+    """Each device writes its own chunk of ``new`` ``[B, S, ...]`` (split over ``sequence``) at the start
+    of its own slice of ``cache`` ``[B, T, ...]``: the cache never moves between devices."""
+    bspec, heads = _specs(mesh, cache.shape[0], nh or 1, cache.shape[2] if cache.ndim > 2 else 1)
+    rest = (heads, None) if cache.ndim == 4 else ()
+    spec = P(bspec, "sequence", *rest)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+    def run(c, x):
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=1)
+
+    return run(cache, new)
+
+
+def write_decode(cache, new, owner, local_slot, mesh: Mesh, nh: int | None = None):
+    """Write ``new`` ``[B, 1, ...]`` (the same on every sequence shard) at ``local_slot`` of the slice
+    held by sequence shard ``owner``; the other shards keep theirs untouched."""
+    bspec, heads = _specs(mesh, cache.shape[0], nh or 1, cache.shape[2] if cache.ndim > 2 else 1)
+    rest = (heads, None) if cache.ndim == 4 else ()
+    spec, nspec = P(bspec, "sequence", *rest), P(bspec, None, *rest)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, nspec, P(), P()), out_specs=spec, check_vma=False)
+    def run(c, x, owner, slot):
+        mine = jax.lax.axis_index("sequence") == owner
+        return jax.lax.cond(mine, lambda c: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), slot, axis=1),
+                            lambda c: c, c)
+
+    return run(cache, new, jnp.asarray(owner, jnp.int32), jnp.asarray(local_slot, jnp.int32))
