@@ -1,0 +1,142 @@
+"""Long context: ring attention (outputs and gradients), blockwise memory, sequence-sharded decode."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference as ref
+from hf_fixtures import tiny_config, write_hf_checkpoint
+import internlm_jax as ij
+from internlm_jax.attention import dense_attention
+from internlm_jax.generation import generator_for
+from internlm_jax.ring import ring_attention, zigzag_order
+
+CFG = tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, bias=True)
+STATE = ref.random_state(CFG, 11, scale=0.2)
+
+
+def _qkv(b=2, s=64, nh=4, nkv=2, d=16, seed=0):
+    r = np.random.RandomState(seed)
+    return (r.standard_normal((b, s, nh, d)).astype(np.float32), r.standard_normal((b, s, nkv, d)).astype(np.float32),
+            r.standard_normal((b, s, nkv, d)).astype(np.float32))
+
+
+def _rel(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1), dict(sequence=2, data=2, tensor=2, fsdp=1)],
+                         ids=["seq4xtensor2", "seq8", "seq2xdata2xtensor2"])
+def test_ring_equals_dense_outputs_and_gradients(axes):
+    mesh = ij.make_mesh(**axes)
+    n = mesh.shape["sequence"]
+    q, k, v = _qkv()
+    b, s = q.shape[:2]
+    valid = np.ones((b, s), bool)
+    valid[1, :13] = False  # left padding in one row
+    idx = np.broadcast_to(np.arange(s), (b, s))
+    mask = (idx[:, None, :] <= idx[:, :, None]) & valid[:, None, :]
+    order, inv = zigzag_order(s, n), np.argsort(zigzag_order(s, n))
+    w = np.random.RandomState(1).standard_normal(q.shape).astype(np.float32) * valid[..., None, None]
+
+    def dense_loss(q, k, v):
+        return jnp.sum(dense_attention(q, k, v, jnp.asarray(mask)) * w)
+
+    def ring_loss(q, k, v):  # inputs in zigzag order, as the model lays them out
+        out = ring_attention(q, k, v, idx[:, order], idx[:, order], valid[:, order], mesh, block=4)
+        return jnp.sum(out * w[:, order]), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(ring_loss, argnums=(0, 1, 2), has_aux=True))(
+        q[:, order], k[:, order], v[:, order])
+    want = dense_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    rows = valid  # a fully padded query row has no defined output
+    assert _rel(np.asarray(out)[:, inv][rows], np.asarray(want)[rows]) < 1e-5
+    for got, exp in zip(grads, jax.grad(dense_loss, argnums=(0, 1, 2))(q, k, v)):
+        assert _rel(np.asarray(got)[:, inv], exp) < 1e-5
+
+
+def _intermediate_sizes(jaxpr):
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            if hasattr(var.aval, "shape"):
+                yield int(np.prod(var.aval.shape)), var.aval.shape
+        for sub in _subjaxprs(eqn):
+            yield from _intermediate_sizes(sub)
+
+
+def _subjaxprs(eqn):
+    for p in eqn.params.values():
+        for x in (p if isinstance(p, (list, tuple)) else [p]):
+            inner = getattr(x, "jaxpr", x)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def test_ring_step_never_holds_more_than_one_block_of_scores():
+    mesh = ij.make_mesh(sequence=4, fsdp=2)
+    b, s, nh, nkv, d, block = 2, 256, 4, 2, 16, 16
+    q, k, v = _qkv(b, s, nh, nkv, d)
+    idx = np.broadcast_to(np.arange(s), (b, s))
+    ok = np.ones((b, s), bool)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: ring_attention(q, k, v, idx, idx, ok, mesh, block=block))(q, k, v)
+    local = s // 4
+    biggest = max(size for size, _ in _intermediate_sizes(jaxpr.jaxpr) if size < b * s * nh * d)  # skip q-sized
+    assert biggest <= b * nh * block * block * 4  # score blocks, not [local x local] (= 16x larger here)
+    assert b * nh * local * local > 4 * biggest
+
+
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)], ids=["seq4xtensor2", "seq8"])
+def test_sharded_forward_any_length_equals_single_device(tmp_path, axes):
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    single = ij.InternLM2.from_pretrained(folder)
+    sharded = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(**axes))
+    ids = np.random.RandomState(0).randint(0, CFG["vocab_size"], (2, 37))  # 37: no multiple of 8 or 16
+    assert _rel(sharded(ids), single(ids)) < 1e-5
+    np.testing.assert_allclose(np.asarray(sharded(ids)), ref.forward(STATE, CFG, ids)["logits"], atol=1e-4)
+
+    def loss(model, ids):
+        return jnp.mean(jax.nn.logsumexp(model.forward(ids), axis=-1))
+
+    g1 = nnx.grad(loss)(single, jnp.asarray(ids))
+    g8 = nnx.jit(nnx.grad(loss))(sharded, jnp.asarray(ids))
+    for (path, a), (_, b) in zip(nnx.to_flat_state(g1), nnx.to_flat_state(g8)):
+        assert _rel(b.get_value(), a.get_value()) < 1e-4, path
+
+
+PROMPTS = [list(range(3, 3 + 21)), list(range(40, 40 + 9)), [5, 6, 7]]  # 21, 9, 3 tokens
+
+
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)], ids=["seq4xtensor2", "seq8"])
+def test_sequence_sharded_greedy_generation_equals_unsharded(tmp_path, axes):
+    """Crosses max_position_embeddings=16 under dynamic NTK: every shard must use the global length."""
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    single = ij.InternLM2.from_pretrained(folder)
+    sharded = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(**axes))
+    kw = dict(max_new_tokens=11, stop_ids=(), max_length=64)
+    want = ij.generate_ids(single, PROMPTS, **kw)
+    assert ij.generate_ids(sharded, PROMPTS, **kw) == want
+    s = max(map(len, PROMPTS))
+    ids = np.zeros((3, s), np.int64)
+    mask = np.zeros((3, s), np.int64)
+    for i, p in enumerate(PROMPTS):
+        ids[i, s - len(p):], mask[i, s - len(p):] = p, 1
+    assert want == ref.greedy_generate(STATE, CFG, ids, 11, attention_mask=mask).tolist()
+
+
+def test_decode_tokens_fill_the_shards_evenly(tmp_path):
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=4, fsdp=2))
+    gen = generator_for(model)
+    logits, ck, cv, valid, base, pos, seen = gen.start(gen.prepare([list(range(3, 30))]), max_new_tokens=10)
+    assert ck.sharding.spec[2] == "sequence"
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    per_shard = lambda v: np.asarray(v).reshape(1, 4, -1).sum(-1)[0]  # noqa: E731
+    before = per_shard(valid)
+    assert before.sum() == 27 and int(base) == 8  # each shard holds 32 / 4 prompt slots (zigzag chunks)
+    for step in range(10):
+        logits, ck, cv, valid = gen.decode_step(gen.state, token, pos, ck, cv, valid, base, jnp.int32(step))
+        token, pos = jnp.argmax(logits, -1).astype(jnp.int32), pos + 1
+    added = per_shard(valid) - before
+    assert added.sum() == 10 and added.max() - added.min() <= 1
