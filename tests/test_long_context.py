@@ -140,3 +140,36 @@ def test_decode_tokens_fill_the_shards_evenly(tmp_path):
         token, pos = jnp.argmax(logits, -1).astype(jnp.int32), pos + 1
     added = per_shard(valid) - before
     assert added.sum() == 10 and added.max() - added.min() <= 1
+
+
+def _run(argv):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(root)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=900, cwd=root)
+
+
+def test_needle_example_mechanics(tokenizer_path):
+    done = _run(["examples/needle_in_haystack.py", "--tokenizer", str(tokenizer_path), "--length", "700",
+                 "--sequence", "4", "--max-new-tokens", "6"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    n = int(out.split("haystack ")[1].split()[0])
+    assert 650 <= n <= 800 and "'sequence': 4" in out and "answer:" in out and "found the needle:" in out
+
+
+def test_cli_generate_takes_the_sequence_axis(tokenizer_path, tmp_path):
+    from hf_fixtures import chain_checkpoint
+
+    tok = ij.Tokenizer.from_pretrained(tokenizer_path)
+    chain = [364] + tok.encode("Ring attention works.", add_bos=False) + [2]
+    folder = chain_checkpoint(tmp_path / "chain", chain, tokenizer_path)
+    done = _run(["-m", "internlm_jax", "generate", "--model", str(folder), "--prompt", "Hi\n", "--devices", "8",
+                 "--sequence", "4", "--tensor", "2", "--quiet", "--max-new-tokens", "20"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "Ring attention works.\n"
