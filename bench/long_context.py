@@ -60,22 +60,29 @@ def run_prefill(cfg, length, n):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 131072])
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--run", type=int, nargs="*", default=[], help="lengths to really prefill on 8 devices")
     args = ap.parse_args()
     cfg = bench_config(args.layers)
-    print(f"jax {jax.__version__}; model {cfg.num_parameters() / 1e6:.0f}M params (bf16), {cfg.num_hidden_layers} layers, "
+    if args.lengths:
+        print(f"jax {jax.__version__}; model {cfg.num_parameters() / 1e6:.0f}M params (bf16), {cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads; batch 1")
-    print("| tokens | devices (sequence axis) | attention | per-device args | per-device temp | per-device output | compile |")
-    print("|---|---|---|---|---|---|---|")
+        print("| tokens | devices (sequence axis) | attention | per-device args | per-device temp | per-device output | compile |")
+        print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for n in args.devices:
             r = prefill_memory(cfg, length, n)
             gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
             print(f"| {length} | {n} | {'dense' if n == 1 else 'ring'} | {gib(r['args'])} | {gib(r['temp'])} | "
                   f"{gib(r['out'])} | {r['compile_s']:.1f} s |", flush=True)
+    if args.run and args.lengths:  # real runs in a fresh process, apart from the abstract lowerings above
+        import subprocess
+        import sys
+
+        subprocess.run([sys.executable, __file__, "--lengths", "--run", *map(str, args.run)], check=True)
+        return
     for length in args.run:
         first, again = run_prefill(cfg.replace(num_hidden_layers=2), length, 8)
         print(f"prefilled {length} tokens on 8 simulated devices (2 layers): first call {first:.1f}s "

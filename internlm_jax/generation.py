@@ -137,7 +137,7 @@ class Generator:
         kv_valid = write_prefill(kv_valid, ok, mesh)
 
         def attend(q, k, v, row):
-            o = ring_attention(q, k, v, index, index, ok, mesh)
+            o = ring_attention(q, k, v, index, index, ok, mesh, impl=model.attention_impl)
             return o, (write_prefill(row[0], k, mesh, nh), write_prefill(row[1], v, mesh, nh))
 
         cos, sin = rope_tables(cfg, positions, self.dtype)  # max(positions) + 1 over all shards: global

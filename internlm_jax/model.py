@@ -189,6 +189,9 @@ class InternLM2(nnx.Module):
         self.mesh = mesh
         self.dtype = canonical_dtype(dtype or jnp.float32)
         self.param_dtype = canonical_dtype(param_dtype or self.dtype)
+        # per-block attention inside ring steps: "blockwise" (pure JAX), or "xla" / "cudnn" through
+        # jax.nn.dot_product_attention; set it on a loaded model, e.g. model.attention_impl = "cudnn"
+        self.attention_impl = "blockwise"
         if abstract:
             rngs = None
         elif rngs is None:
@@ -320,10 +323,10 @@ class InternLM2(nnx.Module):
             ids_p = jnp.pad(input_ids, pad)[:, order]
             pos_p = jnp.pad(positions, pad)[:, order]
             ok_p = jnp.pad(valid, pad)[:, order]
-            mesh = self.mesh
+            mesh, impl = self.mesh, self.attention_impl
 
             def attend(q, k, v, _):
-                return ring_attention(q, k, v, index, index, ok_p, mesh), None
+                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=impl), None
         else:
             ids_p, pos_p = input_ids, positions
             mask = causal_mask(s, s)[None] & valid[:, None, :]

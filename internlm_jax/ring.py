@@ -55,12 +55,40 @@ def _attend_block(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool):
     return m_new, l, acc
 
 
-def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True):
-    """Blockwise attention of local queries over one K/V chunk, updating (m, l, acc)."""
+def _attend_block_fused(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool, implementation: str):
+    """As :func:`_attend_block`, through ``jax.nn.dot_product_attention`` (cuDNN on GPU): the block's
+    normalised output and log-sum-exp are folded into the running (m, l, acc)."""
+    b, sq, nkv, g, d = q.shape
+    visible = k_ok[:, None, :]
+    if causal:
+        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])
+    o, lse = jax.nn.dot_product_attention(q.reshape(b, sq, nkv * g, d), k, v, mask=visible[:, None], scale=float(scale),
+                                          implementation=implementation, return_residual=True)
+    lse = lse.astype(jnp.float32).reshape(b, sq, nkv, g).transpose(0, 2, 3, 1)  # [B, nKV, G, Sq]
+    any_visible = jnp.any(visible, axis=-1)[:, None, None, :]
+    lse = jnp.where(any_visible, lse, NEG)
+    o = jnp.where(jnp.moveaxis(any_visible, -1, 1)[..., None], o.astype(jnp.float32).reshape(b, sq, nkv, g, d), 0.0)
+    m_new = jnp.maximum(m, lse)
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
+    c_old = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    c_blk = jnp.exp(jnp.where(jnp.isinf(lse), NEG, lse - m_safe))
+    l = l * c_old + c_blk
+    acc = acc * jnp.moveaxis(c_old, -1, 1)[..., None] + o * jnp.moveaxis(c_blk, -1, 1)[..., None]
+    return m_new, l, acc
+
+
+def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True,
+                    impl: str = "blockwise"):
+    """Blockwise attention of local queries over one K/V chunk, updating (m, l, acc).
+
+    ``impl``: "blockwise" (pure JAX online softmax, the default), or "xla" / "cudnn" to compute each
+    block with ``jax.nn.dot_product_attention`` of that implementation (cuDNN wants bf16/fp16 on GPU)."""
     b, sq, nkv, g, d = q.shape
     sk = k.shape[1]
-    scale = jnp.float32(1.0 / math.sqrt(d))
+    scale = 1.0 / math.sqrt(d)
     bq, bk = min(block, sq), min(block, sk)
+    if impl not in ("blockwise", "xla", "cudnn"):
+        raise ValueError(f"unknown attention impl {impl!r}; use 'blockwise', 'xla' or 'cudnn'")
     if sq % bq or sk % bk:
         raise ValueError(f"local lengths {sq}, {sk} must be multiples of the block size {block}")
     nq, nk = sq // bq, sk // bk
@@ -72,8 +100,11 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
             kb, vb, ki, ko = xs
             visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
                 if causal else jnp.any(ko)
-            return jax.lax.cond(visible, lambda c: _attend_block(qb, kb, vb, qi, ki, ko, *c, scale, causal),
-                                lambda c: c, carry), None
+            if impl == "blockwise":
+                fold = lambda c: _attend_block(qb, kb, vb, qi, ki, ko, *c, scale, causal)  # noqa: E731
+            else:
+                fold = lambda c: _attend_block_fused(qb, kb, vb, qi, ki, ko, *c, scale, causal, impl)  # noqa: E731
+            return jax.lax.cond(visible, fold, lambda c: c, carry), None
 
         ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
         vs = v.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
@@ -105,7 +136,8 @@ def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
     return bspec, heads
 
 
-def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 512, causal: bool = True):
+def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 512, causal: bool = True,
+                   impl: str = "blockwise"):
     """Attention of q ``[B, S, nH, D]`` over k, v ``[B, S, nKV, D]``, the sequence split over ``mesh``'s
     ``sequence`` axis. q_idx/kv_idx ``[B, S]`` are global token indices (causality), kv_ok masks padding.
     Returns ``[B, S, nH, D]`` in q's dtype, sharded like q."""
@@ -131,7 +163,8 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 51
 
         def step(carry, _):
             m, l, acc, k, v, kv_idx, kv_ok = carry
-            m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal)
+            m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal,
+                                        impl=impl)
             k, v, kv_idx, kv_ok = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok))
             return (m, l, acc, k, v, kv_idx, kv_ok), None
 

@@ -173,3 +173,21 @@ def test_cli_generate_takes_the_sequence_axis(tokenizer_path, tmp_path):
                  "--sequence", "4", "--tensor", "2", "--quiet", "--max-new-tokens", "20"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "Ring attention works.\n"
+
+
+def test_ring_through_dot_product_attention_equals_dense():
+    """The per-block path that uses jax.nn.dot_product_attention (cuDNN on GPU; its XLA flavour here)."""
+    mesh = ij.make_mesh(sequence=4, tensor=2, fsdp=1)
+    q, k, v = _qkv(seed=3)
+    b, s = q.shape[:2]
+    valid = np.ones((b, s), bool)
+    valid[0, :7] = False
+    idx = np.broadcast_to(np.arange(s), (b, s))
+    order, inv = zigzag_order(s, 4), np.argsort(zigzag_order(s, 4))
+    out = ring_attention(q[:, order], k[:, order], v[:, order], idx[:, order], idx[:, order], valid[:, order], mesh,
+                         block=4, impl="xla")
+    mask = (idx[:, None, :] <= idx[:, :, None]) & valid[:, None, :]
+    want = dense_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask))
+    assert _rel(np.asarray(out)[:, inv][valid], np.asarray(want)[valid]) < 1e-5
+    with pytest.raises(ValueError, match="unknown attention impl"):
+        ring_attention(q, k, v, idx, idx, valid, mesh, impl="flash")
