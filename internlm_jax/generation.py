@@ -102,7 +102,6 @@ class Generator:
     """Compiled prefill / decode-step / decode-loop programs for one model (split once)."""
 
     def __init__(self, model):
-        self.model_ref = weakref.ref(model)
         self.graphdef, self.state = nnx.split(model)
         self.config, self.mesh, self.dtype = model.config, model.mesh, model.dtype
         self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
