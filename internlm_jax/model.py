@@ -192,6 +192,9 @@ class InternLM2(nnx.Module):
         # per-block attention inside ring steps: "blockwise" (pure JAX), or "xla" / "cudnn" through
         # jax.nn.dot_product_attention; set it on a loaded model, e.g. model.attention_impl = "cudnn"
         self.attention_impl = "blockwise"
+        # activation checkpointing of each layer for training: "none", "full" (recompute all) or
+        # "dots" (keep matmul outputs, recompute the rest)
+        self.remat = "none"
         if abstract:
             rngs = None
         elif rngs is None:
@@ -245,7 +248,8 @@ class InternLM2(nnx.Module):
         return sum(int(np.prod(p.get_value().shape)) for _, p in nnx.to_flat_state(nnx.state(self, nnx.Param)))
 
     # --- forward --------------------------------------------------------------------------
-    def __call__(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states: bool = False):
+    def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
+                 output_hidden_states: bool = False):
         """Logits ``[B, S, V]`` (float32) for token ids ``[B, S]``.
 
         positions: ``[B, S]`` int, default ``arange(S)`` per row (as the reference forward; pass
@@ -257,8 +261,9 @@ class InternLM2(nnx.Module):
         if not _is_traced(input_ids):
             input_ids = _check_ids(input_ids, self.config.vocab_size)
             graphdef, state = nnx.split(self)
-            return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states)
-        return self.forward(input_ids, positions=positions, attention_mask=attention_mask,
+            return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states,
+                                segment_ids)
+        return self.forward(input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                             output_hidden_states=output_hidden_states)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -292,6 +297,12 @@ class InternLM2(nnx.Module):
             h = constrain(h, ("batch", "seq", "act_embed"), mesh)
             return (h, cs), (h if collect else None)
 
+        if self.remat != "none":
+            policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+                        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+            if self.remat not in policies:
+                raise ValueError(f"unknown remat policy {self.remat!r}; use 'none', {', '.join(map(repr, policies))}")
+            body = jax.checkpoint(body, policy=policies[self.remat], prevent_cse=False)
         (x, caches), per_layer = jax.lax.scan(body, (x, caches), (layer_state, jnp.arange(self.config.num_hidden_layers)))
         return x, caches, per_layer
 
@@ -300,15 +311,26 @@ class InternLM2(nnx.Module):
         """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
-    def forward(self, input_ids, *, positions=None, attention_mask=None, output_hidden_states=False):
+    def forward(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
+                output_hidden_states=False):
         """The traceable forward (no jit of its own): use inside your own jitted functions.
 
+        ``segment_ids [B, S]`` (packed training sequences): tokens attend only within their own
+        contiguous segment, and positions restart at 0 in each segment unless given.
         With a ``sequence`` mesh axis larger than 1, attention is ring attention: the tokens are
         padded to a multiple of 2n and laid out zigzag, and the results are put back in order.
         """
         b, s = input_ids.shape
+        idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        start = None
+        if segment_ids is not None:
+            seg = jnp.asarray(segment_ids)
+            boundary = jnp.concatenate([jnp.ones((b, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+            start = jax.lax.cummax(jnp.where(boundary, idx, 0), axis=1)
+            if positions is None:
+                positions = idx - start
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            positions = idx
         positions = jnp.asarray(positions, jnp.int32)
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
@@ -323,13 +345,16 @@ class InternLM2(nnx.Module):
             ids_p = jnp.pad(input_ids, pad)[:, order]
             pos_p = jnp.pad(positions, pad)[:, order]
             ok_p = jnp.pad(valid, pad)[:, order]
+            start_p = None if start is None else jnp.pad(start, pad)[:, order]
             mesh, impl = self.mesh, self.attention_impl
 
             def attend(q, k, v, _):
-                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=impl), None
+                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=impl, q_start=start_p), None
         else:
             ids_p, pos_p = input_ids, positions
             mask = causal_mask(s, s)[None] & valid[:, None, :]
+            if start is not None:
+                mask = mask & (idx[:, None, :] >= start[:, :, None])
 
             def attend(q, k, v, _):
                 return dense_attention(q, k, v, mask), None
@@ -375,9 +400,9 @@ class InternLM2(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))
-def _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states):
+def _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states, segment_ids=None):
     model = nnx.merge(graphdef, state)
-    return model.forward(input_ids, positions=positions, attention_mask=attention_mask,
+    return model.forward(input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                          output_hidden_states=output_hidden_states)
 
 

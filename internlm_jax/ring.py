@@ -34,15 +34,24 @@ def zigzag_order(length: int, n: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]]) for i in range(n)])
 
 
-def _attend_block(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool):
+def _visible(q_idx, q_start, k_idx, k_ok, causal: bool):
+    """[B, Sq, Sk]: padding masked; causal by global index; with q_start, only the query's own
+    segment (packed documents are contiguous, so "same segment" is "index >= the segment start")."""
+    visible = k_ok[:, None, :]
+    if causal:
+        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])
+    if q_start is not None:
+        visible = visible & (k_idx[:, None, :] >= q_start[:, :, None])
+    return visible
+
+
+def _attend_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool):
     """Fold one key block into the accumulators of one query block (online softmax, float32).
 
     q [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; q_idx [B, Sq]; k_idx, k_ok [B, Sk];
     m, l [B, nKV, G, Sq]; acc [B, Sq, nKV, G, D].
     """
-    visible = k_ok[:, None, :]
-    if causal:
-        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])  # [B, Sq, Sk]
+    visible = _visible(q_idx, q_start, k_idx, k_ok, causal)
     s = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(visible[:, None, None], s, NEG)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
@@ -55,13 +64,11 @@ def _attend_block(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool):
     return m_new, l, acc
 
 
-def _attend_block_fused(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: bool, implementation: str):
+def _attend_block_fused(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool, implementation: str):
     """As :func:`_attend_block`, through ``jax.nn.dot_product_attention`` (cuDNN on GPU): the block's
     normalised output and log-sum-exp are folded into the running (m, l, acc)."""
     b, sq, nkv, g, d = q.shape
-    visible = k_ok[:, None, :]
-    if causal:
-        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])
+    visible = _visible(q_idx, q_start, k_idx, k_ok, causal)
     o, lse = jax.nn.dot_product_attention(q.reshape(b, sq, nkv * g, d), k, v, mask=visible[:, None], scale=float(scale),
                                           implementation=implementation, return_residual=True)
     lse = lse.astype(jnp.float32).reshape(b, sq, nkv, g).transpose(0, 2, 3, 1)  # [B, nKV, G, Sq]
@@ -78,7 +85,7 @@ def _attend_block_fused(q, k, v, q_idx, k_idx, k_ok, m, l, acc, scale, causal: b
 
 
 def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True,
-                    impl: str = "blockwise"):
+                    impl: str = "blockwise", q_start=None):
     """Blockwise attention of local queries over one K/V chunk, updating (m, l, acc).
 
     ``impl``: "blockwise" (pure JAX online softmax, the default), or "xla" / "cudnn" to compute each
@@ -94,16 +101,17 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
     nq, nk = sq // bq, sk // bk
 
     def per_q_block(args):
-        qb, qi, mb, lb, ab = args
+        qb, qi, qs0, mb, lb, ab = args
+        qs0 = None if q_start is None else qs0
 
         def per_k_block(carry, xs):
             kb, vb, ki, ko = xs
             visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
                 if causal else jnp.any(ko)
             if impl == "blockwise":
-                fold = lambda c: _attend_block(qb, kb, vb, qi, ki, ko, *c, scale, causal)  # noqa: E731
+                fold = lambda c: _attend_block(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal)  # noqa: E731
             else:
-                fold = lambda c: _attend_block_fused(qb, kb, vb, qi, ki, ko, *c, scale, causal, impl)  # noqa: E731
+                fold = lambda c: _attend_block_fused(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal, impl)  # noqa: E731
             return jax.lax.cond(visible, fold, lambda c: c, carry), None
 
         ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
@@ -115,10 +123,11 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
 
     qs = q.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
     qis = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
+    qss = (q_idx if q_start is None else q_start).reshape(b, nq, bq).swapaxes(0, 1)
     ms = m.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
     ls = l.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
     accs = acc.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
-    ms, ls, accs = jax.lax.map(per_q_block, (qs, qis, ms, ls, accs))
+    ms, ls, accs = jax.lax.map(per_q_block, (qs, qis, qss, ms, ls, accs))
     m = ms.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, sq)
     l = ls.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, sq)
     acc = accs.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
@@ -137,9 +146,10 @@ def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
 
 
 def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 512, causal: bool = True,
-                   impl: str = "blockwise"):
+                   impl: str = "blockwise", q_start=None):
     """Attention of q ``[B, S, nH, D]`` over k, v ``[B, S, nKV, D]``, the sequence split over ``mesh``'s
     ``sequence`` axis. q_idx/kv_idx ``[B, S]`` are global token indices (causality), kv_ok masks padding.
+    q_start (optional, ``[B, S]``): index where each query's packed document starts (segment masking).
     Returns ``[B, S, nH, D]`` in q's dtype, sharded like q."""
     b, s, nh, d = q.shape
     nkv = k.shape[2]
@@ -150,9 +160,9 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 51
     tok = P(bspec, "sequence")
     qkv = P(bspec, "sequence", heads, None)
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv, qkv, qkv, tok, tok, tok), out_specs=qkv,
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv, qkv, qkv, tok, tok, tok, tok), out_specs=qkv,
                        check_vma=False)
-    def run(q, k, v, q_idx, kv_idx, kv_ok):
+    def run(q, k, v, q_idx, kv_idx, kv_ok, q_start):
         lb, ls, lh, _ = q.shape
         lkv = k.shape[2]
         qg = q.reshape(lb, ls, lkv, lh // lkv, d)
@@ -164,7 +174,7 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 51
         def step(carry, _):
             m, l, acc, k, v, kv_idx, kv_ok = carry
             m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal,
-                                        impl=impl)
+                                        impl=impl, q_start=q_start if segmented else None)
             k, v, kv_idx, kv_ok = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok))
             return (m, l, acc, k, v, kv_idx, kv_ok), None
 
@@ -172,7 +182,9 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 51
         out = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
         return out.reshape(lb, ls, lh, d).astype(q.dtype)
 
-    return run(q, k, v, q_idx.astype(jnp.int32), kv_idx.astype(jnp.int32), kv_ok.astype(bool))
+    segmented = q_start is not None
+    q_start = jnp.asarray(q_idx if q_start is None else q_start, jnp.int32)
+    return run(q, k, v, q_idx.astype(jnp.int32), kv_idx.astype(jnp.int32), kv_ok.astype(bool), q_start)
 
 
 def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh):
