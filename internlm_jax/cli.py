@@ -157,6 +157,20 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     add_mesh_args(p)
 
 
+def cmd_train(args) -> None:
+    _simulate_devices(args.devices)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the environment
+    from .training import TrainConfig, train
+
+    cfg = TrainConfig.from_yaml(args.config)
+    if args.steps is not None:
+        cfg.steps = args.steps
+    train(cfg)
+
+
 def cmd_presets(args) -> None:
     from .config import InternLM2Config
 
@@ -218,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(chat)
     chat.add_argument("--system", help="a system message")
     chat.set_defaults(func=cmd_chat)
+    tr = sub.add_parser("train", help="continued pretraining from a YAML config (resumes automatically)",
+                        parents=[common])
+    tr.add_argument("--config", required=True, help="the run's YAML file (see examples/train_tiny.yaml)")
+    tr.add_argument("--steps", type=int, help="override the number of steps")
+    tr.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
+    tr.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    tr.set_defaults(func=cmd_train)
     presets = sub.add_parser("presets", help="list the released architectures", parents=[common])
     presets.set_defaults(func=cmd_presets)
     return p

@@ -1,0 +1,80 @@
+"""Loss, optimizer and the jitted train step (a pure function of params and optimizer state).
+
+Parameters are the model's ``nnx.State`` (a pytree of arrays) in ``param_dtype`` (float32 master
+weights); the forward casts them to the compute dtype. Gradient accumulation scans
+over micro-batches inside the one compiled step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from .config import OptimSection
+
+DECAYED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
+
+
+def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+    """AdamW with linear warmup and cosine decay, global-norm clipping, and a weight-decay mask."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1),
+                                                  end_value=cfg.lr * cfg.min_lr_ratio)
+
+    def decay_mask(params):
+        def keep(path, _):
+            names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+            return cfg.decay_embeddings_and_norms or names[-1] in DECAYED
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm > 0 else optax.identity(),
+                     optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                 mask=decay_mask))
+    return tx, schedule
+
+
+def loss_fn(params, graphdef, batch, *, segments: bool, z_loss: float):
+    """Mean next-token cross-entropy (float32) over unmasked targets, plus optional z-loss."""
+    model = nnx.merge(graphdef, params)
+    logits = model.forward(batch["inputs"], segment_ids=batch["segment_ids"] if segments else None)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"] if segments else jnp.ones_like(batch["loss_mask"])
+    count = jnp.maximum(mask.sum(), 1.0)
+    ce = ((logz - target_logit) * mask).sum() / count
+    total = ce + (z_loss * (logz ** 2 * mask).sum() / count if z_loss else 0.0)
+    return total, ce
+
+
+def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: float, schedule):
+    """``step(params, opt_state, batch, step_number) -> (params, opt_state, metrics)``, to be jitted."""
+
+    def train_step(params, opt_state, batch, step_number):
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def accumulate(carry, mb):
+            g_sum, loss_sum, ce_sum = carry
+            (loss, ce), g = grad_fn(params, graphdef, mb, segments=segments, z_loss=z_loss)
+            return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, ce_sum + ce), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(step_number)}
+        return params, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, *, segments: bool):
+    def eval_step(params, batch):
+        _, ce = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0)
+        return ce
+    return eval_step
