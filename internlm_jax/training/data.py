@@ -25,6 +25,11 @@ class Batch:
     targets: np.ndarray  # [B, S] int32
     segment_ids: np.ndarray  # [B, S] int32, the document of each input token
     loss_mask: np.ndarray  # [B, S] float32, 0 where the target is in another document
+    weight: np.ndarray | None = None  # [B, S] float32, 0 on padding rows (eval); None = all ones
+
+    def __post_init__(self):
+        if self.weight is None:
+            self.weight = np.ones(self.inputs.shape, np.float32)
 
 
 def read_documents(path: str, tokenizer, text_key: str = "text") -> tuple[np.ndarray, np.ndarray]:
@@ -103,9 +108,14 @@ class PackedDataset:
                      loss_mask=(segs[:, 1:] == segs[:, :-1]).astype(np.float32))
 
     def eval_batches(self, batch_size: int):
-        """Every window once, in order (for perplexity)."""
-        for start in range(0, self.num_windows - batch_size + 1, batch_size):
-            t, d = zip(*(self.window(i) for i in range(start, start + batch_size)))
+        """Every window once, in order (for perplexity); the last batch is padded with weight-0 rows."""
+        for start in range(0, self.num_windows, batch_size):
+            idx = list(range(start, min(start + batch_size, self.num_windows)))
+            real = len(idx)
+            idx += [idx[0]] * (batch_size - real)
+            t, d = zip(*(self.window(i) for i in idx))
             toks, segs = np.stack(t), np.stack(d)
             segs = segs - segs[:, :1]
-            yield Batch(toks[:, :-1], toks[:, 1:], segs[:, :-1], (segs[:, 1:] == segs[:, :-1]).astype(np.float32))
+            weight = np.zeros(toks[:, :-1].shape, np.float32)
+            weight[:real] = 1
+            yield Batch(toks[:, :-1], toks[:, 1:], segs[:, :-1], (segs[:, 1:] == segs[:, :-1]).astype(np.float32), weight)

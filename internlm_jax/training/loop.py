@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ..config import InternLM2Config
@@ -86,12 +85,19 @@ class Metrics:
 
 def _global_batch(batch: Batch, mesh, global_rows: int) -> dict:
     out = {}
-    for name in ("inputs", "targets", "segment_ids", "loss_mask"):
+    for name in ("inputs", "targets", "segment_ids", "loss_mask", "weight"):
         local = getattr(batch, name)
         shape = (global_rows,) + local.shape[1:]
         sharding = named_sharding(("batch", "seq"), shape, mesh)
         out[name] = jax.make_array_from_process_local_data(sharding, local, shape)
     return out
+
+
+def _rows(batch: Batch, proc: int, nproc: int) -> Batch:
+    """This process's share of a batch that every process built whole."""
+    n = batch.inputs.shape[0]
+    sl = slice(proc * n // nproc, (proc + 1) * n // nproc)
+    return Batch(*(getattr(batch, f)[sl] for f in ("inputs", "targets", "segment_ids", "loss_mask", "weight")))
 
 
 def _checkpoint_manager(cfg: TrainConfig):
@@ -170,9 +176,10 @@ def train(cfg: TrainConfig) -> list[dict]:
                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * flops_per_token / peak}
             if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
-                losses = [float(eval_fn(params, _global_batch(b, mesh, d.batch_size)))
-                          for b in eval_data.eval_batches(d.batch_size)]
-                record["eval_ppl"] = math.exp(float(np.mean(losses))) if losses else float("nan")
+                sums = [jax.device_get(eval_fn(params, _global_batch(_rows(b, proc, nproc), mesh, d.batch_size)))
+                        for b in eval_data.eval_batches(d.batch_size)]
+                total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
+                record["eval_ppl"] = math.exp(total / count) if count else float("nan")
             metrics.write(record)
             history.append(record)
         if mgr is not None:

@@ -42,11 +42,12 @@ def loss_fn(params, graphdef, batch, *, segments: bool, z_loss: float):
     logits = model.forward(batch["inputs"], segment_ids=batch["segment_ids"] if segments else None)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    mask = batch["loss_mask"] if segments else jnp.ones_like(batch["loss_mask"])
+    mask = batch["weight"] * (batch["loss_mask"] if segments else 1.0)
     count = jnp.maximum(mask.sum(), 1.0)
-    ce = ((logz - target_logit) * mask).sum() / count
+    ce_sum = ((logz - target_logit) * mask).sum()
+    ce = ce_sum / count
     total = ce + (z_loss * (logz ** 2 * mask).sum() / count if z_loss else 0.0)
-    return total, ce
+    return total, (ce, ce_sum, mask.sum())
 
 
 def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: float, schedule):
@@ -58,7 +59,7 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
 
         def accumulate(carry, mb):
             g_sum, loss_sum, ce_sum = carry
-            (loss, ce), g = grad_fn(params, graphdef, mb, segments=segments, z_loss=z_loss)
+            (loss, (ce, _, _)), g = grad_fn(params, graphdef, mb, segments=segments, z_loss=z_loss)
             return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, ce_sum + ce), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -74,7 +75,8 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
 
 
 def make_eval_step(graphdef, *, segments: bool):
+    """``(params, batch) -> (sum of token losses, number of tokens)``."""
     def eval_step(params, batch):
-        _, ce = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0)
-        return ce
+        _, (_, ce_sum, count) = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0)
+        return ce_sum, count
     return eval_step
