@@ -67,7 +67,7 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum, "grad_norm": optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(grads),
                    "lr": schedule(step_number)}
         return params, opt_state, metrics
 
