@@ -1,8 +1,19 @@
-"""Continued pretraining: ``internlm-jax train --config run.yaml`` or ``python -m internlm_jax.training``."""
+"""Continued pretraining: ``internlm-jax train --config run.yaml`` or ``python -m internlm_jax.training``.
 
-from .config import TrainConfig
-from .data import PackedDataset
-from .loop import build_model, train
-from .step import loss_fn, make_optimizer, make_train_step
+Names are imported lazily, so ``python -m internlm_jax.training --devices N`` can still set up
+simulated devices before JAX starts.
+"""
 
-__all__ = ["TrainConfig", "PackedDataset", "build_model", "train", "loss_fn", "make_optimizer", "make_train_step"]
+import importlib
+
+_EXPORTS = {"TrainConfig": "config", "PackedDataset": "data", "build_model": "loop", "train": "loop",
+            "loss_fn": "step", "make_optimizer": "step", "make_train_step": "step"}
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'internlm_jax.training' has no attribute {name!r}")
+
+
+__all__ = list(_EXPORTS)
