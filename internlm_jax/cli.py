@@ -159,10 +159,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> None:
     _simulate_devices(args.devices)
-    if args.distributed:
+    if args.distributed or args.coordinator:
         import jax
 
-        jax.distributed.initialize()  # coordinator, process count and id from the environment
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPU/TPU unaffected
+        if args.coordinator:
+            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                       process_id=args.process_id, initialization_timeout=300)
+        else:
+            jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
     from .training import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(args.config)
@@ -237,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="the run's YAML file (see examples/train_tiny.yaml)")
     tr.add_argument("--steps", type=int, help="override the number of steps")
     tr.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
-    tr.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first")
+    tr.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
+    tr.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
+    tr.add_argument("--num-processes", type=int, default=1)
+    tr.add_argument("--process-id", type=int, default=0)
     tr.set_defaults(func=cmd_train)
     presets = sub.add_parser("presets", help="list the released architectures", parents=[common])
     presets.set_defaults(func=cmd_presets)

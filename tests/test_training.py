@@ -208,3 +208,39 @@ def test_config_errors():
     cfg = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b", "checkpoint": "x"}, "data": {"train": ["a"]}})
     with pytest.raises(ValueError, match="exactly one"):
         cfg.validate()
+
+
+def test_two_processes_train_like_one(tmp_path, tokenizer_path):
+    """Two local processes (gloo) with 4 CPU devices each train a few steps from an HF checkpoint on
+    a data x fsdp mesh spanning both; the losses equal one process with 8 devices."""
+    import socket
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3) + "\n")
+    cfg = tiny_config(vocab_size=92544, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, rope_scaling=None, max_position_embeddings=64)
+    ckpt = write_hf_checkpoint(tmp_path / "hf", cfg, ref.random_state(cfg, 3))
+    runs = {}
+    for name in ("one", "two"):
+        d = tmp_path / name
+        d.mkdir()
+        runs[name] = _write_config(d, tokenizer_path, corpus, steps=4, every=1000, extra={
+            "model": {"checkpoint": str(ckpt), "dtype": "float32", "param_dtype": "float32"},
+            "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}, "checkpoint": {"dir": None}})
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    base = [sys.executable, "-m", "internlm_jax.training", "--config"]
+    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
