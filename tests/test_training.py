@@ -244,3 +244,14 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def test_walkthrough_example(tokenizer_path, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run([sys.executable, "examples/train_walkthrough.py", "--tokenizer", str(tokenizer_path),
+                           "--steps", "20", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loss " in done.stdout and "model :" in done.stdout
+    assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "checkpoints" / "20").is_dir()
