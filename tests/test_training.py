@@ -119,8 +119,9 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "Sharded arrays live o
 def test_training_reproduces_a_tiny_corpus(tmp_path, tokenizer_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 8) + "\n")  # enough windows that every token is seen in context
-    cfg = TrainConfig.from_yaml(_write_config(tmp_path, tokenizer_path, corpus, steps=120, every=1000,
-                                              extra={"export_hf": str(tmp_path / "hf")}))
+    cfg = TrainConfig.from_yaml(_write_config(tmp_path, tokenizer_path, corpus, steps=120, every=1000, extra={
+        "export_hf": str(tmp_path / "hf"), "eval_every": 60,
+        "data": {"train": [str(corpus)], "eval": str(corpus), "seq_len": 16, "batch_size": 8}}))
     from internlm_jax.training import train
 
     history = train(cfg)
@@ -134,6 +135,8 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, tokenizer_path):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert [r["step"] for r in records] == list(range(1, 121))
+    evals = [r["eval_ppl"] for r in records if "eval_ppl" in r]
+    assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 1.5  # perplexity on the (memorised) corpus
 
 
 def _losses(path):
