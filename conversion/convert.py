@@ -88,3 +88,37 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, s
 
     return write_hf_folder(dst, cfg, produce, dtype=target, shard_size=shard_size, overwrite=overwrite,
                            extra_files=_tokenizer_files(src), progress=progress)
+
+
+def train_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | None = None, dtype=None,
+                shard_size: int | str = "5GB", overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Export a training run's checkpoint (an Orbax CheckpointManager folder written by
+    ``internlm-jax train``; the latest step unless ``step``) as an HF folder.
+
+    Unlike the two streaming directions above, this restores the whole parameter tree on the host
+    first (training checkpoints hold stacked parameters), so it needs memory for the model."""
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from internlm_jax.model import InternLM2
+
+    src = Path(src)
+    cfg = InternLM2Config.from_pretrained(src)
+    mgr = ocp.CheckpointManager(src.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = mgr.all_steps()
+    if not steps:
+        raise OrbaxCheckpointError(f"{src}: no training checkpoint steps found")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise OrbaxCheckpointError(f"{src}: no step {step} (have {sorted(steps)})")
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    saved = np.asarray(restored["tok_embeddings"]).dtype
+    model = InternLM2.abstract(cfg, param_dtype=saved)
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+    nnx.update(model, state)
+    return model.save_pretrained(dst, dtype=dtype or saved, shard_size=shard_size, overwrite=overwrite,
+                                 extra_files=_tokenizer_files(src), progress=progress)
+

@@ -187,12 +187,15 @@ def cmd_presets(args) -> None:
 
 
 def cmd_convert(args) -> None:
-    from conversion.convert import hf_to_orbax, orbax_to_hf
+    from conversion.convert import hf_to_orbax, orbax_to_hf, train_to_hf
 
     t = time.perf_counter()
     progress = not args.quiet
     if args.direction == "hf-to-orbax":
         out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+    elif args.direction == "train-to-hf":
+        out = train_to_hf(args.src, args.dst, step=args.step, dtype=args.dtype, shard_size=args.shard_size,
+                          overwrite=args.overwrite, progress=progress)
     else:
         out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
                           overwrite=args.overwrite, progress=progress)
@@ -210,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="HF checkpoint folders <-> Orbax checkpoints (streaming)")
     csub = convert.add_subparsers(dest="direction", required=True)
     for direction, text in (("hf-to-orbax", "an HF folder (safetensors or pytorch_model*.bin) -> Orbax"),
-                            ("orbax-to-hf", "an Orbax checkpoint -> an HF folder the official code loads")):
+                            ("orbax-to-hf", "an Orbax checkpoint -> an HF folder the official code loads"),
+                            ("train-to-hf", "a training run's checkpoint folder -> an HF folder")):
         c = csub.add_parser(direction, help=text, parents=[common])
         c.add_argument("src")
         c.add_argument("dst")
@@ -218,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="convert the weights on the way (default: keep the source dtype)")
         c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
         c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-        if direction == "orbax-to-hf":
+        if direction != "hf-to-orbax":
             c.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+        if direction == "train-to-hf":
+            c.add_argument("--step", type=int, help="which saved step (default: the latest)")
         c.set_defaults(func=cmd_convert)
     demo = sub.add_parser("demo", help="offline demo on a tiny random model (no download)", parents=[common])
     demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8; 0 = as found)")

@@ -135,6 +135,12 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, tokenizer_path):
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0])
     assert [r["step"] for r in records] == list(range(1, 121))
+    # the run's checkpoint exports through the conversion tool to the same weights as export_hf
+    from internlm_jax.cli import main
+
+    assert main(["convert", "train-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2"), "--quiet"]) == 0
+    ids = np.asarray([tok.encode(CORPUS[1])])
+    np.testing.assert_array_equal(np.asarray(ij.InternLM2.from_pretrained(tmp_path / "hf2")(ids)), np.asarray(model(ids)))
     evals = [r["eval_ppl"] for r in records if "eval_ppl" in r]
     assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 1.5  # perplexity on the (memorised) corpus
 

@@ -160,6 +160,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                                       z_loss=cfg.optim.z_loss, schedule=schedule), donate_argnums=(0, 1))
     eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking))
     mgr = _checkpoint_manager(cfg)
+    if mgr is not None and jax.process_index() == 0:
+        model.config.save(cfg.checkpoint.dir)  # so `internlm-jax convert train-to-hf` knows the architecture
     start = 0
     if mgr is not None and mgr.latest_step() is not None:
         start = mgr.latest_step()
