@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from .config import InternLM2Config
-from .hf_checkpoint import _get_row, _progress, _row_sharding, _set_row, _sharding_of, _to_host
+from .hf_checkpoint import _get_row, _progress, _row_sharding, _set_row, _sharding_of, _to_host, stacked_buffers
 
 FORMAT = "internlm-jax-orbax"
 LAYOUT_VERSION = 1
@@ -227,11 +227,7 @@ def load_checkpoint(path: str | os.PathLike, *, mesh=None, dtype=None, param_dty
     saved = np.dtype(meta["dtype"])
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype or saved, param_dtype=param_dtype or dtype or saved)
     params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    stacked = {}
-    for p, v in params.items():
-        if p.startswith("layers."):
-            target = v.get_value()
-            stacked[p] = jax.jit(lambda t=target: jax.numpy.zeros(t.shape, t.dtype), out_shardings=_sharding_of(target))()
+    stacked = stacked_buffers(params)
 
     def targets(name: str) -> dict:
         out = {}

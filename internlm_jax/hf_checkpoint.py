@@ -268,17 +268,23 @@ _set_row = jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(s
                    donate_argnums=0)
 
 
+def stacked_buffers(params: dict) -> dict[str, jax.Array]:
+    """Zeroed device buffers, in their target shardings, for every stacked (``layers.*``) parameter;
+    loaders write one layer row at a time into them (``_set_row``, donated)."""
+    out = {}
+    for name, param in params.items():
+        if name.startswith("layers."):
+            t = param.get_value()
+            out[name] = jax.jit(lambda t=t: jnp.zeros(t.shape, t.dtype), out_shardings=_sharding_of(t))()
+    return out
+
+
 def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool | None = None) -> None:
     """Fill an abstract :class:`InternLM2` (ShapeDtypeStruct params) from HF tensors, in place."""
     cfg = model.config
     expected = check_hf_tensors(refs, cfg, where)
     params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    stacked: dict[str, jax.Array] = {}
-    for name, param in params.items():
-        target = param.get_value()
-        if name.startswith("layers."):
-            sharding = _sharding_of(target)
-            stacked[name] = jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=sharding)()
+    stacked = stacked_buffers(params)
     order = sorted(expected, key=lambda t: (str(refs[t.name].file), t.name))  # file order: fewer seeks
     bar = _progress(sum(refs[t.name].nbytes for t in expected), len(expected), "loading", progress)
     with bar:

@@ -1,6 +1,9 @@
 """Tiny HF InternLM2 checkpoints for tests, written with torch's own writers (independent of ours)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +82,19 @@ def chain_checkpoint(folder: Path, chain: list[int], tokenizer_model: Path | Non
     if tokenizer_model is not None:
         shutil.copy(tokenizer_model, Path(folder) / "tokenizer.model")
     return Path(folder)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def user_env() -> dict:
+    """The environment a user's fresh process gets: this checkout importable, no simulated-device flags."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def run_python(argv: list, stdin: str = "", timeout: int = 900) -> subprocess.CompletedProcess:
+    """``python *argv`` in a fresh process from the repository root, as a user runs it."""
+    return subprocess.run([sys.executable, *map(str, argv)], input=stdin, capture_output=True, text=True,
+                          env=user_env(), timeout=timeout, cwd=ROOT)

@@ -1,18 +1,6 @@
 """The offline demo and the examples run end to end (in fresh processes, as a user runs them)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(args, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+from hf_fixtures import run_python as _run
 
 
 def test_demo_runs_offline_and_sharded_matches_single_device():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 import reference as ref
-from hf_fixtures import tiny_config, write_hf_checkpoint
+from hf_fixtures import run_python as _run, tiny_config, write_hf_checkpoint
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
 from internlm_jax.generation import generator_for
@@ -140,18 +140,6 @@ def test_decode_tokens_fill_the_shards_evenly(tmp_path):
         token, pos = jnp.argmax(logits, -1).astype(jnp.int32), pos + 1
     added = per_shard(valid) - before
     assert added.sum() == 10 and added.max() - added.min() <= 1
-
-
-def _run(argv):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(root)
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=900, cwd=root)
 
 
 def test_needle_example_mechanics(tokenizer_path):

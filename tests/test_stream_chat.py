@@ -2,7 +2,7 @@
 
 import pytest
 
-from hf_fixtures import chain_checkpoint
+from hf_fixtures import chain_checkpoint, run_python as _run
 import internlm_jax as ij
 
 TEXT = "My name is InternLM 龘!"  # 龘 is written with byte-fallback pieces
@@ -61,20 +61,6 @@ def test_empty_prompt_errors(setup):
 
 def _cli(args, stdin=""):
     return _run(["-m", "internlm_jax", *args], stdin)
-
-
-def _run(argv, stdin=""):
-    """A fresh Python process, as a user runs it (no simulated-device flags inherited)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(root)
-    return subprocess.run([sys.executable, *argv], input=stdin, capture_output=True, text=True, env=env,
-                          timeout=600, cwd=root)
 
 
 def test_cli_generate_and_chat(setup):

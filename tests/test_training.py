@@ -1,7 +1,6 @@
 """Continued pretraining: parity with HF transformers, sharded steps, overfitting, exact resume, data."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,14 +14,13 @@ import pytest
 from flax import nnx
 
 import reference as ref
-from hf_fixtures import tiny_config, write_hf_checkpoint
+from hf_fixtures import ROOT, tiny_config, user_env, write_hf_checkpoint
 import internlm_jax as ij
 from internlm_jax import weights
 from internlm_jax.training import PackedDataset, TrainConfig, make_optimizer, make_train_step
 from internlm_jax.training.config import OptimSection
 from internlm_jax.training.step import loss_fn
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config(bias=True, rope_scaling=None, max_position_embeddings=64)
 STATE = ref.random_state(CFG, 21)
 
@@ -156,8 +154,7 @@ def _losses(path):
 def test_killed_run_resumes_exactly(tmp_path, tokenizer_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 3) + "\n")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = user_env()
     cmd = lambda cfg: [sys.executable, "-m", "internlm_jax.training", "--config", str(cfg), "--devices", "4"]  # noqa: E731
     whole = tmp_path / "whole"
     whole.mkdir()
@@ -236,8 +233,7 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
         runs[name] = _write_config(d, tokenizer_path, corpus, steps=4, every=1000, extra={
             "model": {"checkpoint": str(ckpt), "dtype": "float32", "param_dtype": "float32"},
             "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}, "checkpoint": {"dir": None}})
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = user_env()
     base = [sys.executable, "-m", "internlm_jax.training", "--config"]
     one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -256,8 +252,7 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
 
 
 def test_walkthrough_example(tokenizer_path, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
+    env = user_env()
     done = subprocess.run([sys.executable, "examples/train_walkthrough.py", "--tokenizer", str(tokenizer_path),
                            "--steps", "20", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
