@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .ring import padded_length
 from .rope import rope_tables
 from .sharding import named_sharding
 
 CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
 MIN_BUCKET = 16
+LONG_BUCKET = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +88,10 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, see
 
 
 def bucket_length(n: int) -> int:
-    """Prompt lengths are padded up to a power of two (at least 16) to bound recompilation."""
+    """Prompt lengths are padded up to a power of two (at least 16) to bound recompilation; past
+    ``LONG_BUCKET`` to a multiple of it (a 200K prompt is not padded to 256K)."""
+    if n > LONG_BUCKET:
+        return -(-n // LONG_BUCKET) * LONG_BUCKET
     return max(MIN_BUCKET, 1 << (n - 1).bit_length())
 
 
@@ -105,11 +110,17 @@ class Generator:
         self.graphdef, self.state = nnx.split(model)
         self.config, self.mesh, self.dtype = model.config, model.mesh, model.dtype
         self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
+        self.blockwise_from = model.blockwise_from
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
         self.decode_step = jax.jit(self._decode_step, donate_argnames=("cache_k", "cache_v"))
         # the loop keeps its cache internal (XLA updates it in place); it returns only tokens
         self.decode_loop = jax.jit(self._decode_loop, static_argnames=("max_new_tokens", "sampling", "stop_ids"))
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
+
+    def blockwise(self, length: int) -> bool:
+        """Whether a prompt of ``length`` tokens is prefilled by the ring/blockwise path (sequence axis,
+        or a long prompt on a mesh) rather than by dense attention."""
+        return self.mesh is not None and (self.n > 1 or length > self.blockwise_from)
 
     # --- the compiled programs (pure functions of the parameter state) --------------------------
     def _cache_constraint(self, x):
@@ -127,7 +138,7 @@ class Generator:
         cache_k = self._cache_constraint(jnp.zeros(shape, self.dtype))
         cache_v = self._cache_constraint(jnp.zeros(shape, self.dtype))
         kv_valid = jnp.zeros((b, cache_len), bool)
-        if self.n == 1:
+        if not self.blockwise(ids.shape[1]):
             logits, cache_k, cache_v, kv_valid = model.forward_cached(ids, positions, mask, cache_k, cache_v, kv_valid, 0)
             return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
         from .ring import ring_attention, write_prefill
@@ -213,7 +224,8 @@ class Generator:
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
         lengths = [len(p) for p in prompts]
         s = bucket or bucket_length(max(lengths))
-        s = -(-s // (2 * self.n)) * (2 * self.n)  # the zigzag layout needs a multiple of 2n
+        if self.blockwise(s):
+            s = padded_length(s, self.n)  # the zigzag layout needs a multiple of 2n (and of n x block)
         ids = np.zeros((len(prompts), s), np.int32)
         mask = np.zeros((len(prompts), s), np.int32)
         for i, p in enumerate(prompts):
@@ -227,23 +239,27 @@ class Generator:
             return jnp.asarray(x)
         return jax.device_put(x, named_sharding(axes, x.shape, self.mesh))
 
+    def layout(self, s: int, max_new_tokens: int):
+        """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the
+        slot base of decode tokens, the zigzag token order or None)."""
+        if not self.blockwise(s):
+            return bucket_length(s + max_new_tokens), s - 1, s, None
+        from .ring import zigzag_order
+
+        n = self.n
+        order = zigzag_order(s, n)
+        base = s // n
+        return n * bucket_length(base + -(-max_new_tokens // n)), int(np.argmax(order == s - 1)), base, order
+
     def start(self, batch: PreparedBatch, max_new_tokens: int):
         """Prefill; returns first logits, cache, kv_valid, the slot base of decode tokens, the next
         positions and the repetition-penalty mask of tokens seen."""
         b, s = batch.ids.shape
-        n = self.n
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
-        if n == 1:
-            cache_len, last, base = bucket_length(s + max_new_tokens), s - 1, s
-        else:
-            from .ring import zigzag_order
-
-            order = zigzag_order(s, n)  # permuted on the host: the devices get their chunks directly
+        cache_len, last, base, order = self.layout(s, max_new_tokens)
+        if order is not None:  # permuted on the host: the devices get their chunks directly
             arrays = [a[:, order] for a in arrays]
-            base = s // n
-            cache_len = n * bucket_length(base + -(-max_new_tokens // n))
-            last = int(np.argmax(order == s - 1))
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
         logits, ck, cv, valid = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
         next_pos = jnp.asarray(batch.positions[:, -1] + 1, jnp.int32)

@@ -195,6 +195,9 @@ class InternLM2(nnx.Module):
         # activation checkpointing of each layer for training: "none", "full" (recompute all) or
         # "dots" (keep matmul outputs, recompute the rest)
         self.remat = "none"
+        # on a mesh, sequences longer than this use the blockwise (ring) attention even without a
+        # ``sequence`` axis, so no [S, S] score matrix is materialised
+        self.blockwise_from = 4096
         if abstract:
             rngs = None
         elif rngs is None:
@@ -317,8 +320,9 @@ class InternLM2(nnx.Module):
 
         ``segment_ids [B, S]`` (packed training sequences): tokens attend only within their own
         contiguous segment, and positions restart at 0 in each segment unless given.
-        With a ``sequence`` mesh axis larger than 1, attention is ring attention: the tokens are
-        padded to a multiple of 2n and laid out zigzag, and the results are put back in order.
+        With a ``sequence`` mesh axis larger than 1 (or, on a mesh, more than ``blockwise_from`` tokens),
+        attention is blockwise ring attention: the tokens are padded (:func:`ring.padded_length`) and
+        laid out zigzag, and the results are put back in order.
         """
         b, s = input_ids.shape
         idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
@@ -335,10 +339,11 @@ class InternLM2(nnx.Module):
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
         n = self.sequence_parallel
-        if n > 1:
-            from .ring import ring_attention, zigzag_order
+        ring = n > 1 or (self.mesh is not None and s > self.blockwise_from)
+        if ring:
+            from .ring import padded_length, ring_attention, zigzag_order
 
-            padded = -(-s // (2 * n)) * (2 * n)
+            padded = padded_length(s, n)
             order = zigzag_order(padded, n)
             pad = ((0, 0), (0, padded - s))
             index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))[:, order]
@@ -364,7 +369,7 @@ class InternLM2(nnx.Module):
         x, _, per_layer = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
         x = self.norm(x)
         logits = self.logits(x)
-        if n > 1:  # back to token order, padding dropped
+        if ring:  # back to token order, padding dropped
             inverse = np.argsort(order)[:s]
             logits = constrain(logits[:, inverse], ("batch", "seq", "act_vocab"), self.mesh)
             if output_hidden_states:

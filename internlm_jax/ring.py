@@ -23,6 +23,16 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
 NEG = jnp.float32(-jnp.inf)
+BLOCK = 512  # queries/keys per block of the local blockwise attention
+
+
+def padded_length(length: int, n: int, block: int = BLOCK) -> int:
+    """Smallest length >= ``length`` that the ring layout takes: a multiple of 2n, and of n x block
+    once a device's chunk is longer than one block."""
+    padded = -(-length // (2 * n)) * (2 * n)
+    if padded // n > block:
+        padded = -(-length // (n * block)) * (n * block)
+    return padded
 
 
 def zigzag_order(length: int, n: int) -> np.ndarray:
@@ -145,7 +155,7 @@ def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
     return bspec, heads
 
 
-def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = 512, causal: bool = True,
+def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BLOCK, causal: bool = True,
                    impl: str = "blockwise", q_start=None):
     """Attention of q ``[B, S, nH, D]`` over k, v ``[B, S, nKV, D]``, the sequence split over ``mesh``'s
     ``sequence`` axis. q_idx/kv_idx ``[B, S]`` are global token indices (causality), kv_ok masks padding.

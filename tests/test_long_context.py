@@ -125,6 +125,22 @@ def test_sequence_sharded_greedy_generation_equals_unsharded(tmp_path, axes):
     assert want == ref.greedy_generate(STATE, CFG, ids, 11, attention_mask=mask).tolist()
 
 
+def test_long_inputs_without_a_sequence_axis_go_blockwise(tmp_path):
+    """On a mesh, inputs over ``blockwise_from`` tokens take the ring/blockwise path with one shard:
+    same logits as the reference (1100 tokens: padded to 3 blocks of 512) and same greedy tokens."""
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(tensor=2, fsdp=4))
+    model.blockwise_from = 8
+    ids = np.random.RandomState(3).randint(0, CFG["vocab_size"], (1, 1100))
+    jaxpr = jax.make_jaxpr(lambda x: model.forward(x))(jnp.asarray(ids))
+    assert "shard_map" in str(jaxpr)  # the blockwise path, not dense attention
+    np.testing.assert_allclose(np.asarray(model(ids)), ref.forward(STATE, CFG, ids)["logits"], atol=1e-4)
+    kw = dict(max_new_tokens=11, stop_ids=(), max_length=64)
+    dense = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(tensor=2, fsdp=4))
+    assert generator_for(model).blockwise(21) and not generator_for(dense).blockwise(21)
+    assert ij.generate_ids(model, PROMPTS, **kw) == ij.generate_ids(dense, PROMPTS, **kw)
+
+
 def test_decode_tokens_fill_the_shards_evenly(tmp_path):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=4, fsdp=2))
