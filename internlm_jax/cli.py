@@ -204,6 +204,29 @@ def cmd_convert(args) -> None:
         print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f}s")
 
 
+def cmd_plan(args) -> None:
+    if args.topology is None:
+        _simulate_devices(args.devices)
+    else:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices; nothing runs here
+    import json
+
+    from .plan import plan
+
+    sizes = {k: getattr(args, k) for k in ("data", "fsdp", "tensor", "sequence") if getattr(args, k) is not None}
+    if sizes:
+        sizes.setdefault("fsdp", -1)
+    say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    result = plan(args.model, args.topology, context=args.context, batch=args.batch, mesh=sizes or None,
+                  max_new_tokens=args.max_new_tokens, dtype=args.dtype, programs=args.programs.split(","),
+                  remat=args.remat, attention_impl=args.attention, suggest=not args.no_suggest,
+                  max_tries=args.max_tries, progress=say)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(result.table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
@@ -253,6 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--num-processes", type=int, default=1)
     tr.add_argument("--process-id", type=int, default=0)
     tr.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plan", help="compile prefill/decode/train for a TPU slice: memory, fit, roofline",
+                        parents=[common])
+    pl.add_argument("--model", required=True, help="a preset (see `presets`) or a checkpoint folder")
+    pl.add_argument("--topology", help="a TPU slice, e.g. v5e:4x4, v5p:2x2x4, v6e-8 (needs jax[tpu]); "
+                                       "default: the local devices")
+    pl.add_argument("--context", type=int, required=True, help="prompt tokens (and training sequence length)")
+    pl.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
+    pl.add_argument("--max-new-tokens", type=int, default=256, help="decode room in the KV cache (default 256)")
+    pl.add_argument("--dtype", default="bfloat16", help="compute / cache dtype (default bfloat16)")
+    pl.add_argument("--programs", default="prefill,decode_step,decode_loop,train_step",
+                    help="comma-separated subset (default: all four)")
+    pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
+                    help="activation checkpointing of the train step (default full)")
+    pl.add_argument("--attention", choices=["blockwise", "splash", "xla", "cudnn"],
+                    help="attention inside ring steps (default: the model's, blockwise)")
+    pl.add_argument("--no-suggest", action="store_true", help="do not search for a mesh that fits")
+    pl.add_argument("--max-tries", type=int, default=6, help="most candidate meshes compiled (default 6)")
+    pl.add_argument("--devices", type=int, default=0, help="without --topology: simulate N CPU devices")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    g = pl.add_argument_group("mesh (default: tensor over the KV heads, the rest fsdp)")
+    for axis in ("data", "fsdp", "tensor", "sequence"):
+        g.add_argument(f"--{axis}", type=int)
+    pl.set_defaults(func=cmd_plan)
     presets = sub.add_parser("presets", help="list the released architectures", parents=[common])
     presets.set_defaults(func=cmd_presets)
     return p

@@ -220,6 +220,15 @@ class Plan:
     def fits(self) -> bool:
         return all(p.fits for p in self.programs)
 
+    def to_dict(self) -> dict:
+        out = {"model": self.model, "target": self.target, "mesh": self.mesh, "context": self.context,
+               "batch": self.batch, "fits": self.fits, "chip": dataclasses.asdict(self.chip) if self.chip else None,
+               "programs": [dict(dataclasses.asdict(p), peak=p.peak, fits=p.fits) for p in self.programs],
+               "notes": self.notes}
+        if self.suggestion is not None:
+            out["suggestion"] = self.suggestion.to_dict()
+        return out
+
     def table(self) -> str:
         def gib(x):
             return f"{x / GiB:7.2f}"
@@ -327,7 +336,6 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         plan.flops, plan.hbm_bytes = costs.per_device(split)
         if chip:
             plan.seconds = max(plan.flops / chip.peak_flops, plan.hbm_bytes / chip.hbm_bandwidth)
-        out.append(plan)
 
     infer = [p for p in programs if p != "train_step"]
     if infer:
@@ -371,8 +379,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         if "prefill" in programs:
             if compiled is not None:
                 finish(pre, compiled, program_costs(cfg, "prefill", seq=s, **costs))
-            else:
-                out.append(pre)
+            out.append(pre)
         vec = _abstract((batch,), jnp.int32, ("batch",), mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         for name in ("decode_step", "decode_loop"):
@@ -395,6 +402,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
                 continue
             plan.compiled = True
             finish(plan, compiled, program_costs(cfg, name, seq=1, **costs))
+            out.append(plan)
         del model, gen
     if "train_step" in programs:
         out.append(_compile_train(cfg, mesh, context, batch, dtype, train_param_dtype, remat, attention_impl,
@@ -409,7 +417,7 @@ def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attenti
     from .model import InternLM2
     from .ring import padded_length
     from .training.config import OptimSection
-    from .training.step import make_optimizer, make_train_step
+    from .training.step import make_optimizer, make_train_step, optimizer_shardings
 
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
     model.remat = remat
@@ -420,12 +428,7 @@ def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attenti
     plan = ProgramPlan("train_step", False, hbm_limit=limit)
     blockwise = model.sequence_parallel > 1 or context > model.blockwise_from
     try:
-        opt_compiled = jax.jit(tx.init).lower(params).compile()
-        opt_shapes = jax.eval_shape(tx.init, params)
-        everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        # step counters come out on one device; the training loop replicates them over the mesh
-        opt_state = jax.tree.map(lambda x, sh: _spec_like(x, sh if len(sh.device_set) == mesh.size else everywhere),
-                                 opt_shapes, opt_compiled.output_shardings)
+        opt_state = jax.tree.map(_spec_like, jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
         plan.parameters = _shard_bytes(params) + _shard_bytes(opt_state)
         tok = _abstract((batch, context), jnp.int32, ("batch", "seq"), mesh)
         flt = _abstract((batch, context), jnp.float32, ("batch", "seq"), mesh)

@@ -17,7 +17,7 @@ from ..model import InternLM2
 from ..sharding import make_mesh, named_sharding
 from .config import TrainConfig
 from .data import Batch, PackedDataset
-from .step import make_eval_step, make_optimizer, make_train_step
+from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step
 
 
 def build_model(cfg: TrainConfig, mesh) -> InternLM2:
@@ -93,16 +93,6 @@ def _global_batch(batch: Batch, mesh, global_rows: int) -> dict:
     return out
 
 
-def _on_mesh(tree, mesh):
-    """Leaves that live on one device (optimizer step counters) replicated over the whole mesh."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    everywhere = NamedSharding(mesh, PartitionSpec())
-    n = mesh.devices.size
-    return jax.tree.map(lambda x: x if len(x.sharding.device_set) == n else
-                        jax.jit(lambda y: y, out_shardings=everywhere)(x), tree)
-
-
 def _rows(batch: Batch, proc: int, nproc: int) -> Batch:
     """This process's share of a batch that every process built whole."""
     n = batch.inputs.shape[0]
@@ -155,7 +145,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
-    opt_state = _on_mesh(jax.jit(tx.init)(params), mesh)
+    opt_state = init_optimizer_state(tx, params, mesh)
     step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=cfg.optim.grad_accum, segments=d.segment_masking,
                                       z_loss=cfg.optim.z_loss, schedule=schedule), donate_argnums=(0, 1))
     eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking))

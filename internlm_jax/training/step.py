@@ -36,6 +36,23 @@ def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientT
     return tx, schedule
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings of ``tx.init(params)``: every parameter-shaped leaf (AdamW's mu and nu) sharded like
+    its parameter, the rest (step counters) replicated. ``jit(tx.init)`` alone would not do this:
+    zeros_like does not read its input, so nothing propagates the parameters' shardings to it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    shapes = jax.eval_shape(tx.init, params)
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return optax.tree_map_params(tx, lambda _, sharding: sharding, shapes, param_shardings,
+                                 transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+
+def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
+    """``tx.init(params)`` created directly in :func:`optimizer_shardings` (never whole on one device)."""
+    return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
+
+
 def loss_fn(params, graphdef, batch, *, segments: bool, z_loss: float):
     """Mean next-token cross-entropy (float32) over unmasked targets, plus optional z-loss."""
     model = nnx.merge(graphdef, params)

@@ -1,0 +1,148 @@
+"""`internlm-jax plan`: the compiled programs' memory as the library really compiles them, the
+analytic FLOPs against XLA's count where XLA's count is exact, and TPU topologies (jax[tpu])."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import internlm_jax as ij
+from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
+import reference as ref
+from internlm_jax.generation import Generator
+from internlm_jax.plan import CHIPS, parse_topology, plan
+from internlm_jax.sharding import named_sharding
+
+CFG = ij.InternLM2Config.from_dict(tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=32))
+
+
+def _have_libtpu() -> bool:
+    try:
+        import libtpu  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_tpu_compiler = pytest.mark.skipif(not _have_libtpu(), reason="libtpu is not installed (pip install \"jax[tpu]\"): "
+                                                                   "cannot compile for TPU topologies")
+
+
+def _shard_bytes(arrays) -> int:
+    return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(arrays))
+
+
+@pytest.mark.parametrize("axes", [dict(tensor=2, fsdp=4), dict(sequence=2, tensor=2, fsdp=2)], ids=["tensor2xfsdp4", "seq2"])
+def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
+    """Abstract lowering must give the very program a real model compiles: same memory analysis, and
+    the plan's parameter and cache bytes equal the real per-device shards."""
+    mesh = ij.make_mesh(**axes)
+    b, context, new = 2, 40, 8
+    p = plan(CFG, None, context=context, batch=b, mesh=axes, max_new_tokens=new, dtype="float32",
+             programs=("prefill", "decode_step", "train_step"), remat="none")
+    got = {x.name: x for x in p.programs}
+    assert all(x.compiled for x in p.programs) and p.fits  # no chip: fits = compiled
+
+    model = ij.InternLM2(CFG, mesh=mesh, seed=0)
+    gen = Generator(model)
+    batch = gen.prepare([list(range(3, 3 + context)), list(range(5, 25))])
+    cache_len, last, base, order = gen.layout(batch.ids.shape[1], new)
+    arrays = [batch.ids, batch.mask, batch.positions, np.broadcast_to(np.arange(batch.ids.shape[1]), batch.ids.shape)]
+    if order is not None:
+        arrays = [a[:, order] for a in arrays]
+    ids, mask, pos, index = (gen.put(np.asarray(a, np.int32), ("batch", "seq")) for a in arrays)
+    compiled = gen.prefill.lower(gen.state, ids, mask, pos, index, cache_len=cache_len, last=last).compile()
+    m = compiled.memory_analysis()
+    pre = got["prefill"]
+    assert (pre.arguments, pre.outputs, pre.temporaries) == (m.argument_size_in_bytes, m.output_size_in_bytes,
+                                                             m.temp_size_in_bytes)
+    assert pre.parameters == _shard_bytes(gen.state)
+    cache_sharding = compiled.output_shardings[1]
+    cshape = (CFG.num_hidden_layers, b, cache_len, CFG.num_key_value_heads, CFG.head_dim)
+    assert pre.cache == 2 * math.prod(cache_sharding.shard_shape(cshape)) * 4
+
+    ck = jax.device_put(jnp.zeros(cshape, jnp.float32), cache_sharding)
+    valid = jax.device_put(jnp.zeros((b, cache_len), bool), compiled.output_shardings[3])
+    vec = gen.put(np.zeros(b, np.int32), ("batch",))
+    m = gen.decode_step.lower(gen.state, vec, vec, ck, ck, valid, jnp.int32(base), jnp.int32(0)).compile().memory_analysis()
+    dec = got["decode_step"]
+    assert (dec.arguments, dec.outputs, dec.aliased, dec.temporaries) == (
+        m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)
+    assert dec.aliased > 0 and dec.peak == dec.arguments + dec.outputs - dec.aliased + dec.temporaries + dec.code
+
+    train = got["train_step"]  # f32 parameters + AdamW mu and nu (+ two step counters), per device
+    assert 0 <= train.parameters - 3 * _shard_bytes(nnx_params(model)) <= 64
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+BIG1 = ij.InternLM2Config.from_dict(tiny_config(num_hidden_layers=1, hidden_size=256, intermediate_size=1024,
+                                        num_attention_heads=8, num_key_value_heads=2, vocab_size=512))
+
+
+@pytest.mark.parametrize("program", ["prefill", "decode_step", "train_step"])
+def test_analytic_flops_agree_with_xla_where_xla_counts_exactly(program):
+    """XLA's cost analysis counts a loop body once; with one layer, one micro-batch and dense attention
+    there is nothing to miss, so its FLOPs must match the analytic count the roofline uses."""
+    p = plan(BIG1, None, context=256, batch=2, mesh=dict(fsdp=1), max_new_tokens=64, dtype="float32",
+             programs=(program,), remat="none", suggest=False)
+    (x,) = p.programs
+    assert x.compiled and x.xla_flops > 0
+    assert abs(x.flops - x.xla_flops) / x.xla_flops < 0.1, (x.flops, x.xla_flops)
+
+
+def test_parse_topology_names():
+    assert parse_topology("v5e:4x4") == ("v5e", "4x4")
+    assert parse_topology("v5e-16") == ("v5e", "4x4")
+    assert parse_topology("v5litepod-8") == ("v5e", "2x4")
+    assert parse_topology("v5p-8") == ("v5p", "2x2x1")  # v5p slices count TensorCores: 4 chips
+    assert parse_topology("v5p-32") == ("v5p", "2x2x4")
+    assert parse_topology("v4-8") == ("v4", "2x2x1")
+    assert parse_topology("v6e-8") == ("v6e", "2x4")
+    for bad in ("v5e-6", "v7-8", "v5e:2x2x2", "v5p:2x2", "tpu"):
+        with pytest.raises(ValueError, match="topology"):
+            parse_topology(bad)
+
+
+@needs_tpu_compiler
+@pytest.mark.parametrize("topology,hosts", [("v5e:2x2", 1), ("v5p:2x2x4", 4), ("v4-8", 1), ("v6e-8", 2)])
+def test_all_programs_compile_for_tpu_topologies(topology, hosts):
+    p = plan(CFG, topology, context=64, batch=2, mesh=dict(tensor=2), max_new_tokens=16, suggest=False)
+    assert f"{hosts} host(s)" in p.target
+    assert [x.name for x in p.programs] == ["prefill", "decode_step", "decode_loop", "train_step"]
+    for x in p.programs:
+        assert x.compiled and x.fits, x.error
+        assert 0 < x.peak < CHIPS[parse_topology(topology)[0]].hbm_bytes and x.seconds > 0
+    assert "fits: yes" in p.table()
+
+
+@needs_tpu_compiler
+def test_too_big_is_reported_with_the_compilers_numbers_and_a_mesh_that_fits_is_found():
+    """1.8B at 200K tokens with fsdp=4: a batch of 1 cannot split the 20 GB cache over fsdp, so it does
+    not fit a 16 GiB v5e; tensor=4 splits the 8 KV heads and does."""
+    p = plan("internlm2-chat-1_8b", "v5e:2x2", context=200_000, batch=1, mesh=dict(fsdp=4),
+             programs=("prefill", "decode_step"), max_tries=3)
+    assert not p.fits
+    assert any("does not fit" in x.error or (x.compiled and x.peak > CHIPS["v5e"].hbm_bytes) for x in p.programs)
+    assert p.suggestion is not None and p.suggestion.fits
+    assert p.suggestion.mesh["tensor"] * p.suggestion.mesh["sequence"] >= 4
+    assert "a mesh that fits:" in p.table()
+
+
+def test_cli_plan_on_local_devices_as_json(tmp_path):
+    folder = write_hf_checkpoint(tmp_path, tiny_config(), ref.random_state(tiny_config(), 0))
+    r = run_python(["-m", "internlm_jax", "plan", "--model", str(folder), "--context", "48", "--devices", "8",
+                    "--tensor", "2", "--programs", "prefill,decode_step", "--json"])
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mesh"]["tensor"] == 2 and out["mesh"]["fsdp"] == 4
+    assert [p["name"] for p in out["programs"]] == ["prefill", "decode_step"] and out["fits"]
+    r = run_python(["-m", "internlm_jax", "plan", "--model", "no-such-model", "--context", "48"])
+    assert r.returncode == 1 and "unknown preset 'no-such-model'" in r.stderr
