@@ -189,8 +189,9 @@ class InternLM2(nnx.Module):
         self.mesh = mesh
         self.dtype = canonical_dtype(dtype or jnp.float32)
         self.param_dtype = canonical_dtype(param_dtype or self.dtype)
-        # per-block attention inside ring steps: "blockwise" (pure JAX), or "xla" / "cudnn" through
-        # jax.nn.dot_product_attention; set it on a loaded model, e.g. model.attention_impl = "cudnn"
+        # attention inside ring steps: "blockwise" (pure JAX), "splash" (the Pallas TPU kernel; Pallas
+        # interpreter on CPU), or "xla" / "cudnn" through jax.nn.dot_product_attention; set it on a
+        # loaded model, e.g. model.attention_impl = "splash"
         self.attention_impl = "blockwise"
         # activation checkpointing of each layer for training: "none", "full" (recompute all) or
         # "dots" (keep matmul outputs, recompute the rest)

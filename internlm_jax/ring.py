@@ -83,15 +83,7 @@ def _attend_block_fused(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, 
                                           implementation=implementation, return_residual=True)
     lse = lse.astype(jnp.float32).reshape(b, sq, nkv, g).transpose(0, 2, 3, 1)  # [B, nKV, G, Sq]
     any_visible = jnp.any(visible, axis=-1)[:, None, None, :]
-    lse = jnp.where(any_visible, lse, NEG)
-    o = jnp.where(jnp.moveaxis(any_visible, -1, 1)[..., None], o.astype(jnp.float32).reshape(b, sq, nkv, g, d), 0.0)
-    m_new = jnp.maximum(m, lse)
-    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
-    c_old = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
-    c_blk = jnp.exp(jnp.where(jnp.isinf(lse), NEG, lse - m_safe))
-    l = l * c_old + c_blk
-    acc = acc * jnp.moveaxis(c_old, -1, 1)[..., None] + o * jnp.moveaxis(c_blk, -1, 1)[..., None]
-    return m_new, l, acc
+    return _fold(m, l, acc, o.astype(jnp.float32).reshape(b, sq, nkv, g, d), lse, any_visible)
 
 
 def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True,
@@ -104,8 +96,9 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
     sk = k.shape[1]
     scale = 1.0 / math.sqrt(d)
     bq, bk = min(block, sq), min(block, sk)
-    if impl not in ("blockwise", "xla", "cudnn"):
-        raise ValueError(f"unknown attention impl {impl!r}; use 'blockwise', 'xla' or 'cudnn'")
+    if impl not in ("blockwise", "xla", "cudnn", "splash"):
+        raise ValueError(f"unknown attention impl {impl!r}; use 'blockwise', 'splash', 'xla' or 'cudnn'")
+    impl = "blockwise" if impl == "splash" else impl  # splash falls back here for shapes it does not take
     if sq % bq or sk % bk:
         raise ValueError(f"local lengths {sq}, {sk} must be multiples of the block size {block}")
     nq, nk = sq // bq, sk // bk
@@ -144,6 +137,85 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
     return m, l, acc
 
 
+def _fold(m, l, acc, o, lse, any_visible=None):
+    """Fold a normalised partial output ``o [B, S, nKV, G, D]`` with its log-sum-exp ``lse [B, nKV, G, S]``
+    into the running online-softmax state."""
+    if any_visible is not None:
+        lse = jnp.where(any_visible, lse, NEG)
+        o = jnp.where(jnp.moveaxis(any_visible, -1, 1)[..., None], o, 0.0)
+    m_new = jnp.maximum(m, lse)
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
+    c_old = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    c_blk = jnp.exp(jnp.where(jnp.isinf(lse), NEG, lse - m_safe))
+    l = l * c_old + c_blk
+    acc = acc * jnp.moveaxis(c_old, -1, 1)[..., None] + o * jnp.moveaxis(c_blk, -1, 1)[..., None]
+    return m_new, l, acc
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernels(c: int, g: int, interpret: bool):
+    """Pallas TPU splash-attention kernels (one KV head, ``g`` query heads, ``c x c``) for the two mask
+    shapes a zigzag chunk pair can have: all visible, and causal (the same chunk)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b = min(512, c)
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b)
+    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
+        return tuple(sa.make_splash_mqa_single_device(sa.MultiHeadMask([mask] * g), block_sizes=sizes,
+                                                      save_residuals=True, interpret=interpret)
+                     for mask in (sa.FullMask((c, c)), sa.CausalMask((c, c))))
+
+
+def splash_local_attention(q, k, v, q_idx, q_ok, k_idx, k_ok, m, l, acc, *, interpret: bool, block: int = BLOCK):
+    """As :func:`local_attention` (causal, no segments), through the Pallas TPU splash-attention kernel.
+
+    The local queries and keys are each two contiguous chunks (the zigzag layout), so every (query
+    chunk, key chunk) pair is either hidden (skipped), all visible (a full-mask kernel) or the same chunk
+    (a causal kernel); padding is a second segment id. A pair of any other shape falls back to the
+    pure-JAX blockwise fold. ``interpret`` runs the kernel in the Pallas interpreter (CPU checks)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    b, sq, nkv, g, d = q.shape
+    c = sq // 2
+    full, causal = _splash_kernels(c, g, interpret)
+    scale = 1.0 / math.sqrt(d)
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    q_seg, k_seg = (~q_ok).astype(jnp.int32), (~k_ok).astype(jnp.int32)
+
+    def run(kernel, qh, kh, vh, qseg, kseg):
+        def one(qh, kh, vh, qseg, kseg):  # qh [G, c, D], kh/vh [c, D]
+            out, (lse,) = kernel(qh, kh, vh, segment_ids=sa.SegmentIds(qseg, kseg))
+            return out, lse
+        per_head = jax.vmap(one, in_axes=(0, 0, 0, None, None))  # over KV heads
+        out, lse = jax.vmap(per_head)(qh.transpose(0, 2, 3, 1, 4), kh.transpose(0, 2, 1, 3), vh.transpose(0, 2, 1, 3),
+                                      qseg, kseg)  # out [B, nKV, G, c, D], lse [B, nKV, G, c]
+        return out.transpose(0, 3, 1, 2, 4).astype(jnp.float32), lse.astype(jnp.float32)
+
+    halves = (slice(0, c), slice(c, sq))
+    ms, ls, accs = [], [], []
+    for qa in halves:
+        mq, lq, aq = m[..., qa], l[..., qa], acc[:, qa]
+        q_first, q_last = q_idx[0, qa.start], q_idx[0, qa.stop - 1]
+        for kb in halves:
+            k_first, k_last = k_idx[0, kb.start], k_idx[0, kb.stop - 1]
+            args = (qs[:, qa], k[:, kb], v[:, kb], q_seg[:, qa], k_seg[:, kb])
+
+            def with_kernel(kernel, state, args=args):
+                return _fold(*state, *run(kernel, *args))
+
+            def general(state, qa=qa, kb=kb):
+                return local_attention(q[:, qa], k[:, kb], v[:, kb], q_idx[:, qa], k_idx[:, kb], k_ok[:, kb], *state,
+                                       block=block)
+
+            contiguous = (q_last - q_first == c - 1) & (k_last - k_first == c - 1)
+            case = jnp.where(k_first > q_last, 0, jnp.where(~contiguous, 3, jnp.where(
+                k_last < q_first, 1, jnp.where(k_first == q_first, 2, 3))))
+            mq, lq, aq = jax.lax.switch(case, [lambda s: s, functools.partial(with_kernel, full),
+                                               functools.partial(with_kernel, causal), general], (mq, lq, aq))
+        ms.append(mq), ls.append(lq), accs.append(aq)
+    return jnp.concatenate(ms, -1), jnp.concatenate(ls, -1), jnp.concatenate(accs, 1)
+
+
 def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
     """shard_map specs: batch over data/fsdp when it divides, heads over tensor when both counts do."""
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
@@ -180,11 +252,16 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
         l = jnp.zeros((lb, lkv, lh // lkv, ls), jnp.float32)
         acc = jnp.zeros((lb, ls, lkv, lh // lkv, d), jnp.float32)
         perm = [(i, (i + 1) % n) for i in range(n)]
+        q_ok = kv_ok  # before any rotation each device holds its own tokens' keys
 
         def step(carry, _):
             m, l, acc, k, v, kv_idx, kv_ok = carry
-            m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal,
-                                        impl=impl, q_start=q_start if segmented else None)
+            if use_splash:
+                m, l, acc = splash_local_attention(qg, k, v, q_idx, q_ok, kv_idx, kv_ok, m, l, acc,
+                                                   interpret=interpret, block=block)
+            else:
+                m, l, acc = local_attention(qg, k, v, q_idx, kv_idx, kv_ok, m, l, acc, block=block, causal=causal,
+                                            impl=impl, q_start=q_start if segmented else None)
             k, v, kv_idx, kv_ok = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok))
             return (m, l, acc, k, v, kv_idx, kv_ok), None
 
@@ -193,6 +270,15 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
         return out.reshape(lb, ls, lh, d).astype(q.dtype)
 
     segmented = q_start is not None
+    use_splash = impl == "splash"
+    if use_splash:
+        platform = mesh.devices.flat[0].platform
+        if platform not in ("tpu", "cpu"):
+            raise ValueError(f"attention impl 'splash' is a Pallas TPU kernel; it cannot run on {platform}")
+        chunk = s // n // 2
+        if segmented or not causal or chunk % 128:
+            use_splash = False  # packed segments, non-causal or odd chunks: the pure-JAX path
+        interpret = platform == "cpu"  # the Pallas interpreter: numerics checks off-TPU
     q_start = jnp.asarray(q_idx if q_start is None else q_start, jnp.int32)
     return run(q, k, v, q_idx.astype(jnp.int32), kv_idx.astype(jnp.int32), kv_ok.astype(bool), q_start)
 

@@ -146,3 +146,31 @@ def test_cli_plan_on_local_devices_as_json(tmp_path):
     assert [p["name"] for p in out["programs"]] == ["prefill", "decode_step"] and out["fits"]
     r = run_python(["-m", "internlm_jax", "plan", "--model", "no-such-model", "--context", "48"])
     assert r.returncode == 1 and "unknown preset 'no-such-model'" in r.stderr
+
+
+@needs_tpu_compiler
+def test_splash_kernel_compiles_into_the_tpu_prefill():
+    """With attention_impl="splash" the TPU program of a ring prefill contains the Mosaic kernel, and its
+    memory stays that of the blockwise path (the kernel replaces score blocks, not the cache)."""
+    from internlm_jax.plan import tpu_devices
+    from internlm_jax.ring import ring_attention
+
+    devices, _ = tpu_devices("v5e:2x2")
+    mesh = ij.make_mesh(sequence=2, tensor=2, fsdp=1, devices=devices)
+    b, s, nh, nkv, d = 1, 1024, 4, 2, 128
+
+    def spec(shape, dtype, axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(axes, shape, mesh))
+
+    q = spec((b, s, nh, d), jnp.bfloat16, ("batch", "seq", "act_heads", None))
+    kv = spec((b, s, nkv, d), jnp.bfloat16, ("batch", "seq", "act_kv_heads", None))
+    idx = spec((b, s), jnp.int32, ("batch", "seq"))
+    ok = spec((b, s), jnp.bool_, ("batch", "seq"))
+    texts = {}
+    for impl in ("splash", "blockwise"):
+        f = jax.jit(lambda q, k, v, i, o: ring_attention(q, k, v, i, i, o, mesh, impl=impl))
+        texts[impl] = f.lower(q, kv, kv, idx, ok).compile().as_text()
+    assert "tpu_custom_call" in texts["splash"] and "tpu_custom_call" not in texts["blockwise"]
+    p = plan("internlm2-chat-1_8b", "v5e:2x2", context=8192, mesh=dict(tensor=2, sequence=2), programs=("prefill",),
+             attention_impl="splash", suggest=False)
+    assert p.fits
