@@ -174,3 +174,10 @@ def test_splash_kernel_compiles_into_the_tpu_prefill():
     p = plan("internlm2-chat-1_8b", "v5e:2x2", context=8192, mesh=dict(tensor=2, sequence=2), programs=("prefill",),
              attention_impl="splash", suggest=False)
     assert p.fits
+
+
+@needs_tpu_compiler
+def test_plan_example_runs():
+    r = run_python(["examples/plan_tpu_slice.py", "--context", "4096"])
+    assert r.returncode == 0, r.stderr
+    assert "internlm2-chat-1_8b on v5e:2x4 (8 x TPU v5 lite" in r.stdout and "fits: yes" in r.stdout
