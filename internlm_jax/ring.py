@@ -216,6 +216,63 @@ def splash_local_attention(q, k, v, q_idx, q_ok, k_idx, k_ok, m, l, acc, *, inte
     return jnp.concatenate(ms, -1), jnp.concatenate(ls, -1), jnp.concatenate(accs, 1)
 
 
+def local_attention_bwd(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: int, causal: bool = True,
+                        q_start=None):
+    """Gradients of the local (q, k, v) attention given the *final* log-sum-exp of every query.
+
+    q, do [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; lse, delta (= rowsum(dO * O)) [B, nKV, G, Sq].
+    Outer scan over key blocks (dK, dV of a block accumulate over query blocks), inner scan over query
+    blocks; hidden blocks are skipped. Returns float32 (dq, dk, dv)."""
+    b, sq, nkv, g, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    bq, bk = min(block, sq), min(block, sk)
+    nq, nk = sq // bq, sk // bk
+    qs = q.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    dos = do.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    qis = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
+    qss = (q_idx if q_start is None else q_start).reshape(b, nq, bq).swapaxes(0, 1)
+    lses = lse.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+    deltas = delta.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+
+    def per_k_block(dq, xs):
+        kb, vb, ki, ko = xs
+
+        def per_q_block(carry, ys):
+            dkb, dvb = carry
+            qb, dob, qi, qs0, lb_, db = ys
+            visible = _visible(qi, None if q_start is None else qs0, ki, ko, causal)
+            any_visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
+                if causal else jnp.any(ko)
+
+            def grads(c):
+                dkb, dvb = c
+                s = jnp.einsum("bqngd,bknd->bngqk", qb, kb, preferred_element_type=jnp.float32) * scale
+                p = jnp.where(visible[:, None, None], jnp.exp(s - jnp.where(jnp.isinf(lb_), 0.0, lb_)[..., None]), 0.0)
+                dvb = dvb + jnp.einsum("bngqk,bqngd->bknd", p, dob)
+                dp = jnp.einsum("bqngd,bknd->bngqk", dob, vb.astype(jnp.float32))
+                ds = p * (dp - db[..., None]) * scale
+                dkb = dkb + jnp.einsum("bngqk,bqngd->bknd", ds, qb.astype(jnp.float32))
+                return (dkb, dvb), jnp.einsum("bngqk,bknd->bqngd", ds, kb.astype(jnp.float32))
+
+            def skip(c):
+                return c, jnp.zeros(qb.shape, jnp.float32)
+
+            return jax.lax.cond(any_visible, grads, skip, (dkb, dvb))
+
+        zero = jnp.zeros((b, bk, nkv, d), jnp.float32)
+        (dkb, dvb), dq_blocks = jax.lax.scan(per_q_block, (zero, zero), (qs, dos, qis, qss, lses, deltas))
+        return dq + dq_blocks, (dkb, dvb)
+
+    ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+    vs = v.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+    kis = k_idx.reshape(b, nk, bk).swapaxes(0, 1)
+    kos = k_ok.reshape(b, nk, bk).swapaxes(0, 1)
+    dq, (dks, dvs) = jax.lax.scan(per_k_block, jnp.zeros((nq, b, bq, nkv, g, d), jnp.float32), (ks, vs, kis, kos))
+    dq = dq.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
+    return dq, dks.swapaxes(0, 1).reshape(b, sk, nkv, d), dvs.swapaxes(0, 1).reshape(b, sk, nkv, d)
+
+
 def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
     """shard_map specs: batch over data/fsdp when it divides, heads over tensor when both counts do."""
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
@@ -242,16 +299,14 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
     tok = P(bspec, "sequence")
     qkv = P(bspec, "sequence", heads, None)
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qkv, qkv, qkv, tok, tok, tok, tok), out_specs=qkv,
-                       check_vma=False)
-    def run(q, k, v, q_idx, kv_idx, kv_ok, q_start):
+    def forward(q, k, v, q_idx, kv_idx, kv_ok, q_start):
+        """Per device: (output [lb, ls, lh, d] in q's dtype, log-sum-exp [lb, lkv, G, ls] float32)."""
         lb, ls, lh, _ = q.shape
         lkv = k.shape[2]
         qg = q.reshape(lb, ls, lkv, lh // lkv, d)
         m = jnp.full((lb, lkv, lh // lkv, ls), NEG)
         l = jnp.zeros((lb, lkv, lh // lkv, ls), jnp.float32)
         acc = jnp.zeros((lb, ls, lkv, lh // lkv, d), jnp.float32)
-        perm = [(i, (i + 1) % n) for i in range(n)]
         q_ok = kv_ok  # before any rotation each device holds its own tokens' keys
 
         def step(carry, _):
@@ -267,7 +322,54 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
 
         (m, l, acc, *_), _ = jax.lax.scan(step, (m, l, acc, k, v, kv_idx, kv_ok), None, length=n)
         out = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
-        return out.reshape(lb, ls, lh, d).astype(q.dtype)
+        lse = jnp.where(l == 0, NEG, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+        return out.reshape(lb, ls, lh, d).astype(q.dtype), lse
+
+    def backward(q, k, v, q_idx, kv_idx, kv_ok, q_start, out, lse, d_out):
+        """Per device, flash-style: the ring runs again, each block's probabilities are recomputed from q,
+        k and the saved log-sum-exp, and dK/dV travel with their K/V back to their owner; nothing of
+        size [queries x keys] is kept between blocks."""
+        lb, ls, lh, _ = q.shape
+        lkv = k.shape[2]
+        g = lh // lkv
+        qg = q.reshape(lb, ls, lkv, g, d)
+        do = d_out.reshape(lb, ls, lkv, g, d).astype(jnp.float32)
+        delta = jnp.sum(do * out.reshape(lb, ls, lkv, g, d).astype(jnp.float32), -1).transpose(0, 2, 3, 1)
+        starts = q_start if segmented else None
+
+        def step(carry, _):
+            dq, k, v, kv_idx, kv_ok, dk, dv = carry
+            dq_s, dk_s, dv_s = local_attention_bwd(qg, k, v, q_idx, kv_idx, kv_ok, do, lse, delta, block=block,
+                                                   causal=causal, q_start=starts)
+            dq, dk, dv = dq + dq_s, dk + dk_s, dv + dv_s
+            k, v, kv_idx, kv_ok, dk, dv = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok, dk, dv))
+            return (dq, k, v, kv_idx, kv_ok, dk, dv), None
+
+        zeros = (jnp.zeros(qg.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+        (dq, _, _, _, _, dk, dv), _ = jax.lax.scan(step, (zeros[0], k, v, kv_idx, kv_ok, zeros[1], zeros[2]), None,
+                                                   length=n)
+        return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    lse_spec = P(bspec, heads, None, "sequence")
+    inputs = (qkv, qkv, qkv, tok, tok, tok, tok)
+    forward_sm = jax.shard_map(forward, mesh=mesh, in_specs=inputs, out_specs=(qkv, lse_spec), check_vma=False)
+    backward_sm = jax.shard_map(backward, mesh=mesh, in_specs=inputs + (qkv, lse_spec, qkv),
+                                out_specs=(qkv, qkv, qkv), check_vma=False)
+
+    # the custom VJP sits outside the shard_maps (inside one, scans of layers lost it)
+    @jax.custom_vjp
+    def run(q, k, v, q_idx, kv_idx, kv_ok, q_start):
+        return forward_sm(q, k, v, q_idx, kv_idx, kv_ok, q_start)[0]
+
+    def run_fwd(q, k, v, q_idx, kv_idx, kv_ok, q_start):
+        out, lse = forward_sm(q, k, v, q_idx, kv_idx, kv_ok, q_start)
+        return out, (q, k, v, q_idx, kv_idx, kv_ok, q_start, out, lse)
+
+    def run_bwd(res, d_out):
+        return backward_sm(*res, d_out) + (None, None, None, None)
+
+    run.defvjp(run_fwd, run_bwd)
 
     segmented = q_start is not None
     use_splash = impl == "splash"
@@ -280,7 +382,13 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
             use_splash = False  # packed segments, non-causal or odd chunks: the pure-JAX path
         interpret = platform == "cpu"  # the Pallas interpreter: numerics checks off-TPU
     q_start = jnp.asarray(q_idx if q_start is None else q_start, jnp.int32)
-    return run(q, k, v, q_idx.astype(jnp.int32), kv_idx.astype(jnp.int32), kv_ok.astype(bool), q_start)
+    # The indices are often constants (arange, all-valid masks). Inside a scan over layers, JAX's
+    # partial evaluation would hoist everything computed from loop-invariant values out of the loop
+    # for the backward pass: every block's visibility mask, stacked, [blocks x blocks x bq x bk].
+    # Tying them to q in one barrier makes them per-layer values, so nothing quadratic is hoisted.
+    q, q_idx, kv_idx, kv_ok, q_start = jax.lax.optimization_barrier(
+        (q, jnp.asarray(q_idx, jnp.int32), jnp.asarray(kv_idx, jnp.int32), jnp.asarray(kv_ok, bool), q_start))
+    return run(q, k, v, q_idx, kv_idx, kv_ok, q_start)
 
 
 def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh):
