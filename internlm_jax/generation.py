@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .model import blockwise_attention
 from .ring import padded_length
 from .rope import rope_tables
 from .sharding import named_sharding
@@ -118,9 +119,15 @@ class Generator:
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
 
     def blockwise(self, length: int) -> bool:
-        """Whether a prompt of ``length`` tokens is prefilled by the ring/blockwise path (sequence axis,
-        or a long prompt on a mesh) rather than by dense attention."""
-        return self.mesh is not None and (self.n > 1 or length > self.blockwise_from)
+        """Whether a prompt of ``length`` tokens is prefilled by the ring/blockwise path (see
+        :meth:`InternLM2.uses_blockwise`)."""
+        return blockwise_attention(self.mesh, length, self.blockwise_from)
+
+    def prompt_length(self, longest: int, bucket: int | None = None) -> int:
+        """The padded prompt length for a longest prompt of ``longest`` tokens: its bucket (or the one
+        given), and for the ring layout a multiple of 2n (and of n x block)."""
+        s = bucket or bucket_length(longest)
+        return padded_length(s, self.n) if self.blockwise(s) else s
 
     # --- the compiled programs (pure functions of the parameter state) --------------------------
     def _cache_constraint(self, x):
@@ -223,9 +230,7 @@ class Generator:
     # --- host-side preparation ----------------------------------------------------------------
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
         lengths = [len(p) for p in prompts]
-        s = bucket or bucket_length(max(lengths))
-        if self.blockwise(s):
-            s = padded_length(s, self.n)  # the zigzag layout needs a multiple of 2n (and of n x block)
+        s = self.prompt_length(max(lengths), bucket)
         ids = np.zeros((len(prompts), s), np.int32)
         mask = np.zeros((len(prompts), s), np.int32)
         for i, p in enumerate(prompts):

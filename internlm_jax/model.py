@@ -315,6 +315,11 @@ class InternLM2(nnx.Module):
         """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
+    def uses_blockwise(self, length: int) -> bool:
+        """Whether ``length`` tokens take the ring/blockwise attention (a sequence axis, or a long input
+        on a mesh) rather than dense attention; forward, prefill and the planner all ask here."""
+        return blockwise_attention(self.mesh, length, self.blockwise_from)
+
     def forward(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
                 output_hidden_states=False):
         """The traceable forward (no jit of its own): use inside your own jitted functions.
@@ -340,7 +345,7 @@ class InternLM2(nnx.Module):
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
         n = self.sequence_parallel
-        ring = n > 1 or (self.mesh is not None and s > self.blockwise_from)
+        ring = self.uses_blockwise(s)
         if ring:
             from .ring import padded_length, ring_attention, zigzag_order
 
@@ -403,6 +408,10 @@ class InternLM2(nnx.Module):
         x, (cache_k, cache_v), _ = self.run_layers(self.embed(input_ids), cos, sin, attend, (cache_k, cache_v))
         logits = self.logits(self.norm(x[:, -1:]))[:, 0]
         return logits, cache_k, cache_v, kv_valid
+
+
+def blockwise_attention(mesh: Mesh | None, length: int, blockwise_from: int) -> bool:
+    return mesh is not None and (mesh.shape["sequence"] > 1 or length > blockwise_from)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))

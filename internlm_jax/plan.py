@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from .config import InternLM2Config
-from .generation import bucket_length
 from .ring import padded_length
 
 GiB = 1 << 30
@@ -316,11 +315,8 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
                      attention_impl: str | None = None, chip: Chip | None = None,
                      train_param_dtype="float32") -> list[ProgramPlan]:
     """Lower and compile the library's programs on ``mesh`` for a prompt of ``context`` tokens."""
-    from flax import nnx
-
     from .generation import Generator, SamplingParams
     from .model import InternLM2
-    from .sharding import named_sharding
 
     limit = chip.hbm_bytes if chip else None
     split = _splits(cfg, mesh, batch)
@@ -343,10 +339,8 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         if attention_impl:
             model.attention_impl = attention_impl
         gen = Generator(model)
-        s = bucket_length(context)
+        s = gen.prompt_length(context)
         blockwise = gen.blockwise(s)
-        if blockwise:
-            s = padded_length(s, gen.n)
         cache_len, last, base, _ = gen.layout(s, max_new_tokens)
         tok = _abstract((batch, s), jnp.int32, ("batch", "seq"), mesh)
         param_bytes = _shard_bytes(gen.state)
@@ -415,7 +409,6 @@ def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attenti
     from flax import nnx
 
     from .model import InternLM2
-    from .ring import padded_length
     from .training.config import OptimSection
     from .training.step import make_optimizer, make_train_step, optimizer_shardings
 
@@ -426,7 +419,7 @@ def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attenti
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(OptimSection(), 1000)
     plan = ProgramPlan("train_step", False, hbm_limit=limit)
-    blockwise = model.sequence_parallel > 1 or context > model.blockwise_from
+    blockwise = model.uses_blockwise(context)
     try:
         opt_state = jax.tree.map(_spec_like, jax.eval_shape(tx.init, params), optimizer_shardings(tx, params, mesh))
         plan.parameters = _shard_bytes(params) + _shard_bytes(opt_state)
@@ -538,8 +531,7 @@ def resident_bytes(cfg: InternLM2Config, mesh, *, context: int, batch: int, max_
 
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype)
     gen = Generator(model)
-    s = bucket_length(context)
-    cache_len = gen.layout(padded_length(s, gen.n) if gen.blockwise(s) else s, max_new_tokens)[0]
+    cache_len = gen.layout(gen.prompt_length(context), max_new_tokens)[0]
     shape = (cfg.num_hidden_layers, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
     cache = 2 * math.prod(named_sharding(CACHE_AXES, shape, mesh).shard_shape(shape)) * jnp.dtype(dtype).itemsize
     params = _shard_bytes(gen.state)

@@ -55,6 +55,13 @@ def _visible(q_idx, q_start, k_idx, k_ok, causal: bool):
     return visible
 
 
+def _block_has_work(q_idx, k_idx, k_ok, causal: bool):
+    """Whether any key of a block can be visible to any query of a block (else it is skipped)."""
+    if not causal:
+        return jnp.any(k_ok)
+    return jnp.any(k_ok) & (jnp.min(jnp.where(k_ok, k_idx, jnp.iinfo(jnp.int32).max)) <= jnp.max(q_idx))
+
+
 def _attend_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool):
     """Fold one key block into the accumulators of one query block (online softmax, float32).
 
@@ -109,8 +116,7 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
 
         def per_k_block(carry, xs):
             kb, vb, ki, ko = xs
-            visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
-                if causal else jnp.any(ko)
+            visible = _block_has_work(qi, ki, ko, causal)
             if impl == "blockwise":
                 fold = lambda c: _attend_block(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal)  # noqa: E731
             else:
@@ -242,8 +248,7 @@ def local_attention_bwd(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: i
             dkb, dvb = carry
             qb, dob, qi, qs0, lb_, db = ys
             visible = _visible(qi, None if q_start is None else qs0, ki, ko, causal)
-            any_visible = jnp.any(ko) & (jnp.min(jnp.where(ko, ki, jnp.iinfo(jnp.int32).max)) <= jnp.max(qi)) \
-                if causal else jnp.any(ko)
+            any_visible = _block_has_work(qi, ki, ko, causal)
 
             def grads(c):
                 dkb, dvb = c
