@@ -219,7 +219,8 @@ def cmd_plan(args) -> None:
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     result = plan(args.model, args.topology, context=args.context, batch=args.batch, mesh=sizes or None,
                   max_new_tokens=args.max_new_tokens, dtype=args.dtype, programs=args.programs.split(","),
-                  remat=args.remat, attention_impl=args.attention, suggest=not args.no_suggest,
+                  remat=args.remat, attention_impl=args.attention, decode_impl=args.decode,
+                  suggest=not args.no_suggest,
                   max_tries=args.max_tries, progress=say)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="activation checkpointing of the train step (default full)")
     pl.add_argument("--attention", choices=["blockwise", "splash", "xla", "cudnn"],
                     help="attention inside ring steps (default: the model's, blockwise)")
+    pl.add_argument("--decode", choices=["dense", "ragged"],
+                    help="decode-step attention: ragged = the Pallas TPU kernel (default: dense)")
     pl.add_argument("--no-suggest", action="store_true", help="do not search for a mesh that fits")
     pl.add_argument("--max-tries", type=int, default=6, help="most candidate meshes compiled (default 6)")
     pl.add_argument("--devices", type=int, default=0, help="without --topology: simulate N CPU devices")

@@ -178,13 +178,14 @@ class Generator:
         from .ring import sharded_decode_attention, write_decode
 
         mesh, nh = self.mesh, self.config.num_attention_heads
+        impl = "ragged" if model.uses_ragged_decode(cache_k.shape[2]) else "dense"
         owner, slot = step % self.n, base + step // self.n
         kv_valid = write_decode(kv_valid, jnp.ones((b, 1), bool), owner, slot, mesh)
 
         def attend(q, k, v, row):
             ck = write_decode(row[0], k, owner, slot, mesh, nh)
             cv = write_decode(row[1], v, owner, slot, mesh, nh)
-            return sharded_decode_attention(q, ck, cv, kv_valid[:, None, :], mesh), (ck, cv)
+            return sharded_decode_attention(q, ck, cv, kv_valid[:, None, :], mesh, impl=impl), (ck, cv)
 
         cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
         x, (cache_k, cache_v), _ = model.run_layers(model.embed(tokens[:, None]), cos, sin, attend, (cache_k, cache_v))
@@ -277,12 +278,15 @@ _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def generator_for(model) -> Generator:
-    """The cached :class:`Generator` of a model (compiled programs are kept across calls)."""
+    """The cached :class:`Generator` of a model (compiled programs are kept across calls). Parameters
+    changed since (e.g. by training) are picked up; a changed setting (``attention_impl``,
+    ``decode_impl``, ...) changes the graph definition and gets a new Generator."""
     gen = _GENERATORS.get(model)
-    if gen is None:
+    graphdef, state = nnx.split(model)
+    if gen is None or graphdef != gen.graphdef:
         gen = _GENERATORS[model] = Generator(model)
     else:
-        gen.state = nnx.state(model)  # pick up parameters changed since (e.g. by training)
+        gen.state = state
     return gen
 
 

@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from .attention import causal_mask, dense_attention
 from .config import InternLM2Config
+from .ring import pallas_interpret, sharded_decode_attention
 from .rope import apply_rope, rope_tables
 from .sharding import constrain, named_sharding
 
@@ -193,6 +194,10 @@ class InternLM2(nnx.Module):
         # interpreter on CPU), or "xla" / "cudnn" through jax.nn.dot_product_attention; set it on a
         # loaded model, e.g. model.attention_impl = "splash"
         self.attention_impl = "blockwise"
+        # attention of each decode step over the KV cache: "dense" (pure JAX, reads every slot) or
+        # "ragged" (the Pallas TPU kernel of decode_kernel.py: reads only the blocks holding valid
+        # slots; Pallas interpreter on CPU); shapes the kernel does not take fall back to "dense"
+        self.decode_impl = "dense"
         # activation checkpointing of each layer for training: "none", "full" (recompute all) or
         # "dots" (keep matmul outputs, recompute the rest)
         self.remat = "none"
@@ -320,6 +325,17 @@ class InternLM2(nnx.Module):
         on a mesh) rather than dense attention; forward, prefill and the planner all ask here."""
         return blockwise_attention(self.mesh, length, self.blockwise_from)
 
+    def uses_ragged_decode(self, cache_len: int) -> bool:
+        """Whether decode steps over a cache of ``cache_len`` slots take the Pallas ragged kernel:
+        ``decode_impl == "ragged"`` and shapes it takes (per sequence shard)."""
+        if self.decode_impl == "dense":
+            return False
+        if self.decode_impl != "ragged":
+            raise ValueError(f"unknown decode_impl {self.decode_impl!r}; use 'dense' or 'ragged'")
+        from .decode_kernel import supported
+
+        return supported(self.config.head_dim, cache_len // self.sequence_parallel)
+
     def forward(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
                 output_hidden_states=False):
         """The traceable forward (no jit of its own): use inside your own jitted functions.
@@ -397,11 +413,20 @@ class InternLM2(nnx.Module):
         kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, chunk_mask.astype(bool), index, axis=1)
         slots = jnp.arange(t)[None, None, :]
         mask = kv_valid[:, None, :] & (slots <= (index + jnp.arange(s))[None, :, None])
+        ragged = s == 1 and self.uses_ragged_decode(t)
 
         def attend(q, k, v, row):
             k_cache = jax.lax.dynamic_update_slice_in_dim(row[0], k.astype(row[0].dtype), index, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(row[1], v.astype(row[1].dtype), index, axis=1)
-            o = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
+            if ragged and self.mesh is not None:
+                o = sharded_decode_attention(q, k_cache, v_cache, mask, self.mesh, impl="ragged")
+            elif ragged:
+                from .decode_kernel import ragged_decode
+
+                interpret = pallas_interpret(jax.default_backend(), "ragged")
+                o = ragged_decode(q, k_cache, v_cache, mask[:, 0], interpret=interpret)[0].astype(q.dtype)
+            else:
+                o = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
             return o, (k_cache, v_cache)
 
         cos, sin = rope_tables(self.config, positions, self.dtype)

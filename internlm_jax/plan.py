@@ -312,9 +312,10 @@ def _spec_like(x, sharding):
 
 def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, max_new_tokens: int = 256,
                      dtype="bfloat16", programs: Sequence[str] = PROGRAMS, remat: str = "full",
-                     attention_impl: str | None = None, chip: Chip | None = None,
+                     attention_impl: str | None = None, decode_impl: str | None = None, chip: Chip | None = None,
                      train_param_dtype="float32") -> list[ProgramPlan]:
-    """Lower and compile the library's programs on ``mesh`` for a prompt of ``context`` tokens."""
+    """Lower and compile the library's programs on ``mesh`` for a prompt of ``context`` tokens
+    (``attention_impl`` / ``decode_impl``: the model settings of those names, if given)."""
     from .generation import Generator, SamplingParams
     from .model import InternLM2
 
@@ -338,6 +339,8 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype)
         if attention_impl:
             model.attention_impl = attention_impl
+        if decode_impl:
+            model.decode_impl = decode_impl
         gen = Generator(model)
         s = gen.prompt_length(context)
         blockwise = gen.blockwise(s)
@@ -465,7 +468,7 @@ def _model_config(model: str | InternLM2Config) -> tuple[str, InternLM2Config]:
 def plan(model: str | InternLM2Config, topology: str | None = None, *, context: int, batch: int = 1,
          mesh: dict | None = None, max_new_tokens: int = 256, dtype="bfloat16",
          programs: Sequence[str] = PROGRAMS, remat: str = "full", attention_impl: str | None = None,
-         suggest: bool = True, max_tries: int = 6, progress=None) -> Plan:
+         decode_impl: str | None = None, suggest: bool = True, max_tries: int = 6, progress=None) -> Plan:
     """Compile ``programs`` for ``model`` (a preset name, a checkpoint folder or a config) on a TPU
     ``topology`` (``"v5e:4x4"``, ``"v5p-8"``; None = the local devices) and report per-device memory,
     fit and roofline time. ``mesh``: axis sizes (data/fsdp/tensor/sequence; default: a guess).
@@ -488,7 +491,7 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
                                       for k in ("data", "fsdp", "tensor", "sequence")})
     sizes = dict(m.shape)
     kw = dict(context=context, batch=batch, max_new_tokens=max_new_tokens, dtype=dtype, programs=programs,
-              remat=remat, attention_impl=attention_impl, chip=chip)
+              remat=remat, attention_impl=attention_impl, decode_impl=decode_impl, chip=chip)
     if progress:
         progress(f"compiling {', '.join(programs)} on mesh {fmt_mesh(sizes)}")
     result = Plan(name, target, sizes, context, batch, compile_programs(cfg, m, **kw), chip)

@@ -26,6 +26,14 @@ NEG = jnp.float32(-jnp.inf)
 BLOCK = 512  # queries/keys per block of the local blockwise attention
 
 
+def pallas_interpret(platform: str, impl: str) -> bool:
+    """Pallas TPU kernels compile with Mosaic on TPU and run in the Pallas interpreter on CPU (numerics
+    checks); on any other platform asking for one is an error."""
+    if platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention impl {impl!r} is a Pallas TPU kernel; it cannot run on {platform}")
+    return platform == "cpu"
+
+
 def padded_length(length: int, n: int, block: int = BLOCK) -> int:
     """Smallest length >= ``length`` that the ring layout takes: a multiple of 2n, and of n x block
     once a device's chunk is longer than one block."""
@@ -379,13 +387,10 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
     segmented = q_start is not None
     use_splash = impl == "splash"
     if use_splash:
-        platform = mesh.devices.flat[0].platform
-        if platform not in ("tpu", "cpu"):
-            raise ValueError(f"attention impl 'splash' is a Pallas TPU kernel; it cannot run on {platform}")
+        interpret = pallas_interpret(mesh.devices.flat[0].platform, impl)
         chunk = s // n // 2
         if segmented or not causal or chunk % 128:
             use_splash = False  # packed segments, non-causal or odd chunks: the pure-JAX path
-        interpret = platform == "cpu"  # the Pallas interpreter: numerics checks off-TPU
     q_start = jnp.asarray(q_idx if q_start is None else q_start, jnp.int32)
     # The indices are often constants (arange, all-valid masks). Inside a scan over layers, JAX's
     # partial evaluation would hoist everything computed from loop-invariant values out of the loop
@@ -396,22 +401,36 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
     return run(q, k, v, q_idx, kv_idx, kv_ok, q_start)
 
 
-def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh):
+def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh, impl: str = "dense"):
     """Decode attention of q ``[B, S, nH, D]`` (S new tokens, all after every cached one) over a cache
     ``[B, T, nKV, D]`` whose slots are split over ``sequence``: each device attends to its slots and
     the partial outputs merge through their log-sum-exp. kv_ok ``[B, S, T]`` says which slot each
-    query may see. Returns ``[B, S, nH, D]``."""
+    query may see. ``impl="ragged"`` (S = 1) computes each device's part with the Pallas kernel of
+    :mod:`internlm_jax.decode_kernel`, which reads only the blocks holding valid slots.
+    Returns ``[B, S, nH, D]``."""
     b, s, nh, d = q.shape
     nkv = k_cache.shape[2]
     bspec, heads = _specs(mesh, b, nh, nkv)
     qspec = P(bspec, None, heads, None)
     cspec = P(bspec, "sequence", heads, None)
+    if impl not in ("dense", "ragged"):
+        raise ValueError(f"unknown decode attention impl {impl!r}; use 'dense' or 'ragged'")
+    interpret = pallas_interpret(mesh.devices.flat[0].platform, impl) if impl == "ragged" else False
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qspec, cspec, cspec, P(bspec, None, "sequence")),
                        out_specs=qspec, check_vma=False)
     def run(q, k, v, ok):
         lb, ls, lh, _ = q.shape
         lkv = k.shape[2]
+        if impl == "ragged":
+            from .decode_kernel import ragged_decode
+
+            o, lse = ragged_decode(q, k, v, ok[:, 0], interpret=interpret)  # [lb, 1, lh, d], [lb, lkv, G]
+            m = jax.lax.pmax(lse, "sequence")
+            w = jnp.exp(lse - jnp.where(jnp.isinf(m), 0.0, m))  # this shard's share, 0 where it saw nothing
+            l = jax.lax.psum(w, "sequence")
+            o = jax.lax.psum(o * w.reshape(lb, 1, lh, 1), "sequence") / jnp.where(l == 0, 1.0, l).reshape(lb, 1, lh, 1)
+            return o.astype(q.dtype)
         qg = q.reshape(lb, ls, lkv, lh // lkv, d)
         sc = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) / jnp.float32(math.sqrt(d))
         sc = jnp.where(ok[:, None, None], sc, NEG)

@@ -1,0 +1,165 @@
+"""The ragged decode kernel (Pallas TPU): numerics in the Pallas interpreter against dense attention,
+the library's decode steps through it, and its Mosaic compilation for TPU topologies."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import internlm_jax as ij
+from internlm_jax.attention import dense_attention
+from internlm_jax.decode_kernel import ragged_decode_attention, supported
+from internlm_jax.generation import Generator
+from internlm_jax.ring import pallas_interpret
+from internlm_jax.sharding import named_sharding
+from test_plan import needs_tpu_compiler
+
+# head_dim 128 (what the kernel takes), GQA 2:1
+CFG = ij.InternLM2Config(vocab_size=128, hidden_size=512, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def _case(b, t, nkv, g, seed, block=512):
+    """Random q/k/v, a ragged valid-slot mask (left padding, a hole, an unwritten tail), and the cache
+    poisoned with NaN in every block the kernel must not read, with huge finite values in the masked
+    slots of blocks it does read."""
+    r = np.random.default_rng(seed)
+    q = r.standard_normal((b, nkv, g, 128)).astype(np.float32)
+    k = r.standard_normal((b, t, nkv, 128)).astype(np.float32)
+    v = r.standard_normal((b, t, nkv, 128)).astype(np.float32)
+    ok = np.zeros((b, t), bool)
+    for i in range(b):
+        lo = int(r.integers(0, t - 1))
+        hi = int(r.integers(lo + 1, t + 1))
+        ok[i, lo:hi] = True
+    if t > 40:
+        ok[0, 5:40] = False  # a hole (a sequence shard's slots are not contiguous)
+        ok[0, 40] = True
+    bt = min(block, t)
+    for i in range(b):
+        idx = np.nonzero(ok[i])[0]
+        read = np.zeros(t, bool)
+        read[idx[0] // bt * bt:(idx[-1] // bt + 1) * bt] = True
+        k[i, ~read], v[i, ~read] = np.nan, np.nan
+        k[i, read & ~ok[i]], v[i, read & ~ok[i]] = 3e4, -3e4
+    return q, k, v, ok
+
+
+def _dense(q, k, v, ok):
+    b, nkv, g, d = q.shape
+    clean = lambda x: np.where(ok[..., None, None], x, 0.0)  # noqa: E731
+    out = dense_attention(jnp.asarray(q.reshape(b, 1, nkv * g, d)), jnp.asarray(clean(k)), jnp.asarray(clean(v)),
+                          jnp.asarray(ok)[:, None, :])
+    scores = np.einsum("bngd,btnd->bngt", q.astype(np.float64), clean(k).astype(np.float64)) / math.sqrt(d)
+    scores = np.where(ok[:, None, None], scores, -np.inf)
+    m = scores.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(scores - m).sum(-1, keepdims=True)))[..., 0]
+    return np.asarray(out).reshape(b, nkv, g, d), lse
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("b,t,nkv,g", [(3, 1024, 2, 3), (2, 128, 1, 1), (1, 2048, 2, 8)])
+def test_kernel_equals_dense_attention_in_float32(b, t, nkv, g):
+    q, k, v, ok = _case(b, t, nkv, g, seed=t + g)
+    out, lse = ragged_decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ok), interpret=True)
+    want, want_lse = _dense(q, k, v, ok)
+    assert np.isfinite(np.asarray(out)).all()  # no NaN block was read
+    assert _rel(out, want) < 1e-5
+    assert np.abs(np.asarray(lse) - want_lse).max() < 1e-4
+
+
+def test_kernel_in_bfloat16_is_close_to_the_float32_reference():
+    q, k, v, ok = _case(2, 1024, 2, 4, seed=3)
+    bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    out, _ = ragged_decode_attention(bf(q), bf(k), bf(v), jnp.asarray(ok), interpret=True)
+    rounded = [np.asarray(bf(x), np.float32) for x in (q, k, v)]
+    want, _ = _dense(*rounded, ok)
+    assert out.dtype == jnp.float32 and _rel(out, want) < 1e-2
+
+
+def test_a_sequence_with_no_valid_slot_gets_zeros_and_minus_infinity():
+    q, k, v, ok = _case(2, 256, 1, 2, seed=1)
+    ok[1] = False
+    k[1], v[1] = np.nan, np.nan
+    out, lse = ragged_decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ok), interpret=True)
+    assert (np.asarray(out)[1] == 0).all() and np.isneginf(np.asarray(lse)[1]).all()
+    assert np.isfinite(np.asarray(out)[0]).all()
+
+
+def test_bad_shapes_and_platforms_are_refused_by_name():
+    q = jnp.zeros((1, 2, 2, 128))
+    with pytest.raises(ValueError, match="disagree"):
+        ragged_decode_attention(q, jnp.zeros((1, 256, 1, 128)), jnp.zeros((1, 256, 1, 128)), jnp.ones((1, 256), bool))
+    with pytest.raises(ValueError, match="head_dim % 128"):
+        ragged_decode_attention(jnp.zeros((1, 1, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
+                                jnp.ones((1, 256), bool))
+    assert supported(128, 4096) and not supported(64, 4096) and not supported(128, 96)
+    with pytest.raises(ValueError, match="Pallas TPU kernel; it cannot run on gpu"):
+        pallas_interpret("gpu", "ragged")
+    model = ij.InternLM2(CFG)
+    model.decode_impl = "paged"
+    with pytest.raises(ValueError, match="unknown decode_impl 'paged'"):
+        model.uses_ragged_decode(1024)
+
+
+def _decode_logits(model, prompts, steps=3):
+    """Logits of a few decode steps after a prefill (float32, [steps, B, V])."""
+    gen = Generator(model)
+    logits, ck, cv, valid, base, pos, _ = gen.start(gen.prepare(prompts), 8)
+    out = []
+    for step in range(steps):
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+        logits, ck, cv, valid = gen.decode_step(gen.state, tok, pos + step, ck, cv, valid, base, jnp.int32(step))
+        out.append(np.asarray(logits))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("axes", [None, dict(tensor=2, fsdp=4), dict(sequence=2, tensor=2, fsdp=2)],
+                         ids=["no-mesh", "tensor2xfsdp4", "sequence2xtensor2xfsdp2"])
+def test_decode_steps_through_the_kernel_equal_the_dense_path(axes):
+    """The library's decode step with ``decode_impl="ragged"`` (Pallas interpreter): the same float32 logits
+    as the dense path, for prompts of very different lengths (one mostly padding), on and off a mesh,
+    with the cache slots split over ``sequence``."""
+    mesh = None if axes is None else ij.make_mesh(**axes)
+    model = ij.InternLM2(CFG, mesh=mesh, seed=1)
+    prompts = [list(np.random.RandomState(5).randint(3, 128, 600)), list(np.random.RandomState(6).randint(3, 128, 20))]
+    want = _decode_logits(model, prompts)
+    want_ids = ij.generate_ids(model, prompts, max_new_tokens=4, stop_ids=())
+    model.decode_impl = "ragged"
+    gen = Generator(model)
+    assert model.uses_ragged_decode(gen.layout(gen.prompt_length(600), 8)[0])
+    assert _rel(_decode_logits(model, prompts), want) < 1e-5
+    assert ij.generate_ids(model, prompts, max_new_tokens=4, stop_ids=()) == want_ids  # the on-device loop too
+
+
+@needs_tpu_compiler
+@pytest.mark.parametrize("topology,axes", [("v5e:2x2", dict(tensor=2, fsdp=2)), ("v6e:2x2", dict(sequence=2, tensor=2)),
+                                           ("v4:2x2x1", dict(tensor=2, fsdp=2)), ("v5p:2x2x1", dict(fsdp=4))])
+def test_the_decode_step_compiles_with_the_mosaic_kernel_for_tpu(topology, axes):
+    """The library's decode step, lowered from abstract sharded inputs for a TPU topology: with
+    ``decode_impl="ragged"`` the program holds the Mosaic kernel, with "dense" it does not."""
+    from internlm_jax.generation import CACHE_AXES
+    from internlm_jax.plan import tpu_devices
+
+    devices, _ = tpu_devices(topology)
+    mesh = ij.make_mesh(devices=devices, **{"fsdp": 1, **axes})
+    b, t = 2, 2048
+
+    def spec(shape, dtype, names):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(names, shape, mesh))
+
+    cache = spec((CFG.num_hidden_layers, b, t, CFG.num_key_value_heads, CFG.head_dim), jnp.bfloat16, CACHE_AXES)
+    vec, scalar = spec((b,), jnp.int32, ("batch",)), jax.ShapeDtypeStruct((), jnp.int32)
+    valid = spec((b, t), jnp.bool_, ("batch", "cache_seq"))
+    texts = {}
+    for impl in ("ragged", "dense"):
+        model = ij.InternLM2.abstract(CFG, mesh=mesh, dtype="bfloat16")
+        model.decode_impl = impl
+        gen = Generator(model)
+        texts[impl] = gen.decode_step.lower(gen.state, vec, vec, cache, cache, valid, scalar, scalar).compile().as_text()
+    assert "tpu_custom_call" in texts["ragged"] and "tpu_custom_call" not in texts["dense"]
