@@ -111,13 +111,16 @@ def main():
         logits, ck, cv, valid, base, pos, seen = gen.start(prepared, args.new)
         cache_len = ck.shape[2]
 
-        def loop():
-            return gen.decode_loop(gen.state, logits, ck, cv, valid, base, pos, seen, jax.random.key(0),
-                                   max_new_tokens=args.new, sampling=greedy, stop_ids=())
+        state = {"ck": ck, "cv": cv, "valid": valid}
+
+        def loop():  # the cache is donated and handed back: each call rewrites the same slots
+            out = gen.decode_loop(gen.state, logits, state["ck"], state["cv"], valid, base, pos, seen,
+                                  jax.random.key(0), max_new_tokens=args.new, sampling=greedy, stop_ids=())
+            state["ck"], state["cv"] = out[2], out[3]
+            return out[0]
 
         t_loop = timed(loop, repeats=args.repeats) / (args.new - 1)  # new - 1 decode steps, one sample each
         tokens = jnp.argmax(logits, -1).astype(jnp.int32)
-        state = {"ck": ck, "cv": cv, "valid": valid}
 
         def step():
             out, state["ck"], state["cv"], state["valid"] = gen.decode_step(

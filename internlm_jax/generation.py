@@ -114,8 +114,10 @@ class Generator:
         self.blockwise_from = model.blockwise_from
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
         self.decode_step = jax.jit(self._decode_step, donate_argnames=("cache_k", "cache_v"))
-        # the loop keeps its cache internal (XLA updates it in place); it returns only tokens
-        self.decode_loop = jax.jit(self._decode_loop, static_argnames=("max_new_tokens", "sampling", "stop_ids"))
+        # the loop takes the cache donated and hands it back, so XLA updates it in place (without the
+        # donation the loop works on a copy: twice the cache in HBM)
+        self.decode_loop = jax.jit(self._decode_loop, static_argnames=("max_new_tokens", "sampling", "stop_ids"),
+                                   donate_argnames=("cache_k", "cache_v"))
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
 
     def blockwise(self, length: int) -> bool:
@@ -194,7 +196,10 @@ class Generator:
 
     def _decode_loop(self, state, logits, cache_k, cache_v, kv_valid, index, positions, seen, key,
                      max_new_tokens: int, sampling: SamplingParams, stop_ids: tuple[int, ...]):
-        """Sample, record, decode, until every sequence stopped or ``max_new_tokens`` were made."""
+        """Sample, record, decode, until every sequence stopped or ``max_new_tokens`` were made.
+
+        Returns ``(tokens [B, max_new_tokens], number made per sequence [B], cache_k, cache_v, kv_valid)``;
+        the cache (donated) comes back holding every token but the last one sampled."""
         b = logits.shape[0]
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
@@ -226,7 +231,7 @@ class Generator:
 
         init = (jnp.int32(0), tokens, done, num, logits, cache_k, cache_v, kv_valid, positions, seen)
         out = jax.lax.while_loop(cond, body, init)
-        return out[1], out[3]
+        return out[1], out[3], out[5], out[6], out[7]
 
     # --- host-side preparation ----------------------------------------------------------------
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
@@ -346,7 +351,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     gen = generator_for(model)
     batch = gen.prepare(prompts)
     logits, ck, cv, valid, index, pos, seen = gen.start(batch, max_new_tokens)
-    tokens, num = gen.decode_loop(gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(seed),
+    tokens, num, *_ = gen.decode_loop(gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(seed),
                                   max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids))
     tokens, num = np.asarray(tokens), np.asarray(num)
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]

@@ -133,14 +133,17 @@ class Costs:
 
 
 def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, cache_len: int, blockwise: bool,
-                  block: int = 512, remat: str = "none", dtype_bytes: int = 2, param_bytes: int = 2) -> Costs:
+                  block: int = 512, remat: str = "none", dtype_bytes: int = 2, param_bytes: int = 2,
+                  decode_slots: int | None = None) -> Costs:
     """FLOPs and HBM bytes of one program over the whole mesh, counted from the shapes it computes.
 
     Matmuls count 2 FLOPs per multiply-add (the embedding is a gather; the prefill's logits are only
     the last position's). Attention counts the score and value products the implementation performs:
     dense attention covers every (query, cache slot) pair, the blockwise path the causal half plus the
     diagonal blocks. Bytes: weights read once per pass, the KV cache read (decode) or written
-    (prefill), each layer's matmul inputs and outputs, and for training the AdamW update."""
+    (prefill), each layer's matmul inputs and outputs, and for training the AdamW update.
+    ``decode_slots``: cache slots a decode step reads (default all ``cache_len``; the ragged kernel
+    reads only the filled ones)."""
     L, h, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     nh, nkv, d, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     matmul = L * _matmul_params_per_layer(cfg)
@@ -157,8 +160,9 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
         return Costs(2 * t * matmul + 2 * batch * h * v + attention(seq, cache_len, blockwise),
                      (matmul + h * v) * param_bytes, 0.0, cache * seq / cache_len, t * act_per_token)
     if program in ("decode_step", "decode_loop"):
-        return Costs(2 * batch * (matmul + h * v) + attention(1, cache_len, False), (matmul + h * v) * param_bytes,
-                     0.0, cache, batch * act_per_token)
+        slots = cache_len if decode_slots is None else min(decode_slots, cache_len)
+        return Costs(2 * batch * (matmul + h * v) + attention(1, slots, False), (matmul + h * v) * param_bytes,
+                     0.0, cache * slots / cache_len, batch * act_per_token)
     if program == "train_step":
         t = batch * seq
         forward = 2 * t * (matmul + h * v) + attention(seq, seq, blockwise)
@@ -398,7 +402,9 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
                 out.append(plan)
                 continue
             plan.compiled = True
-            finish(plan, compiled, program_costs(cfg, name, seq=1, **costs))
+            # the ragged kernel reads the filled slots only: at most the context and the new tokens
+            filled = context + max_new_tokens if model.uses_ragged_decode(cache_len) else None
+            finish(plan, compiled, program_costs(cfg, name, seq=1, decode_slots=filled, **costs))
             out.append(plan)
         del model, gen
     if "train_step" in programs:
@@ -495,6 +501,9 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
     if progress:
         progress(f"compiling {', '.join(programs)} on mesh {fmt_mesh(sizes)}")
     result = Plan(name, target, sizes, context, batch, compile_programs(cfg, m, **kw), chip)
+    if decode_impl == "ragged" and any(p.startswith("decode") for p in programs):
+        result.notes.append(f"decode: the ragged Pallas kernel; its roofline counts the filled cache slots "
+                            f"(at most {context + max_new_tokens:,} per sequence), not the whole cache")
     if "train_step" in programs:
         result.notes.append(f"train step: batch {batch} x {context:,} tokens, remat={remat}, f32 master weights "
                             f"and AdamW state, {dtype} compute")

@@ -85,6 +85,28 @@ def test_prompt_lengths_share_compiled_programs(model):
     assert gen.prefill._cache_size() == prefill + 1
 
 
+def test_the_decode_loop_updates_the_donated_cache_in_place(model):
+    """The on-device loop takes the cache donated and hands it back (the compiled program aliases it, so
+    XLA need not keep a second copy: see test_plan), and the cache it returns, fed to one more decode
+    step, continues the greedy sequence."""
+    gen = generator_for(model)
+    prompts = [list(range(3, 20)), [5, 6]]
+    logits, ck, cv, valid, base, pos, seen = gen.start(gen.prepare(prompts), 64)
+    kw = dict(max_new_tokens=5, sampling=SamplingParams(), stop_ids=())
+    mem = gen.decode_loop.lower(gen.state, logits, ck, cv, valid, base, pos, seen, jax.random.key(0),
+                                **kw).compile().memory_analysis()
+    assert mem.alias_size_in_bytes >= 2 * ck.addressable_shards[0].data.nbytes  # per device
+    tokens, num, ck2, cv2, valid2 = gen.decode_loop(gen.state, logits, ck, cv, valid, base, pos, seen,
+                                                    jax.random.key(0), **kw)
+    assert ck.is_deleted() and cv.is_deleted()  # donated
+    want = ij.generate_ids(model, prompts, max_new_tokens=6, stop_ids=())
+    # the returned cache holds tokens 0..3 (the last one sampled, 4, was not decoded): decode it now
+    last = jnp.asarray(tokens)[:, 4]
+    out, *_ = gen.decode_step(gen.state, last, pos + 4, ck2, cv2, valid2, base, jnp.int32(4))
+    assert np.asarray(tokens).tolist() == [w[:5] for w in want]
+    assert np.argmax(np.asarray(out), -1).tolist() == [w[5] for w in want]
+
+
 def test_each_sequence_stops_at_its_own_stop_id(model):
     full = ij.generate_ids(model, PROMPTS, max_new_tokens=12, stop_ids=())
     stop = full[0][3]  # sequence 0 makes this token at step 3

@@ -124,6 +124,18 @@ def test_all_programs_compile_for_tpu_topologies(topology, hosts):
 
 
 @needs_tpu_compiler
+def test_the_tpu_decode_loop_keeps_one_copy_of_the_cache():
+    """The loop takes the cache donated: on TPU its compiled program aliases the cache to its outputs and
+    needs far less than a cache's worth of temporaries (without the donation it held a second copy)."""
+    cfg = CFG.replace(hidden_size=512, num_attention_heads=4, num_key_value_heads=2)  # head_dim 128: TPU tiles
+    p = plan(cfg, "v5e:2x2", context=4000, batch=4, mesh=dict(tensor=2), max_new_tokens=64, programs=["decode_loop"],
+             suggest=False)
+    loop = p.programs[0]
+    assert loop.compiled and loop.cache > 0
+    assert loop.aliased >= loop.cache and loop.temporaries < loop.cache / 4
+
+
+@needs_tpu_compiler
 def test_too_big_is_reported_with_the_compilers_numbers_and_a_mesh_that_fits_is_found():
     """1.8B at 200K tokens with fsdp=4: a batch of 1 cannot split the 20 GB cache over fsdp, so it does
     not fit a 16 GiB v5e; tensor=4 splits the 8 KV heads and does."""
