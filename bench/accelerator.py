@@ -54,13 +54,14 @@ def ceilings(tiny: bool, repeats: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--prompts", type=int, nargs="+", default=[8192, 32768])
+    ap.add_argument("--prompts", type=int, nargs="*", default=[8192, 32768])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--decode-prompt", type=int, default=2048, help="prompt length before the timed decode")
     ap.add_argument("--new", type=int, default=128, help="tokens made by the timed decode loop")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="spec-sheet dense bf16 (H100 SXM)")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="spec-sheet HBM bandwidth (H100 SXM)")
-    ap.add_argument("--impls", nargs="+", default=["blockwise", "xla", "cudnn"])
+    ap.add_argument("--impls", nargs="*", default=["blockwise", "xla", "cudnn"])
+    ap.add_argument("--unrolls", nargs="+", default=["1", "all"], help="decode_unroll values to time (all = True)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
@@ -103,9 +104,11 @@ def main():
                         f"MFU {flops / t / flops_peak:.1%} of measured, {flops / t / (args.peak_tflops * 1e12):.1%} of spec; {agree} |")
             print(rows[-1], flush=True)
     model.attention_impl = "blockwise"
-    gen = Generator(model)
     greedy = SamplingParams()
-    for b in args.batch:
+    for b, unroll in [(b, u) for b in args.batch for u in args.unrolls]:
+        model.decode_unroll = True if unroll == "all" else int(unroll)
+        gen = Generator(model)
+        gen.blockwise_from = 0  # the untimed prefill goes blockwise: dense scores of a batch-32 prompt OOM
         prompts = [list(np.random.RandomState(i).randint(3, cfg.vocab_size, args.decode_prompt)) for i in range(b)]
         prepared = gen.prepare(prompts)
         logits, ck, cv, valid, base, pos, seen = gen.start(prepared, args.new)
@@ -130,7 +133,7 @@ def main():
         t_step = timed(step, repeats=10)
         c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
         roofline = (c.weights + c.cache) / hbm
-        rows.append(f"| decode | batch {b}, cache {cache_len} | loop | {t_loop * 1e3:.2f} ms/step | "
+        rows.append(f"| decode | batch {b}, cache {cache_len}, unroll {unroll} | loop | {t_loop * 1e3:.2f} ms/step | "
                     f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
                     f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms |")
         print(rows[-1], flush=True)

@@ -190,7 +190,8 @@ class Generator:
             return sharded_decode_attention(q, ck, cv, kv_valid[:, None, :], mesh, impl=impl), (ck, cv)
 
         cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
-        x, (cache_k, cache_v), _ = model.run_layers(model.embed(tokens[:, None]), cos, sin, attend, (cache_k, cache_v))
+        x, (cache_k, cache_v), _ = model.run_layers(model.embed(tokens[:, None]), cos, sin, attend, (cache_k, cache_v),
+                                                    unroll=model.decode_unroll)
         logits = model.logits(model.norm(x))[:, 0]
         return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
 

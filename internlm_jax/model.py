@@ -198,6 +198,9 @@ class InternLM2(nnx.Module):
         # "ragged" (the Pallas TPU kernel of decode_kernel.py: reads only the blocks holding valid
         # slots; Pallas interpreter on CPU); shapes the kernel does not take fall back to "dense"
         self.decode_impl = "dense"
+        # layers unrolled in the decode step's loop over layers (True = all): an unrolled loop slices
+        # each layer's weights statically, where a rolled one may copy them out of the stack first
+        self.decode_unroll: int | bool = 1
         # activation checkpointing of each layer for training: "none", "full" (recompute all) or
         # "dots" (keep matmul outputs, recompute the rest)
         self.remat = "none"
@@ -285,7 +288,7 @@ class InternLM2(nnx.Module):
         out = jnp.einsum("bsh,hv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
 
-    def run_layers(self, x, cos, sin, attend, caches=None, collect: bool = False):
+    def run_layers(self, x, cos, sin, attend, caches=None, collect: bool = False, unroll: int | bool = 1):
         """Scan the stacked decoder layers over ``x``.
 
         ``attend(q, k, v, layer_caches) -> (o, new_layer_caches)`` is the attention strategy; ``caches``
@@ -312,7 +315,8 @@ class InternLM2(nnx.Module):
             if self.remat not in policies:
                 raise ValueError(f"unknown remat policy {self.remat!r}; use 'none', {', '.join(map(repr, policies))}")
             body = jax.checkpoint(body, policy=policies[self.remat], prevent_cse=False)
-        (x, caches), per_layer = jax.lax.scan(body, (x, caches), (layer_state, jnp.arange(self.config.num_hidden_layers)))
+        (x, caches), per_layer = jax.lax.scan(body, (x, caches), (layer_state, jnp.arange(self.config.num_hidden_layers)),
+                                              unroll=unroll)
         return x, caches, per_layer
 
     @property
@@ -430,7 +434,8 @@ class InternLM2(nnx.Module):
             return o, (k_cache, v_cache)
 
         cos, sin = rope_tables(self.config, positions, self.dtype)
-        x, (cache_k, cache_v), _ = self.run_layers(self.embed(input_ids), cos, sin, attend, (cache_k, cache_v))
+        x, (cache_k, cache_v), _ = self.run_layers(self.embed(input_ids), cos, sin, attend, (cache_k, cache_v),
+                                                   unroll=self.decode_unroll if s == 1 else 1)
         logits = self.logits(self.norm(x[:, -1:]))[:, 0]
         return logits, cache_k, cache_v, kv_valid
 
