@@ -419,10 +419,16 @@ class InternLM2(nnx.Module):
         mask = kv_valid[:, None, :] & (slots <= (index + jnp.arange(s))[None, :, None])
         ragged = s == 1 and self.uses_ragged_decode(t)
 
+        # a prompt written at slot 0 sees only its own slots (every later one is masked): attend over
+        # the chunk, S x S, not over the whole cache, S x T
+        at_start = isinstance(index, int) and index == 0
+
         def attend(q, k, v, row):
             k_cache = jax.lax.dynamic_update_slice_in_dim(row[0], k.astype(row[0].dtype), index, axis=1)
             v_cache = jax.lax.dynamic_update_slice_in_dim(row[1], v.astype(row[1].dtype), index, axis=1)
-            if ragged and self.mesh is not None:
+            if at_start:
+                o = dense_attention(q, k_cache[:, :s].astype(q.dtype), v_cache[:, :s].astype(q.dtype), mask[..., :s])
+            elif ragged and self.mesh is not None:
                 o = sharded_decode_attention(q, k_cache, v_cache, mask, self.mesh, impl="ragged")
             elif ragged:
                 from .decode_kernel import ragged_decode

@@ -139,8 +139,8 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
 
     Matmuls count 2 FLOPs per multiply-add (the embedding is a gather; the prefill's logits are only
     the last position's). Attention counts the score and value products the implementation performs:
-    dense attention covers every (query, cache slot) pair, the blockwise path the causal half plus the
-    diagonal blocks. Bytes: weights read once per pass, the KV cache read (decode) or written
+    dense attention covers every (query, key) pair (a dense prefill's keys are the prompt's, a decode
+    step's the cache slots), the blockwise path the causal half plus the diagonal blocks. Bytes: weights read once per pass, the KV cache read (decode) or written
     (prefill), each layer's matmul inputs and outputs, and for training the AdamW update.
     ``decode_slots``: cache slots a decode step reads (default all ``cache_len``; the ragged kernel
     reads only the filled ones)."""
@@ -157,7 +157,7 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
 
     if program == "prefill":
         t = batch * seq
-        return Costs(2 * t * matmul + 2 * batch * h * v + attention(seq, cache_len, blockwise),
+        return Costs(2 * t * matmul + 2 * batch * h * v + attention(seq, seq, blockwise),
                      (matmul + h * v) * param_bytes, 0.0, cache * seq / cache_len, t * act_per_token)
     if program in ("decode_step", "decode_loop"):
         slots = cache_len if decode_slots is None else min(decode_slots, cache_len)
