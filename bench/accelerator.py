@@ -27,9 +27,14 @@ from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.plan import program_costs
 
 
-def timed(fn, repeats=3):
+FIRST_CALL = {}  # seconds of each timed function's first call (compilation included)
+
+
+def timed(fn, repeats=3, name=None):
     """Median wall time of ``fn()`` after one warm-up call (compilation stays out)."""
+    t = time.perf_counter()
     jax.block_until_ready(fn())
+    FIRST_CALL[name] = time.perf_counter() - t
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -122,7 +127,7 @@ def main():
             state["ck"], state["cv"] = out[2], out[3]
             return out[0]
 
-        t_loop = timed(loop, repeats=args.repeats) / (args.new - 1)  # new - 1 decode steps, one sample each
+        t_loop = timed(loop, repeats=args.repeats, name="loop") / (args.new - 1)  # new - 1 decode steps, one sample each
         tokens = jnp.argmax(logits, -1).astype(jnp.int32)
 
         def step():
@@ -130,12 +135,13 @@ def main():
                 gen.state, tokens, pos, state["ck"], state["cv"], state["valid"], base, jnp.int32(0))
             return out
 
-        t_step = timed(step, repeats=10)
+        t_step = timed(step, repeats=10, name="step")
         c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
         roofline = (c.weights + c.cache) / hbm
         rows.append(f"| decode | batch {b}, cache {cache_len}, unroll {unroll} | loop | {t_loop * 1e3:.2f} ms/step | "
                     f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
-                    f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms |")
+                    f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s); "
+                    f"first calls (compile) loop {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s |")
         print(rows[-1], flush=True)
         del ck, cv, state
     print("\n".join(["", "| program | shape | attention | time | rate | vs ceiling |", "|---|---|---|---|---|---|"] + rows))
