@@ -1,6 +1,7 @@
 """The library's programs run for real on one accelerator (issue 7, point 4): 7B-shaped, bf16, random weights.
 
-    python bench/accelerator.py [--layers 32] [--prompts 8192 32768] [--batch 1 8 32] [--new 128]
+    python bench/accelerator.py [--layers 32] [--prompts 8192 32768] [--impls blockwise xla cudnn]
+                                [--batch 1 8 32] [--unrolls 1 all] [--new 128]
 
 Reports, for the device it finds:
 - the two ceilings measured there: a large bf16 matrix product (TFLOP/s) and a large elementwise
@@ -9,7 +10,8 @@ Reports, for the device it finds:
   peak) for each attention implementation (``attention_impl``: pure-JAX blockwise, XLA and cuDNN
   fused blocks), each after a warm-up call;
 - decode tokens/s of the jitted on-device decode loop (and of the per-token decode step) against the
-  HBM roofline: parameter + KV-cache bytes read per step over the measured bandwidth.
+  HBM roofline: parameter + KV-cache bytes read per step over the measured bandwidth, for each
+  ``decode_unroll`` (the layer loop rolled, or unrolled), with each program's first-call (compile) time.
 
 ``--tiny`` shrinks everything to check the script on a CPU. Medians of ``--repeats`` timed calls.
 """
