@@ -353,7 +353,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     batch = gen.prepare(prompts)
     logits, ck, cv, valid, index, pos, seen = gen.start(batch, max_new_tokens)
     tokens, num, *_ = gen.decode_loop(gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(seed),
-                                  max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids))
+                                      max_new_tokens=max_new_tokens, sampling=sampling,
+                                      stop_ids=tuple(int(s) for s in stop_ids))
     tokens, num = np.asarray(tokens), np.asarray(num)
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 

@@ -140,8 +140,9 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
     Matmuls count 2 FLOPs per multiply-add (the embedding is a gather; the prefill's logits are only
     the last position's). Attention counts the score and value products the implementation performs:
     dense attention covers every (query, key) pair (a dense prefill's keys are the prompt's, a decode
-    step's the cache slots), the blockwise path the causal half plus the diagonal blocks. Bytes: weights read once per pass, the KV cache read (decode) or written
-    (prefill), each layer's matmul inputs and outputs, and for training the AdamW update.
+    step's the cache slots), the blockwise path the causal half plus the diagonal blocks. Bytes:
+    weights read once per pass, the KV cache read (decode) or written (prefill), each layer's matmul
+    inputs and outputs, and for training the AdamW update.
     ``decode_slots``: cache slots a decode step reads (default all ``cache_len``; the ragged kernel
     reads only the filled ones)."""
     L, h, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
