@@ -2,8 +2,8 @@
 
     python examples/tpu_kernels.py
 
-``model.attention_impl = "splash"`` runs prefill attention inside ring steps through the splash
-kernel; ``model.decode_impl = "ragged"`` runs each decode step's attention through the ragged decode
+``model.configure(attention="splash")`` runs prefill attention inside ring steps through the splash
+kernel; ``decode_attention="ragged"`` runs each decode step's attention through the ragged decode
 kernel, which reads only the cache blocks that hold a sequence's tokens. On a TPU they compile with
 Mosaic; here, on CPU, they run in the Pallas interpreter (slowly), which is how their numerics are
 checked. A tiny random model with head_dim 128 (what the kernels take), on 4 simulated devices.
@@ -27,7 +27,7 @@ def main():
     prompts = [list(rng.randint(3, 256, 300)), list(rng.randint(3, 256, 12))]  # one short: mostly padding
     kw = dict(max_new_tokens=6, stop_ids=())
     plain = ij.generate_ids(model, prompts, **kw)
-    model.attention_impl, model.decode_impl = "splash", "ragged"
+    model.configure(attention="splash", decode_attention="ragged")
     kernels = ij.generate_ids(model, prompts, **kw)
     print("pure JAX:     ", plain)
     print("Pallas kernels:", kernels)

@@ -1,4 +1,10 @@
-"""Dense attention with the reference numerics (scores and softmax in float32), GQA-aware.
+"""Attention: the one place that decides which kernel runs, and the pure-JAX kernels themselves.
+
+:func:`prefill_plan` and :func:`decode_plan` turn the model's :class:`~internlm_jax.settings.EngineSettings`,
+the backend, dtype, length and mesh into the path taken; forward, prefill, decode and the planner all
+ask them. Kernels here: dense attention with the reference numerics (scores and softmax in float32),
+blockwise online-softmax attention on one device (linear memory, a static block schedule with no
+per-block branch), and the block folds that ring attention (:mod:`internlm_jax.ring`) shares.
 
 K and V stay at the KV head count: query head ``j`` reads KV head ``j // G``, expressed by viewing
 the query heads as ``[nKV, G]`` rather than by repeating K/V to ``nH`` heads.
@@ -6,12 +12,15 @@ the query heads as ``[nKV, G]`` rather than by repeating K/V to ``nH`` heads.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+NEG = jnp.float32(-jnp.inf)
 
 
 def causal_mask(q_len: int, kv_len: int, offset: int | jax.Array = 0) -> jax.Array:
@@ -38,3 +47,185 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bngst,btnd->bsngd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, s, nh, d)
+
+
+def visible_mask(q_idx, q_start, k_idx, k_ok, causal: bool):
+    """[B, Sq, Sk]: padding masked; causal by global index; with q_start, only the query's own
+    segment (packed documents are contiguous, so "same segment" is "index >= the segment start")."""
+    visible = k_ok[:, None, :]
+    if causal:
+        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])
+    if q_start is not None:
+        visible = visible & (k_idx[:, None, :] >= q_start[:, :, None])
+    return visible
+
+
+def block_has_work(q_idx, k_idx, k_ok, causal: bool):
+    """Whether any key of a block can be visible to any query of a block (else it is skipped)."""
+    if not causal:
+        return jnp.any(k_ok)
+    return jnp.any(k_ok) & (jnp.min(jnp.where(k_ok, k_idx, jnp.iinfo(jnp.int32).max)) <= jnp.max(q_idx))
+
+
+def fold_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool):
+    """Fold one key block into the accumulators of one query block (online softmax, float32).
+
+    q [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; q_idx [B, Sq]; k_idx, k_ok [B, Sk];
+    m, l [B, nKV, G, Sq]; acc [B, Sq, nKV, G, D].
+    """
+    visible = visible_mask(q_idx, q_start, k_idx, k_ok, causal)
+    s = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(visible[:, None, None], s, NEG)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows with nothing visible yet stay empty
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    l = l * correction + jnp.sum(p, axis=-1)
+    pv = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = acc * jnp.moveaxis(correction, -1, 1)[..., None] + pv
+    return m_new, l, acc
+
+
+def fold_block_fused(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool, implementation: str):
+    """As :func:`fold_block`, through ``jax.nn.dot_product_attention`` (cuDNN on GPU): the block's
+    normalised output and log-sum-exp are folded into the running (m, l, acc)."""
+    b, sq, nkv, g, d = q.shape
+    visible = visible_mask(q_idx, q_start, k_idx, k_ok, causal)
+    o, lse = jax.nn.dot_product_attention(q.reshape(b, sq, nkv * g, d), k, v, mask=visible[:, None], scale=float(scale),
+                                          implementation=implementation, return_residual=True)
+    lse = lse.astype(jnp.float32).reshape(b, sq, nkv, g).transpose(0, 2, 3, 1)  # [B, nKV, G, Sq]
+    any_visible = jnp.any(visible, axis=-1)[:, None, None, :]
+    return fold_partial(m, l, acc, o.astype(jnp.float32).reshape(b, sq, nkv, g, d), lse, any_visible)
+
+
+
+def fold_partial(m, l, acc, o, lse, any_visible=None):
+    """Fold a normalised partial output ``o [B, S, nKV, G, D]`` with its log-sum-exp ``lse [B, nKV, G, S]``
+    into the running online-softmax state."""
+    if any_visible is not None:
+        lse = jnp.where(any_visible, lse, NEG)
+        o = jnp.where(jnp.moveaxis(any_visible, -1, 1)[..., None], o, 0.0)
+    m_new = jnp.maximum(m, lse)
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
+    c_old = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    c_blk = jnp.exp(jnp.where(jnp.isinf(lse), NEG, lse - m_safe))
+    l = l * c_old + c_blk
+    acc = acc * jnp.moveaxis(c_old, -1, 1)[..., None] + o * jnp.moveaxis(c_blk, -1, 1)[..., None]
+    return m_new, l, acc
+
+
+def blockwise_attention(q, k, v, valid, *, block: int, impl: str = "blockwise"):
+    """Causal attention of a whole sequence on one device, ``block`` queries x ``block`` keys at a time.
+
+    q ``[B, S, nH, D]``, k/v ``[B, S, nKV, D]``, valid ``[B, S]`` (padding keys masked); S a multiple
+    of ``block``. The lower-triangular block pairs are one static list scanned in order (row by row),
+    so there is no per-block branch or host sync and no more than one block of scores exists at once:
+    memory is linear in S. ``impl``: "blockwise" (pure-JAX fold) or "xla"/"cudnn"
+    (``jax.nn.dot_product_attention`` per block). Rows with no visible key get zeros.
+    """
+    b, s, nh, d = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv
+    if s % block:
+        raise ValueError(f"blockwise attention: length {s} is not a multiple of the block {block}")
+    n = s // block
+    rows, cols = np.tril_indices(n)  # row-major: for each query block, key blocks 0..i
+    scale = 1.0 / math.sqrt(d)
+    idx = jnp.arange(s, dtype=jnp.int32)
+    qb = q.reshape(b, n, block, nkv, g, d)
+    kb, vb = k.reshape(b, n, block, nkv, d), v.reshape(b, n, block, nkv, d)
+    okb = valid.astype(bool).reshape(b, n, block)
+    idxb = jnp.broadcast_to(idx.reshape(1, n, block), (b, n, block))
+
+    def step(carry, ij):
+        out, m, l, acc = carry
+        i, j = ij
+        fresh = j == 0  # first key block of a new query row
+        m = jnp.where(fresh, NEG, m)
+        l = jnp.where(fresh, 0.0, l)
+        acc = jnp.where(fresh, 0.0, acc)
+        qi, ki = qb[:, i], idxb[:, i]
+        args = (qi, kb[:, j], vb[:, j], ki, None, idxb[:, j], okb[:, j], m, l, acc, scale, True)
+        m, l, acc = fold_block(*args) if impl == "blockwise" else fold_block_fused(*args, impl)
+        o = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
+        # written at every pair of the row; the row's last pair (j == i) leaves the final value
+        out = jax.lax.dynamic_update_index_in_dim(out, o.astype(out.dtype), i, axis=1)
+        return (out, m, l, acc), None
+
+    out = jnp.zeros((b, n, block, nkv, g, d), q.dtype)
+    m = jnp.full((b, nkv, g, block), NEG)
+    l = jnp.zeros((b, nkv, g, block), jnp.float32)
+    acc = jnp.zeros((b, block, nkv, g, d), jnp.float32)
+    pairs = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
+    (out, *_), _ = jax.lax.scan(step, (out, m, l, acc), pairs)
+    return out.reshape(b, s, nh, d)
+
+
+# --- the selector ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    """How a forward/prefill of ``length`` tokens attends. path: "dense" ([S, S] scores, short inputs),
+    "blockwise" (one device, :func:`blockwise_attention`), "ring" (over the mesh's sequence axis, or one
+    shard of it, :func:`internlm_jax.ring.ring_attention`). kernel: the block kernel of those two."""
+
+    path: str
+    kernel: str
+
+
+def platform_of(mesh) -> str:
+    """The backend programs compile for: the mesh's devices (e.g. TPU topologies on a CPU host) or JAX's."""
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def prefill_plan(settings, *, length: int, mesh, dtype) -> PrefillPlan:
+    """The one rule for prefill attention (forward, prefill, training and the planner ask here)."""
+    platform = platform_of(mesh)
+    choice = settings.attention
+    kernel = choice
+    if choice in ("auto", "dense"):
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        kernel = "cudnn" if platform == "gpu" and half else "blockwise"
+    if mesh is not None and mesh.shape["sequence"] > 1:
+        return PrefillPlan("ring", kernel)
+    if choice == "dense" or length <= settings.blockwise_from:
+        return PrefillPlan("dense", kernel)
+    if mesh is not None:  # sharded over batch/heads: the ring code with one sequence shard
+        return PrefillPlan("ring", kernel)
+    return PrefillPlan("blockwise", "blockwise" if kernel == "splash" else kernel)
+
+
+def decode_plan(settings, *, head_dim: int, local_cache_len: int, mesh) -> str:
+    """The one rule for decode attention: "ragged" (the Pallas kernel reading only filled blocks) or "dense"."""
+    from .decode_kernel import supported
+
+    choice = settings.decode_attention
+    if choice == "dense":
+        return "dense"
+    fits = supported(head_dim, local_cache_len)
+    if choice == "ragged":
+        return "ragged" if fits else "dense"
+    return "ragged" if platform_of(mesh) == "tpu" and fits else "dense"
+
+
+def decode_weights(settings, mesh) -> str:
+    """"per_layer" (one weight array per layer; on CPU every slice of a stacked array is copied before
+    its matmul) or "sliced" (static slices of the stacked arrays, read in place on GPU and TPU)."""
+    if settings.decode_weights != "auto":
+        return settings.decode_weights
+    return "per_layer" if platform_of(mesh) == "cpu" else "sliced"
+
+
+def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array) -> jax.Array:
+    """Decode attention of q ``[B, 1, nH, D]`` over a cache buffer ``[B, nKV, T, D]`` (see
+    :mod:`internlm_jax.cache`): the einsums read the buffer in its layout, batch and heads leading.
+    valid ``[B, T]``. Scores and softmax in float32; returns ``[B, 1, nH, D]`` in q's dtype."""
+    b, s, nh, d = q.shape
+    nkv = k_cache.shape[1]
+    qg = q.reshape(b, nkv, nh // nkv, d)
+    scores = jnp.einsum("bngd,bntd->bngt", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(valid[:, None, None, :], scores / jnp.float32(math.sqrt(d)), MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bngt,bntd->bngd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, 1, nh, d)

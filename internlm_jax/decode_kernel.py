@@ -8,7 +8,7 @@ between its first and last valid slot (the block index map is clamped to that ra
 no new copy for the steps outside it, and their compute is skipped). Early in a long generation, or
 in a batch of very different prompt lengths, that is most of the bytes a decode step moves.
 
-Layout: the cache ``[B, T, nKV, D]`` is viewed (free reshape) as ``[B, T, nKV * D]`` so that one grid
+Layout: the cache buffers of :mod:`internlm_jax.cache`, ``[B, nKV, T, D]``, are read in place: one grid
 step's block is ``[block, D]`` of one KV head, lane-aligned for ``D = 128``. The ``G`` query heads that
 share the KV head are computed together (``[G, D] x [D, block]``). Scores, softmax and accumulation are
 float32; the output is the normalised float32 attention and its log-sum-exp, so results from several
@@ -74,15 +74,15 @@ def _kernel(first_ref, last_ref, q_ref, k_ref, v_ref, ok_ref, o_ref, lse_ref, m_
 def ragged_decode_attention(q, k_cache, v_cache, kv_ok, *, block: int = BLOCK, interpret: bool = False):
     """Attention of one new token per sequence over the valid slots of a cache.
 
-    q ``[B, nKV, G, D]`` (query heads grouped by their KV head); k_cache, v_cache ``[B, T, nKV, D]``;
+    q ``[B, nKV, G, D]`` (query heads grouped by their KV head); k_cache, v_cache ``[B, nKV, T, D]``;
     kv_ok ``[B, T]`` bool, the slots this token may see. Returns ``(out [B, nKV, G, D] float32,
     lse [B, nKV, G] float32)``; a sequence with no visible slot gets zeros and ``lse = -inf``.
     """
     b, nkv, g, d = q.shape
-    t = k_cache.shape[1]
-    if k_cache.shape != (b, t, nkv, d) or v_cache.shape != k_cache.shape or kv_ok.shape != (b, t):
+    t = k_cache.shape[2]
+    if k_cache.shape != (b, nkv, t, d) or v_cache.shape != k_cache.shape or kv_ok.shape != (b, t):
         raise ValueError(f"ragged decode attention: q {q.shape}, caches {k_cache.shape}/{v_cache.shape} and kv_ok "
-                         f"{kv_ok.shape} disagree (want [B, nKV, G, D], [B, T, nKV, D] and [B, T])")
+                         f"{kv_ok.shape} disagree (want [B, nKV, G, D], [B, nKV, T, D] and [B, T])")
     if not supported(d, t, block):
         raise ValueError(f"ragged decode attention needs head_dim % 128 == 0 and a cache length {t} that splits "
                          f"into blocks of min({block}, T), a multiple of 128")
@@ -98,7 +98,7 @@ def ragged_decode_attention(q, k_cache, v_cache, kv_ok, *, block: int = BLOCK, i
     def block_of(i, first_ref, last_ref, bi):  # clamp to the valid range: repeated indices are not re-fetched
         return jnp.maximum(jnp.minimum(i, last_ref[bi]), jnp.minimum(first_ref[bi], nt - 1))
 
-    kv_spec = pl.BlockSpec((None, bt, d), lambda bi, h, i, f, la: (bi, block_of(i, f, la, bi), h))
+    kv_spec = pl.BlockSpec((None, None, bt, d), lambda bi, h, i, f, la: (bi, h, block_of(i, f, la, bi), 0))
     ok_spec = pl.BlockSpec((None, 1, bt), lambda bi, h, i, f, la: (bi, 0, block_of(i, f, la, bi)))
     head_spec = pl.BlockSpec((None, None, g, d), lambda bi, h, i, f, la: (bi, h, 0, 0))
     lse_spec = pl.BlockSpec((None, None, g, _LANES), lambda bi, h, i, f, la: (bi, h, 0, 0))
@@ -116,8 +116,7 @@ def ragged_decode_attention(q, k_cache, v_cache, kv_ok, *, block: int = BLOCK, i
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="ragged_decode_attention",
-    )(first, last, q, k_cache.reshape(b, t, nkv * d), v_cache.reshape(b, t, nkv * d),
-      ok.astype(jnp.int32).reshape(b, 1, t))
+    )(first, last, q, k_cache, v_cache, ok.astype(jnp.int32).reshape(b, 1, t))
     return out, lse[..., 0]
 
 
@@ -125,7 +124,7 @@ def ragged_decode(q, k_cache, v_cache, kv_ok, *, interpret: bool, block: int = B
     """:func:`ragged_decode_attention` for model-shaped q ``[B, 1, nH, D]``: returns the float32 output
     ``[B, 1, nH, D]`` and the log-sum-exp ``[B, nKV, G]``."""
     b, s, nh, d = q.shape
-    nkv = k_cache.shape[2]
+    nkv = k_cache.shape[1]
     if s != 1:
         raise ValueError(f"ragged decode attention takes one new token per sequence, got {s}")
     k_cache, v_cache = (c if c.dtype == q.dtype else c.astype(q.dtype) for c in (k_cache, v_cache))

@@ -1,10 +1,10 @@
-"""Generation: a jitted prefill, a jitted decode step (cache donated), and an on-device decode loop.
+"""Generation: a jitted prefill, a jitted decode step, and fixed-size decode chunks (state donated).
 
 The model is split once (``nnx.split``) and every compiled program is a pure function of the
 parameter state. Prompts are left-padded to a length bucket (powers of two from 16) so that a new
-prompt length rarely recompiles; the KV cache is preallocated at ``[L, B, T, nKV, D]`` (KV heads,
-never repeated to the query head count), sharded over ``tensor`` (KV heads), ``data``/``fsdp``
-(batch) and, through the ``cache_seq`` axis, over ``sequence``.
+prompt length rarely recompiles; the KV cache (:class:`internlm_jax.cache.KVCache`) is preallocated
+for the prompt and the new tokens. The decode programs do not depend on ``max_new_tokens``: a chunk
+of ``decode_chunk`` steps is compiled once per cache length and batch and reused.
 
 Positions follow the reference's cached generation: a prompt's positions are ``cumsum(mask) - 1``
 (padding gets 1), each new token's position is the previous one + 1, and dynamic NTK rope recomputes
@@ -24,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .model import blockwise_attention
+from .attention import decode_weights, prefill_plan
+from .cache import KVCache, sharding as cache_sharding, to_slots
 from .ring import padded_length
-from .rope import rope_tables
 from .sharding import named_sharding
 
-CACHE_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
 MIN_BUCKET = 16
 LONG_BUCKET = 8192
 
@@ -104,137 +103,135 @@ class PreparedBatch:
     lengths: list[int]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything a decode step carries: the next logits, the cache, each sequence's next position,
+    the tokens seen (repetition penalty), which sequences stopped, the step number and the PRNG key."""
+
+    logits: jax.Array  # [B, V] float32
+    cache: KVCache
+    positions: jax.Array  # [B] int32
+    seen: jax.Array  # [B, V] bool
+    done: jax.Array  # [B] bool
+    step: jax.Array  # [] int32
+    key: jax.Array
+
+
 class Generator:
-    """Compiled prefill / decode-step / decode-loop programs for one model (split once)."""
+    """Compiled prefill / decode step / decode chunk for one model (split once).
+
+    ``step`` (one token per sequence) and ``chunk`` (``decode_chunk`` steps in a fixed-trip-count scan)
+    run the same step function: ``stream`` drives ``step`` token by token, :meth:`decode` drives
+    ``chunk`` and checks the stop condition on the host between chunks. Both take the decode state
+    donated, so the cache is updated in place.
+    """
 
     def __init__(self, model):
         self.graphdef, self.state = nnx.split(model)
         self.config, self.mesh, self.dtype = model.config, model.mesh, model.dtype
+        self.settings = model.settings
         self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
-        self.blockwise_from = model.blockwise_from
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
-        self.decode_step = jax.jit(self._decode_step, donate_argnames=("cache_k", "cache_v"))
-        # the loop takes the cache donated and hands it back, so XLA updates it in place (without the
-        # donation the loop works on a copy: twice the cache in HBM)
-        self.decode_loop = jax.jit(self._decode_loop, static_argnames=("max_new_tokens", "sampling", "stop_ids"),
-                                   donate_argnames=("cache_k", "cache_v"))
+        self.step = jax.jit(self._step, static_argnames=("sampling", "stop_ids"), donate_argnames=("ds",))
+        self.chunk = jax.jit(self._chunk, static_argnames=("steps", "sampling", "stop_ids"), donate_argnames=("ds",))
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
+        self.per_layer = decode_weights(self.settings, self.mesh) == "per_layer"
+        self._layers, self._layers_of = None, None
+
+    @property
+    def layers(self):
+        """Per-layer weight arrays for decode (``decode_weights="per_layer"``), made once from the stacked
+        parameters and remade when those change (e.g. by training); None under "sliced"."""
+        if not self.per_layer:
+            return None
+        stacked = self.state["layers"]
+        ident = tuple(map(id, jax.tree.leaves(stacked)))
+        if self._layers_of != ident:
+            self._layers = None  # free the old copies first
+            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p: p[i], s) for i in range(self.config.num_hidden_layers)))
+            self._layers, self._layers_of = split(stacked), ident
+        return self._layers
 
     def blockwise(self, length: int) -> bool:
-        """Whether a prompt of ``length`` tokens is prefilled by the ring/blockwise path (see
-        :meth:`InternLM2.uses_blockwise`)."""
-        return blockwise_attention(self.mesh, length, self.blockwise_from)
+        """Whether a prompt of ``length`` tokens is prefilled by the ring layout (see :func:`prefill_plan`)."""
+        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype).path == "ring"
 
     def prompt_length(self, longest: int, bucket: int | None = None) -> int:
         """The padded prompt length for a longest prompt of ``longest`` tokens: its bucket (or the one
-        given), and for the ring layout a multiple of 2n (and of n x block)."""
+        given); for the ring layout a multiple of 2n (and of n x block), for one-device blockwise
+        attention a multiple of the block."""
         s = bucket or bucket_length(longest)
-        return padded_length(s, self.n) if self.blockwise(s) else s
+        path = prefill_plan(self.settings, length=s, mesh=self.mesh, dtype=self.dtype).path
+        if path == "ring":
+            return padded_length(s, self.n, self.settings.block)
+        if path == "blockwise":
+            return -(-s // self.settings.block) * self.settings.block
+        return s
 
     # --- the compiled programs (pure functions of the parameter state) --------------------------
-    def _cache_constraint(self, x):
-        if self.mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, named_sharding(CACHE_AXES, x.shape, self.mesh))
-
     def _prefill(self, state, ids, mask, positions, index, cache_len: int, last: int):
-        """Prompt -> (last-position logits, cache, kv_valid). ``index`` is each token's causal index; with
-        a sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
+        """Prompt -> (last-position logits, cache). ``index`` is each token's causal index; with a
+        sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
         model = nnx.merge(self.graphdef, state)
-        cfg = self.config
-        b = ids.shape[0]
-        shape = (cfg.num_hidden_layers, b, cache_len, cfg.num_key_value_heads, cfg.head_dim)
-        cache_k = self._cache_constraint(jnp.zeros(shape, self.dtype))
-        cache_v = self._cache_constraint(jnp.zeros(shape, self.dtype))
-        kv_valid = jnp.zeros((b, cache_len), bool)
-        if not self.blockwise(ids.shape[1]):
-            logits, cache_k, cache_v, kv_valid = model.forward_cached(ids, positions, mask, cache_k, cache_v, kv_valid, 0)
-            return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
-        from .ring import ring_attention, write_prefill
-
-        mesh, nh, ok = self.mesh, cfg.num_attention_heads, mask.astype(bool)
-        kv_valid = write_prefill(kv_valid, ok, mesh)
-
-        def attend(q, k, v, row):
-            o = ring_attention(q, k, v, index, index, ok, mesh, impl=model.attention_impl)
-            return o, (write_prefill(row[0], k, mesh, nh), write_prefill(row[1], v, mesh, nh))
-
-        cos, sin = rope_tables(cfg, positions, self.dtype)  # max(positions) + 1 over all shards: global
-        x, (cache_k, cache_v), _ = model.run_layers(model.embed(ids), cos, sin, attend, (cache_k, cache_v))
+        x, keys, values = model.prefill_kv(ids, positions, mask, index)
         logits = model.logits(model.norm(x[:, last:last + 1]))[:, 0]
-        return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
+        ring = self.blockwise(ids.shape[1])
+        cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring, self.config.num_attention_heads)
+        return logits, cache.constrain(self.mesh)
 
-    def _decode_step(self, state, tokens, positions, cache_k, cache_v, kv_valid, base, step):
-        """Token number ``step`` of every sequence: logits ``[B, V]`` and the updated cache (donated).
+    def _step(self, state, layers, ds: DecodeState, base, sampling: SamplingParams, stop_ids: tuple[int, ...]):
+        """Sample a token per sequence from ``ds.logits``, record it, and run it through the model.
 
-        Without a sequence axis it goes to slot ``base + step``. With one, decode tokens go round-robin
-        to the sequence shards (shard ``step % n``, local slot ``base + step // n``), so the shards fill
-        evenly; each shard attends to its own slots and the partials merge by log-sum-exp.
-        """
+        Returns ``(new state, tokens [B], emitted [B])``: a sequence already stopped emits nothing (its
+        token is the pad). Decode token ``step`` goes to slot ``base + step``; with a sequence axis to
+        shard ``step % n`` at local slot ``base + step // n`` (the shards fill evenly)."""
         model = nnx.merge(self.graphdef, state)
-        b = tokens.shape[0]
-        if self.n == 1:
-            logits, cache_k, cache_v, kv_valid = model.forward_cached(
-                tokens[:, None], positions[:, None], jnp.ones((b, 1), bool), cache_k, cache_v, kv_valid, base + step)
-            return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
-        from .ring import sharded_decode_attention, write_decode
-
-        mesh, nh = self.mesh, self.config.num_attention_heads
-        impl = "ragged" if model.uses_ragged_decode(cache_k.shape[2]) else "dense"
-        owner, slot = step % self.n, base + step // self.n
-        kv_valid = write_decode(kv_valid, jnp.ones((b, 1), bool), owner, slot, mesh)
-
-        def attend(q, k, v, row):
-            ck = write_decode(row[0], k, owner, slot, mesh, nh)
-            cv = write_decode(row[1], v, owner, slot, mesh, nh)
-            return sharded_decode_attention(q, ck, cv, kv_valid[:, None, :], mesh, impl=impl), (ck, cv)
-
-        cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
-        x, (cache_k, cache_v), _ = model.run_layers(model.embed(tokens[:, None]), cos, sin, attend, (cache_k, cache_v),
-                                                    unroll=model.decode_unroll)
-        logits = model.logits(model.norm(x))[:, 0]
-        return logits, self._cache_constraint(cache_k), self._cache_constraint(cache_v), kv_valid
-
-    def _decode_loop(self, state, logits, cache_k, cache_v, kv_valid, index, positions, seen, key,
-                     max_new_tokens: int, sampling: SamplingParams, stop_ids: tuple[int, ...]):
-        """Sample, record, decode, until every sequence stopped or ``max_new_tokens`` were made.
-
-        Returns ``(tokens [B, max_new_tokens], number made per sequence [B], cache_k, cache_v, kv_valid)``;
-        the cache (donated) comes back holding every token but the last one sampled."""
-        b = logits.shape[0]
+        b = ds.logits.shape[0]
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
-        tokens = jnp.full((b, max_new_tokens), pad, jnp.int32)
-        done = jnp.zeros((b,), bool)
-        num = jnp.zeros((b,), jnp.int32)
+        tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen)
+        tok = jnp.where(ds.done, pad, tok)
+        emitted = ~ds.done
+        done = ds.done | jnp.isin(tok, stops)
+        seen = ds.seen.at[jnp.arange(b), tok].set(True)
+        owner, slot = (None, base + ds.step) if self.n == 1 else (ds.step % self.n, base + ds.step // self.n)
+        logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
+        new = DecodeState(logits, cache.constrain(self.mesh), ds.positions + 1, seen, done, ds.step + 1, ds.key)
+        return new, tok, emitted
 
-        def cond(c):
-            step, done = c[0], c[2]
-            return (step < max_new_tokens) & ~jnp.all(done)
+    def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,
+               stop_ids: tuple[int, ...]):
+        """``steps`` decode steps in one program (a scan with a static trip count: no host round trip
+        per token). Returns ``(state, tokens [B, steps], emitted [B, steps])``."""
+        def body(ds, _):
+            ds, tok, emitted = self._step(state, layers, ds, base, sampling, stop_ids)
+            return ds, (tok, emitted)
 
-        def body(c):
-            step, tokens, done, num, logits, ck, cv, valid, pos, seen = c
-            tok = self.sample(logits, jax.random.fold_in(key, step), sampling, seen)
-            tok = jnp.where(done, pad, tok)
-            tokens = tokens.at[:, step].set(tok)
-            num = num + (~done).astype(jnp.int32)
-            done = done | jnp.isin(tok, stops)
-            seen = seen.at[jnp.arange(b), tok].set(True)
+        ds, (tokens, emitted) = jax.lax.scan(body, ds, None, length=steps)
+        return ds, tokens.T, emitted.T
 
-            def advance(args):
-                ck, cv, valid = args
-                out = self._decode_step(state, tok, pos, ck, cv, valid, index, step)
-                return out
+    # --- host-side drivers ----------------------------------------------------------------------
+    def decode(self, ds: DecodeState, base, max_new_tokens: int, sampling: SamplingParams,
+               stop_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, DecodeState]:
+        """Run chunks until every sequence stopped or ``max_new_tokens`` were made; returns
+        ``(tokens [B, max_new_tokens], number made per sequence [B], final state)``."""
+        k = self.settings.decode_chunk
+        out, ok = [], []
+        made = 0
+        layers = self.layers
+        while made < max_new_tokens:
+            ds, tokens, emitted = self.chunk(self.state, layers, ds, base, steps=k, sampling=sampling,
+                                             stop_ids=stop_ids)
+            out.append(tokens)
+            ok.append(emitted)
+            made += k
+            if made < max_new_tokens and bool(np.all(np.asarray(ds.done))):
+                break
+        tokens = np.concatenate([np.asarray(t) for t in out], axis=1)[:, :max_new_tokens]
+        emitted = np.concatenate([np.asarray(e) for e in ok], axis=1)[:, :max_new_tokens]
+        return tokens, emitted.sum(axis=1), ds
 
-            more = (step + 1 < max_new_tokens) & ~jnp.all(done)
-            logits, ck, cv, valid = jax.lax.cond(more, advance, lambda a: (logits,) + a, (ck, cv, valid))
-            return step + 1, tokens, done, num, logits, ck, cv, valid, pos + 1, seen
-
-        init = (jnp.int32(0), tokens, done, num, logits, cache_k, cache_v, kv_valid, positions, seen)
-        out = jax.lax.while_loop(cond, body, init)
-        return out[1], out[3], out[5], out[6], out[7]
-
-    # --- host-side preparation ----------------------------------------------------------------
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
         lengths = [len(p) for p in prompts]
         s = self.prompt_length(max(lengths), bucket)
@@ -253,19 +250,22 @@ class Generator:
 
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the
-        slot base of decode tokens, the zigzag token order or None)."""
+        slot base of decode tokens, the zigzag token order or None). Decode runs whole chunks, so the
+        cache has room for ``max_new_tokens`` rounded up to the chunk size."""
+        k = self.settings.decode_chunk
+        steps = -(-max_new_tokens // k) * k
         if not self.blockwise(s):
-            return bucket_length(s + max_new_tokens), s - 1, s, None
+            return bucket_length(s + steps), s - 1, s, None
         from .ring import zigzag_order
 
         n = self.n
         order = zigzag_order(s, n)
         base = s // n
-        return n * bucket_length(base + -(-max_new_tokens // n)), int(np.argmax(order == s - 1)), base, order
+        return n * bucket_length(base + -(-steps // n)), int(np.argmax(order == s - 1)), base, order
 
-    def start(self, batch: PreparedBatch, max_new_tokens: int):
-        """Prefill; returns first logits, cache, kv_valid, the slot base of decode tokens, the next
-        positions and the repetition-penalty mask of tokens seen."""
+    def start(self, batch: PreparedBatch, max_new_tokens: int, seed: int = 0) -> tuple[DecodeState, jax.Array]:
+        """Prefill; returns the decode state (first logits, cache, next positions, tokens seen) and the
+        slot base of decode tokens."""
         b, s = batch.ids.shape
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
@@ -273,11 +273,37 @@ class Generator:
         if order is not None:  # permuted on the host: the devices get their chunks directly
             arrays = [a[:, order] for a in arrays]
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
-        logits, ck, cv, valid = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
+        logits, cache = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
         next_pos = jnp.asarray(batch.positions[:, -1] + 1, jnp.int32)
-        seen = jnp.zeros((b, self.config.vocab_size), bool)
-        seen = seen.at[jnp.arange(b)[:, None], jnp.asarray(batch.ids)].max(jnp.asarray(batch.mask) > 0)
-        return logits, ck, cv, valid, jnp.int32(base), next_pos, seen
+        seen = np.zeros((b, self.config.vocab_size), bool)
+        for i in range(b):
+            seen[i, batch.ids[i][batch.mask[i] > 0]] = True
+        ds = DecodeState(logits, cache, next_pos, jnp.asarray(seen), jnp.zeros((b,), bool), jnp.int32(0),
+                         jax.random.key(seed))
+        return ds, jnp.int32(base)
+
+
+def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads: int) -> KVCache:
+    """A :class:`KVCache` of ``cache_len`` slots from a prompt's per-layer keys/values ``[L, B, S, nKV, D]``
+    (each sequence-shard's chunk at the start of its slice under the ring layout)."""
+    b, s = valid.shape
+    if ring:
+        from .ring import write_prefill
+
+        def place(x):
+            zeros = jnp.zeros(x.shape[:2] + (cache_len, x.shape[3]), x.dtype)
+            zeros = jax.lax.with_sharding_constraint(zeros, cache_sharding(zeros.shape, mesh))
+            return write_prefill(zeros, x, mesh, num_heads)
+
+        valid = write_prefill(jnp.zeros((b, cache_len), bool), valid, mesh)
+    else:
+        def place(x):
+            return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - s), (0, 0)))
+
+        valid = jnp.pad(valid, ((0, 0), (0, cache_len - s)))
+    n = keys.shape[0]
+    return KVCache(tuple(place(to_slots(keys[i])) for i in range(n)),
+                   tuple(place(to_slots(values[i])) for i in range(n)), valid)
 
 
 _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -285,8 +311,8 @@ _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def generator_for(model) -> Generator:
     """The cached :class:`Generator` of a model (compiled programs are kept across calls). Parameters
-    changed since (e.g. by training) are picked up; a changed setting (``attention_impl``,
-    ``decode_impl``, ...) changes the graph definition and gets a new Generator."""
+    changed since (e.g. by training) are picked up; changed settings (``model.configure``) change the
+    graph definition and get a new Generator."""
     gen = _GENERATORS.get(model)
     graphdef, state = nnx.split(model)
     if gen is None or graphdef != gen.graphdef:
@@ -350,12 +376,8 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     prompts = _encode_prompts(None, prompts, add_bos=False)
     prompts = _check_lengths(prompts, max_new_tokens, max_length or _model_limit(model.config), truncate)
     gen = generator_for(model)
-    batch = gen.prepare(prompts)
-    logits, ck, cv, valid, index, pos, seen = gen.start(batch, max_new_tokens)
-    tokens, num, *_ = gen.decode_loop(gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(seed),
-                                      max_new_tokens=max_new_tokens, sampling=sampling,
-                                      stop_ids=tuple(int(s) for s in stop_ids))
-    tokens, num = np.asarray(tokens), np.asarray(num)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
+    tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 
 
@@ -385,27 +407,23 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
            stop_ids: Sequence[int] | None = None, add_bos: bool = True, skip_special_tokens: bool = False,
            max_length: int | None = None, truncate: bool = False) -> Iterator[str]:
-    """Yield text pieces as tokens are produced (one compiled decode step per token)."""
+    """Yield text pieces as tokens are produced (the decode step driven one token per call)."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
     prompts = _check_lengths(_encode_prompts(tok, [prompt], add_bos), max_new_tokens,
                              max_length or _model_limit(model.config), truncate)
     gen = generator_for(model)
-    logits, ck, cv, valid, index, pos, seen = gen.start(gen.prepare(prompts), max_new_tokens)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)
-    key = jax.random.key(seed)
-    for step in range(max_new_tokens):
-        token = gen.sample(logits, jax.random.fold_in(key, step), sampling, seen)
+    layers = gen.layers
+    for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call
+        ds, token, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
         t = int(token[0])
         if t in stop_ids:
             break
         piece = decoder.push(t)
         if piece:
             yield piece
-        if step + 1 < max_new_tokens:
-            seen = seen.at[0, t].set(True)
-            logits, ck, cv, valid = gen.decode_step(gen.state, token, pos, ck, cv, valid, index, step)
-            pos = pos + 1
     tail = decoder.flush()
     if tail:
         yield tail

@@ -31,10 +31,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from .attention import causal_mask, dense_attention
+from .attention import blockwise_attention, cached_attention, causal_mask, decode_plan, dense_attention, prefill_plan
+from .cache import SLOT_AXIS, KVCache, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention
 from .rope import apply_rope, rope_tables
+from .settings import EngineSettings
 from .sharding import constrain, named_sharding
 
 DTypeLike = Any
@@ -190,23 +192,9 @@ class InternLM2(nnx.Module):
         self.mesh = mesh
         self.dtype = canonical_dtype(dtype or jnp.float32)
         self.param_dtype = canonical_dtype(param_dtype or self.dtype)
-        # attention inside ring steps: "blockwise" (pure JAX), "splash" (the Pallas TPU kernel; Pallas
-        # interpreter on CPU), or "xla" / "cudnn" through jax.nn.dot_product_attention; set it on a
-        # loaded model, e.g. model.attention_impl = "splash"
-        self.attention_impl = "blockwise"
-        # attention of each decode step over the KV cache: "dense" (pure JAX, reads every slot) or
-        # "ragged" (the Pallas TPU kernel of decode_kernel.py: reads only the blocks holding valid
-        # slots; Pallas interpreter on CPU); shapes the kernel does not take fall back to "dense"
-        self.decode_impl = "dense"
-        # layers unrolled in the decode step's loop over layers (True = all): an unrolled loop slices
-        # each layer's weights statically, where a rolled one may copy them out of the stack first
-        self.decode_unroll: int | bool = 1
-        # activation checkpointing of each layer for training: "none", "full" (recompute all) or
-        # "dots" (keep matmul outputs, recompute the rest)
-        self.remat = "none"
-        # on a mesh, sequences longer than this use the blockwise (ring) attention even without a
-        # ``sequence`` axis, so no [S, S] score matrix is materialised
-        self.blockwise_from = 4096
+        # how it runs (attention kernels, decode weights, remat, ...): a frozen, validated object;
+        # change it with model.configure(...)
+        self.settings = EngineSettings()
         if abstract:
             rngs = None
         elif rngs is None:
@@ -243,6 +231,12 @@ class InternLM2(nnx.Module):
                  param_dtype: DTypeLike = None) -> "InternLM2":
         """A model whose parameters are ``ShapeDtypeStruct`` s carrying their target shardings."""
         return cls(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype, abstract=True)
+
+    def configure(self, **changes) -> "InternLM2":
+        """Change engine settings (see :class:`~internlm_jax.settings.EngineSettings`), validated; e.g.
+        ``model.configure(attention="splash", decode_attention="ragged")``. Returns the model."""
+        self.settings = self.settings.replace(**changes)
+        return self
 
     def save(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
         """Write an Orbax checkpoint folder (see :mod:`internlm_jax.checkpoint`); restore with from_pretrained."""
@@ -288,57 +282,47 @@ class InternLM2(nnx.Module):
         out = jnp.einsum("bsh,hv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
 
-    def run_layers(self, x, cos, sin, attend, caches=None, collect: bool = False, unroll: int | bool = 1):
-        """Scan the stacked decoder layers over ``x``.
+    def run_layers(self, x, cos, sin, attend, collect: bool = False):
+        """Scan the stacked decoder layers over ``x`` (one compiled layer body for every depth).
 
-        ``attend(q, k, v, layer_caches) -> (o, new_layer_caches)`` is the attention strategy; ``caches``
-        is a pytree of arrays with a leading layer axis whose row ``i`` is layer ``i``'s (updated in
-        place). Returns ``(x, caches, per-layer outputs or None)``.
+        ``attend(q, k, v) -> (o, aux)`` is the attention strategy; each layer's ``aux`` is stacked on
+        a leading layer axis (e.g. the keys/values a prefill puts in the cache). Returns
+        ``(x, per-layer outputs or None, stacked aux)``.
         """
         layer_def, layer_state = nnx.split(self.layers)
         mesh = self.mesh
 
-        def body(carry, xs):
-            h, cs = carry
-            state, i = xs
+        def body(h, state):
             layer = nnx.merge(layer_def, state)
-            row = None if cs is None else jax.tree.map(lambda c: c[i], cs)
-            h, new_row = layer(h, cos, sin, lambda q, k, v: attend(q, k, v, row), mesh)
-            if cs is not None:
-                cs = jax.tree.map(lambda c, r: jax.lax.dynamic_update_index_in_dim(c, r, i, 0), cs, new_row)
+            h, aux = layer(h, cos, sin, attend, mesh)
             h = constrain(h, ("batch", "seq", "act_embed"), mesh)
-            return (h, cs), (h if collect else None)
+            return h, (h if collect else None, aux)
 
-        if self.remat != "none":
+        remat = self.settings.remat
+        if remat != "none":
             policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
                         "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-            if self.remat not in policies:
-                raise ValueError(f"unknown remat policy {self.remat!r}; use 'none', {', '.join(map(repr, policies))}")
-            body = jax.checkpoint(body, policy=policies[self.remat], prevent_cse=False)
-        (x, caches), per_layer = jax.lax.scan(body, (x, caches), (layer_state, jnp.arange(self.config.num_hidden_layers)),
-                                              unroll=unroll)
-        return x, caches, per_layer
+            body = jax.checkpoint(body, policy=policies[remat], prevent_cse=False)
+        x, (per_layer, aux) = jax.lax.scan(body, x, layer_state)
+        return x, per_layer, aux
 
     @property
     def sequence_parallel(self) -> int:
         """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
+    def prefill_plan(self, length: int):
+        """Which attention a forward/prefill of ``length`` tokens takes (:func:`internlm_jax.attention.prefill_plan`)."""
+        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype)
+
     def uses_blockwise(self, length: int) -> bool:
-        """Whether ``length`` tokens take the ring/blockwise attention (a sequence axis, or a long input
-        on a mesh) rather than dense attention; forward, prefill and the planner all ask here."""
-        return blockwise_attention(self.mesh, length, self.blockwise_from)
+        """Whether ``length`` tokens take the ring layout (a sequence axis, or a long input on a mesh)."""
+        return self.prefill_plan(length).path == "ring"
 
-    def uses_ragged_decode(self, cache_len: int) -> bool:
-        """Whether decode steps over a cache of ``cache_len`` slots take the Pallas ragged kernel:
-        ``decode_impl == "ragged"`` and shapes it takes (per sequence shard)."""
-        if self.decode_impl == "dense":
-            return False
-        if self.decode_impl != "ragged":
-            raise ValueError(f"unknown decode_impl {self.decode_impl!r}; use 'dense' or 'ragged'")
-        from .decode_kernel import supported
-
-        return supported(self.config.head_dim, cache_len // self.sequence_parallel)
+    def decode_attention(self, cache_len: int) -> str:
+        """"ragged" or "dense": how decode steps over a cache of ``cache_len`` slots attend."""
+        return decode_plan(self.settings, head_dim=self.config.head_dim,
+                           local_cache_len=cache_len // self.sequence_parallel, mesh=self.mesh)
 
     def forward(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
                 output_hidden_states=False):
@@ -365,11 +349,13 @@ class InternLM2(nnx.Module):
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
         n = self.sequence_parallel
-        ring = self.uses_blockwise(s)
+        plan = self.prefill_plan(s)
+        ring = plan.path == "ring"
+        block = self.settings.block
         if ring:
             from .ring import padded_length, ring_attention, zigzag_order
 
-            padded = padded_length(s, n)
+            padded = padded_length(s, n, block)
             order = zigzag_order(padded, n)
             pad = ((0, 0), (0, padded - s))
             index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))[:, order]
@@ -377,22 +363,31 @@ class InternLM2(nnx.Module):
             pos_p = jnp.pad(positions, pad)[:, order]
             ok_p = jnp.pad(valid, pad)[:, order]
             start_p = None if start is None else jnp.pad(start, pad)[:, order]
-            mesh, impl = self.mesh, self.attention_impl
+            mesh = self.mesh
 
-            def attend(q, k, v, _):
-                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=impl, q_start=start_p), None
+            def attend(q, k, v):
+                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=plan.kernel, q_start=start_p,
+                                      block=block), None
+        elif plan.path == "blockwise" and start is None:
+            order = np.arange(-(-s // block) * block)  # right padding up to whole blocks
+            pad = ((0, 0), (0, len(order) - s))
+            ids_p, pos_p, ok_p = jnp.pad(input_ids, pad), jnp.pad(positions, pad), jnp.pad(valid, pad)
+            ring = True  # put back in token order below
+
+            def attend(q, k, v):
+                return blockwise_attention(q, k, v, ok_p, block=block, impl=plan.kernel), None
         else:
             ids_p, pos_p = input_ids, positions
             mask = causal_mask(s, s)[None] & valid[:, None, :]
             if start is not None:
                 mask = mask & (idx[:, None, :] >= start[:, :, None])
 
-            def attend(q, k, v, _):
+            def attend(q, k, v):
                 return dense_attention(q, k, v, mask), None
 
         cos, sin = rope_tables(self.config, pos_p, self.dtype, seq_len=seq_len)
         emb = self.embed(ids_p)
-        x, _, per_layer = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
+        x, per_layer, _ = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
         x = self.norm(x)
         logits = self.logits(x)
         if ring:  # back to token order, padding dropped
@@ -405,49 +400,88 @@ class InternLM2(nnx.Module):
         hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
         return logits, hidden
 
-    def forward_cached(self, input_ids, positions, chunk_mask, cache_k, cache_v, kv_valid, index):
-        """Run ``input_ids [B, S]`` against a KV cache, writing their keys/values at slot ``index``.
-
-        cache_k/v: ``[L, B, T, nKV, D]``; kv_valid: ``[B, T]`` bool, which slots hold real tokens;
-        chunk_mask: ``[B, S]`` which of the new tokens are real (left padding is not). Slot order is
-        causal order. Returns float32 logits of the last position ``[B, V]``, the caches and kv_valid.
-        """
+    def prefill_kv(self, input_ids, positions, mask, index):
+        """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag
+        order under the ring path): returns the final hidden states ``[B, S, H]`` (before the final
+        norm) and every layer's keys and values ``[L, B, S, nKV, D]`` (rope applied to keys)."""
         b, s = input_ids.shape
-        t = cache_k.shape[2]
-        kv_valid = jax.lax.dynamic_update_slice_in_dim(kv_valid, chunk_mask.astype(bool), index, axis=1)
-        slots = jnp.arange(t)[None, None, :]
-        mask = kv_valid[:, None, :] & (slots <= (index + jnp.arange(s))[None, :, None])
-        ragged = s == 1 and self.uses_ragged_decode(t)
+        ok = jnp.asarray(mask).astype(bool)
+        plan = self.prefill_plan(s)
+        block = self.settings.block
+        if plan.path == "ring":
+            from .ring import ring_attention
 
-        # a prompt written at slot 0 sees only its own slots (every later one is masked): attend over
-        # the chunk, S x S, not over the whole cache, S x T
-        at_start = isinstance(index, int) and index == 0
+            mesh = self.mesh
 
-        def attend(q, k, v, row):
-            k_cache = jax.lax.dynamic_update_slice_in_dim(row[0], k.astype(row[0].dtype), index, axis=1)
-            v_cache = jax.lax.dynamic_update_slice_in_dim(row[1], v.astype(row[1].dtype), index, axis=1)
-            if at_start:
-                o = dense_attention(q, k_cache[:, :s].astype(q.dtype), v_cache[:, :s].astype(q.dtype), mask[..., :s])
-            elif ragged and self.mesh is not None:
-                o = sharded_decode_attention(q, k_cache, v_cache, mask, self.mesh, impl="ragged")
-            elif ragged:
+            def attend(q, k, v):
+                return ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel, block=block), (k, v)
+        elif plan.path == "blockwise":
+            if s % block:
+                raise ValueError(f"a blockwise prefill needs a length that is a multiple of {block}, got {s}")
+
+            def attend(q, k, v):
+                return blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel), (k, v)
+        else:
+            mask2 = causal_mask(s, s)[None] & ok[:, None, :]
+
+            def attend(q, k, v):
+                return dense_attention(q, k, v, mask2), (k, v)
+
+        cos, sin = rope_tables(self.config, positions, self.dtype)  # max(positions) + 1 over all shards
+        x, _, (keys, values) = self.run_layers(self.embed(input_ids), cos, sin, attend)
+        return x, keys, values
+
+    def forward_decode(self, tokens, positions, cache: KVCache, slot, *, owner=None, layers=None):
+        """One new token per sequence (``tokens``, ``positions`` [B]) against ``cache``: its keys and
+        values are written at ``slot`` (with a ``sequence`` axis: local slot ``slot`` of shard ``owner``),
+        in place when the cache is donated, and attention reads each layer's buffer where it lies.
+        Layers run unrolled: ``layers`` (per-layer weight states) or static slices of the stacked ones.
+        Returns float32 logits ``[B, V]`` and the updated cache."""
+        b = tokens.shape[0]
+        mesh, nh = self.mesh, self.config.num_attention_heads
+        ones = jnp.ones((b, 1), bool)
+        if owner is None:
+            valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, ones, slot, axis=1)
+        else:
+            from .ring import write_decode
+
+            valid = write_decode(cache.valid, ones, owner, slot, mesh)
+        kind = self.decode_attention(cache.length)
+
+        def write(buf, new):
+            new = to_slots(new).astype(buf.dtype)  # [B, nKV, 1, D]
+            if owner is None:
+                return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=SLOT_AXIS)
+            from .ring import write_decode
+
+            return write_decode(buf, new, owner, slot, mesh, nh)
+
+        def attention(q, kc, vc):
+            if mesh is not None and (owner is not None or kind == "ragged"):
+                return sharded_decode_attention(q, kc, vc, valid, mesh, impl=kind)
+            if kind == "ragged":
                 from .decode_kernel import ragged_decode
 
                 interpret = pallas_interpret(jax.default_backend(), "ragged")
-                o = ragged_decode(q, k_cache, v_cache, mask[:, 0], interpret=interpret)[0].astype(q.dtype)
-            else:
-                o = dense_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype), mask)
-            return o, (k_cache, v_cache)
+                return ragged_decode(q, kc, vc, valid, interpret=interpret)[0].astype(q.dtype)
+            return cached_attention(q, kc, vc, valid)
 
-        cos, sin = rope_tables(self.config, positions, self.dtype)
-        x, (cache_k, cache_v), _ = self.run_layers(self.embed(input_ids), cos, sin, attend, (cache_k, cache_v),
-                                                   unroll=self.decode_unroll if s == 1 else 1)
-        logits = self.logits(self.norm(x[:, -1:]))[:, 0]
-        return logits, cache_k, cache_v, kv_valid
+        layer_def, stacked = nnx.split(self.layers)
+        x = self.embed(tokens[:, None])
+        cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
+        keys, values = list(cache.keys), list(cache.values)
+        for i in range(self.config.num_hidden_layers):
+            state = layers[i] if layers is not None else jax.tree.map(lambda p, i=i: p[i], stacked)
+            layer = nnx.merge(layer_def, state)
 
+            def attend(q, k, v, i=i):
+                kc, vc = write(keys[i], k), write(values[i], v)
+                return attention(q, kc, vc), (kc, vc)
 
-def blockwise_attention(mesh: Mesh | None, length: int, blockwise_from: int) -> bool:
-    return mesh is not None and (mesh.shape["sequence"] > 1 or length > blockwise_from)
+            with jax.named_scope(f"layer_{i}"):
+                x, (keys[i], values[i]) = layer(x, cos, sin, attend, mesh)
+        logits = self.logits(self.norm(x))[:, 0]
+        return logits, KVCache(tuple(keys), tuple(values), valid)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))

@@ -321,7 +321,8 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
                      train_param_dtype="float32") -> list[ProgramPlan]:
     """Lower and compile the library's programs on ``mesh`` for a prompt of ``context`` tokens
     (``attention_impl`` / ``decode_impl``: the model settings of those names, if given)."""
-    from .generation import Generator, SamplingParams
+    from .cache import KVCache
+    from .generation import DecodeState, Generator, SamplingParams
     from .model import InternLM2
 
     limit = chip.hbm_bytes if chip else None
@@ -342,10 +343,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
     infer = [p for p in programs if p != "train_step"]
     if infer:
         model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype)
-        if attention_impl:
-            model.attention_impl = attention_impl
-        if decode_impl:
-            model.decode_impl = decode_impl
+        model.configure(**_settings(attention_impl, decode_impl))
         gen = Generator(model)
         s = gen.prompt_length(context)
         blockwise = gen.blockwise(s)
@@ -361,21 +359,14 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
             compiled = None
         if compiled is not None:
             pre.compiled = True
-            logits_s, ck_s, cv_s, valid_s = compiled.output_shardings
-            shapes = jax.eval_shape(lambda: (jnp.zeros((batch, cfg.vocab_size), jnp.float32),
-                                             jnp.zeros((cfg.num_hidden_layers, batch, cache_len,
-                                                        cfg.num_key_value_heads, cfg.head_dim), dtype),
-                                             jnp.zeros((batch, cache_len), bool)))
-            logits = _spec_like(shapes[0], logits_s)
-            ck, cv, valid = _spec_like(shapes[1], ck_s), _spec_like(shapes[1], cv_s), _spec_like(shapes[2], valid_s)
-            pre.cache = _shard_bytes((ck, cv))
+            logits_s, cache_s = compiled.output_shardings
+            logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=logits_s)
+            like = KVCache.abstract(cfg, batch, cache_len, dtype)
+            cache = jax.tree.map(lambda x, sh: _spec_like(x, sh), like, cache_s)
+            pre.cache = _shard_bytes((cache.keys, cache.values))
         else:  # the decode programs still compile: place the cache as the library declares it
-            from .generation import CACHE_AXES
-
-            cshape = (cfg.num_hidden_layers, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
-            ck = cv = _abstract(cshape, dtype, CACHE_AXES, mesh)
+            cache = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
             logits = _abstract((batch, cfg.vocab_size), jnp.float32, ("batch", "act_vocab"), mesh)
-            valid = _abstract((batch, cache_len), bool, ("batch", "cache_seq"), mesh)
         costs = dict(batch=batch, cache_len=cache_len, blockwise=blockwise, dtype_bytes=dtype_bytes,
                      param_bytes=dtype_bytes)
         if "prefill" in programs:
@@ -384,19 +375,24 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
             out.append(pre)
         vec = _abstract((batch,), jnp.int32, ("batch",), mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        seen = _abstract((batch, cfg.vocab_size), bool, ("batch", "act_vocab"), mesh)
+        flags = _abstract((batch,), bool, ("batch",), mesh)
+        ds = DecodeState(logits, cache, vec, seen, flags, scalar, jax.eval_shape(lambda: jax.random.key(0)))
+        layers = None
+        if gen.per_layer:  # the per-layer weight arrays the decode programs read
+            layers = jax.eval_shape(lambda s: tuple(jax.tree.map(lambda p: p[i], s)
+                                                    for i in range(cfg.num_hidden_layers)), gen.state["layers"])
         for name in ("decode_step", "decode_loop"):
             if name not in programs:
                 continue
-            plan = ProgramPlan(name, False, hbm_limit=limit, parameters=param_bytes, cache=_shard_bytes((ck, cv)))
+            plan = ProgramPlan(name, False, hbm_limit=limit, parameters=param_bytes,
+                               cache=_shard_bytes((cache.keys, cache.values)))
             try:
+                kw = dict(sampling=SamplingParams(), stop_ids=(2,))
                 if name == "decode_step":
-                    lowered = gen.decode_step.lower(gen.state, vec, vec, ck, cv, valid, scalar, scalar)
-                else:
-                    seen = _abstract((batch, cfg.vocab_size), bool, ("batch", "act_vocab"), mesh)
-                    key = jax.eval_shape(lambda: jax.random.key(0))
-                    lowered = gen.decode_loop.lower(gen.state, logits, ck, cv, valid, scalar, vec, seen, key,
-                                                    max_new_tokens=max_new_tokens, sampling=SamplingParams(),
-                                                    stop_ids=(2,))
+                    lowered = gen.step.lower(gen.state, layers, ds, scalar, **kw)
+                else:  # one chunk of the on-device decode loop
+                    lowered = gen.chunk.lower(gen.state, layers, ds, scalar, steps=gen.settings.decode_chunk, **kw)
                 compiled = lowered.compile()
             except Exception as e:  # noqa: BLE001
                 plan.error = _short_error(e)
@@ -404,7 +400,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
                 continue
             plan.compiled = True
             # the ragged kernel reads the filled slots only: at most the context and the new tokens
-            filled = context + max_new_tokens if model.uses_ragged_decode(cache_len) else None
+            filled = context + max_new_tokens if model.decode_attention(cache_len) == "ragged" else None
             finish(plan, compiled, program_costs(cfg, name, seq=1, decode_slots=filled, **costs))
             out.append(plan)
         del model, gen
@@ -415,6 +411,16 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
     return sorted(out, key=lambda p: order[p.name])
 
 
+def _settings(attention_impl: str | None, decode_impl: str | None) -> dict:
+    """The planner's ``attention_impl`` / ``decode_impl`` as engine settings."""
+    out = {}
+    if attention_impl:
+        out["attention"] = attention_impl
+    if decode_impl:
+        out["decode_attention"] = decode_impl
+    return out
+
+
 def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attention_impl, limit, finish) -> ProgramPlan:
     from flax import nnx
 
@@ -423,9 +429,7 @@ def _compile_train(cfg, mesh, context, batch, dtype, param_dtype, remat, attenti
     from .training.step import make_optimizer, make_train_step, optimizer_shardings
 
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
-    model.remat = remat
-    if attention_impl:
-        model.attention_impl = attention_impl
+    model.configure(remat=remat, **_settings(attention_impl, None))
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(OptimSection(), 1000)
     plan = ProgramPlan("train_step", False, hbm_limit=limit)
@@ -538,15 +542,14 @@ def resident_bytes(cfg: InternLM2Config, mesh, *, context: int, batch: int, max_
                    training: bool) -> int:
     """Bytes per device that must stay resident whatever the compiler does: the parameters and the
     KV cache (inference), or the f32 parameters and AdamW moments (training)."""
-    from .generation import CACHE_AXES, Generator
+    from .cache import shard_bytes
+    from .generation import Generator
     from .model import InternLM2
-    from .sharding import named_sharding
 
     model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype)
     gen = Generator(model)
     cache_len = gen.layout(gen.prompt_length(context), max_new_tokens)[0]
-    shape = (cfg.num_hidden_layers, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
-    cache = 2 * math.prod(named_sharding(CACHE_AXES, shape, mesh).shard_shape(shape)) * jnp.dtype(dtype).itemsize
+    cache = shard_bytes(cfg, batch, cache_len, dtype, mesh)
     params = _shard_bytes(gen.state)
     inference = params + cache
     if not training:

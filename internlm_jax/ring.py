@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-NEG = jnp.float32(-jnp.inf)
+from .attention import NEG, block_has_work, fold_block, fold_block_fused, fold_partial, visible_mask
+
 BLOCK = 512  # queries/keys per block of the local blockwise attention
 
 
@@ -52,55 +53,6 @@ def zigzag_order(length: int, n: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[2 * n - 1 - i]]) for i in range(n)])
 
 
-def _visible(q_idx, q_start, k_idx, k_ok, causal: bool):
-    """[B, Sq, Sk]: padding masked; causal by global index; with q_start, only the query's own
-    segment (packed documents are contiguous, so "same segment" is "index >= the segment start")."""
-    visible = k_ok[:, None, :]
-    if causal:
-        visible = visible & (k_idx[:, None, :] <= q_idx[:, :, None])
-    if q_start is not None:
-        visible = visible & (k_idx[:, None, :] >= q_start[:, :, None])
-    return visible
-
-
-def _block_has_work(q_idx, k_idx, k_ok, causal: bool):
-    """Whether any key of a block can be visible to any query of a block (else it is skipped)."""
-    if not causal:
-        return jnp.any(k_ok)
-    return jnp.any(k_ok) & (jnp.min(jnp.where(k_ok, k_idx, jnp.iinfo(jnp.int32).max)) <= jnp.max(q_idx))
-
-
-def _attend_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool):
-    """Fold one key block into the accumulators of one query block (online softmax, float32).
-
-    q [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; q_idx [B, Sq]; k_idx, k_ok [B, Sk];
-    m, l [B, nKV, G, Sq]; acc [B, Sq, nKV, G, D].
-    """
-    visible = _visible(q_idx, q_start, k_idx, k_ok, causal)
-    s = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(visible[:, None, None], s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows with nothing visible yet stay empty
-    p = jnp.exp(s - m_safe[..., None])
-    correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
-    l = l * correction + jnp.sum(p, axis=-1)
-    pv = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    acc = acc * jnp.moveaxis(correction, -1, 1)[..., None] + pv
-    return m_new, l, acc
-
-
-def _attend_block_fused(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool, implementation: str):
-    """As :func:`_attend_block`, through ``jax.nn.dot_product_attention`` (cuDNN on GPU): the block's
-    normalised output and log-sum-exp are folded into the running (m, l, acc)."""
-    b, sq, nkv, g, d = q.shape
-    visible = _visible(q_idx, q_start, k_idx, k_ok, causal)
-    o, lse = jax.nn.dot_product_attention(q.reshape(b, sq, nkv * g, d), k, v, mask=visible[:, None], scale=float(scale),
-                                          implementation=implementation, return_residual=True)
-    lse = lse.astype(jnp.float32).reshape(b, sq, nkv, g).transpose(0, 2, 3, 1)  # [B, nKV, G, Sq]
-    any_visible = jnp.any(visible, axis=-1)[:, None, None, :]
-    return _fold(m, l, acc, o.astype(jnp.float32).reshape(b, sq, nkv, g, d), lse, any_visible)
-
-
 def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causal: bool = True,
                     impl: str = "blockwise", q_start=None):
     """Blockwise attention of local queries over one K/V chunk, updating (m, l, acc).
@@ -124,11 +76,11 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
 
         def per_k_block(carry, xs):
             kb, vb, ki, ko = xs
-            visible = _block_has_work(qi, ki, ko, causal)
+            visible = block_has_work(qi, ki, ko, causal)
             if impl == "blockwise":
-                fold = lambda c: _attend_block(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal)  # noqa: E731
+                fold = lambda c: fold_block(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal)  # noqa: E731
             else:
-                fold = lambda c: _attend_block_fused(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal, impl)  # noqa: E731
+                fold = lambda c: fold_block_fused(qb, kb, vb, qi, qs0, ki, ko, *c, scale, causal, impl)  # noqa: E731
             return jax.lax.cond(visible, fold, lambda c: c, carry), None
 
         ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
@@ -149,21 +101,6 @@ def local_attention(q, k, v, q_idx, k_idx, k_ok, m, l, acc, *, block: int, causa
     l = ls.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, sq)
     acc = accs.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
     return m, l, acc
-
-
-def _fold(m, l, acc, o, lse, any_visible=None):
-    """Fold a normalised partial output ``o [B, S, nKV, G, D]`` with its log-sum-exp ``lse [B, nKV, G, S]``
-    into the running online-softmax state."""
-    if any_visible is not None:
-        lse = jnp.where(any_visible, lse, NEG)
-        o = jnp.where(jnp.moveaxis(any_visible, -1, 1)[..., None], o, 0.0)
-    m_new = jnp.maximum(m, lse)
-    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
-    c_old = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
-    c_blk = jnp.exp(jnp.where(jnp.isinf(lse), NEG, lse - m_safe))
-    l = l * c_old + c_blk
-    acc = acc * jnp.moveaxis(c_old, -1, 1)[..., None] + o * jnp.moveaxis(c_blk, -1, 1)[..., None]
-    return m_new, l, acc
 
 
 @functools.lru_cache(maxsize=None)
@@ -215,7 +152,7 @@ def splash_local_attention(q, k, v, q_idx, q_ok, k_idx, k_ok, m, l, acc, *, inte
             args = (qs[:, qa], k[:, kb], v[:, kb], q_seg[:, qa], k_seg[:, kb])
 
             def with_kernel(kernel, state, args=args):
-                return _fold(*state, *run(kernel, *args))
+                return fold_partial(*state, *run(kernel, *args))
 
             def general(state, qa=qa, kb=kb):
                 return local_attention(q[:, qa], k[:, kb], v[:, kb], q_idx[:, qa], k_idx[:, kb], k_ok[:, kb], *state,
@@ -255,8 +192,8 @@ def local_attention_bwd(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: i
         def per_q_block(carry, ys):
             dkb, dvb = carry
             qb, dob, qi, qs0, lb_, db = ys
-            visible = _visible(qi, None if q_start is None else qs0, ki, ko, causal)
-            any_visible = _block_has_work(qi, ki, ko, causal)
+            visible = visible_mask(qi, None if q_start is None else qs0, ki, ko, causal)
+            any_visible = block_has_work(qi, ki, ko, causal)
 
             def grads(c):
                 dkb, dvb = c
@@ -401,77 +338,82 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
     return run(q, k, v, q_idx, kv_idx, kv_ok, q_start)
 
 
-def sharded_decode_attention(q, k_cache, v_cache, kv_ok, mesh: Mesh, impl: str = "dense"):
-    """Decode attention of q ``[B, S, nH, D]`` (S new tokens, all after every cached one) over a cache
-    ``[B, T, nKV, D]`` whose slots are split over ``sequence``: each device attends to its slots and
-    the partial outputs merge through their log-sum-exp. kv_ok ``[B, S, T]`` says which slot each
-    query may see. ``impl="ragged"`` (S = 1) computes each device's part with the Pallas kernel of
+def sharded_decode_attention(q, k_cache, v_cache, valid, mesh: Mesh, impl: str = "dense"):
+    """Decode attention of q ``[B, 1, nH, D]`` over cache buffers ``[B, nKV, T, D]`` (layout of
+    :mod:`internlm_jax.cache`) whose slots may be split over ``sequence``: each device attends to its
+    slots and the partial outputs merge through their log-sum-exp. valid ``[B, T]``: the slots the new
+    token may see. ``impl="ragged"`` computes each device's part with the Pallas kernel of
     :mod:`internlm_jax.decode_kernel`, which reads only the blocks holding valid slots.
-    Returns ``[B, S, nH, D]``."""
+    Returns ``[B, 1, nH, D]``."""
     b, s, nh, d = q.shape
-    nkv = k_cache.shape[2]
+    nkv = k_cache.shape[1]
     bspec, heads = _specs(mesh, b, nh, nkv)
     qspec = P(bspec, None, heads, None)
-    cspec = P(bspec, "sequence", heads, None)
+    cspec = P(bspec, heads, "sequence", None)
     if impl not in ("dense", "ragged"):
         raise ValueError(f"unknown decode attention impl {impl!r}; use 'dense' or 'ragged'")
     interpret = pallas_interpret(mesh.devices.flat[0].platform, impl) if impl == "ragged" else False
 
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qspec, cspec, cspec, P(bspec, None, "sequence")),
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qspec, cspec, cspec, P(bspec, "sequence")),
                        out_specs=qspec, check_vma=False)
     def run(q, k, v, ok):
         lb, ls, lh, _ = q.shape
-        lkv = k.shape[2]
+        lkv = k.shape[1]
         if impl == "ragged":
             from .decode_kernel import ragged_decode
 
-            o, lse = ragged_decode(q, k, v, ok[:, 0], interpret=interpret)  # [lb, 1, lh, d], [lb, lkv, G]
+            o, lse = ragged_decode(q, k, v, ok, interpret=interpret)  # [lb, 1, lh, d], [lb, lkv, G]
             m = jax.lax.pmax(lse, "sequence")
             w = jnp.exp(lse - jnp.where(jnp.isinf(m), 0.0, m))  # this shard's share, 0 where it saw nothing
             l = jax.lax.psum(w, "sequence")
             o = jax.lax.psum(o * w.reshape(lb, 1, lh, 1), "sequence") / jnp.where(l == 0, 1.0, l).reshape(lb, 1, lh, 1)
             return o.astype(q.dtype)
-        qg = q.reshape(lb, ls, lkv, lh // lkv, d)
-        sc = jnp.einsum("bqngd,bknd->bngqk", qg, k, preferred_element_type=jnp.float32) / jnp.float32(math.sqrt(d))
-        sc = jnp.where(ok[:, None, None], sc, NEG)
-        m_local = jnp.max(sc, axis=-1)
-        m = jax.lax.pmax(m_local, "sequence")
+        qg = q.reshape(lb, lkv, lh // lkv, d)
+        sc = jnp.einsum("bngd,bntd->bngt", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        sc = jnp.where(ok[:, None, None, :], sc / jnp.float32(math.sqrt(d)), NEG)
+        m = jax.lax.pmax(jnp.max(sc, axis=-1), "sequence")
         m_safe = jnp.where(jnp.isinf(m), 0.0, m)
         p = jnp.exp(sc - m_safe[..., None])
         l = jax.lax.psum(jnp.sum(p, axis=-1), "sequence")
-        o = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        o = jax.lax.psum(o, "sequence") / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
-        return o.reshape(lb, ls, lh, d).astype(q.dtype)
+        o = jnp.einsum("bngt,bntd->bngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        o = jax.lax.psum(o, "sequence") / jnp.where(l == 0, 1.0, l)[..., None]
+        return o.reshape(lb, 1, lh, d).astype(q.dtype)
 
-    return run(q, k_cache, v_cache, kv_ok)
+    return run(q, k_cache, v_cache, valid)
 
+
+def _cache_spec(mesh: Mesh, x, nh: int | None):
+    """shard_map spec of a cache buffer ``[B, nKV, T, D]`` (slots over ``sequence``) or of ``valid [B, T]``."""
+    if x.ndim == 4:
+        bspec, heads = _specs(mesh, x.shape[0], nh or 1, x.shape[1])
+        return P(bspec, heads, "sequence", None), 2
+    bspec, _ = _specs(mesh, x.shape[0], 1, 1)
+    return P(bspec, "sequence"), 1
 
 
 def write_prefill(cache, new, mesh: Mesh, nh: int | None = None):
-    """Each device writes its own chunk of ``new`` ``[B, S, ...]`` (split over ``sequence``) at the start
-    of its own slice of ``cache`` ``[B, T, ...]``: the cache never moves between devices."""
-    bspec, heads = _specs(mesh, cache.shape[0], nh or 1, cache.shape[2] if cache.ndim > 2 else 1)
-    rest = (heads, None) if cache.ndim == 4 else ()
-    spec = P(bspec, "sequence", *rest)
+    """Each device writes its own chunk of ``new`` (split over ``sequence`` along the slot axis: ``[B, nKV,
+    S, D]`` for a cache buffer, ``[B, S]`` for valid) at the start of its own slice of ``cache``: the
+    cache never moves between devices."""
+    spec, axis = _cache_spec(mesh, cache, nh)
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
     def run(c, x):
-        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), 0, axis=axis)
 
     return run(cache, new)
 
 
 def write_decode(cache, new, owner, local_slot, mesh: Mesh, nh: int | None = None):
-    """Write ``new`` ``[B, 1, ...]`` (the same on every sequence shard) at ``local_slot`` of the slice
-    held by sequence shard ``owner``; the other shards keep theirs untouched."""
-    bspec, heads = _specs(mesh, cache.shape[0], nh or 1, cache.shape[2] if cache.ndim > 2 else 1)
-    rest = (heads, None) if cache.ndim == 4 else ()
-    spec, nspec = P(bspec, "sequence", *rest), P(bspec, None, *rest)
+    """Write ``new`` (one slot: ``[B, nKV, 1, D]`` or ``[B, 1]``, the same on every sequence shard) at
+    ``local_slot`` of the slice held by sequence shard ``owner``; the other shards keep theirs untouched."""
+    spec, axis = _cache_spec(mesh, cache, nh)
+    nspec = P(*[None if i == axis else s for i, s in enumerate(spec)]) if len(spec) > axis else spec
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, nspec, P(), P()), out_specs=spec, check_vma=False)
     def run(c, x, owner, slot):
         mine = jax.lax.axis_index("sequence") == owner
-        return jax.lax.cond(mine, lambda c: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), slot, axis=1),
+        return jax.lax.cond(mine, lambda c: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), slot, axis=axis),
                             lambda c: c, c)
 
     return run(cache, new, jnp.asarray(owner, jnp.int32), jnp.asarray(local_slot, jnp.int32))

@@ -11,7 +11,7 @@ import pytest
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
 from internlm_jax.decode_kernel import ragged_decode_attention, supported
-from internlm_jax.generation import Generator
+from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.ring import pallas_interpret
 from internlm_jax.sharding import named_sharding
 from test_plan import needs_tpu_compiler
@@ -47,6 +47,11 @@ def _case(b, t, nkv, g, seed, block=512):
     return q, k, v, ok
 
 
+def _slots(x):
+    """[B, T, nKV, D] test arrays in the cache layout [B, nKV, T, D]."""
+    return jnp.asarray(np.ascontiguousarray(np.swapaxes(x, 1, 2)))
+
+
 def _dense(q, k, v, ok):
     b, nkv, g, d = q.shape
     clean = lambda x: np.where(ok[..., None, None], x, 0.0)  # noqa: E731
@@ -66,7 +71,7 @@ def _rel(a, b):
 @pytest.mark.parametrize("b,t,nkv,g", [(3, 1024, 2, 3), (2, 128, 1, 1), (1, 2048, 2, 8)])
 def test_kernel_equals_dense_attention_in_float32(b, t, nkv, g):
     q, k, v, ok = _case(b, t, nkv, g, seed=t + g)
-    out, lse = ragged_decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ok), interpret=True)
+    out, lse = ragged_decode_attention(jnp.asarray(q), _slots(k), _slots(v), jnp.asarray(ok), interpret=True)
     want, want_lse = _dense(q, k, v, ok)
     assert np.isfinite(np.asarray(out)).all()  # no NaN block was read
     assert _rel(out, want) < 1e-5
@@ -76,7 +81,7 @@ def test_kernel_equals_dense_attention_in_float32(b, t, nkv, g):
 def test_kernel_in_bfloat16_is_close_to_the_float32_reference():
     q, k, v, ok = _case(2, 1024, 2, 4, seed=3)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    out, _ = ragged_decode_attention(bf(q), bf(k), bf(v), jnp.asarray(ok), interpret=True)
+    out, _ = ragged_decode_attention(bf(q), _slots(k).astype(jnp.bfloat16), _slots(v).astype(jnp.bfloat16), jnp.asarray(ok), interpret=True)
     rounded = [np.asarray(bf(x), np.float32) for x in (q, k, v)]
     want, _ = _dense(*rounded, ok)
     assert out.dtype == jnp.float32 and _rel(out, want) < 1e-2
@@ -86,7 +91,7 @@ def test_a_sequence_with_no_valid_slot_gets_zeros_and_minus_infinity():
     q, k, v, ok = _case(2, 256, 1, 2, seed=1)
     ok[1] = False
     k[1], v[1] = np.nan, np.nan
-    out, lse = ragged_decode_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(ok), interpret=True)
+    out, lse = ragged_decode_attention(jnp.asarray(q), _slots(k), _slots(v), jnp.asarray(ok), interpret=True)
     assert (np.asarray(out)[1] == 0).all() and np.isneginf(np.asarray(lse)[1]).all()
     assert np.isfinite(np.asarray(out)[0]).all()
 
@@ -94,35 +99,33 @@ def test_a_sequence_with_no_valid_slot_gets_zeros_and_minus_infinity():
 def test_bad_shapes_and_platforms_are_refused_by_name():
     q = jnp.zeros((1, 2, 2, 128))
     with pytest.raises(ValueError, match="disagree"):
-        ragged_decode_attention(q, jnp.zeros((1, 256, 1, 128)), jnp.zeros((1, 256, 1, 128)), jnp.ones((1, 256), bool))
+        ragged_decode_attention(q, jnp.zeros((1, 1, 256, 128)), jnp.zeros((1, 1, 256, 128)), jnp.ones((1, 256), bool))
     with pytest.raises(ValueError, match="head_dim % 128"):
-        ragged_decode_attention(jnp.zeros((1, 1, 1, 64)), jnp.zeros((1, 256, 1, 64)), jnp.zeros((1, 256, 1, 64)),
+        ragged_decode_attention(jnp.zeros((1, 1, 1, 64)), jnp.zeros((1, 1, 256, 64)), jnp.zeros((1, 1, 256, 64)),
                                 jnp.ones((1, 256), bool))
     assert supported(128, 4096) and not supported(64, 4096) and not supported(128, 96)
     with pytest.raises(ValueError, match="Pallas TPU kernel; it cannot run on gpu"):
         pallas_interpret("gpu", "ragged")
     model = ij.InternLM2(CFG)
-    model.decode_impl = "paged"
-    with pytest.raises(ValueError, match="unknown decode_impl 'paged'"):
-        model.uses_ragged_decode(1024)
+    with pytest.raises(ValueError, match="unknown decode_attention 'paged'"):
+        model.configure(decode_attention="paged")
 
 
 def _decode_logits(model, prompts, steps=3):
     """Logits of a few decode steps after a prefill (float32, [steps, B, V])."""
     gen = Generator(model)
-    logits, ck, cv, valid, base, pos, _ = gen.start(gen.prepare(prompts), 8)
+    ds, base = gen.start(gen.prepare(prompts), 8)
     out = []
-    for step in range(steps):
-        tok = jnp.argmax(logits, -1).astype(jnp.int32)
-        logits, ck, cv, valid = gen.decode_step(gen.state, tok, pos + step, ck, cv, valid, base, jnp.int32(step))
-        out.append(np.asarray(logits))
+    for _ in range(steps):
+        ds, *_ = gen.step(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=())
+        out.append(np.asarray(ds.logits))
     return np.stack(out)
 
 
 @pytest.mark.parametrize("axes", [None, dict(tensor=2, fsdp=4), dict(sequence=2, tensor=2, fsdp=2)],
                          ids=["no-mesh", "tensor2xfsdp4", "sequence2xtensor2xfsdp2"])
 def test_decode_steps_through_the_kernel_equal_the_dense_path(axes):
-    """The library's decode step with ``decode_impl="ragged"`` (Pallas interpreter): the same float32 logits
+    """The library's decode step with ``decode_attention="ragged"`` (Pallas interpreter): the same float32 logits
     as the dense path, for prompts of very different lengths (one mostly padding), on and off a mesh,
     with the cache slots split over ``sequence``."""
     mesh = None if axes is None else ij.make_mesh(**axes)
@@ -130,9 +133,9 @@ def test_decode_steps_through_the_kernel_equal_the_dense_path(axes):
     prompts = [list(np.random.RandomState(5).randint(3, 128, 600)), list(np.random.RandomState(6).randint(3, 128, 20))]
     want = _decode_logits(model, prompts)
     want_ids = ij.generate_ids(model, prompts, max_new_tokens=4, stop_ids=())
-    model.decode_impl = "ragged"
+    model.configure(decode_attention="ragged")
     gen = Generator(model)
-    assert model.uses_ragged_decode(gen.layout(gen.prompt_length(600), 8)[0])
+    assert model.decode_attention(gen.layout(gen.prompt_length(600), 8)[0]) == "ragged"
     assert _rel(_decode_logits(model, prompts), want) < 1e-5
     assert ij.generate_ids(model, prompts, max_new_tokens=4, stop_ids=()) == want_ids  # the on-device loop too
 
@@ -142,8 +145,9 @@ def test_decode_steps_through_the_kernel_equal_the_dense_path(axes):
                                            ("v4:2x2x1", dict(tensor=2, fsdp=2)), ("v5p:2x2x1", dict(fsdp=4))])
 def test_the_decode_step_compiles_with_the_mosaic_kernel_for_tpu(topology, axes):
     """The library's decode step, lowered from abstract sharded inputs for a TPU topology: with
-    ``decode_impl="ragged"`` the program holds the Mosaic kernel, with "dense" it does not."""
-    from internlm_jax.generation import CACHE_AXES
+    ``decode_attention="ragged"`` the program holds the Mosaic kernel, with "dense" it does not."""
+    from internlm_jax.cache import KVCache
+    from internlm_jax.generation import DecodeState
     from internlm_jax.plan import tpu_devices
 
     devices, _ = tpu_devices(topology)
@@ -153,15 +157,17 @@ def test_the_decode_step_compiles_with_the_mosaic_kernel_for_tpu(topology, axes)
     def spec(shape, dtype, names):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(names, shape, mesh))
 
-    cache = spec((CFG.num_hidden_layers, b, t, CFG.num_key_value_heads, CFG.head_dim), jnp.bfloat16, CACHE_AXES)
+    cache = KVCache.abstract(CFG, b, t, jnp.bfloat16, mesh)
     vec, scalar = spec((b,), jnp.int32, ("batch",)), jax.ShapeDtypeStruct((), jnp.int32)
-    valid = spec((b, t), jnp.bool_, ("batch", "cache_seq"))
+    ds = DecodeState(spec((b, CFG.vocab_size), jnp.float32, ("batch", "act_vocab")), cache, vec,
+                     spec((b, CFG.vocab_size), jnp.bool_, ("batch", "act_vocab")), spec((b,), jnp.bool_, ("batch",)),
+                     scalar, jax.eval_shape(lambda: jax.random.key(0)))
     texts = {}
     for impl in ("ragged", "dense"):
-        model = ij.InternLM2.abstract(CFG, mesh=mesh, dtype="bfloat16")
-        model.decode_impl = impl
+        model = ij.InternLM2.abstract(CFG, mesh=mesh, dtype="bfloat16").configure(decode_attention=impl)
         gen = Generator(model)
-        texts[impl] = gen.decode_step.lower(gen.state, vec, vec, cache, cache, valid, scalar, scalar).compile().as_text()
+        texts[impl] = gen.step.lower(gen.state, None, ds, scalar, sampling=SamplingParams(),
+                                     stop_ids=()).compile().as_text()
     assert "tpu_custom_call" in texts["ragged"] and "tpu_custom_call" not in texts["dense"]
 
 

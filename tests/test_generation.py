@@ -77,34 +77,36 @@ def test_greedy_matches_hf_llama_generate(tmp_path):
 def test_prompt_lengths_share_compiled_programs(model):
     gen = generator_for(model)
     ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=4, stop_ids=())
-    prefill, loop = gen.prefill._cache_size(), gen.decode_loop._cache_size()
-    for n in (5, 9, 13, 16):  # all in the 16-token bucket
-        ij.generate_ids(model, [list(range(3, 3 + n))], max_new_tokens=4, stop_ids=())
-    assert gen.prefill._cache_size() == prefill and gen.decode_loop._cache_size() == loop
+    prefill, loop = gen.prefill._cache_size(), gen.chunk._cache_size()
+    for n, new in ((5, 4), (9, 2), (13, 3), (16, 1)):  # all in the 16-token bucket; max_new_tokens varies
+        ij.generate_ids(model, [list(range(3, 3 + n))], max_new_tokens=new, stop_ids=())
+    assert gen.prefill._cache_size() == prefill and gen.chunk._cache_size() == loop
     ij.generate_ids(model, [list(range(3, 23))], max_new_tokens=4, stop_ids=())  # 20 tokens: the 32 bucket
     assert gen.prefill._cache_size() == prefill + 1
 
 
-def test_the_decode_loop_updates_the_donated_cache_in_place(model):
-    """The on-device loop takes the cache donated and hands it back (the compiled program aliases it, so
-    XLA need not keep a second copy: see test_plan), and the cache it returns, fed to one more decode
-    step, continues the greedy sequence."""
+def test_the_decode_chunk_updates_the_donated_cache_in_place(model):
+    """A decode chunk takes the state donated and hands it back (the compiled program aliases the whole
+    cache, so XLA keeps no second copy), and the state it returns, fed to single steps (the stream
+    driver), continues the greedy sequence."""
     gen = generator_for(model)
     prompts = [list(range(3, 20)), [5, 6]]
-    logits, ck, cv, valid, base, pos, seen = gen.start(gen.prepare(prompts), 64)
-    kw = dict(max_new_tokens=5, sampling=SamplingParams(), stop_ids=())
-    mem = gen.decode_loop.lower(gen.state, logits, ck, cv, valid, base, pos, seen, jax.random.key(0),
-                                **kw).compile().memory_analysis()
-    assert mem.alias_size_in_bytes >= 2 * ck.addressable_shards[0].data.nbytes  # per device
-    tokens, num, ck2, cv2, valid2 = gen.decode_loop(gen.state, logits, ck, cv, valid, base, pos, seen,
-                                                    jax.random.key(0), **kw)
-    assert ck.is_deleted() and cv.is_deleted()  # donated
-    want = ij.generate_ids(model, prompts, max_new_tokens=6, stop_ids=())
-    # the returned cache holds tokens 0..3 (the last one sampled, 4, was not decoded): decode it now
-    last = jnp.asarray(tokens)[:, 4]
-    out, *_ = gen.decode_step(gen.state, last, pos + 4, ck2, cv2, valid2, base, jnp.int32(4))
-    assert np.asarray(tokens).tolist() == [w[:5] for w in want]
-    assert np.argmax(np.asarray(out), -1).tolist() == [w[5] for w in want]
+    ds, base = gen.start(gen.prepare(prompts), 64)
+    kw = dict(sampling=SamplingParams(), stop_ids=())
+    k = model.settings.decode_chunk
+    mem = gen.chunk.lower(gen.state, gen.layers, ds, base, steps=k, **kw).compile().memory_analysis()
+    per_device = sum(x.addressable_shards[0].data.nbytes for x in ds.cache.keys + ds.cache.values)
+    assert mem.alias_size_in_bytes >= per_device
+    old = ds.cache.keys[0]
+    ds, tokens, emitted = gen.chunk(gen.state, gen.layers, ds, base, steps=k, **kw)
+    assert old.is_deleted()  # donated
+    more = []
+    for _ in range(3):
+        ds, tok, _ = gen.step(gen.state, gen.layers, ds, base, **kw)
+        more.append(np.asarray(tok))
+    want = ij.generate_ids(model, prompts, max_new_tokens=k + 3, stop_ids=(), max_length=128)
+    got = np.concatenate([np.asarray(tokens), np.stack(more, 1)], axis=1)
+    assert got.tolist() == want and np.asarray(emitted).all()
 
 
 def test_each_sequence_stops_at_its_own_stop_id(model):
@@ -120,11 +122,14 @@ def test_each_sequence_stops_at_its_own_stop_id(model):
 def test_kv_cache_is_preallocated_and_sharded(model):
     gen = generator_for(model)
     batch = gen.prepare([[1, 2, 3]] * 4)
-    logits, ck, cv, valid, index, pos, seen = gen.start(batch, max_new_tokens=20)
-    cfg = model.config
-    assert ck.shape == (cfg.num_hidden_layers, 4, 64, cfg.num_key_value_heads, cfg.head_dim)  # GQA count
-    assert ck.sharding.spec[1] == "fsdp" and ck.sharding.spec[3] == "tensor"  # batch and KV heads
-    assert logits.dtype == jnp.float32 and int(index) == 16 and valid[:, 13:16].all() and not valid[:, :13].any()
+    ds, index = gen.start(batch, max_new_tokens=20)
+    cfg, cache = model.config, ds.cache
+    assert len(cache.keys) == len(cache.values) == cfg.num_hidden_layers  # one buffer per layer
+    for buf in cache.keys + cache.values:  # [B, nKV, T, D] at the GQA head count
+        assert buf.shape == (4, cfg.num_key_value_heads, 64, cfg.head_dim)
+        assert buf.sharding.spec[0] == "fsdp" and buf.sharding.spec[1] == "tensor"  # batch and KV heads
+    valid = cache.valid
+    assert ds.logits.dtype == jnp.float32 and int(index) == 16 and valid[:, 13:16].all() and not valid[:, :13].any()
 
 
 def test_sampling_reproducible_and_greedy_limits(model):
@@ -199,6 +204,6 @@ def test_cache_sharded_over_sequence_axis_gives_same_tokens(tmp_path):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     m = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=2, tensor=2, fsdp=2))
     gen = generator_for(m)
-    _, ck, *_ = gen.start(gen.prepare(PROMPTS), max_new_tokens=12)
-    assert ck.sharding.spec[2] == "sequence"  # cache slots split over the sequence axis
+    ds, _ = gen.start(gen.prepare(PROMPTS), max_new_tokens=12)
+    assert ds.cache.keys[0].sharding.spec[2] == "sequence"  # cache slots split over the sequence axis
     assert ij.generate_ids(m, PROMPTS, max_new_tokens=12, stop_ids=()) == _reference(STATE, CFG, PROMPTS, 12)

@@ -10,7 +10,7 @@ import reference as ref
 from hf_fixtures import run_python as _run, tiny_config, write_hf_checkpoint
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
-from internlm_jax.generation import generator_for
+from internlm_jax.generation import SamplingParams, generator_for
 from internlm_jax.ring import ring_attention, zigzag_order
 
 CFG = tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=32, bias=True)
@@ -130,7 +130,7 @@ def test_long_inputs_without_a_sequence_axis_go_blockwise(tmp_path):
     same logits as the reference (1100 tokens: padded to 3 blocks of 512) and same greedy tokens."""
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(tensor=2, fsdp=4))
-    model.blockwise_from = 8
+    model.configure(blockwise_from=8)
     ids = np.random.RandomState(3).randint(0, CFG["vocab_size"], (1, 1100))
     jaxpr = jax.make_jaxpr(lambda x: model.forward(x))(jnp.asarray(ids))
     assert "shard_map" in str(jaxpr)  # the blockwise path, not dense attention
@@ -145,16 +145,14 @@ def test_decode_tokens_fill_the_shards_evenly(tmp_path):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=4, fsdp=2))
     gen = generator_for(model)
-    logits, ck, cv, valid, base, pos, seen = gen.start(gen.prepare([list(range(3, 30))]), max_new_tokens=10)
-    assert ck.sharding.spec[2] == "sequence"
-    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    ds, base = gen.start(gen.prepare([list(range(3, 30))]), max_new_tokens=10)
+    assert ds.cache.keys[0].sharding.spec[2] == "sequence"
     per_shard = lambda v: np.asarray(v).reshape(1, 4, -1).sum(-1)[0]  # noqa: E731
-    before = per_shard(valid)
+    before = per_shard(ds.cache.valid)
     assert before.sum() == 27 and int(base) == 8  # each shard holds 32 / 4 prompt slots (zigzag chunks)
-    for step in range(10):
-        logits, ck, cv, valid = gen.decode_step(gen.state, token, pos, ck, cv, valid, base, jnp.int32(step))
-        token, pos = jnp.argmax(logits, -1).astype(jnp.int32), pos + 1
-    added = per_shard(valid) - before
+    for _ in range(10):
+        ds, *_ = gen.step(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=())
+    added = per_shard(ds.cache.valid) - before
     assert added.sum() == 10 and added.max() - added.min() <= 1
 
 
@@ -227,5 +225,5 @@ def test_generation_with_the_splash_kernel_matches_blockwise(tmp_path):
     prompts = [list(np.random.RandomState(5).randint(3, CFG["vocab_size"], 300)), PROMPTS[0]]  # bucket 512
     kw = dict(max_new_tokens=6, stop_ids=(), max_length=1024)
     want = ij.generate_ids(model, prompts, **kw)
-    model.attention_impl = "splash"
+    model.configure(attention="splash")
     assert ij.generate_ids(model, prompts, **kw) == want

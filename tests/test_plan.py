@@ -12,7 +12,7 @@ import pytest
 import internlm_jax as ij
 from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
 import reference as ref
-from internlm_jax.generation import Generator
+from internlm_jax.generation import DecodeState, Generator, SamplingParams
 from internlm_jax.plan import CHIPS, parse_topology, plan
 from internlm_jax.sharding import named_sharding
 
@@ -60,14 +60,15 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     assert (pre.arguments, pre.outputs, pre.temporaries) == (m.argument_size_in_bytes, m.output_size_in_bytes,
                                                              m.temp_size_in_bytes)
     assert pre.parameters == _shard_bytes(gen.state)
-    cache_sharding = compiled.output_shardings[1]
-    cshape = (CFG.num_hidden_layers, b, cache_len, CFG.num_key_value_heads, CFG.head_dim)
-    assert pre.cache == 2 * math.prod(cache_sharding.shard_shape(cshape)) * 4
+    cache_sharding = compiled.output_shardings[1].keys[0]
+    cshape = (b, CFG.num_key_value_heads, cache_len, CFG.head_dim)
+    assert pre.cache == 2 * CFG.num_hidden_layers * math.prod(cache_sharding.shard_shape(cshape)) * 4
 
-    ck = jax.device_put(jnp.zeros(cshape, jnp.float32), cache_sharding)
-    valid = jax.device_put(jnp.zeros((b, cache_len), bool), compiled.output_shardings[3])
-    vec = gen.put(np.zeros(b, np.int32), ("batch",))
-    m = gen.decode_step.lower(gen.state, vec, vec, ck, ck, valid, jnp.int32(base), jnp.int32(0)).compile().memory_analysis()
+    logits, cache = gen.prefill(gen.state, ids, mask, pos, index, cache_len=cache_len, last=last)
+    ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)), gen.put(np.zeros((b, CFG.vocab_size), bool),
+                     ("batch", "act_vocab")), gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.key(0))
+    m = gen.step.lower(gen.state, gen.layers, ds, jnp.int32(base), sampling=SamplingParams(),
+                       stop_ids=(2,)).compile().memory_analysis()
     dec = got["decode_step"]
     assert (dec.arguments, dec.outputs, dec.aliased, dec.temporaries) == (
         m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes, m.temp_size_in_bytes)

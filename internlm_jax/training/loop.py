@@ -27,7 +27,7 @@ def build_model(cfg: TrainConfig, mesh) -> InternLM2:
     else:
         arch = InternLM2Config.preset(m.preset).replace(**m.overrides)
         model = InternLM2(arch, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, seed=cfg.seed)
-    model.remat = m.remat
+    model.configure(remat=m.remat)
     return model
 
 

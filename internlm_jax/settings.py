@@ -1,0 +1,68 @@
+"""Engine settings: one frozen, validated object instead of loose strings on the model.
+
+``model.settings`` is an :class:`EngineSettings`; change it with ``model.configure(attention="splash")``
+(which validates and replaces it). Being frozen and hashable it is part of the model's NNX graph
+definition, so compiled programs keyed on the graph pick up a change. Which kernel each setting
+resolves to on a given backend, dtype, length and mesh is decided in one place:
+:mod:`internlm_jax.attention` (:func:`~internlm_jax.attention.prefill_plan`,
+:func:`~internlm_jax.attention.decode_plan`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+PREFILL_ATTENTION = ("auto", "dense", "blockwise", "splash", "xla", "cudnn")
+DECODE_ATTENTION = ("auto", "dense", "ragged")
+DECODE_WEIGHTS = ("auto", "per_layer", "sliced")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSettings:
+    """How the model runs; none of these change its results beyond float rounding.
+
+    attention: prefill/forward attention. ``"auto"`` = dense up to ``blockwise_from`` tokens, then
+        blockwise online-softmax attention (cuDNN blocks on GPU in bf16/fp16), ring attention over a
+        ``sequence`` mesh axis; ``"dense"`` forces [S, S] scores on one device (short inputs only);
+        ``"blockwise"`` / ``"xla"`` / ``"cudnn"`` / ``"splash"`` (Pallas TPU) pick the block kernel.
+    decode_attention: ``"auto"`` (the ragged Pallas kernel on TPU where shapes allow, else dense),
+        ``"dense"`` (reads every cache slot) or ``"ragged"`` (reads only blocks holding valid slots).
+    decode_weights: how a decode step reads each layer's weights. ``"per_layer"`` keeps one array per
+        layer (made once per generator: a second copy of the layer weights, since on CPU any slice of
+        the stacked arrays is copied before its matmul); ``"sliced"`` slices the stacked arrays
+        statically in an unrolled loop (no extra memory; GPU and TPU read such slices in place);
+        ``"auto"`` = per_layer on CPU, sliced elsewhere.
+    decode_chunk: decode steps per compiled loop call (stop ids are checked on the host between
+        chunks; a fixed trip count keeps the GPU loop free of a host round trip per token).
+    remat: activation checkpointing of each layer in training.
+    blockwise_from: inputs longer than this take blockwise attention. block: its block size.
+    """
+
+    attention: str = "auto"
+    decode_attention: str = "auto"
+    decode_weights: str = "auto"
+    decode_chunk: int = 16
+    remat: str = "none"
+    blockwise_from: int = 4096
+    block: int = 512
+
+    def __post_init__(self):
+        for name, allowed in (("attention", PREFILL_ATTENTION), ("decode_attention", DECODE_ATTENTION),
+                              ("decode_weights", DECODE_WEIGHTS), ("remat", REMAT)):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"unknown {name} {value!r}; use one of {', '.join(map(repr, allowed))}")
+        for name in ("decode_chunk", "blockwise_from", "block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.block % 8:
+            raise ValueError(f"block must be a multiple of 8, got {self.block}")
+
+    def replace(self, **changes) -> "EngineSettings":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown engine setting(s) {sorted(unknown)}; "
+                             f"known: {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
