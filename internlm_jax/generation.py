@@ -149,9 +149,25 @@ class Generator:
         ident = tuple(map(id, jax.tree.leaves(stacked)))
         if self._layers_of != ident:
             self._layers = None  # free the old copies first
-            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p: p[i], s) for i in range(self.config.num_hidden_layers)))
+            want = jax.tree.map(lambda x: x.sharding, self.abstract_layers())
+            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p, i=i: p[i], s) for i in range(self.config.num_hidden_layers)),
+                            out_shardings=want if self.mesh is not None else None)
             self._layers, self._layers_of = split(stacked), ident
         return self._layers
+
+    def abstract_layers(self):
+        """:attr:`layers` as ShapeDtypeStructs with their shardings (each a stacked parameter's sharding
+        without the layer axis), for lowering without weights; None under "sliced"."""
+        if not self.per_layer:
+            return None
+
+        def one(p):
+            sh = getattr(p, "sharding", None)
+            if isinstance(sh, jax.sharding.NamedSharding):
+                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
+            return jax.ShapeDtypeStruct(p.shape[1:], p.dtype, sharding=sh)
+
+        return tuple(jax.tree.map(one, self.state["layers"]) for _ in range(self.config.num_hidden_layers))
 
     def blockwise(self, length: int) -> bool:
         """Whether a prompt of ``length`` tokens is prefilled by the ring layout (see :func:`prefill_plan`)."""

@@ -378,10 +378,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         seen = _abstract((batch, cfg.vocab_size), bool, ("batch", "act_vocab"), mesh)
         flags = _abstract((batch,), bool, ("batch",), mesh)
         ds = DecodeState(logits, cache, vec, seen, flags, scalar, jax.eval_shape(lambda: jax.random.key(0)))
-        layers = None
-        if gen.per_layer:  # the per-layer weight arrays the decode programs read
-            layers = jax.eval_shape(lambda s: tuple(jax.tree.map(lambda p: p[i], s)
-                                                    for i in range(cfg.num_hidden_layers)), gen.state["layers"])
+        layers = gen.abstract_layers()  # the per-layer weight arrays the decode programs read, if any
         for name in ("decode_step", "decode_loop"):
             if name not in programs:
                 continue
