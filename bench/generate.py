@@ -1,15 +1,21 @@
-"""Generation speed against HF transformers (PyTorch) on the same weights, and against the roofline.
+"""CPU side by side: ours, HF transformers (PyTorch) and optionally EasyDeL, on the same weights.
 
-A ~380M-parameter InternLM2-shaped model (real vocabulary) with random weights; one JAX device.
-Reports compile times, time to first token, prefill tokens/s, decode tokens/s at batch 1 and 8 (the
-on-device decode loop), the same for LlamaForCausalLM (the InternLM2 -> Llama split of the same
-weights) in the same process, and decode bytes/s as a fraction of the memory bandwidth measured on
-the spot (a large numpy copy).
+The issue's checkpoint: a 325M-parameter float32 InternLM2-shaped model (hidden 1024, 12 layers, 16 heads /
+4 KV heads, MLP 2816, vocab 92544), random weights. Figures: prefill tok/s (512 tokens, all logits), TTFT
+(128-token prompt to first token), decode tok/s at batch 1 and 8 (128-token prompts, N new tokens) as
+``B*(N-1)/(t(N)-t(1))`` so prefill cancels; batch-1 decode against the read-bandwidth roofline (bytes of
+weights + filled cache per token over the read bandwidth measured in the same run); XLA's bytes per decode
+step at two cache lengths (slope against the cache bytes, intercept against the weight bytes).
 
-    python bench/generate.py [--dtype float32] [--prompt 128] [--new 32]
+    taskset -c 0,1 python bench/generate.py [--new 64] [--easydel /work/easydel-venv/bin/python] [--json out.json]
 """
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -23,49 +29,74 @@ from internlm_jax.generation import SamplingParams, generator_for
 
 def config():
     return ij.InternLM2Config.preset("internlm2_5-7b-chat").replace(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8)
+        hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4)
 
 
-def memory_bandwidth(nbytes=1 << 30, repeats=5) -> float:
-    """Bytes moved per second by a large copy (read + write), best of a few."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    best = float("inf")
+def best(fn, repeats=3):
+    fn()
+    ts = []
     for _ in range(repeats):
         t = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+def read_bandwidth(nbytes=1 << 30) -> float:
+    """Bytes read per second by a reduction over a large array: the best of a jitted XLA sum (all
+    threads XLA uses) and numpy's (one thread)."""
+    x = jnp.ones((nbytes // 4 // 4096, 4096), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a, axis=0))
+    t_xla = best(lambda: f(x).block_until_ready(), 5)
+    y = np.ones(nbytes // 4, np.float32)
+    t_np = best(lambda: y.sum(), 5)
+    return nbytes / min(t_xla, t_np)
 
 
 def time_ours(model, batch, prompt_len, new_tokens):
     gen = generator_for(model)
     rng = np.random.RandomState(0)
     prompts = [list(rng.randint(3, 90000, prompt_len)) for _ in range(batch)]
-    prepared = gen.prepare(prompts)
     sampling = SamplingParams()
+
+    def run(n):
+        return ij.generate_ids(model, prompts, max_new_tokens=n, stop_ids=(), max_length=prompt_len + 2 * new_tokens)
+
     t = time.perf_counter()
-    out = gen.start(prepared, new_tokens)
-    jax.block_until_ready(out)
-    first_compile = time.perf_counter() - t
+    run(1)
+    compile_first = time.perf_counter() - t
     t = time.perf_counter()
-    logits, ck, cv, valid, index, pos, seen = gen.start(prepared, new_tokens)
-    first = gen.sample(logits, jax.random.key(0), sampling, seen)
-    first.block_until_ready()
-    ttft = time.perf_counter() - t
-    args = (gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(0))
-    kw = dict(max_new_tokens=new_tokens, sampling=sampling, stop_ids=())
-    t = time.perf_counter()
-    jax.block_until_ready(gen.decode_loop(*args, **kw))
-    loop_compile = time.perf_counter() - t
-    logits, ck, cv, valid, index, pos, seen = gen.start(prepared, new_tokens)
-    t = time.perf_counter()
-    jax.block_until_ready(gen.decode_loop(gen.state, logits, ck, cv, valid, index, pos, seen, jax.random.key(0), **kw))
-    decode = time.perf_counter() - t
-    cache_bytes = ck.size * ck.dtype.itemsize * 2
-    return dict(prefill_compile_s=first_compile, loop_compile_s=loop_compile, ttft_s=ttft,
-                prefill_tok_s=batch * prompt_len / ttft, decode_tok_s=batch * new_tokens / decode,
-                decode_step_s=decode / new_tokens, cache_bytes=cache_bytes, padded_prompt=prepared.ids.shape[1])
+    run(new_tokens)
+    compile_n = time.perf_counter() - t
+    t1 = best(lambda: run(1))
+    tn = best(lambda: run(new_tokens))
+    prepared = gen.prepare(prompts)
+    ttft = best(lambda: int(gen.sample(gen.start(prepared, new_tokens)[0].logits, jax.random.key(0), sampling, None)[0]))
+    return dict(compile_s=compile_first + compile_n, ttft_s=ttft, t1_s=t1, tn_s=tn,
+                decode_tok_s=batch * (new_tokens - 1) / (tn - t1), cache_len=gen.layout(prepared.ids.shape[1], new_tokens)[0])
+
+
+def step_bytes(model, cache_lens=(256, 2048), batch=1):
+    """XLA's bytes accessed by one decode step (the unrolled layers: each counted) at two cache lengths."""
+    from internlm_jax.cache import KVCache
+    from internlm_jax.generation import DecodeState
+
+    gen = generator_for(model)
+    cfg = model.config
+    out = []
+    for t in cache_lens:
+        v = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)
+        ds = DecodeState(v, KVCache.abstract(cfg, batch, t, model.dtype), jax.ShapeDtypeStruct((batch,), jnp.int32),
+                         jax.ShapeDtypeStruct((batch, cfg.vocab_size), bool), jax.ShapeDtypeStruct((batch,), bool),
+                         jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+        t0 = time.perf_counter()
+        c = gen.step.lower(gen.state, gen.abstract_layers(), ds, jax.ShapeDtypeStruct((), jnp.int32),
+                           sampling=SamplingParams(), stop_ids=()).compile()
+        ca = c.cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        out.append(dict(cache_len=t, bytes=float(ca["bytes accessed"]), cache_bytes=KVCache.abstract(cfg, batch, t, model.dtype).nbytes,
+                        compile_s=time.perf_counter() - t0))
+    return out
 
 
 def hf_llama(model):
@@ -112,37 +143,78 @@ def time_hf(llama, batch, prompt_len, new_tokens):
                 decode_tok_s=batch * new_tokens / max(total - prefill, 1e-9))
 
 
+def time_hf_decode(llama, batch, prompt_len, new_tokens):
+    import torch
+
+    ids = torch.from_numpy(np.random.RandomState(0).randint(3, 90000, (batch, prompt_len)))
+
+    def run(n):
+        with torch.no_grad():
+            llama.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+    t1, tn = best(lambda: run(1)), best(lambda: run(new_tokens))
+    return dict(ttft_s=t1 if batch == 1 else None, decode_tok_s=batch * (new_tokens - 1) / (tn - t1))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--easydel", default=None, help="python of a venv with easydel==0.3.0 (bench/peer_easydel.py)")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import torch
 
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    model = ij.InternLM2(config(), dtype=args.dtype, seed=0)
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cfg = config()
+    model = ij.InternLM2(cfg, seed=0)
     n = model.num_parameters()
-    param_bytes = n * jnp.dtype(args.dtype).itemsize
-    bw = memory_bandwidth()
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {n / 1e6:.0f}M params, {args.dtype}; "
-          f"measured copy bandwidth {bw / 1e9:.1f} GB/s")
-    llama = None if args.no_hf else hf_llama(model)
-    for batch in (1, 8):
-        r = time_ours(model, batch, args.prompt, args.new)
-        step_bytes = param_bytes + r["cache_bytes"]  # every step reads all weights and the whole cache
-        frac = step_bytes / r["decode_step_s"] / bw
-        print(f"ours  batch {batch}: prompt {args.prompt} (bucket {r['padded_prompt']}), compile prefill "
-              f"{r['prefill_compile_s']:.1f}s + loop {r['loop_compile_s']:.1f}s; TTFT {r['ttft_s'] * 1e3:.0f} ms; "
-              f"prefill {r['prefill_tok_s']:.0f} tok/s; decode {r['decode_tok_s']:.1f} tok/s "
-              f"({step_bytes / r['decode_step_s'] / 1e9:.2f} GB/s = {frac:.0%} of measured bandwidth)")
-        if llama is not None:
-            h = time_hf(llama, batch, args.prompt, args.new)
-            print(f"HF    batch {batch}: TTFT {h['ttft_s'] * 1e3:.0f} ms; prefill {h['prefill_tok_s']:.0f} tok/s; "
-                  f"decode {h['decode_tok_s']:.1f} tok/s  -> ours/HF decode {r['decode_tok_s'] / h['decode_tok_s']:.2f}x, "
-                  f"prefill {r['prefill_tok_s'] / h['prefill_tok_s']:.2f}x")
+    bw = read_bandwidth()
+    res = dict(jax=jax.__version__, torch=torch.__version__, threads=threads, params=n, read_bw=bw)
+    print(f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads; model {n / 1e6:.0f}M params f32; "
+          f"read bandwidth {bw / 1e9:.1f} GB/s", flush=True)
+    ids = np.random.RandomState(1).randint(3, 90000, (1, args.prefill))
+    jax.block_until_ready(model(ids))
+    t = best(lambda: np.asarray(model(ids)))
+    res["ours"] = {"prefill_tok_s": args.prefill / t}
+    for b in (1, 8):
+        res["ours"][f"b{b}"] = time_ours(model, b, args.prompt, args.new)
+    # bytes a batch-1 step must read: every weight but the embedding table (one row), and the filled cache
+    weights = 4 * (n - cfg.vocab_size * cfg.hidden_size + cfg.hidden_size)
+    filled = args.prompt + args.new / 2
+    need = weights + 2 * cfg.num_hidden_layers * filled * cfg.num_key_value_heads * cfg.head_dim * 4
+    step_s = 1 / res["ours"]["b1"]["decode_tok_s"]
+    res["ours"]["b1_roofline"] = need / step_s / bw
+    sb = step_bytes(model)
+    slope = (sb[1]["bytes"] - sb[0]["bytes"]) / (sb[1]["cache_bytes"] - sb[0]["cache_bytes"])
+    intercept = sb[0]["bytes"] - slope * sb[0]["cache_bytes"]
+    res["ours"]["step_bytes"] = dict(points=sb, slope=slope, intercept_over_weights=intercept / (4 * n))
+    print(json.dumps(res["ours"], indent=1), flush=True)
+    if not args.no_hf:
+        llama = hf_llama(model)
+        x = torch.from_numpy(ids)
+        with torch.no_grad():
+            t = best(lambda: llama(x))
+        res["hf"] = {"prefill_tok_s": args.prefill / t}
+        for b in (1, 8):
+            res["hf"][f"b{b}"] = time_hf_decode(llama, b, args.prompt, args.new)
+        del llama
+        print(json.dumps(res["hf"], indent=1), flush=True)
+    if args.easydel:
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(os.path.join(d, "hf"))
+            del model
+            out = os.path.join(d, "easydel.json")
+            subprocess.run([args.easydel, os.path.join(os.path.dirname(__file__), "peer_easydel.py"), "--hf-dir",
+                            os.path.join(d, "hf"), "--prompt", str(args.prompt), "--new", str(args.new), "--prefill",
+                            str(args.prefill), "--threads", str(threads), "--json", out], check=True,
+                           stdout=sys.stderr)
+            res["easydel"] = json.load(open(out))
+    if args.json:
+        json.dump(res, open(args.json, "w"), indent=1)
 
 
 if __name__ == "__main__":

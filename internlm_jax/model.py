@@ -36,8 +36,10 @@ from .cache import SLOT_AXIS, KVCache, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention
 from .rope import apply_rope, rope_tables
-from .settings import EngineSettings
+from .settings import EngineSettings, enable_compilation_cache
 from .sharding import constrain, named_sharding
+
+enable_compilation_cache()
 
 DTypeLike = Any
 

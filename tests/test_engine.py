@@ -1,0 +1,158 @@
+"""The engine: settings, the attention selector, one-device blockwise prefill, the KV cache type and
+the decode drivers (chunk and step)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import internlm_jax as ij
+from internlm_jax.attention import blockwise_attention, dense_attention, prefill_plan
+from internlm_jax.cache import KVCache
+from internlm_jax.generation import SamplingParams, generator_for
+from internlm_jax.settings import EngineSettings
+
+CFG = ij.InternLM2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_settings_are_frozen_and_validated():
+    s = EngineSettings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.attention = "dense"
+    for field, bad in (("attention", "flash"), ("decode_attention", "paged"), ("decode_weights", "copied"),
+                       ("remat", "some")):
+        with pytest.raises(ValueError, match=f"unknown {field} {bad!r}"):
+            EngineSettings(**{field: bad})
+    with pytest.raises(ValueError, match="decode_chunk must be a positive integer"):
+        EngineSettings(decode_chunk=0)
+    with pytest.raises(ValueError, match=r"unknown engine setting\(s\) \['attention_impl'\]"):
+        s.replace(attention_impl="splash")
+    model = ij.InternLM2(CFG)
+    gen = generator_for(model)
+    model.configure(decode_chunk=4)
+    assert generator_for(model) is not gen and generator_for(model).settings.decode_chunk == 4
+
+
+def test_the_selector_picks_by_length_mesh_backend_and_dtype():
+    s = EngineSettings(blockwise_from=1024)
+    assert prefill_plan(s, length=1024, mesh=None, dtype=jnp.float32).path == "dense"
+    assert prefill_plan(s, length=1025, mesh=None, dtype=jnp.float32) == prefill_plan(
+        s.replace(attention="splash"), length=1025, mesh=None, dtype=jnp.float32)  # splash needs a mesh
+    assert prefill_plan(s, length=1025, mesh=None, dtype=jnp.float32).path == "blockwise"
+    assert prefill_plan(s.replace(attention="dense"), length=10**6, mesh=None, dtype=jnp.float32).path == "dense"
+    mesh = ij.make_mesh(fsdp=4, tensor=2)
+    assert prefill_plan(s, length=1025, mesh=mesh, dtype=jnp.float32).path == "ring"
+    seq = ij.make_mesh(sequence=2, fsdp=4)
+    plan = prefill_plan(s, length=16, mesh=seq, dtype=jnp.bfloat16)
+    assert (plan.path, plan.kernel) == ("ring", "blockwise")  # CPU: no cuDNN
+
+
+def test_blockwise_attention_equals_dense_attention():
+    """The one-device block schedule against dense attention, with left padding, GQA and a padded row."""
+    r = np.random.default_rng(0)
+    b, s, nh, nkv, d = 2, 96, 4, 2, 16
+    q, k, v = (jnp.asarray(r.standard_normal((b, s, h, d)), jnp.float32) for h in (nh, nkv, nkv))
+    valid = np.ones((b, s), bool)
+    valid[1, :37] = False
+    mask = np.tril(np.ones((s, s), bool))[None] & valid[:, None, :]
+    want = np.asarray(dense_attention(q, k, v, jnp.asarray(mask)))
+    got = np.asarray(blockwise_attention(q, k, v, jnp.asarray(valid), block=32))
+    real = valid[:, :, None, None] & np.ones_like(want, bool)  # rows of padding queries are don't-care
+    assert _rel(got[real], want[real]) < 1e-6
+    with pytest.raises(ValueError, match="not a multiple of the block 64"):
+        blockwise_attention(q, k, v, jnp.asarray(valid), block=64)
+
+
+def test_one_device_long_prefill_equals_the_dense_result():
+    """A prompt longer than ``blockwise_from`` on one device (no mesh) takes the blockwise path and gives
+    the dense logits (float32, 1e-5 relative), left-padded batch included; greedy tokens agree too."""
+    long = ij.InternLM2(CFG, seed=3).configure(blockwise_from=64, block=64)
+    dense = ij.InternLM2(CFG, seed=3).configure(attention="dense")
+    assert long.prefill_plan(300).path == "blockwise" and dense.prefill_plan(300).path == "dense"
+    r = np.random.RandomState(1)
+    ids = r.randint(0, CFG.vocab_size, (2, 300))
+    mask = np.ones((2, 300), np.int32)
+    mask[1, :123] = 0
+    pos = np.where(mask == 1, np.cumsum(mask, 1) - 1, 1)
+    jaxpr = str(jax.make_jaxpr(lambda x: long.forward(x, positions=pos, attention_mask=mask))(jnp.asarray(ids)))
+    assert "300,300" not in jaxpr and "320,320" not in jaxpr  # no [S, S] scores anywhere
+    got = long(ids, positions=pos, attention_mask=mask)
+    want = dense(ids, positions=pos, attention_mask=mask)
+    keep = mask.astype(bool)
+    assert _rel(np.asarray(got)[keep], np.asarray(want)[keep]) < 1e-5
+    prompts = [list(r.randint(3, CFG.vocab_size, 150)), list(r.randint(3, CFG.vocab_size, 40))]
+    kw = dict(max_new_tokens=5, stop_ids=())
+    assert generator_for(long).prompt_length(150) % 64 == 0
+    assert ij.generate_ids(long, prompts, **kw) == ij.generate_ids(dense, prompts, **kw)
+
+
+def test_a_64k_prompt_on_one_cpu_device_runs_in_little_memory():
+    """65,536 tokens through a one-device forward with no mesh: the compiled program's temporaries stay
+    well under a GB (dense scores would need 4 heads x 64K x 64K x 4 bytes = 64 GiB per layer), and it runs."""
+    cfg = CFG.replace(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, max_position_embeddings=65536)
+    model = ij.InternLM2(cfg, seed=0)
+    s = 65536
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, s)), jnp.int32)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    last = jax.jit(lambda st, x: nnx.merge(graphdef, st).forward(x)[:, -1])
+    compiled = last.lower(state, ids).compile()
+    mem = compiled.memory_analysis()
+    assert mem.temp_size_in_bytes < 1 << 30, mem.temp_size_in_bytes
+    out = np.asarray(compiled(state, ids))
+    assert out.shape == (1, cfg.vocab_size) and np.isfinite(out).all()
+
+
+def test_the_cache_is_one_buffer_per_layer_in_the_declared_layout():
+    model = ij.InternLM2(CFG, seed=0)
+    gen = generator_for(model)
+    ds, base = gen.start(gen.prepare([[3, 4, 5], [6] * 9]), max_new_tokens=5)
+    cache = ds.cache
+    like = KVCache.abstract(CFG, 2, cache.length, jnp.float32)
+    assert jax.tree.structure(cache) == jax.tree.structure(like)
+    assert all(a.shape == b.shape for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(like)))
+    assert cache.nbytes == 2 * CFG.num_hidden_layers * 2 * CFG.num_key_value_heads * cache.length * CFG.head_dim * 4
+    # the prompt's keys sit at slots 0..15 (left-padded to the 16 bucket), nothing after
+    assert np.asarray(cache.valid)[0].tolist() == [False] * 13 + [True] * 3 + [False] * (cache.length - 16)
+    assert not np.asarray(cache.keys[0])[:, :, 16:].any() and np.asarray(cache.keys[0])[0, :, 13:16].any()
+
+
+def test_decode_chunks_and_single_steps_make_the_same_tokens_and_stop_alike():
+    """max_new_tokens that is not a multiple of the chunk, a stop id reached mid-chunk, sampling: the
+    chunked driver (generate_ids) and the single-step driver agree token for token."""
+    model = ij.InternLM2(CFG, seed=2).configure(decode_chunk=4)
+    prompts = [[3, 4, 5, 6], [7] * 11]
+    full = ij.generate_ids(model, prompts, max_new_tokens=10, stop_ids=())
+    assert [len(x) for x in full] == [10, 10]
+    stop = full[1][5]
+    stopped = ij.generate_ids(model, prompts, max_new_tokens=10, stop_ids=(stop,))
+    for seq, whole in zip(stopped, full):
+        assert seq == whole[:whole.index(stop) + 1] if stop in whole else seq == whole
+    gen = generator_for(model)
+    sampling = SamplingParams(temperature=0.9, top_k=20)
+    want = ij.generate_ids(model, prompts, max_new_tokens=7, temperature=0.9, top_k=20, seed=5, stop_ids=())
+    ds, base = gen.start(gen.prepare(prompts), 7, seed=5)
+    steps = []
+    for _ in range(7):
+        ds, tok, _ = gen.step(gen.state, gen.layers, ds, base, sampling=sampling, stop_ids=())
+        steps.append(np.asarray(tok))
+    assert np.stack(steps, 1).tolist() == want
+
+
+def test_per_layer_and_sliced_decode_weights_agree():
+    model = ij.InternLM2(CFG, seed=4)
+    prompts = [[3, 4, 5, 6, 9, 10], [7] * 3]
+    kw = dict(max_new_tokens=6, stop_ids=())
+    per_layer = ij.generate_ids(model.configure(decode_weights="per_layer"), prompts, **kw)
+    assert generator_for(model).layers is not None
+    sliced = ij.generate_ids(model.configure(decode_weights="sliced"), prompts, **kw)
+    assert generator_for(model).layers is None and per_layer == sliced
