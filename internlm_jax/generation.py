@@ -4,7 +4,8 @@ The model is split once (``nnx.split``) and every compiled program is a pure fun
 parameter state. Prompts are left-padded to a length bucket (powers of two from 16) so that a new
 prompt length rarely recompiles; the KV cache (:class:`internlm_jax.cache.KVCache`) is preallocated
 for the prompt and the new tokens. The decode programs do not depend on ``max_new_tokens``: a chunk
-of ``decode_chunk`` steps is compiled once per cache length and batch and reused.
+of ``decode_chunk`` steps (and the power-of-two chunks of a remainder) is compiled once per cache
+length and batch and reused.
 
 Positions follow the reference's cached generation: a prompt's positions are ``cumsum(mask) - 1``
 (padding gets 1), each new token's position is the previous one + 1, and dynamic NTK rope recomputes
@@ -237,11 +238,13 @@ class Generator:
         made = 0
         layers = self.layers
         while made < max_new_tokens:
-            ds, tokens, emitted = self.chunk(self.state, layers, ds, base, steps=k, sampling=sampling,
+            # whole chunks, then the remainder in power-of-two chunks (a few programs, no wasted steps)
+            steps = min(k, 1 << ((max_new_tokens - made).bit_length() - 1))
+            ds, tokens, emitted = self.chunk(self.state, layers, ds, base, steps=steps, sampling=sampling,
                                              stop_ids=stop_ids)
             out.append(tokens)
             ok.append(emitted)
-            made += k
+            made += steps
             if made < max_new_tokens and bool(np.all(np.asarray(ds.done))):
                 break
         tokens = np.concatenate([np.asarray(t) for t in out], axis=1)[:, :max_new_tokens]
