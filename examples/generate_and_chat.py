@@ -6,8 +6,9 @@
 #     python examples/generate_and_chat.py /path/to/internlm2_5-7b-chat --tensor 8 --dtype bfloat16
 #
 # Without a checkpoint it builds a tiny random model with the real vocabulary, so the mechanics run
-# anywhere (the text is then gibberish). It needs a tokenizer.model: the checkpoint's, `--tokenizer`,
-# or ../shared/internlm2/tokenizer.model beside a checkout.
+# anywhere (the text is then gibberish). Its tokenizer is the checkpoint's `tokenizer.model`, `--tokenizer`,
+# or, with neither, a small SentencePiece model trained here on examples/data/tiny_corpus.txt (offline;
+# a real checkpoint brings its own tokenizer.model).
 
 # %%
 import argparse
@@ -29,12 +30,16 @@ if args.checkpoint is None:
 import internlm_jax as ij  # noqa: E402
 
 # %%
-tokenizer = args.tokenizer or args.checkpoint or str(Path(__file__).resolve().parents[2] / "shared" / "internlm2")
-tok = ij.Tokenizer.from_pretrained(tokenizer)
+if args.tokenizer or args.checkpoint:
+    tok = ij.Tokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+else:
+    corpus = (Path(__file__).resolve().parent / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(corpus, Path(tempfile.mkdtemp()) / "tokenizer.model")
 mesh = ij.make_mesh(tensor=args.tensor)
 if args.checkpoint is None:
     cfg = ij.InternLM2Config.preset("internlm2_5-7b-chat").replace(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=tok.vocab_size)
     args.checkpoint = os.path.join(tempfile.mkdtemp(), "tiny")
     ij.InternLM2(cfg, seed=0).save_pretrained(args.checkpoint)
 model = ij.InternLM2.from_pretrained(args.checkpoint, mesh=mesh, dtype=args.dtype)

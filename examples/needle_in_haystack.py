@@ -10,7 +10,9 @@
 #     python examples/needle_in_haystack.py /path/to/internlm2_5-7b-chat-1m --length 200000 --sequence 8 --dtype bfloat16
 #
 # Without a checkpoint it builds a tiny random model (the answer is then gibberish, but every step
-# runs: haystack, template, sharded prefill and decode), on simulated CPU devices.
+# runs: haystack, template, sharded prefill and decode), on simulated CPU devices; with no checkpoint and
+# no `--tokenizer` it trains a small SentencePiece model on the filler text (offline; a real checkpoint
+# brings its own tokenizer.model).
 
 # %%
 import argparse
@@ -38,12 +40,15 @@ QUESTION = "What is the secret passphrase for the vault? Answer with the passphr
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
 # %%
-tok = ij.Tokenizer.from_pretrained(args.tokenizer or args.checkpoint
-                                   or str(Path(__file__).resolve().parents[2] / "shared" / "internlm2"))
+if args.tokenizer or args.checkpoint:
+    tok = ij.Tokenizer.from_pretrained(args.tokenizer or args.checkpoint)
+else:
+    tok = ij.Tokenizer.train([FILLER, NEEDLE, QUESTION], Path(tempfile.mkdtemp()) / "tokenizer.model")
 mesh = ij.make_mesh(sequence=args.sequence)
 if args.checkpoint is None:
     cfg = ij.InternLM2Config.preset("internlm2_5-7b-chat-1m").replace(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=tok.vocab_size)
     args.checkpoint = os.path.join(tempfile.mkdtemp(), "tiny")
     ij.InternLM2(cfg, seed=0).save_pretrained(args.checkpoint)
 model = ij.InternLM2.from_pretrained(args.checkpoint, mesh=mesh, dtype=args.dtype)

@@ -19,7 +19,9 @@ from pathlib import Path
 here = Path(__file__).resolve().parent
 parser = argparse.ArgumentParser()
 parser.add_argument("--checkpoint", help="HF or Orbax folder to continue from (default: a tiny random model)")
-parser.add_argument("--tokenizer", default=str(here.parents[1] / "shared" / "internlm2" / "tokenizer.model"))
+parser.add_argument("--tokenizer", default="demo",
+                    help="tokenizer.model or folder; default 'demo': a small SentencePiece model trained on --data "
+                         "(offline; a real checkpoint brings its own tokenizer.model)")
 parser.add_argument("--data", nargs="+", default=[str(here / "data" / "tiny_corpus.txt")])
 parser.add_argument("--steps", type=int, default=60)
 parser.add_argument("--seq-len", type=int, default=32)
@@ -29,6 +31,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import internlm_jax as ij  # noqa: E402
 from internlm_jax.training import TrainConfig, train  # noqa: E402
+from internlm_jax.training.loop import load_tokenizer  # noqa: E402
 
 out = Path(args.out or tempfile.mkdtemp())
 
@@ -38,7 +41,8 @@ out = Path(args.out or tempfile.mkdtemp())
 # %%
 model = ({"checkpoint": args.checkpoint} if args.checkpoint else
          {"preset": "internlm2_5-7b", "overrides": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                                    "num_attention_heads": 4, "num_key_value_heads": 2}})
+                                                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                    "vocab_size": 400}})  # the demo tokenizer's size
 cfg = TrainConfig.from_dict({
     "model": {**model, "dtype": "float32", "param_dtype": "float32"},
     "tokenizer": args.tokenizer,
@@ -63,7 +67,7 @@ print(f"loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}")
 # ## The exported HF folder loads like any checkpoint; generate from the start of a training line
 
 # %%
-tok = ij.Tokenizer.from_pretrained(args.tokenizer)
+tok = load_tokenizer(cfg)  # the configured one (the demo model was kept beside the checkpoints)
 trained = ij.InternLM2.from_pretrained(out / "hf")
 first_line = Path(args.data[0]).read_text().splitlines()[0]
 prompt = tok.encode(first_line)[:6]

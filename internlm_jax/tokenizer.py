@@ -146,6 +146,31 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model not found: {p}")
         return cls(p)
 
+    @classmethod
+    def train(cls, texts: Iterable[str], model_file: str | os.PathLike, vocab_size: int = 400) -> "Tokenizer":
+        """Train a small SentencePiece BPE model on ``texts`` with InternLM2's layout of special tokens
+        (``<unk>``/``<s>``/``</s>`` at 0/1/2, byte fallback, no dummy prefix, the chat markers as
+        pieces) and write it to ``model_file``; for examples and tests that must run offline with no
+        released tokenizer. A real checkpoint brings its own ``tokenizer.model``: use that."""
+        import io
+        import tempfile
+
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise ValueError("Tokenizer.train needs at least one non-empty text")
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+            user_defined_symbols=list(CHAT_SPECIAL_TOKENS), split_digits=True, minloglevel=2)
+        path = Path(model_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", delete=False) as f:
+            f.write(buf.getvalue())
+        os.replace(f.name, path)  # complete or absent, never half-written
+        return cls(path)
+
     # Pickling: SentencePiece processors are C++ objects; rebuild from the model bytes.
     def __getstate__(self):
         return {"proto": self._proto, "model_file": self.model_file}

@@ -251,9 +251,9 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
 
 
-def test_walkthrough_example(tokenizer_path, tmp_path):
+def test_walkthrough_example(tmp_path):
     env = user_env()
-    done = subprocess.run([sys.executable, "examples/train_walkthrough.py", "--tokenizer", str(tokenizer_path),
+    done = subprocess.run([sys.executable, "examples/train_walkthrough.py",
                            "--steps", "20", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -69,7 +69,7 @@ class LogSection:
 @dataclasses.dataclass
 class TrainConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # a tokenizer.model (or folder), or "demo": see loop.load_tokenizer
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
@@ -103,7 +103,7 @@ class TrainConfig:
     def resolve_paths(self, base: Path) -> None:
         """Relative paths in a YAML file are relative to that file."""
         rel = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
-        self.tokenizer = rel(self.tokenizer)
+        self.tokenizer = self.tokenizer if self.tokenizer == "demo" else rel(self.tokenizer)
         self.model.checkpoint = rel(self.model.checkpoint)
         self.data.train = [rel(p) for p in self.data.train]
         self.data.eval = rel(self.data.eval)

@@ -132,13 +132,33 @@ def _restore(mgr, step: int, params, opt_state):
     return params, opt_state
 
 
+def load_tokenizer(cfg: TrainConfig):
+    """The configured tokenizer; ``tokenizer: demo`` trains a small SentencePiece model on the training
+    text files (offline examples; a real checkpoint brings its own tokenizer.model) and keeps it beside
+    the checkpoints, so a resumed run tokenizes the same way."""
+    from ..tokenizer import Tokenizer
+
+    if not cfg.tokenizer:
+        return None
+    if cfg.tokenizer != "demo":
+        return Tokenizer.from_pretrained(cfg.tokenizer)
+    path = Path(cfg.checkpoint.dir).parent / "demo_tokenizer.model"
+    if path.is_file():
+        return Tokenizer(path)
+    texts = []
+    for file in cfg.data.train:
+        if not file.endswith(".txt"):
+            raise ValueError(f"tokenizer: demo trains on plain .txt files; {file} is not one (set a real tokenizer)")
+        texts += Path(file).read_text(encoding="utf-8").splitlines()
+    print(f"tokenizer: demo: trained a small SentencePiece model on the training text -> {path}", file=sys.stderr)
+    return Tokenizer.train(texts, path)
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the metric records of this process."""
     cfg.validate()
-    from ..tokenizer import Tokenizer
-
     mesh = make_mesh(**vars(cfg.mesh))
-    tok = Tokenizer.from_pretrained(cfg.tokenizer) if cfg.tokenizer else None
+    tok = load_tokenizer(cfg)
     d = cfg.data
     data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed)
     eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key) if d.eval else None

@@ -1,0 +1,27 @@
+"""Tokenizer.train: the offline tokenizer of the examples (no released tokenizer.model needed)."""
+
+import pytest
+
+from internlm_jax.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer
+
+TEXTS = ["The grass is green. The sky is blue.", "JAX compiles programs for accelerators.", "Über 3 Äpfel, 42 Birnen."]
+
+
+def test_trained_tokenizer_has_the_internlm2_layout_and_round_trips(tmp_path):
+    path = tmp_path / "sub" / "tokenizer.model"
+    tok = Tokenizer.train(TEXTS, path, vocab_size=300)
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["tokenizer.model"]  # no temp left
+    assert (tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and len(tok) <= 300
+    assert set(CHAT_SPECIAL_TOKENS) <= set(tok.special_tokens)
+    im_end = tok.special_tokens["<|im_end|>"]
+    assert im_end in tok.stop_ids and tok.encode("hi<|im_end|>", add_bos=False)[-1] == im_end
+    for text in TEXTS + ["never seen: 漢字 ✓"]:  # byte fallback covers text outside the corpus
+        ids = tok.encode(text)
+        assert ids[0] == tok.bos_id and tok.decode(ids, skip_special_tokens=True) == text
+    assert Tokenizer.from_pretrained(path.parent).encode(TEXTS[0]) == tok.encode(TEXTS[0])
+
+
+def test_training_on_nothing_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="at least one non-empty text"):
+        Tokenizer.train(["", "  "], tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()
