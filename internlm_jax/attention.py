@@ -218,14 +218,18 @@ def decode_weights(settings, mesh) -> str:
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array) -> jax.Array:
-    """Decode attention of q ``[B, 1, nH, D]`` over a cache buffer ``[B, nKV, T, D]`` (see
-    :mod:`internlm_jax.cache`): the einsums read the buffer in its layout, batch and heads leading.
-    valid ``[B, T]``. Scores and softmax in float32; returns ``[B, 1, nH, D]`` in q's dtype."""
+    """Decode attention of q ``[B, 1, nH, D]`` over a cache buffer (:mod:`internlm_jax.cache`:
+    ``[B, nKV, T, D]``, or ``[B * nKV, T, D]`` without a mesh): the einsums read the buffer in its
+    layout, batch and heads leading. valid ``[B, T]``. Scores and softmax in float32; returns
+    ``[B, 1, nH, D]`` in q's dtype."""
     b, s, nh, d = q.shape
-    nkv = k_cache.shape[1]
-    qg = q.reshape(b, nkv, nh // nkv, d)
-    scores = jnp.einsum("bngd,bntd->bngt", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(valid[:, None, None, :], scores / jnp.float32(math.sqrt(d)), MASK_VALUE)
+    t = k_cache.shape[-2]
+    nkv = k_cache.shape[1] if k_cache.ndim == 4 else k_cache.shape[0] // b
+    rows = k_cache.shape[:-2]  # (B, nKV) or (B * nKV,)
+    qg = q.reshape(rows + (nh // nkv, d))
+    ok = jnp.broadcast_to(valid[:, None, :], (b, nkv, t)).reshape(rows + (1, t))
+    scores = jnp.einsum("...gd,...td->...gt", qg, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(ok, scores / jnp.float32(math.sqrt(d)), MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bngt,bntd->bngd", probs, v_cache, preferred_element_type=jnp.float32)
+    out = jnp.einsum("...gt,...td->...gd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.astype(q.dtype).reshape(b, 1, nh, d)

@@ -4,11 +4,18 @@ One buffer per layer for keys and one for values, each ``[B, nKV, T, D]`` (KV he
 the query head count), plus ``valid [B, T]``: which slots hold real tokens (left padding and slots not
 yet written do not). Slot order is causal order.
 
+Without a mesh the same bytes are held as ``[B * nKV, T, D]`` (rows batch-major, then head: the
+contiguous merge of the two leading dims); on a mesh the 4-d form, whose dims shard separately.
+:func:`heads_view` gives the 4-d view of either.
+
 Why this layout (measured on CPU, see BENCHMARKS.md): with heads before slots, the decode einsums
-``bngd,bntd->bngt`` and ``bngt,bntd->bngd`` read the cache where it lies (batch and head dims lead, as
-the matmul wants); ``[B, T, nKV, D]`` made XLA transpose the whole cache for every layer and step.
-Separate per-layer buffers let a decode step write just the new token into each (the cache is donated)
-where a stacked ``[L, ...]`` cache carried through a layer scan was sliced and written back whole.
+read the cache where it lies (batch and head dims lead, as the matmul wants); ``[B, T, nKV, D]`` made
+XLA transpose the whole cache for every layer and step. Separate per-layer buffers let a decode step
+write just the new token into each (the cache is donated), where a stacked ``[L, ...]`` cache carried
+through a layer scan was sliced and written back whole. The merged single-device form exists because
+XLA:CPU, when the batch dim of a 4-d buffer is 1 (the common notebook case), duplicated each
+buffer's in-place update into the reshape that drops that dim and copied the whole buffer, twice, per
+layer and step; a buffer with no unit leading dim is updated in place.
 
 Shardings: batch over ``data``/``fsdp``, KV heads over ``tensor``, slots over ``sequence``
 (:data:`AXES`, mapped by :mod:`internlm_jax.sharding`).
@@ -26,16 +33,25 @@ from .sharding import named_sharding
 
 AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")
 VALID_AXES = ("batch", "cache_seq")
-SLOT_AXIS = 2  # the slot (time) axis of a layer buffer
+SLOT_AXIS = -2  # the slot (time) axis of a layer buffer, in either form
 
 
-def layer_shape(cfg, batch: int, length: int) -> tuple[int, int, int, int]:
-    return batch, cfg.num_key_value_heads, length, cfg.head_dim
+def layer_shape(cfg, batch: int, length: int, mesh=None) -> tuple[int, ...]:
+    """``[B * nKV, T, D]`` without a mesh, ``[B, nKV, T, D]`` on one."""
+    nkv, d = cfg.num_key_value_heads, cfg.head_dim
+    return (batch * nkv, length, d) if mesh is None else (batch, nkv, length, d)
 
 
-def to_slots(x: jax.Array) -> jax.Array:
-    """Keys/values as a layer computes them, ``[B, S, nKV, D]``, in cache layout ``[B, nKV, S, D]``."""
-    return x.transpose(0, 2, 1, 3)
+def to_slots(x: jax.Array, mesh=None) -> jax.Array:
+    """Keys/values as a layer computes them, ``[B, S, nKV, D]``, in the cache layout of :func:`layer_shape`."""
+    b, s, nkv, d = x.shape
+    x = x.transpose(0, 2, 1, 3)
+    return x.reshape(b * nkv, s, d) if mesh is None else x
+
+
+def heads_view(buf: jax.Array, num_kv_heads: int) -> jax.Array:
+    """A layer buffer as ``[B, nKV, T, D]`` (free: a reshape of the merged form)."""
+    return buf if buf.ndim == 4 else buf.reshape(-1, num_kv_heads, *buf.shape[1:])
 
 
 @jax.tree_util.register_dataclass
@@ -70,7 +86,7 @@ class KVCache:
     @classmethod
     def abstract(cls, cfg, batch: int, length: int, dtype, mesh=None) -> "KVCache":
         """ShapeDtypeStructs (with their shardings on ``mesh``): the planner's and restore's input."""
-        shape = layer_shape(cfg, batch, length)
+        shape = layer_shape(cfg, batch, length, mesh)
         buf = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding(shape, mesh))
         valid = jax.ShapeDtypeStruct((batch, length), jnp.bool_,
                                      sharding=None if mesh is None else named_sharding(VALID_AXES, (batch, length),
@@ -94,6 +110,6 @@ def sharding(shape, mesh):
 
 def shard_bytes(cfg, batch: int, length: int, dtype, mesh) -> int:
     """Bytes of keys + values held by one device."""
-    shape = layer_shape(cfg, batch, length)
+    shape = layer_shape(cfg, batch, length, mesh)
     local = shape if mesh is None else sharding(shape, mesh).shard_shape(shape)
     return 2 * cfg.num_hidden_layers * math.prod(local) * jnp.dtype(dtype).itemsize

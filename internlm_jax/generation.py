@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from .attention import decode_weights, prefill_plan
-from .cache import KVCache, sharding as cache_sharding, to_slots
+from .cache import SLOT_AXIS, KVCache, sharding as cache_sharding, to_slots
 from .ring import padded_length
 from .sharding import named_sharding
 
@@ -310,19 +310,21 @@ def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads
         from .ring import write_prefill
 
         def place(x):
-            zeros = jnp.zeros(x.shape[:2] + (cache_len, x.shape[3]), x.dtype)
+            zeros = jnp.zeros((x.shape[0], x.shape[2], cache_len, x.shape[3]), x.dtype)
             zeros = jax.lax.with_sharding_constraint(zeros, cache_sharding(zeros.shape, mesh))
-            return write_prefill(zeros, x, mesh, num_heads)
+            return write_prefill(zeros, to_slots(x, mesh), mesh, num_heads)
 
         valid = write_prefill(jnp.zeros((b, cache_len), bool), valid, mesh)
     else:
         def place(x):
-            return jnp.pad(x, ((0, 0), (0, 0), (0, cache_len - s), (0, 0)))
+            x = to_slots(x, mesh)
+            pad = [(0, 0)] * x.ndim
+            pad[SLOT_AXIS] = (0, cache_len - s)
+            return jnp.pad(x, pad)
 
         valid = jnp.pad(valid, ((0, 0), (0, cache_len - s)))
     n = keys.shape[0]
-    return KVCache(tuple(place(to_slots(keys[i])) for i in range(n)),
-                   tuple(place(to_slots(values[i])) for i in range(n)), valid)
+    return KVCache(tuple(place(keys[i]) for i in range(n)), tuple(place(values[i]) for i in range(n)), valid)
 
 
 _GENERATORS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from .attention import blockwise_attention, cached_attention, causal_mask, decode_plan, dense_attention, prefill_plan
-from .cache import SLOT_AXIS, KVCache, to_slots
+from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention
 from .rope import apply_rope, rope_tables
@@ -125,7 +125,9 @@ class Attention(nnx.Module):
         return q, k, v
 
     def project_out(self, o, mesh):
-        y = jnp.einsum("bsnd,ndh->bsh", o, _cast(self.wo, o.dtype))
+        # one [nH * D, H] matmul: contracting (n, d) of [nH, D, H] as written made XLA:CPU transpose wo
+        b, s, nh, d = o.shape
+        y = jnp.einsum("bsk,kh->bsh", o.reshape(b, s, nh * d), _cast(self.wo, o.dtype).reshape(nh * d, -1))
         if self.use_bias:
             y = y + _cast(self.bo, o.dtype)
         return constrain(y, ("batch", "seq", "act_embed"), mesh)
@@ -451,9 +453,9 @@ class InternLM2(nnx.Module):
         kind = self.decode_attention(cache.length)
 
         def write(buf, new):
-            new = to_slots(new).astype(buf.dtype)  # [B, nKV, 1, D]
+            new = to_slots(new, mesh).astype(buf.dtype)  # one slot, in the buffer's layout
             if owner is None:
-                return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=SLOT_AXIS)
+                return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=buf.ndim + SLOT_AXIS)
             from .ring import write_decode
 
             return write_decode(buf, new, owner, slot, mesh, nh)
@@ -465,7 +467,9 @@ class InternLM2(nnx.Module):
                 from .decode_kernel import ragged_decode
 
                 interpret = pallas_interpret(jax.default_backend(), "ragged")
-                return ragged_decode(q, kc, vc, valid, interpret=interpret)[0].astype(q.dtype)
+                nkv = self.config.num_key_value_heads
+                return ragged_decode(q, heads_view(kc, nkv), heads_view(vc, nkv), valid,
+                                     interpret=interpret)[0].astype(q.dtype)
             return cached_attention(q, kc, vc, valid)
 
         layer_def, stacked = nnx.split(self.layers)

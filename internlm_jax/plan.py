@@ -361,7 +361,7 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
             pre.compiled = True
             logits_s, cache_s = compiled.output_shardings
             logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=logits_s)
-            like = KVCache.abstract(cfg, batch, cache_len, dtype)
+            like = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
             cache = jax.tree.map(lambda x, sh: _spec_like(x, sh), like, cache_s)
             pre.cache = _shard_bytes((cache.keys, cache.values))
         else:  # the decode programs still compile: place the cache as the library declares it
