@@ -1,17 +1,20 @@
-"""The library's programs run for real on one accelerator (issue 7, point 4): 7B-shaped, bf16, random weights.
+"""The library's programs run for real on one accelerator, no mesh: 7B-shaped, bf16, random weights.
 
     python bench/accelerator.py [--layers 32] [--prompts 8192 32768] [--impls blockwise xla cudnn]
-                                [--batch 1 8 32] [--unrolls 1 all] [--new 128]
+                                [--batch 1 8 32] [--weights sliced per_layer] [--new 128] [--long 200000]
 
 Reports, for the device it finds:
 - the two ceilings measured there: a large bf16 matrix product (TFLOP/s) and a large elementwise
   pass (HBM GB/s, bytes read + written), beside the spec-sheet numbers given;
 - prefill time and MFU (analytic FLOPs of the program over time, against the measured and the spec
-  peak) for each attention implementation (``attention_impl``: pure-JAX blockwise, XLA and cuDNN
+  peak) for each attention implementation (``attention``: pure-JAX blockwise, XLA and cuDNN
   fused blocks), each after a warm-up call;
-- decode tokens/s of the jitted on-device decode loop (and of the per-token decode step) against the
-  HBM roofline: parameter + KV-cache bytes read per step over the measured bandwidth, for each
-  ``decode_unroll`` (the layer loop rolled, or unrolled), with each program's first-call (compile) time.
+- decode tokens/s of a decode chunk (``decode_chunk`` steps in one program) and of the single step
+  against the HBM roofline: parameter + KV-cache bytes read per step over the measured bandwidth, for
+  each ``decode_weights`` (static slices of the stacked weights, or per-layer copies), with each
+  program's first-call (compile) time;
+- with ``--long N``: a prompt of N tokens of the internlm2_5-7b-chat-1m shape prefilled and decoded on
+  this one device (times and the device's peak memory).
 
 ``--tiny`` shrinks everything to check the script on a CPU. Medians of ``--repeats`` timed calls.
 """
@@ -68,7 +71,8 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="spec-sheet dense bf16 (H100 SXM)")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="spec-sheet HBM bandwidth (H100 SXM)")
     ap.add_argument("--impls", nargs="*", default=["blockwise", "xla", "cudnn"])
-    ap.add_argument("--unrolls", nargs="+", default=["1", "all"], help="decode_unroll values to time (all = True)")
+    ap.add_argument("--weights", nargs="+", default=["sliced", "per_layer"], help="decode_weights values to time")
+    ap.add_argument("--long", type=int, default=0, help="also prefill + decode one prompt this long (1m shape)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
@@ -85,22 +89,20 @@ def main():
     print(f"measured ceilings: bf16 matmul {flops_peak / 1e12:.0f} TFLOP/s (spec {args.peak_tflops:.0f}), "
           f"elementwise HBM {hbm / 1e9:.0f} GB/s (spec {args.hbm_gbps:.0f})")
     print(f"model: {cfg.num_hidden_layers} layers, {cfg.num_parameters() / 1e9:.2f}B parameters, bf16, random weights")
-    mesh = ij.make_mesh(fsdp=1, devices=[dev])
-    model = ij.InternLM2(cfg, mesh=mesh, dtype="bfloat16", seed=0)
+    model = ij.InternLM2(cfg, dtype="bfloat16", seed=0)  # one device, no mesh
     rows = []
     for length in args.prompts:
         first = None  # the first implementation's logits: the others are compared with it (bf16)
         for impl in args.impls:
-            model.attention_impl = impl
-            gen = Generator(model)
+            gen = Generator(model.configure(attention=impl))
             batch = gen.prepare([list(np.random.RandomState(0).randint(3, cfg.vocab_size, length))])
             s = batch.ids.shape[1]
             try:
-                t = timed(lambda: gen.start(batch, 256)[0], repeats=args.repeats)
+                t = timed(lambda: gen.start(batch, 256)[0].logits, repeats=args.repeats)
             except Exception as e:  # e.g. cuDNN on a CPU
                 print(f"prefill {s} {impl}: unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
                 continue
-            logits = np.asarray(gen.start(batch, 256)[0], np.float32)
+            logits = np.asarray(gen.start(batch, 256)[0].logits, np.float32)
             if first is None:
                 first, agree = logits, "reference"
             else:
@@ -110,43 +112,60 @@ def main():
             rows.append(f"| prefill | {s} | {impl} | {t * 1e3:.1f} ms | {s / t:,.0f} tok/s | "
                         f"MFU {flops / t / flops_peak:.1%} of measured, {flops / t / (args.peak_tflops * 1e12):.1%} of spec; {agree} |")
             print(rows[-1], flush=True)
-    model.attention_impl = "blockwise"
     greedy = SamplingParams()
-    for b, unroll in [(b, u) for b in args.batch for u in args.unrolls]:
-        model.decode_unroll = True if unroll == "all" else int(unroll)
-        gen = Generator(model)
-        gen.blockwise_from = 0  # the untimed prefill goes blockwise: dense scores of a batch-32 prompt OOM
+    for b, weights in [(b, w) for b in args.batch for w in args.weights]:
+        # the untimed prefill goes blockwise (dense scores of a batch-32 prompt run out of memory)
+        gen = Generator(model.configure(attention="auto", decode_weights=weights, blockwise_from=1))
+        k = model.settings.decode_chunk
         prompts = [list(np.random.RandomState(i).randint(3, cfg.vocab_size, args.decode_prompt)) for i in range(b)]
-        prepared = gen.prepare(prompts)
-        logits, ck, cv, valid, base, pos, seen = gen.start(prepared, args.new)
-        cache_len = ck.shape[2]
+        ds, base = gen.start(gen.prepare(prompts), args.new)
+        cache_len = ds.cache.length
+        state = {"ds": ds}
 
-        state = {"ck": ck, "cv": cv, "valid": valid}
-
-        def loop():  # the cache is donated and handed back: each call rewrites the same slots
-            out = gen.decode_loop(gen.state, logits, state["ck"], state["cv"], valid, base, pos, seen,
-                                  jax.random.key(0), max_new_tokens=args.new, sampling=greedy, stop_ids=())
-            state["ck"], state["cv"] = out[2], out[3]
-            return out[0]
-
-        t_loop = timed(loop, repeats=args.repeats, name="loop") / (args.new - 1)  # new - 1 decode steps, one sample each
-        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        def chunk():  # the state is donated and handed back; (repeats + 1) x k steps fit in the cache
+            state["ds"], tokens, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
+                                               stop_ids=())
+            return tokens
 
         def step():
-            out, state["ck"], state["cv"], state["valid"] = gen.decode_step(
-                gen.state, tokens, pos, state["ck"], state["cv"], state["valid"], base, jnp.int32(0))
-            return out
+            state["ds"], tokens, _ = gen.step(gen.state, gen.layers, state["ds"], base, sampling=greedy, stop_ids=())
+            return tokens
 
-        t_step = timed(step, repeats=10, name="step")
+        t_loop = timed(chunk, repeats=args.repeats, name="loop") / k
+        t_step = timed(step, repeats=min(10, args.new - (args.repeats + 1) * k - 1), name="step")
         c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
         roofline = (c.weights + c.cache) / hbm
-        rows.append(f"| decode | batch {b}, cache {cache_len}, unroll {unroll} | loop | {t_loop * 1e3:.2f} ms/step | "
+        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | chunk of {k} | {t_loop * 1e3:.2f} ms/step | "
                     f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
                     f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s); "
-                    f"first calls (compile) loop {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s |")
+                    f"first calls (compile) chunk {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s |")
         print(rows[-1], flush=True)
-        del ck, cv
         state.clear()  # free this batch's cache before the next prefill
+        del ds
+    if args.long:
+        long_cfg = ij.InternLM2Config.preset("internlm2_5-7b-chat-1m")
+        if args.tiny:
+            long_cfg = long_cfg.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=1024, num_hidden_layers=2)
+        del model
+        model = ij.InternLM2(long_cfg, dtype="bfloat16", seed=0)
+        prompt = list(np.random.RandomState(0).randint(3, long_cfg.vocab_size, args.long))
+        t = time.perf_counter()
+        out = ij.generate_ids(model, [prompt], max_new_tokens=16, stop_ids=(), max_length=args.long + 64)
+        first = time.perf_counter() - t
+        gen = Generator(model)
+        batch = gen.prepare([prompt])
+        t_prefill = timed(lambda: gen.start(batch, 64)[0].logits, repeats=1)
+        t = time.perf_counter()
+        ij.generate_ids(model, [prompt], max_new_tokens=64, stop_ids=(), max_length=args.long + 64)
+        total = time.perf_counter() - t
+        stats = dev.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        rows.append(f"| long prompt | {args.long} tokens, 1m shape | auto | prefill {t_prefill:.1f} s | "
+                    f"{args.long / t_prefill:,.0f} tok/s | generate 64 {total:.1f} s (decode ~{(total - t_prefill) / 63 * 1e3:.0f}"
+                    f" ms/token); first call {first:.0f} s; peak device memory "
+                    f"{'n/a' if peak is None else f'{peak / 2**30:.1f} GiB'}; {len(out[0])} tokens |")
+        print(rows[-1], flush=True)
     print("\n".join(["", "| program | shape | attention | time | rate | vs ceiling |", "|---|---|---|---|---|---|"] + rows))
 
 

@@ -179,8 +179,9 @@ def platform_of(mesh) -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
-def prefill_plan(settings, *, length: int, mesh, dtype) -> PrefillPlan:
-    """The one rule for prefill attention (forward, prefill, training and the planner ask here)."""
+def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False) -> PrefillPlan:
+    """The one rule for prefill attention (forward, prefill, training and the planner ask here).
+    ``segments``: packed documents (segment masking), which the one-device blockwise kernel does not take."""
     platform = platform_of(mesh)
     choice = settings.attention
     kernel = choice
@@ -189,7 +190,7 @@ def prefill_plan(settings, *, length: int, mesh, dtype) -> PrefillPlan:
         kernel = "cudnn" if platform == "gpu" and half else "blockwise"
     if mesh is not None and mesh.shape["sequence"] > 1:
         return PrefillPlan("ring", kernel)
-    if choice == "dense" or length <= settings.blockwise_from:
+    if choice == "dense" or length <= settings.blockwise_from or (mesh is None and segments):
         return PrefillPlan("dense", kernel)
     if mesh is not None:  # sharded over batch/heads: the ring code with one sequence shard
         return PrefillPlan("ring", kernel)

@@ -28,7 +28,7 @@ from flax import nnx
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, sharding as cache_sharding, to_slots
 from .ring import padded_length
-from .sharding import named_sharding
+from .sharding import constrain, named_sharding
 
 MIN_BUCKET = 16
 LONG_BUCKET = 8192
@@ -214,7 +214,9 @@ class Generator:
         seen = ds.seen.at[jnp.arange(b), tok].set(True)
         owner, slot = (None, base + ds.step) if self.n == 1 else (ds.step % self.n, base + ds.step // self.n)
         logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
-        new = DecodeState(logits, cache.constrain(self.mesh), ds.positions + 1, seen, done, ds.step + 1, ds.key)
+        vec = lambda x, axes=("batch",): constrain(x, axes, self.mesh)  # noqa: E731 - the shardings put() gives
+        new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(ds.positions + 1),
+                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key)
         return new, tok, emitted
 
     def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,
@@ -262,25 +264,24 @@ class Generator:
         positions = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1).astype(np.int32)
         return PreparedBatch(ids, mask, positions, lengths)
 
-    def put(self, x: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
+    def put(self, x, axes: tuple[str, ...]) -> jax.Array:
+        """Host data onto the devices, committed like the compiled programs' outputs (so a decode state
+        made here and one a program returned hit the same compiled program)."""
         if self.mesh is None:
-            return jnp.asarray(x)
+            return jax.device_put(x, jax.devices()[0])
         return jax.device_put(x, named_sharding(axes, x.shape, self.mesh))
 
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the
-        slot base of decode tokens, the zigzag token order or None). Decode runs whole chunks, so the
-        cache has room for ``max_new_tokens`` rounded up to the chunk size."""
-        k = self.settings.decode_chunk
-        steps = -(-max_new_tokens // k) * k
+        slot base of decode tokens, the zigzag token order or None)."""
         if not self.blockwise(s):
-            return bucket_length(s + steps), s - 1, s, None
+            return bucket_length(s + max_new_tokens), s - 1, s, None
         from .ring import zigzag_order
 
         n = self.n
         order = zigzag_order(s, n)
         base = s // n
-        return n * bucket_length(base + -(-steps // n)), int(np.argmax(order == s - 1)), base, order
+        return n * bucket_length(base + -(-max_new_tokens // n)), int(np.argmax(order == s - 1)), base, order
 
     def start(self, batch: PreparedBatch, max_new_tokens: int, seed: int = 0) -> tuple[DecodeState, jax.Array]:
         """Prefill; returns the decode state (first logits, cache, next positions, tokens seen) and the
@@ -293,13 +294,13 @@ class Generator:
             arrays = [a[:, order] for a in arrays]
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
         logits, cache = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
-        next_pos = jnp.asarray(batch.positions[:, -1] + 1, jnp.int32)
         seen = np.zeros((b, self.config.vocab_size), bool)
         for i in range(b):
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
-        ds = DecodeState(logits, cache, next_pos, jnp.asarray(seen), jnp.zeros((b,), bool), jnp.int32(0),
-                         jax.random.key(seed))
-        return ds, jnp.int32(base)
+        ds = DecodeState(logits, cache, self.put((batch.positions[:, -1] + 1).astype(np.int32), ("batch",)),
+                         self.put(seen, ("batch", "act_vocab")), self.put(np.zeros(b, bool), ("batch",)),
+                         self.put(np.int32(0), ()), self.put(jax.random.key(seed), ()))
+        return ds, self.put(np.int32(base), ())
 
 
 def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads: int) -> KVCache:

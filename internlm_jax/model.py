@@ -31,10 +31,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from .attention import blockwise_attention, cached_attention, causal_mask, decode_plan, dense_attention, prefill_plan
+from .attention import (blockwise_attention, cached_attention, decode_plan, dense_attention, prefill_plan,
+                        visible_mask)
 from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
-from .ring import pallas_interpret, sharded_decode_attention
+from .ring import pallas_interpret, sharded_decode_attention, write_decode
 from .rope import apply_rope, rope_tables
 from .settings import EngineSettings, enable_compilation_cache
 from .sharding import constrain, named_sharding
@@ -315,9 +316,9 @@ class InternLM2(nnx.Module):
         """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
-    def prefill_plan(self, length: int):
+    def prefill_plan(self, length: int, segments: bool = False):
         """Which attention a forward/prefill of ``length`` tokens takes (:func:`internlm_jax.attention.prefill_plan`)."""
-        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype)
+        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype, segments=segments)
 
     def uses_blockwise(self, length: int) -> bool:
         """Whether ``length`` tokens take the ring layout (a sequence axis, or a long input on a mesh)."""
@@ -327,6 +328,20 @@ class InternLM2(nnx.Module):
         """"ragged" or "dense": how decode steps over a cache of ``cache_len`` slots attend."""
         return decode_plan(self.settings, head_dim=self.config.head_dim,
                            local_cache_len=cache_len // self.sequence_parallel, mesh=self.mesh)
+
+    def attention_for(self, plan, index, ok, q_start=None):
+        """``attend(q, k, v) -> o`` along ``plan`` for a laid-out sequence: ``index [B, S]`` each token's
+        causal index, ``ok [B, S]`` the real tokens, ``q_start`` where each token's packed document starts."""
+        mesh, block = self.mesh, self.settings.block
+        if plan.path == "ring":
+            from .ring import ring_attention
+
+            return lambda q, k, v: ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel,  # noqa: E731
+                                                  q_start=q_start, block=block)
+        if plan.path == "blockwise":
+            return lambda q, k, v: blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel)  # noqa: E731
+        mask = visible_mask(index, q_start, index, ok, causal=True)
+        return lambda q, k, v: dense_attention(q, k, v, mask)  # noqa: E731
 
     def forward(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
                 output_hidden_states=False):
@@ -353,52 +368,37 @@ class InternLM2(nnx.Module):
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
         n = self.sequence_parallel
-        plan = self.prefill_plan(s)
-        ring = plan.path == "ring"
-        block = self.settings.block
-        if ring:
-            from .ring import padded_length, ring_attention, zigzag_order
+        plan = self.prefill_plan(s, segments=start is not None)
+        index, ids_p, pos_p, ok_p, start_p = idx, input_ids, positions, valid, start
+        order = None
+        if plan.path != "dense":  # pad (the ring: and lay out zigzag); the results are put back below
+            from .ring import padded_length, zigzag_order
 
-            padded = padded_length(s, n, block)
-            order = zigzag_order(padded, n)
+            block = self.settings.block
+            padded = padded_length(s, n, block) if plan.path == "ring" else -(-s // block) * block
+            order = zigzag_order(padded, n) if plan.path == "ring" and n > 1 else None
             pad = ((0, 0), (0, padded - s))
-            index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))[:, order]
-            ids_p = jnp.pad(input_ids, pad)[:, order]
-            pos_p = jnp.pad(positions, pad)[:, order]
-            ok_p = jnp.pad(valid, pad)[:, order]
-            start_p = None if start is None else jnp.pad(start, pad)[:, order]
-            mesh = self.mesh
-
-            def attend(q, k, v):
-                return ring_attention(q, k, v, index, index, ok_p, mesh, impl=plan.kernel, q_start=start_p,
-                                      block=block), None
-        elif plan.path == "blockwise" and start is None:
-            order = np.arange(-(-s // block) * block)  # right padding up to whole blocks
-            pad = ((0, 0), (0, len(order) - s))
+            index = jnp.broadcast_to(jnp.arange(padded, dtype=jnp.int32), (b, padded))
             ids_p, pos_p, ok_p = jnp.pad(input_ids, pad), jnp.pad(positions, pad), jnp.pad(valid, pad)
-            ring = True  # put back in token order below
+            start_p = None if start is None else jnp.pad(start, pad)
+            if order is not None:
+                index, ids_p, pos_p, ok_p = index[:, order], ids_p[:, order], pos_p[:, order], ok_p[:, order]
+                start_p = None if start_p is None else start_p[:, order]
+        attention = self.attention_for(plan, index, ok_p, start_p)
 
-            def attend(q, k, v):
-                return blockwise_attention(q, k, v, ok_p, block=block, impl=plan.kernel), None
-        else:
-            ids_p, pos_p = input_ids, positions
-            mask = causal_mask(s, s)[None] & valid[:, None, :]
-            if start is not None:
-                mask = mask & (idx[:, None, :] >= start[:, :, None])
-
-            def attend(q, k, v):
-                return dense_attention(q, k, v, mask), None
+        def attend(q, k, v):
+            return attention(q, k, v), None
 
         cos, sin = rope_tables(self.config, pos_p, self.dtype, seq_len=seq_len)
         emb = self.embed(ids_p)
         x, per_layer, _ = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
         x = self.norm(x)
         logits = self.logits(x)
-        if ring:  # back to token order, padding dropped
-            inverse = np.argsort(order)[:s]
-            logits = constrain(logits[:, inverse], ("batch", "seq", "act_vocab"), self.mesh)
+        if plan.path != "dense":  # back to token order, padding dropped
+            back = slice(0, s) if order is None else np.argsort(order)[:s]
+            logits = constrain(logits[:, back], ("batch", "seq", "act_vocab"), self.mesh)
             if output_hidden_states:
-                emb, per_layer, x = emb[:, inverse], per_layer[:, :, inverse], x[:, inverse]
+                emb, per_layer, x = emb[:, back], per_layer[:, :, back], x[:, back]
         if not output_hidden_states:
             return logits
         hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
@@ -408,28 +408,11 @@ class InternLM2(nnx.Module):
         """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag
         order under the ring path): returns the final hidden states ``[B, S, H]`` (before the final
         norm) and every layer's keys and values ``[L, B, S, nKV, D]`` (rope applied to keys)."""
-        b, s = input_ids.shape
         ok = jnp.asarray(mask).astype(bool)
-        plan = self.prefill_plan(s)
-        block = self.settings.block
-        if plan.path == "ring":
-            from .ring import ring_attention
+        attention = self.attention_for(self.prefill_plan(input_ids.shape[1]), index, ok)
 
-            mesh = self.mesh
-
-            def attend(q, k, v):
-                return ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel, block=block), (k, v)
-        elif plan.path == "blockwise":
-            if s % block:
-                raise ValueError(f"a blockwise prefill needs a length that is a multiple of {block}, got {s}")
-
-            def attend(q, k, v):
-                return blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel), (k, v)
-        else:
-            mask2 = causal_mask(s, s)[None] & ok[:, None, :]
-
-            def attend(q, k, v):
-                return dense_attention(q, k, v, mask2), (k, v)
+        def attend(q, k, v):
+            return attention(q, k, v), (k, v)
 
         cos, sin = rope_tables(self.config, positions, self.dtype)  # max(positions) + 1 over all shards
         x, _, (keys, values) = self.run_layers(self.embed(input_ids), cos, sin, attend)
@@ -447,8 +430,6 @@ class InternLM2(nnx.Module):
         if owner is None:
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, ones, slot, axis=1)
         else:
-            from .ring import write_decode
-
             valid = write_decode(cache.valid, ones, owner, slot, mesh)
         kind = self.decode_attention(cache.length)
 
@@ -456,8 +437,6 @@ class InternLM2(nnx.Module):
             new = to_slots(new, mesh).astype(buf.dtype)  # one slot, in the buffer's layout
             if owner is None:
                 return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=buf.ndim + SLOT_AXIS)
-            from .ring import write_decode
-
             return write_decode(buf, new, owner, slot, mesh, nh)
 
         def attention(q, kc, vc):

@@ -74,13 +74,19 @@ def test_greedy_matches_hf_llama_generate(tmp_path):
     assert ij.generate_ids(m, PROMPTS, max_new_tokens=12, stop_ids=()) == hf
 
 
-def test_prompt_lengths_share_compiled_programs(model):
+def test_prompt_lengths_share_compiled_programs(model, caplog):
+    """Prompt lengths within a bucket and any max_new_tokens reuse the compiled programs (counted from
+    JAX's own compile log); a new bucket compiles a new prefill."""
+    import logging
+
     gen = generator_for(model)
-    ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=4, stop_ids=())
-    prefill, loop = gen.prefill._cache_size(), gen.chunk._cache_size()
-    for n, new in ((5, 4), (9, 4), (13, 4), (16, 4)):  # all in the 16-token bucket
-        ij.generate_ids(model, [list(range(3, 3 + n))], max_new_tokens=new, stop_ids=())
-    assert gen.prefill._cache_size() == prefill and gen.chunk._cache_size() == loop
+    ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=7, stop_ids=())  # chunks of 4, 2 and 1 steps
+    prefill = gen.prefill._cache_size()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for n, new in ((5, 4), (9, 2), (13, 3), (16, 1)):  # all in the 16-token bucket; max_new_tokens varies
+            ij.generate_ids(model, [list(range(3, 3 + n))], max_new_tokens=new, stop_ids=())
+    compiled = [r.getMessage()[:40] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert not compiled, compiled
     ij.generate_ids(model, [list(range(3, 23))], max_new_tokens=4, stop_ids=())  # 20 tokens: the 32 bucket
     assert gen.prefill._cache_size() == prefill + 1
 
