@@ -36,7 +36,8 @@ def prefill_memory(cfg, length, n, dtype="bfloat16"):
     sds = lambda dt: jax.ShapeDtypeStruct((1, length), dt)  # noqa: E731
     cache_len = bucket_length(length + 16) if n == 1 else n * bucket_length(length // n + 16)
     t = time.perf_counter()
-    compiled = gen.prefill.lower(gen.state, sds(jnp.int32), sds(jnp.int32), sds(jnp.int32), sds(jnp.int32),
+    compiled = gen.prefill.lower(gen.state, gen.abstract_layers(), sds(jnp.int32), sds(jnp.int32), sds(jnp.int32),
+                                 sds(jnp.int32),
                                  cache_len=cache_len, last=0).compile()
     secs = time.perf_counter() - t
     m = compiled.memory_analysis()

@@ -187,11 +187,11 @@ class Generator:
         return s
 
     # --- the compiled programs (pure functions of the parameter state) --------------------------
-    def _prefill(self, state, ids, mask, positions, index, cache_len: int, last: int):
+    def _prefill(self, state, layers, ids, mask, positions, index, cache_len: int, last: int):
         """Prompt -> (last-position logits, cache). ``index`` is each token's causal index; with a
         sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
         model = nnx.merge(self.graphdef, state)
-        x, keys, values = model.prefill_kv(ids, positions, mask, index)
+        x, keys, values = model.prefill_kv(ids, positions, mask, index, layers)
         logits = model.logits(model.norm(x[:, last:last + 1]))[:, 0]
         ring = self.blockwise(ids.shape[1])
         cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring, self.config.num_attention_heads)
@@ -293,7 +293,8 @@ class Generator:
         if order is not None:  # permuted on the host: the devices get their chunks directly
             arrays = [a[:, order] for a in arrays]
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
-        logits, cache = self.prefill(self.state, ids, mask, positions, index, cache_len=cache_len, last=last)
+        logits, cache = self.prefill(self.state, self.layers, ids, mask, positions, index, cache_len=cache_len,
+                                     last=last)
         seen = np.zeros((b, self.config.vocab_size), bool)
         for i in range(b):
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
@@ -324,7 +325,7 @@ def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads
             return jnp.pad(x, pad)
 
         valid = jnp.pad(valid, ((0, 0), (0, cache_len - s)))
-    n = keys.shape[0]
+    n = len(keys)
     return KVCache(tuple(place(keys[i]) for i in range(n)), tuple(place(values[i]) for i in range(n)), valid)
 
 

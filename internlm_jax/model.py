@@ -404,10 +404,11 @@ class InternLM2(nnx.Module):
         hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
         return logits, hidden
 
-    def prefill_kv(self, input_ids, positions, mask, index):
+    def prefill_kv(self, input_ids, positions, mask, index, layers=None):
         """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag
         order under the ring path): returns the final hidden states ``[B, S, H]`` (before the final
-        norm) and every layer's keys and values ``[L, B, S, nKV, D]`` (rope applied to keys)."""
+        norm) and every layer's keys and values (``[L, B, S, nKV, D]``, or per layer when ``layers``,
+        per-layer weight states, are given: the layers then run unrolled and read those in place)."""
         ok = jnp.asarray(mask).astype(bool)
         attention = self.attention_for(self.prefill_plan(input_ids.shape[1]), index, ok)
 
@@ -415,7 +416,17 @@ class InternLM2(nnx.Module):
             return attention(q, k, v), (k, v)
 
         cos, sin = rope_tables(self.config, positions, self.dtype)  # max(positions) + 1 over all shards
-        x, _, (keys, values) = self.run_layers(self.embed(input_ids), cos, sin, attend)
+        x = self.embed(input_ids)
+        if layers is None:
+            x, _, (keys, values) = self.run_layers(x, cos, sin, attend)
+            return x, keys, values
+        layer_def = nnx.graphdef(self.layers)
+        keys, values = [], []
+        for i, state in enumerate(layers):
+            with jax.named_scope(f"layer_{i}"):
+                x, (k, v) = nnx.merge(layer_def, state)(x, cos, sin, attend, self.mesh)
+            keys.append(k)
+            values.append(v)
         return x, keys, values
 
     def forward_decode(self, tokens, positions, cache: KVCache, slot, *, owner=None, layers=None):

@@ -19,6 +19,7 @@ analytically (:func:`program_costs`); the tests check that count against XLA on 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -315,7 +316,25 @@ def _spec_like(x, sharding):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
-def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, max_new_tokens: int = 256,
+@contextlib.contextmanager
+def _no_persistent_cache():
+    """Compile-only TPU topologies cannot load executables back from JAX's persistent cache (reading
+    them warns and recompiles), so the planner's compiles neither read nor fill it."""
+    before = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", before)
+
+
+def compile_programs(cfg: InternLM2Config, mesh, **kwargs) -> list[ProgramPlan]:
+    """Lower and compile the library's programs on ``mesh`` (see :func:`_compile_programs`)."""
+    with _no_persistent_cache():
+        return _compile_programs(cfg, mesh, **kwargs)
+
+
+def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, max_new_tokens: int = 256,
                      dtype="bfloat16", programs: Sequence[str] = PROGRAMS, remat: str = "full",
                      attention_impl: str | None = None, decode_impl: str | None = None, chip: Chip | None = None,
                      train_param_dtype="float32") -> list[ProgramPlan]:
@@ -352,7 +371,8 @@ def compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, ma
         param_bytes = _shard_bytes(gen.state)
         pre = ProgramPlan("prefill", False, hbm_limit=limit, parameters=param_bytes)
         try:
-            lowered = gen.prefill.lower(gen.state, tok, tok, tok, tok, cache_len=cache_len, last=last)
+            lowered = gen.prefill.lower(gen.state, gen.abstract_layers(), tok, tok, tok, tok, cache_len=cache_len,
+                                        last=last)
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the compiler's verdict is the answer
             pre.error = _short_error(e)

@@ -54,7 +54,7 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     if order is not None:
         arrays = [a[:, order] for a in arrays]
     ids, mask, pos, index = (gen.put(np.asarray(a, np.int32), ("batch", "seq")) for a in arrays)
-    compiled = gen.prefill.lower(gen.state, ids, mask, pos, index, cache_len=cache_len, last=last).compile()
+    compiled = gen.prefill.lower(gen.state, gen.layers, ids, mask, pos, index, cache_len=cache_len, last=last).compile()
     m = compiled.memory_analysis()
     pre = got["prefill"]
     assert (pre.arguments, pre.outputs, pre.temporaries) == (m.argument_size_in_bytes, m.output_size_in_bytes,
@@ -64,7 +64,7 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     cshape = (b, CFG.num_key_value_heads, cache_len, CFG.head_dim)
     assert pre.cache == 2 * CFG.num_hidden_layers * math.prod(cache_sharding.shard_shape(cshape)) * 4
 
-    logits, cache = gen.prefill(gen.state, ids, mask, pos, index, cache_len=cache_len, last=last)
+    logits, cache = gen.prefill(gen.state, gen.layers, ids, mask, pos, index, cache_len=cache_len, last=last)
     ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)), gen.put(np.zeros((b, CFG.vocab_size), bool),
                      ("batch", "act_vocab")), gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.key(0))
     m = gen.step.lower(gen.state, gen.layers, ds, jnp.int32(base), sampling=SamplingParams(),
