@@ -320,12 +320,16 @@ def _spec_like(x, sharding):
 def _no_persistent_cache():
     """Compile-only TPU topologies cannot load executables back from JAX's persistent cache (reading
     them warns and recompiles), so the planner's compiles neither read nor fill it."""
+    from jax.experimental.compilation_cache import compilation_cache
+
     before = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether the cache is used: make it decide again
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", before)
+        compilation_cache.reset_cache()
 
 
 def compile_programs(cfg: InternLM2Config, mesh, **kwargs) -> list[ProgramPlan]:
