@@ -31,7 +31,6 @@ import internlm_jax as ij
 from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.plan import program_costs
 
-
 FIRST_CALL = {}  # seconds of each timed function's first call (compilation included)
 
 
@@ -106,11 +105,13 @@ def main():
             if first is None:
                 first, agree = logits, "reference"
             else:
-                agree = f"logits vs {args.impls[0]}: rel. diff {np.linalg.norm(logits - first) / np.linalg.norm(first):.1e}"
+                agree = (f"logits vs {args.impls[0]}: rel. diff "
+                         f"{np.linalg.norm(logits - first) / np.linalg.norm(first):.1e}")
             cache_len = gen.layout(s, 256)[0]
             flops = program_costs(cfg, "prefill", batch=1, seq=s, cache_len=cache_len, blockwise=gen.blockwise(s)).flops
             rows.append(f"| prefill | {s} | {impl} | {t * 1e3:.1f} ms | {s / t:,.0f} tok/s | "
-                        f"MFU {flops / t / flops_peak:.1%} of measured, {flops / t / (args.peak_tflops * 1e12):.1%} of spec; {agree} |")
+                        f"MFU {flops / t / flops_peak:.1%} of measured, "
+                        f"{flops / t / (args.peak_tflops * 1e12):.1%} of spec; {agree} |")
             print(rows[-1], flush=True)
     greedy = SamplingParams()
     for b, weights in [(b, w) for b in args.batch for w in args.weights]:
@@ -135,7 +136,8 @@ def main():
         t_step = timed(step, repeats=min(10, args.new - (args.repeats + 1) * k - 1), name="step")
         c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
         roofline = (c.weights + c.cache) / hbm
-        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | chunk of {k} | {t_loop * 1e3:.2f} ms/step | "
+        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | chunk of {k} | "
+                    f"{t_loop * 1e3:.2f} ms/step | "
                     f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
                     f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s); "
                     f"first calls (compile) chunk {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s |")
@@ -162,11 +164,13 @@ def main():
         stats = dev.memory_stats() or {}
         peak = stats.get("peak_bytes_in_use")
         rows.append(f"| long prompt | {args.long} tokens, 1m shape | auto | prefill {t_prefill:.1f} s | "
-                    f"{args.long / t_prefill:,.0f} tok/s | generate 64 {total:.1f} s (decode ~{(total - t_prefill) / 63 * 1e3:.0f}"
+                    f"{args.long / t_prefill:,.0f} tok/s | generate 64 {total:.1f} s "
+                    f"(decode ~{(total - t_prefill) / 63 * 1e3:.0f}"
                     f" ms/token); first call {first:.0f} s; peak device memory "
                     f"{'n/a' if peak is None else f'{peak / 2**30:.1f} GiB'}; {len(out[0])} tokens |")
         print(rows[-1], flush=True)
-    print("\n".join(["", "| program | shape | attention | time | rate | vs ceiling |", "|---|---|---|---|---|---|"] + rows))
+    print("\n".join(["", "| program | shape | attention | time | rate | vs ceiling |",
+                     "|---|---|---|---|---|---|"] + rows))
 
 
 if __name__ == "__main__":

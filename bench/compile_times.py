@@ -43,8 +43,10 @@ def main():
         row = {"layers": cfg.num_hidden_layers}
         for what, lower in (
                 ("decode_step", lambda: gen.step.lower(gen.state, gen.abstract_layers(), ds, scalar, **kw)),
-                ("decode_chunk16", lambda: gen.chunk.lower(gen.state, gen.abstract_layers(), ds, scalar, steps=16, **kw)),
-                ("prefill", lambda: gen.prefill.lower(gen.state, gen.abstract_layers(), *(spec((b, args.prompt), jnp.int32),) * 4,
+                ("decode_chunk16", lambda: gen.chunk.lower(gen.state, gen.abstract_layers(), ds, scalar, steps=16,
+                                                           **kw)),
+                ("prefill", lambda: gen.prefill.lower(gen.state, gen.abstract_layers(),
+                                                      *(spec((b, args.prompt), jnp.int32),) * 4,
                                                       cache_len=t, last=args.prompt - 1))):
             t0 = time.perf_counter()
             lowered = lower()

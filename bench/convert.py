@@ -22,7 +22,8 @@ import json, resource, sys, time
 from conversion.convert import hf_to_orbax, orbax_to_hf
 t = time.perf_counter()
 {call}
-print(json.dumps(dict(seconds=time.perf_counter() - t, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+print(json.dumps(dict(seconds=time.perf_counter() - t, \
+peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
 """
 
 

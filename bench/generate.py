@@ -74,9 +74,11 @@ def time_ours(model, batch, prompt_len, new_tokens):
     t1 = best(lambda: run(1))
     tn = best(lambda: run(new_tokens))
     prepared = gen.prepare(prompts)
-    ttft = best(lambda: int(gen.sample(gen.start(prepared, new_tokens)[0].logits, jax.random.key(0), sampling, None)[0]))
+    ttft = best(lambda: int(gen.sample(gen.start(prepared, new_tokens)[0].logits, jax.random.key(0),
+                                       sampling, None)[0]))
     return dict(compile_s=compile_first + compile_n, ttft_s=ttft, t1_s=t1, tn_s=tn,
-                decode_tok_s=batch * (new_tokens - 1) / (tn - t1), cache_len=gen.layout(prepared.ids.shape[1], new_tokens)[0])
+                decode_tok_s=batch * (new_tokens - 1) / (tn - t1),
+                cache_len=gen.layout(prepared.ids.shape[1], new_tokens)[0])
 
 
 def step_bytes(model, cache_lens=(256, 2048), batch=1):
@@ -97,7 +99,8 @@ def step_bytes(model, cache_lens=(256, 2048), batch=1):
                            sampling=SamplingParams(), stop_ids=()).compile()
         ca = c.cost_analysis()
         ca = ca[0] if isinstance(ca, list) else ca
-        out.append(dict(cache_len=t, bytes=float(ca["bytes accessed"]), cache_bytes=KVCache.abstract(cfg, batch, t, model.dtype).nbytes,
+        out.append(dict(cache_len=t, bytes=float(ca["bytes accessed"]),
+                        cache_bytes=KVCache.abstract(cfg, batch, t, model.dtype).nbytes,
                         compile_s=time.perf_counter() - t0))
     return out
 
@@ -112,8 +115,10 @@ def hf_llama(model):
                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=nh, num_key_value_heads=nkv,
                        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
                        rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False)
-    p = {".".join(map(str, k)): np.asarray(v.get_value(), np.float32) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    sd = {"model.embed_tokens.weight": p["tok_embeddings"], "model.norm.weight": p["norm.weight"], "lm_head.weight": p["output"].T}
+    p = {".".join(map(str, k)): np.asarray(v.get_value(), np.float32)
+         for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    sd = {"model.embed_tokens.weight": p["tok_embeddings"], "model.norm.weight": p["norm.weight"],
+          "lm_head.weight": p["output"].T}
     for i in range(cfg.num_hidden_layers):
         q = f"model.layers.{i}."
         sd[q + "self_attn.q_proj.weight"] = p["layers.attention.wq"][i].reshape(h, nh * d).T

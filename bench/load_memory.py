@@ -20,15 +20,21 @@ from pathlib import Path
 
 
 def write_checkpoint(folder: Path, preset: str, shard_gb: float) -> None:
+    from internlm_jax import InternLM2Config
+    from internlm_jax.files import atomic_directory
+
+    cfg = InternLM2Config.preset(preset)
+    with atomic_directory(folder) as tmp:
+        write_random_shards(tmp, cfg, shard_gb)
+
+
+def write_random_shards(tmp: Path, cfg, shard_gb: float) -> None:
     import ml_dtypes
     import numpy as np
 
-    from internlm_jax import InternLM2Config, weights
-    from internlm_jax.hf_checkpoint import write_safetensors
+    from internlm_jax import weights
+    from internlm_jax.hf_checkpoint import plan_shards, write_safetensors
 
-    cfg = InternLM2Config.preset(preset)
-    tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
     cfg.save(tmp)
     rng = np.random.default_rng(0)
 
@@ -36,14 +42,7 @@ def write_checkpoint(folder: Path, preset: str, shard_gb: float) -> None:
         bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
         return ((bits & 0x807F) | 0x3C00).view(ml_dtypes.bfloat16)
     tensors = weights.hf_tensors(cfg)
-    shards, used, limit = [[]], 0, shard_gb * 1e9
-    for t in tensors:
-        n = math.prod(t.shape) * 2
-        if shards[-1] and used + n > limit:
-            shards.append([])
-            used = 0
-        shards[-1].append(t)
-        used += n
+    shards = plan_shards(tensors, np.dtype(ml_dtypes.bfloat16), int(shard_gb * 1e9))
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -51,7 +50,6 @@ def write_checkpoint(folder: Path, preset: str, shard_gb: float) -> None:
                           lambda name, s={t.name: t.shape for t in shard}: random_bf16(s[name]))
         weight_map.update({t.name: file for t in shard})
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    os.replace(tmp, folder)
 
 
 def rss_mb() -> float:

@@ -68,9 +68,11 @@ def main():
     args = ap.parse_args()
     cfg = bench_config(args.layers)
     if args.lengths:
-        print(f"jax {jax.__version__}; model {cfg.num_parameters() / 1e6:.0f}M params (bf16), {cfg.num_hidden_layers} layers, "
+        print(f"jax {jax.__version__}; model {cfg.num_parameters() / 1e6:.0f}M params (bf16), "
+          f"{cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads}/{cfg.num_key_value_heads} heads; batch 1")
-        print("| tokens | devices (sequence axis) | attention | per-device args | per-device temp | per-device output | compile |")
+        print("| tokens | devices (sequence axis) | attention | per-device args | per-device temp | "
+              "per-device output | compile |")
         print("|---|---|---|---|---|---|---|")
     for length in args.lengths:
         for n in args.devices:

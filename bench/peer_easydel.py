@@ -108,11 +108,10 @@ def main(argv=None):
     args = parse_args(argv)
     thread_info = _limit_threads(args.threads)
 
+    import easydel as ed
     import jax
     import jax.numpy as jnp
     import numpy as np
-
-    import easydel as ed
     from flax import nnx
     from transformers import AutoConfig
     from transformers.generation.configuration_utils import GenerationConfig

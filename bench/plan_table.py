@@ -29,7 +29,8 @@ def cell(p):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["internlm2-chat-1_8b", "internlm2_5-7b-chat-1m", "internlm2_5-20b-chat"])
+    ap.add_argument("--models", nargs="+",
+                    default=["internlm2-chat-1_8b", "internlm2_5-7b-chat-1m", "internlm2_5-20b-chat"])
     ap.add_argument("--topologies", nargs="+", default=["v5e-8", "v5e-16", "v5p-8", "v6e-8"])
     ap.add_argument("--contexts", nargs="+", type=int, default=[32768, 200000, 1000000])
     ap.add_argument("--max-tries", type=int, default=4)

@@ -35,7 +35,8 @@ def main():
     n = model.num_parameters()
     flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
     peak = measure_peak_flops()
-    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); {n / 1e6:.0f}M params, "
+    print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
+          f"{n / 1e6:.0f}M params, "
           f"batch {args.batch} x {args.seq} tokens, f32; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
@@ -80,7 +81,8 @@ def main():
     for _ in range(args.steps):
         hf_step()
     theirs = args.batch * args.seq * args.steps / (time.perf_counter() - t)
-    print(f"HF transformers: {theirs:.0f} tokens/s, MFU {theirs * flops_per_token / peak:.1%}; ours/HF {ours / theirs:.2f}x")
+    print(f"HF transformers: {theirs:.0f} tokens/s, MFU {theirs * flops_per_token / peak:.1%}; "
+          f"ours/HF {ours / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -15,11 +15,19 @@ from typing import Iterator
 import numpy as np
 
 from internlm_jax import weights
-from internlm_jax.checkpoint import (TOKENIZER_FILES, OrbaxCheckpointError, check_items, item_name, iter_items,
-                                     read_metadata, sha256, write_checkpoint)
+from internlm_jax.arrays import canonical_dtype
+from internlm_jax.checkpoint import (
+    TOKENIZER_FILES,
+    OrbaxCheckpointError,
+    check_items,
+    item_name,
+    iter_items,
+    read_metadata,
+    sha256,
+    write_checkpoint,
+)
 from internlm_jax.config import InternLM2Config
 from internlm_jax.hf_checkpoint import check_hf_tensors, open_hf_tensors, write_hf_folder
-from internlm_jax.model import canonical_dtype
 
 
 def _tokenizer_files(folder: Path) -> list[Path]:

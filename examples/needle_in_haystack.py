@@ -7,7 +7,8 @@
 #
 # With real weights (for example InternLM2.5-7B-Chat-1M on 8 GPUs) this is a meaningful retrieval test:
 #
-#     python examples/needle_in_haystack.py /path/to/internlm2_5-7b-chat-1m --length 200000 --sequence 8 --dtype bfloat16
+#     python examples/needle_in_haystack.py /path/to/internlm2_5-7b-chat-1m --length 200000 --sequence 8 \
+#         --dtype bfloat16
 #
 # Without a checkpoint it builds a tiny random model (the answer is then gibberish, but every step
 # runs: haystack, template, sharded prefill and decode), on simulated CPU devices; with no checkpoint and

@@ -22,16 +22,26 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
-from flax import nnx
 
+from .arrays import (
+    flat_params,
+    flatten,
+    get_row,
+    nest,
+    param_bytes,
+    row_sharding,
+    set_row,
+    sharding_of,
+    stacked_buffers,
+    to_host,
+)
 from .config import InternLM2Config
-from .hf_checkpoint import _get_row, _progress, _row_sharding, _set_row, _sharding_of, _to_host, stacked_buffers
+from .files import atomic_directory, progress_bar
 
 FORMAT = "internlm-jax-orbax"
 LAYOUT_VERSION = 1
@@ -48,28 +58,6 @@ def item_name(layer: int | None, path: str) -> str:
     if layer is not None:
         return f"layer_{layer:05d}"
     return "embed" if path == "tok_embeddings" else "final"
-
-
-def _nest(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def sha256(array: np.ndarray) -> str:
@@ -107,19 +95,16 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
     """
     import orbax.checkpoint as ocp
 
-    dst = Path(dst).absolute()
-    check_destination(dst, overwrite, total_bytes)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "orbax").mkdir(parents=True)
     checksums: dict[str, str] = {}
     names: list[str] = []
-    try:
+    with atomic_directory(dst, overwrite=overwrite, needed_bytes=total_bytes) as tmp:
+        (tmp / "orbax").mkdir()
         ckptr = ocp.StandardCheckpointer()
-        with _progress(total_bytes, 0, "writing orbax", progress) as bar:
+        with progress_bar(total_bytes, "writing orbax", progress) as bar:
             for name, arrays in items:
                 host = {path: np.asarray(a) for path, a in arrays.items()}
                 checksums.update({f"{name}/{path}": sha256(a) for path, a in host.items()})
-                ckptr.save(tmp / "orbax" / name, _nest(host))
+                ckptr.save(tmp / "orbax" / name, nest(host))
                 ckptr.wait_until_finished()  # one item in flight: memory stays at one layer
                 names.append(name)
                 bar.update(sum(a.nbytes for a in host.values()))
@@ -130,51 +115,23 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
         meta = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "dtype": str(np.dtype(dtype)),
                 "source": source, "items": names, "num_hidden_layers": cfg.num_hidden_layers, "sha256": checksums}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-        _replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
-
-
-def check_destination(dst: Path, overwrite: bool, needed_bytes: int) -> None:
-    """Refuse an existing destination (unless overwrite) and a disk without room for the output."""
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
-    parent = dst.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    needed = int(needed_bytes * 1.05) + (1 << 20)
-    if free < needed:
-        raise OSError(f"not enough free disk space in {parent}: {free / 1e9:.2f} GB free, about "
-                      f"{needed / 1e9:.2f} GB needed")
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dst)
+    return Path(dst).absolute()
 
 
 def model_items(model) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """The checkpoint items of a model in memory (layer rows gathered to the host one at a time)."""
-    params = {".".join(map(str, k)): v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    yield "embed", {"tok_embeddings": _to_host(params["tok_embeddings"])}
+    params = {p: v.get_value() for p, v in flat_params(model).items()}
+    yield "embed", {"tok_embeddings": to_host(params["tok_embeddings"])}
     for i in range(model.config.num_hidden_layers):
-        yield item_name(i, ""), {p[len("layers."):]: _to_host(_get_row(v, i)) for p, v in params.items()
+        yield item_name(i, ""), {p[len("layers."):]: to_host(get_row(v, i)) for p, v in params.items()
                                  if p.startswith("layers.")}
-    yield "final", {p: _to_host(v) for p, v in params.items() if p in ("norm.weight", "output")}
+    yield "final", {p: to_host(v) for p, v in params.items() if p in ("norm.weight", "output")}
 
 
 def save_checkpoint(model, dst: str | os.PathLike, *, overwrite: bool = False, source: dict | None = None,
                     extra_files: Iterable[str | os.PathLike] = (), progress: bool | None = None) -> Path:
     """Save a model's parameters as an Orbax checkpoint folder (see the module docstring)."""
-    nbytes = sum(int(np.prod(v.get_value().shape)) * v.get_value().dtype.itemsize
-                 for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    nbytes = param_bytes(model)
     if jax.process_count() > 1:
         raise NotImplementedError("save_checkpoint writes from one process; gather or use process 0")
     return write_checkpoint(dst, model.config, model_items(model), dtype=model.param_dtype,
@@ -205,28 +162,29 @@ def iter_items(path: str | os.PathLike, targets: Callable[[str], dict] | None = 
     for name in meta["items"]:
         item = path / "orbax" / name
         try:
-            restored = ckptr.restore(item, _nest(targets(name))) if targets else ckptr.restore(item)
+            restored = ckptr.restore(item, nest(targets(name))) if targets else ckptr.restore(item)
         except Exception as e:  # orbax raises many types; say which item
             raise OrbaxCheckpointError(f"{item}: cannot restore ({type(e).__name__}: {e})") from None
-        yield name, _flatten(restored)
+        yield name, flatten(restored)
 
 
-def load_checkpoint(path: str | os.PathLike, *, mesh=None, dtype=None, param_dtype=None,
-                    progress: bool | None = None, verify: bool = False):
-    """:meth:`InternLM2.from_pretrained` for Orbax checkpoint folders: restore onto ``mesh``.
+def saved_dtype(path: str | os.PathLike) -> np.dtype:
+    """The dtype a checkpoint's parameters were written in."""
+    return np.dtype(read_metadata(path)["dtype"])
 
-    Parameters are restored in the dtype they were saved in and cast to ``param_dtype`` (default:
-    ``dtype``, default: the saved dtype). ``verify`` re-checks every array's sha256 (host copy).
+
+def restore_params(model, path: str | os.PathLike, *, progress: bool | None = None, verify: bool = False) -> None:
+    """Fill an abstract model (ShapeDtypeStruct parameters carrying their target shardings) from an
+    Orbax checkpoint folder, in place; each process reads only the shards its devices own.
+
+    Arrays are read in the dtype they were saved in and cast to the model's parameter dtype.
+    ``verify`` re-checks every array's sha256 (host copy). :meth:`InternLM2.from_pretrained` calls this.
     """
-    from .model import InternLM2
-
     path = Path(path)
     meta = read_metadata(path)
-    cfg = InternLM2Config.from_pretrained(path)
-    check_items(path, meta, cfg)
+    check_items(path, meta, model.config)
     saved = np.dtype(meta["dtype"])
-    model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype or saved, param_dtype=param_dtype or dtype or saved)
-    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = flat_params(model)
     stacked = stacked_buffers(params)
 
     def targets(name: str) -> dict:
@@ -234,24 +192,24 @@ def load_checkpoint(path: str | os.PathLike, *, mesh=None, dtype=None, param_dty
         for p, v in params.items():
             target = v.get_value()
             if name.startswith("layer_") and p.startswith("layers."):
-                out[p[len("layers."):]] = jax.ShapeDtypeStruct(target.shape[1:], saved, sharding=_row_sharding(_sharding_of(target)))
+                out[p[len("layers."):]] = jax.ShapeDtypeStruct(target.shape[1:], saved,
+                                                               sharding=row_sharding(sharding_of(target)))
             elif not name.startswith("layer_") and item_name(None, p) == name and not p.startswith("layers."):
-                out[p] = jax.ShapeDtypeStruct(target.shape, saved, sharding=_sharding_of(target))
+                out[p] = jax.ShapeDtypeStruct(target.shape, saved, sharding=sharding_of(target))
         return out
 
-    with _progress(len(meta["items"]), 0, "restoring", progress, unit="item") as bar:
+    with progress_bar(len(meta["items"]), "restoring", progress, unit="item") as bar:
         for name, arrays in iter_items(path, targets):
             if verify:
                 for p, a in arrays.items():
-                    if sha256(_to_host(a)) != meta["sha256"].get(f"{name}/{p}"):
+                    if sha256(to_host(a)) != meta["sha256"].get(f"{name}/{p}"):
                         raise OrbaxCheckpointError(f"{path}: checksum mismatch for {name}/{p}")
             for p, a in arrays.items():
                 if name.startswith("layer_"):
                     full = "layers." + p
-                    stacked[full] = _set_row(stacked[full], a.astype(stacked[full].dtype), int(name[6:]))
+                    stacked[full] = set_row(stacked[full], a.astype(stacked[full].dtype), int(name[6:]))
                 else:
                     params[p].set_value(a.astype(params[p].get_value().dtype))
             bar.update(1)
     for p, v in stacked.items():
         params[p].set_value(v)
-    return model

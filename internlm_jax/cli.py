@@ -144,7 +144,8 @@ def cmd_chat(args) -> None:
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF or Orbax checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model or folder (default: the model folder)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 for HF, saved for Orbax)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16 or float16 (default: float32 for HF, saved for Orbax)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -272,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="the run's YAML file (see examples/train_tiny.yaml)")
     tr.add_argument("--steps", type=int, help="override the number of steps")
     tr.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
-    tr.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() from the cluster environment")
+    tr.add_argument("--distributed", action="store_true",
+                    help="jax.distributed.initialize() from the cluster environment")
     tr.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
     tr.add_argument("--num-processes", type=int, default=1)
     tr.add_argument("--process-id", type=int, default=0)

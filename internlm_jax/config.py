@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write
+
 ROPE_TYPES = ("linear", "dynamic")
 
 # What the reference config class assumes for a key that config.json lacks. These are not the
@@ -202,13 +204,7 @@ class InternLM2Config:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``config.json`` into folder ``path`` (atomically); returns the file written."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        file = path / "config.json"
-        tmp = file.with_name(f".config.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, file)
-        return file
+        return atomic_write(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     # ----------------------------------------------------------------------------------------
     @classmethod

@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from .attention import decode_weights, prefill_plan
-from .cache import SLOT_AXIS, KVCache, sharding as cache_sharding, to_slots
+from .cache import SLOT_AXIS, KVCache, to_slots
+from .cache import sharding as cache_sharding
 from .ring import padded_length
 from .sharding import constrain, named_sharding
 
@@ -151,7 +152,8 @@ class Generator:
         if self._layers_of != ident:
             self._layers = None  # free the old copies first
             want = jax.tree.map(lambda x: x.sharding, self.abstract_layers())
-            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p, i=i: p[i], s) for i in range(self.config.num_hidden_layers)),
+            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p, i=i: p[i], s)
+                                            for i in range(self.config.num_hidden_layers)),
                             out_shardings=want if self.mesh is not None else None)
             self._layers, self._layers_of = split(stacked), ident
         return self._layers
@@ -194,7 +196,8 @@ class Generator:
         x, keys, values = model.prefill_kv(ids, positions, mask, index, layers)
         logits = model.logits(model.norm(x[:, last:last + 1]))[:, 0]
         ring = self.blockwise(ids.shape[1])
-        cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring, self.config.num_attention_heads)
+        cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring,
+                            self.config.num_attention_heads)
         return logits, cache.constrain(self.mesh)
 
     def _step(self, state, layers, ds: DecodeState, base, sampling: SamplingParams, stop_ids: tuple[int, ...]):

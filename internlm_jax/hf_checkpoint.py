@@ -19,20 +19,17 @@ import math
 import os
 import shutil
 import struct
-import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from . import weights
+from .arrays import canonical_dtype, flat_params, get_row, row_sharding, set_row, sharding_of, stacked_buffers, to_host
 from .config import InternLM2Config
+from .files import atomic_directory, progress_bar
 
 
 class CheckpointError(ValueError):
@@ -51,7 +48,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(ml_dtypes.b
 class TensorRef:
     """A tensor in a file, not yet read: ``name``, ``file``, ``shape``, ``dtype`` and ``load()``."""
 
-    def __init__(self, name: str, file: Path, shape: tuple[int, ...], dtype: np.dtype, loader: Callable[[], np.ndarray]):
+    def __init__(self, name: str, file: Path, shape: tuple[int, ...], dtype: np.dtype,
+                 loader: Callable[[], np.ndarray]):
         self.name, self.file, self.shape, self.dtype, self._loader = name, file, shape, dtype, loader
 
     @property
@@ -74,7 +72,8 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+            raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                  f"(claims {n} bytes, file has {size})")
         raw = f.read(n)
     try:
         header = json.loads(raw)
@@ -126,7 +125,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shape, dtype in tensors:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -189,7 +189,8 @@ def _open_indexed(index: Path, opener) -> dict[str, TensorRef]:
     refs = {}
     for name, file in weight_map.items():
         if name not in opened[file]:
-            raise CheckpointError(f"{index.parent / file}: tensor {name!r} is listed in {index.name} but not in the file")
+            raise CheckpointError(f"{index.parent / file}: tensor {name!r} is listed in {index.name} "
+                                  "but not in the file")
         refs[name] = opened[file][name]
     for file, tensors in opened.items():  # tensors a shard holds beyond the index are still reported
         for name, ref in tensors.items():
@@ -227,7 +228,8 @@ def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: st
         ref = refs[t.name]
         if ref.shape != t.shape:
             raise CheckpointError(f"{ref.file}: tensor {t.name!r} has shape {ref.shape} but config.json implies "
-                                  f"{t.shape} (hidden_size={cfg.hidden_size}, intermediate_size={cfg.intermediate_size}, "
+                                  f"{t.shape} (hidden_size={cfg.hidden_size}, "
+                                  f"intermediate_size={cfg.intermediate_size}, "
                                   f"heads={cfg.num_attention_heads}, kv_heads={cfg.num_key_value_heads}, "
                                   f"vocab_size={cfg.vocab_size})")
         if ref.dtype not in FLOAT_DTYPES:
@@ -238,55 +240,15 @@ def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: st
 # --- loading into a model ------------------------------------------------------------------------
 
 
-def _progress(total: int, n: int, desc: str, enabled: bool | None, unit: str = "B"):
-    """A tqdm bar on stderr (bytes by default); shown when stderr is a terminal unless told."""
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=total, unit=unit, unit_scale=unit == "B", unit_divisor=1024, desc=desc,
-                disable=not enabled, postfix=f"0/{n} tensors" if n else None)
-
-
-def _sharding_of(value) -> jax.sharding.Sharding:
-    sharding = getattr(value, "sharding", None)
-    return sharding if sharding is not None else SingleDeviceSharding(jax.devices()[0])
-
-
-def _row_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
-    if isinstance(stacked, NamedSharding):
-        return NamedSharding(stacked.mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
-    return stacked
-
-
-@jax.jit
-def _get_row(stacked, i):
-    return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
-
-
-_set_row = jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
-                   donate_argnums=0)
-
-
-def stacked_buffers(params: dict) -> dict[str, jax.Array]:
-    """Zeroed device buffers, in their target shardings, for every stacked (``layers.*``) parameter;
-    loaders write one layer row at a time into them (``_set_row``, donated)."""
-    out = {}
-    for name, param in params.items():
-        if name.startswith("layers."):
-            t = param.get_value()
-            out[name] = jax.jit(lambda t=t: jnp.zeros(t.shape, t.dtype), out_shardings=_sharding_of(t))()
-    return out
-
-
 def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool | None = None) -> None:
     """Fill an abstract :class:`InternLM2` (ShapeDtypeStruct params) from HF tensors, in place."""
     cfg = model.config
     expected = check_hf_tensors(refs, cfg, where)
-    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = flat_params(model)
     stacked = stacked_buffers(params)
     order = sorted(expected, key=lambda t: (str(refs[t.name].file), t.name))  # file order: fewer seeks
-    bar = _progress(sum(refs[t.name].nbytes for t in expected), len(expected), "loading", progress)
+    bar = progress_bar(sum(refs[t.name].nbytes for t in expected), "loading", progress,
+                       postfix=f"0/{len(expected)} tensors")
     with bar:
         for n, t in enumerate(order, 1):
             array = refs[t.name].load()
@@ -295,11 +257,11 @@ def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool
                 piece = np.asarray(piece).astype(target.dtype, copy=False)
                 if t.layer is None:
                     params[path].set_value(jax.make_array_from_callback(
-                        piece.shape, _sharding_of(target), lambda idx, p=piece: p[idx]))
+                        piece.shape, sharding_of(target), lambda idx, p=piece: p[idx]))
                 else:
-                    row = jax.make_array_from_callback(piece.shape, _row_sharding(_sharding_of(target)),
+                    row = jax.make_array_from_callback(piece.shape, row_sharding(sharding_of(target)),
                                                        lambda idx, p=piece: p[idx])
-                    stacked[path] = _set_row(stacked[path], row, t.layer)
+                    stacked[path] = set_row(stacked[path], row, t.layer)
             del array
             bar.update(refs[t.name].nbytes)
             bar.set_postfix_str(f"{n}/{len(order)} tensors")
@@ -307,27 +269,7 @@ def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool
         params[path].set_value(value)
 
 
-def load_hf_checkpoint(path, *, mesh=None, dtype=None, param_dtype=None, progress=None):
-    """:meth:`InternLM2.from_pretrained` for HF folders."""
-    from .model import InternLM2
-
-    path = Path(path)
-    cfg = InternLM2Config.from_pretrained(path)
-    refs = open_hf_tensors(path)
-    model = InternLM2.abstract(cfg, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
-    load_params(model, refs, where=str(path), progress=progress)
-    return model
-
-
 # --- writing -------------------------------------------------------------------------------------
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def parse_size(size: int | str) -> int:
@@ -335,7 +277,8 @@ def parse_size(size: int | str) -> int:
     if isinstance(size, int):
         return size
     s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+                       ("B", 1)):
         if s.endswith(unit):
             return int(float(s[: -len(unit)]) * mult)
     return int(s)
@@ -361,23 +304,14 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     """Write an HF InternLM2 folder whose tensors come from ``produce(tensor)``, one at a time, in
     checkpoint order. Written into a temporary sibling and renamed when complete, so an interrupted
     save leaves no folder that looks like a checkpoint."""
-    from .checkpoint import _replace_dir, check_destination
-
     folder = Path(folder).absolute()
     dtype = np.dtype(dtype)
     tensors = weights.hf_tensors(cfg)
     total = sum(math.prod(t.shape) for t in tensors) * dtype.itemsize
-    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
-        check_destination(folder, overwrite, total)
-    else:
-        check_destination(folder, True, total)
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        bar = _progress(total, len(tensors), "writing hf", progress)
-        with bar:
+    with atomic_directory(folder, overwrite=overwrite, needed_bytes=total) as tmp:
+        with progress_bar(total, "writing hf", progress, postfix=f"0/{len(tensors)} tensors") as bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
                 file = "model.safetensors" if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
@@ -391,10 +325,6 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
         cfg.replace(extra=dict(cfg.extra, torch_dtype=str(dtype))).save(tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -402,16 +332,14 @@ def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_si
                        overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
                        progress: bool | None = None) -> Path:
     """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json)."""
-    from .model import canonical_dtype
-
     cfg = model.config
-    params = {".".join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    params = flat_params(model)
 
     def produce(t: weights.HFTensor) -> np.ndarray:
         parts = {}
         for path in t.targets:
             value = params[path].get_value()
-            parts[path] = _to_host(value if t.layer is None else _get_row(value, t.layer))
+            parts[path] = to_host(value if t.layer is None else get_row(value, t.layer))
         return weights.from_params(t, parts, cfg)
 
     return write_hf_folder(folder, cfg, produce, dtype=canonical_dtype(dtype or model.param_dtype),

@@ -31,8 +31,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from .attention import (blockwise_attention, cached_attention, decode_plan, dense_attention, prefill_plan,
-                        visible_mask)
+from . import checkpoint, hf_checkpoint
+from .arrays import canonical_dtype, flat_params
+from .attention import blockwise_attention, cached_attention, decode_plan, dense_attention, prefill_plan, visible_mask
 from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention, write_decode
@@ -43,17 +44,6 @@ from .sharding import constrain, named_sharding
 enable_compilation_cache()
 
 DTypeLike = Any
-
-
-def canonical_dtype(dtype: DTypeLike) -> jnp.dtype:
-    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.float32`` ... -> a numpy dtype; ValueError otherwise."""
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        dt = None
-    if dt is None or dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-    return dt
 
 
 class ParamFactory:
@@ -223,13 +213,16 @@ class InternLM2(nnx.Module):
         ``dtype`` defaults to float32. An Orbax folder written by :meth:`save` or the converter is
         restored with each process reading only its shards; ``dtype`` defaults to the saved one.
         """
-        from .checkpoint import is_orbax_checkpoint, load_checkpoint
-        from .hf_checkpoint import load_hf_checkpoint
-
-        if is_orbax_checkpoint(path):
-            return load_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, progress=progress)
-
-        return load_hf_checkpoint(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, progress=progress)
+        config = InternLM2Config.from_pretrained(path)
+        if checkpoint.is_orbax_checkpoint(path):
+            saved = checkpoint.saved_dtype(path)
+            model = cls.abstract(config, mesh=mesh, dtype=dtype or saved, param_dtype=param_dtype or dtype or saved)
+            checkpoint.restore_params(model, path, progress=progress)
+        else:
+            refs = hf_checkpoint.open_hf_tensors(path)
+            model = cls.abstract(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype)
+            hf_checkpoint.load_params(model, refs, where=str(path), progress=progress)
+        return model
 
     @classmethod
     def abstract(cls, config: InternLM2Config, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
@@ -245,18 +238,14 @@ class InternLM2(nnx.Module):
 
     def save(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
         """Write an Orbax checkpoint folder (see :mod:`internlm_jax.checkpoint`); restore with from_pretrained."""
-        from .checkpoint import save_checkpoint
-
-        return save_checkpoint(self, folder, **kwargs)
+        return checkpoint.save_checkpoint(self, folder, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
         """Write an HF InternLM2 folder (see :func:`internlm_jax.hf_checkpoint.save_hf_checkpoint`)."""
-        from .hf_checkpoint import save_hf_checkpoint
-
-        return save_hf_checkpoint(self, folder, **kwargs)
+        return hf_checkpoint.save_hf_checkpoint(self, folder, **kwargs)
 
     def num_parameters(self) -> int:
-        return sum(int(np.prod(p.get_value().shape)) for _, p in nnx.to_flat_state(nnx.state(self, nnx.Param)))
+        return sum(int(np.prod(p.get_value().shape)) for p in flat_params(self).values())
 
     # --- forward --------------------------------------------------------------------------
     def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
@@ -317,7 +306,8 @@ class InternLM2(nnx.Module):
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
     def prefill_plan(self, length: int, segments: bool = False):
-        """Which attention a forward/prefill of ``length`` tokens takes (:func:`internlm_jax.attention.prefill_plan`)."""
+        """Which attention a forward/prefill of ``length`` tokens takes
+        (:func:`internlm_jax.attention.prefill_plan`)."""
         return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype, segments=segments)
 
     def uses_blockwise(self, length: int) -> bool:

@@ -297,7 +297,8 @@ def _xla_cost(compiled) -> tuple[float, float]:
 
 def _short_error(e: Exception) -> str:
     text = str(e)
-    m = re.search(r"total memory required for HLO temporaries \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", text)
+    m = re.search(r"total memory required for HLO temporaries \(([\d.]+\w?)\) "
+                  r"exceeds available HBM \(([\d.]+\w?)\)", text)
     if m:
         return f"does not fit: temporaries need {m.group(1)}, HBM available {m.group(2)} (TPU compiler)"
     m = re.search(r"Ran out of memory[^\n]*", text)

@@ -20,7 +20,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from .attention import NEG, block_has_work, fold_block, fold_block_fused, fold_partial, visible_mask
 

@@ -30,9 +30,9 @@ class EngineSettings:
         ``"dense"`` (reads every cache slot) or ``"ragged"`` (reads only blocks holding valid slots).
     decode_weights: how decode steps (and the generator's prefill) read each layer's weights.
         ``"per_layer"`` keeps one array per layer (made once per generator: a second copy of the layer
-        weights, since on CPU any slice of the stacked arrays is copied before its matmul); ``"sliced"`` slices the stacked arrays
-        statically in an unrolled loop (no extra memory; GPU and TPU read such slices in place);
-        ``"auto"`` = per_layer on CPU, sliced elsewhere.
+        weights, since on CPU any slice of the stacked arrays is copied before its matmul);
+        ``"sliced"`` slices the stacked arrays statically in an unrolled loop (no extra memory; GPU and
+        TPU read such slices in place); ``"auto"`` = per_layer on CPU, sliced elsewhere.
     decode_chunk: decode steps per compiled loop call (stop ids are checked on the host between
         chunks; a fixed trip count keeps the GPU loop free of a host round trip per token).
     remat: activation checkpointing of each layer in training.
@@ -70,8 +70,9 @@ class EngineSettings:
 
 def enable_compilation_cache() -> str | None:
     """Turn on JAX's persistent compilation cache (unrolled 32- and 48-layer decode steps take seconds
-    to compile on CPU and took tens of seconds on a GPU; a cache hit takes well under one). Directory: ``$INTERNLM_JAX_COMPILE_CACHE``,
-    default ``~/.cache/internlm_jax/xla``; set it to ``0`` / ``off`` to leave JAX's setting alone.
+    to compile on CPU and took tens of seconds on a GPU; a cache hit takes well under one).
+    Directory: ``$INTERNLM_JAX_COMPILE_CACHE``, default ``~/.cache/internlm_jax/xla``; set it to
+    ``0`` / ``off`` to leave JAX's setting alone.
     A cache directory already configured for JAX is kept. Returns the directory in use, or None."""
     import os
 

@@ -120,11 +120,10 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None) -> ja
 
 def explain_sharding(model) -> dict[str, str]:
     """Parameter path -> ``PartitionSpec`` string, plus the replication notes, for reading by humans."""
-    from flax import nnx
+    from .arrays import flat_params
 
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name = ".".join(map(str, path))
+    for name, var in flat_params(model).items():
         notes: list[str] = []
         spec = logical_to_spec(var.logical_axes, var.get_value().shape, model.mesh, notes=notes, what=name) \
             if model.mesh is not None else PartitionSpec()

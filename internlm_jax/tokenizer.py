@@ -39,6 +39,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .files import atomic_write
+
 __all__ = ["Tokenizer", "StreamDecoder", "CHAT_ROLES", "CHAT_SPECIAL_TOKENS"]
 
 #: Chat markers of InternLM2 and the raw SentencePiece pieces that carry them.
@@ -153,7 +155,6 @@ class Tokenizer:
         pieces) and write it to ``model_file``; for examples and tests that must run offline with no
         released tokenizer. A real checkpoint brings its own ``tokenizer.model``: use that."""
         import io
-        import tempfile
 
         texts = [t for t in texts if t.strip()]
         if not texts:
@@ -164,12 +165,7 @@ class Tokenizer:
             byte_fallback=True, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
             user_defined_symbols=list(CHAT_SPECIAL_TOKENS), split_digits=True, minloglevel=2)
-        path = Path(model_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", delete=False) as f:
-            f.write(buf.getvalue())
-        os.replace(f.name, path)  # complete or absent, never half-written
-        return cls(path)
+        return cls(atomic_write(model_file, buf.getvalue()))  # complete or absent, never half-written
 
     # Pickling: SentencePiece processors are C++ objects; rebuild from the model bytes.
     def __getstate__(self):

@@ -199,7 +199,8 @@ def _check_int_tuple(value: Any, what: str) -> tuple[int, ...]:
     return value
 
 
-def _make_lazy(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None, metadata: Any) -> "LazyTensor":
+def _make_lazy(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None,
+               metadata: Any) -> "LazyTensor":
     if not isinstance(storage, _StorageRef):
         raise TorchCheckpointError(f"tensor storage is not a storage reference: {storage!r}")
     if type(offset) is not int or offset < 0:
@@ -497,7 +498,8 @@ class LazyTensor(_Inert):
 
     __slots__ = ("_storage", "storage_offset", "shape", "stride", "dtype")
 
-    def __init__(self, storage: _StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, storage: _StorageRef, storage_offset: int, shape: tuple[int, ...], stride: tuple[int, ...],
+                 dtype: np.dtype):
         object.__setattr__(self, "_storage", storage)
         object.__setattr__(self, "storage_offset", storage_offset)
         object.__setattr__(self, "shape", tuple(shape))

@@ -26,8 +26,8 @@ def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "saf
 
     layout: "safetensors" (one file or ``shards`` files + index) or "bin" (torch.save, same sharding).
     """
-    import torch
     import safetensors.torch as st
+    import torch
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,8 @@ def test_missing_keys_take_the_reference_class_defaults():
     for key in ("rope_theta", "rms_norm_eps", "num_key_value_heads", "max_position_embeddings", "vocab_size"):
         del data[key]
     cfg = InternLM2Config.from_dict(data)
-    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.vocab_size) == (10000.0, 1e-6, 2048, 103168)
+    assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.max_position_embeddings,
+            cfg.vocab_size) == (10000.0, 1e-6, 2048, 103168)
     assert cfg.num_key_value_heads == cfg.num_attention_heads == 16  # absent KV heads: MHA
 
 

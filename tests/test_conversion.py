@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 from internlm_jax import InternLM2, make_mesh
 from internlm_jax.checkpoint import META_FILE
 from internlm_jax.cli import main
@@ -106,7 +106,8 @@ def test_save_from_python_on_one_mesh_restore_on_another(tmp_path):
     again = InternLM2.from_pretrained(tmp_path / "ck", mesh=make_mesh(data=2, tensor=2, fsdp=2))
     from flax import nnx
 
-    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(again, nnx.Param)), nnx.to_flat_state(nnx.state(model, nnx.Param))):
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(again, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(model, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(path))
     want = np.asarray(model(IDS))  # another mesh sums in another order: equal to rounding
     assert np.abs(np.asarray(again(IDS)) - want).max() <= 1e-5 * np.abs(want).max()
@@ -165,11 +166,14 @@ def test_bad_inputs_give_one_line_errors(tmp_path, capsys, hf_bf16):
     # missing and unexpected tensors
     state = dict(STATE)
     state.pop("output.weight")
-    assert "missing tensor" in _one_line_error(capsys, "hf-to-orbax", write_hf_checkpoint(tmp_path / "m", CFG, state), tmp_path / "o6")
+    assert "missing tensor" in _one_line_error(capsys, "hf-to-orbax",
+                                               write_hf_checkpoint(tmp_path / "m", CFG, state), tmp_path / "o6")
     state = dict(STATE, extra=np.zeros(3, np.float32))
-    assert "unexpected tensor" in _one_line_error(capsys, "hf-to-orbax", write_hf_checkpoint(tmp_path / "u", CFG, state), tmp_path / "o7")
+    assert "unexpected tensor" in _one_line_error(capsys, "hf-to-orbax",
+                                                  write_hf_checkpoint(tmp_path / "u", CFG, state), tmp_path / "o7")
     # not InternLM2
-    llama = write_hf_checkpoint(tmp_path / "llama", dict(CFG, model_type="llama", architectures=["LlamaForCausalLM"]), STATE)
+    llama = write_hf_checkpoint(tmp_path / "llama", dict(CFG, model_type="llama", architectures=["LlamaForCausalLM"]),
+                                STATE)
     assert "not an InternLM2 config" in _one_line_error(capsys, "hf-to-orbax", llama, tmp_path / "o8")
     # unsupported dtype: argparse refuses it (exit 2) before anything is read
     with pytest.raises(SystemExit) as e:

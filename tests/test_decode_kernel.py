@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_plan import needs_tpu_compiler
 
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
@@ -14,7 +15,6 @@ from internlm_jax.decode_kernel import ragged_decode_attention, supported
 from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.ring import pallas_interpret
 from internlm_jax.sharding import named_sharding
-from test_plan import needs_tpu_compiler
 
 # head_dim 128 (what the kernel takes), GQA 2:1
 CFG = ij.InternLM2Config(vocab_size=128, hidden_size=512, intermediate_size=128, num_hidden_layers=2,
@@ -81,7 +81,8 @@ def test_kernel_equals_dense_attention_in_float32(b, t, nkv, g):
 def test_kernel_in_bfloat16_is_close_to_the_float32_reference():
     q, k, v, ok = _case(2, 1024, 2, 4, seed=3)
     bf = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
-    out, _ = ragged_decode_attention(bf(q), _slots(k).astype(jnp.bfloat16), _slots(v).astype(jnp.bfloat16), jnp.asarray(ok), interpret=True)
+    out, _ = ragged_decode_attention(bf(q), _slots(k).astype(jnp.bfloat16), _slots(v).astype(jnp.bfloat16),
+                                     jnp.asarray(ok), interpret=True)
     rounded = [np.asarray(bf(x), np.float32) for x in (q, k, v)]
     want, _ = _dense(*rounded, ok)
     assert out.dtype == jnp.float32 and _rel(out, want) < 1e-2

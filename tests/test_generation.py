@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 import internlm_jax as ij
 from internlm_jax.generation import SamplingParams, generator_for, process_logits, sample_tokens
 
@@ -150,8 +150,12 @@ def test_sampling_reproducible_and_greedy_limits(model):
 
 def test_logit_processing_matches_hf_warpers():
     torch = pytest.importorskip("torch")
-    from transformers import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     rng = np.random.RandomState(0)
     logits = rng.standard_normal((3, 50)).astype(np.float32) * 3
@@ -181,7 +185,8 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     assert set(topk.ravel()) == {0, 1}
     topp = np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0, 0, 0.85), None))(keys))
     assert set(topp.ravel()) == {0, 1, 2}
-    free = np.bincount(np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0), None))(keys)).ravel(), minlength=4)
+    free = np.bincount(np.asarray(jax.vmap(lambda k: sample_tokens(logits, k, SamplingParams(1.0), None))(keys))
+                       .ravel(), minlength=4)
     assert abs(free[0] / 400 - 0.5) < 0.1 and free[3] > 0
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 from internlm_jax import CheckpointError, InternLM2, make_mesh
 from internlm_jax.hf_checkpoint import open_hf_tensors
 
@@ -39,8 +39,8 @@ def test_old_checkpoints_with_rotary_buffers_load(tmp_path):
 
 
 def test_save_pretrained_round_trip_is_bit_exact(tmp_path):
-    import torch
     import safetensors.torch as st
+    import torch
 
     folder = write_hf_checkpoint(tmp_path / "src", CFG, STATE, dtype="bfloat16")
     model = InternLM2.from_pretrained(folder, dtype="bfloat16", mesh=make_mesh(tensor=2, fsdp=4))
@@ -79,14 +79,18 @@ def test_missing_tensor(tmp_path):
 
 
 def test_unexpected_tensor_names_file_and_shape(tmp_path):
-    folder = _corrupt(tmp_path, lambda s: s.update({"model.layers.0.attention.q_proj.weight": np.zeros((3, 4), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor 'model\.layers\.0\.attention\.q_proj\.weight' of shape \(3, 4\)"):
+    folder = _corrupt(tmp_path,
+                      lambda s: s.update({"model.layers.0.attention.q_proj.weight": np.zeros((3, 4), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unexpected tensor "
+                                              r"'model\.layers\.0\.attention\.q_proj\.weight' of shape \(3, 4\)"):
         InternLM2.from_pretrained(folder)
 
 
 def test_wrong_shape_names_both_shapes(tmp_path):
     folder = _corrupt(tmp_path, mutate_cfg=lambda c: c.update(intermediate_size=96))
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.feed_forward\.w1\.weight' has shape \(80, 48\) but config\.json implies \(96, 48\)"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor "
+                                              r"'model\.layers\.0\.feed_forward\.w1\.weight' has shape \(80, 48\) "
+                                              r"but config\.json implies \(96, 48\)"):
         InternLM2.from_pretrained(folder)
 
 
@@ -114,7 +118,8 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
 def test_index_naming_an_absent_shard(tmp_path):
     folder = write_hf_checkpoint(tmp_path / "s", CFG, STATE, shards=3)
     (folder / "model-00002-of-00003.safetensors").unlink()
-    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00003\.safetensors is named by the index .* but is absent"):
+    with pytest.raises(CheckpointError, match=r"shard model-00002-of-00003\.safetensors is named by the index .* "
+                                              r"but is absent"):
         InternLM2.from_pretrained(folder)
 
 

@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import reference as ref
-from hf_fixtures import run_python as _run, tiny_config, write_hf_checkpoint
+from flax import nnx
+from hf_fixtures import run_python as _run
+from hf_fixtures import tiny_config, write_hf_checkpoint
+
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
 from internlm_jax.generation import SamplingParams, generator_for
@@ -27,7 +28,8 @@ def _rel(a, b):
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1), dict(sequence=2, data=2, tensor=2, fsdp=1)],
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1),
+                                  dict(sequence=2, data=2, tensor=2, fsdp=1)],
                          ids=["seq4xtensor2", "seq8", "seq2xdata2xtensor2"])
 def test_ring_equals_dense_outputs_and_gradients(axes):
     mesh = ij.make_mesh(**axes)
@@ -87,7 +89,8 @@ def test_ring_step_never_holds_more_than_one_block_of_scores():
     assert b * nh * local * local > 4 * biggest
 
 
-@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)], ids=["seq4xtensor2", "seq8"])
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)],
+                         ids=["seq4xtensor2", "seq8"])
 def test_sharded_forward_any_length_equals_single_device(tmp_path, axes):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     single = ij.InternLM2.from_pretrained(folder)
@@ -108,7 +111,8 @@ def test_sharded_forward_any_length_equals_single_device(tmp_path, axes):
 PROMPTS = [list(range(3, 3 + 21)), list(range(40, 40 + 9)), [5, 6, 7]]  # 21, 9, 3 tokens
 
 
-@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)], ids=["seq4xtensor2", "seq8"])
+@pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1)],
+                         ids=["seq4xtensor2", "seq8"])
 def test_sequence_sharded_greedy_generation_equals_unsharded(tmp_path, axes):
     """Crosses max_position_embeddings=16 under dynamic NTK: every shard must use the global length."""
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)

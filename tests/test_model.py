@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 from internlm_jax import InternLM2, InternLM2Config
 from internlm_jax.rope import inv_frequencies
 

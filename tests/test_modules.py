@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import reference as ref
+from flax import nnx
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 from internlm_jax import InternLM2, InternLM2Config
 from internlm_jax.rope import rope_tables
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+
 from internlm_jax import InternLM2
 from internlm_jax.cli import main
 

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
+from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
 
 import internlm_jax as ij
-from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
-import reference as ref
 from internlm_jax.generation import DecodeState, Generator, SamplingParams
 from internlm_jax.plan import CHIPS, parse_topology, plan
 from internlm_jax.sharding import named_sharding
@@ -27,7 +27,8 @@ def _have_libtpu() -> bool:
         return False
 
 
-needs_tpu_compiler = pytest.mark.skipif(not _have_libtpu(), reason="libtpu is not installed (pip install \"jax[tpu]\"): "
+needs_tpu_compiler = pytest.mark.skipif(not _have_libtpu(), reason="libtpu is not installed "
+                                                                   "(pip install \"jax[tpu]\"): "
                                                                    "cannot compile for TPU topologies")
 
 
@@ -35,7 +36,8 @@ def _shard_bytes(arrays) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(arrays))
 
 
-@pytest.mark.parametrize("axes", [dict(tensor=2, fsdp=4), dict(sequence=2, tensor=2, fsdp=2)], ids=["tensor2xfsdp4", "seq2"])
+@pytest.mark.parametrize("axes", [dict(tensor=2, fsdp=4), dict(sequence=2, tensor=2, fsdp=2)],
+                         ids=["tensor2xfsdp4", "seq2"])
 def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     """Abstract lowering must give the very program a real model compiles: same memory analysis, and
     the plan's parameter and cache bytes equal the real per-device shards."""
@@ -65,8 +67,9 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     assert pre.cache == 2 * CFG.num_hidden_layers * math.prod(cache_sharding.shard_shape(cshape)) * 4
 
     logits, cache = gen.prefill(gen.state, gen.layers, ids, mask, pos, index, cache_len=cache_len, last=last)
-    ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)), gen.put(np.zeros((b, CFG.vocab_size), bool),
-                     ("batch", "act_vocab")), gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.key(0))
+    ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)),
+                     gen.put(np.zeros((b, CFG.vocab_size), bool), ("batch", "act_vocab")),
+                     gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.key(0))
     m = gen.step.lower(gen.state, gen.layers, ds, jnp.int32(base), sampling=SamplingParams(),
                        stop_ids=(2,)).compile().memory_analysis()
     dec = got["decode_step"]

@@ -169,7 +169,8 @@ def build_hf(config, state):
     cfg = ref.llama_config_from_internlm2(config)
     cfg._attn_implementation = "eager"
     model = modeling_llama.LlamaForCausalLM(cfg).double().eval()
-    sd = {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in ref.llama_state_from_internlm2(state, config).items()}
+    sd = {k: torch.from_numpy(np.asarray(v, dtype=np.float64))
+          for k, v in ref.llama_state_from_internlm2(state, config).items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected, unexpected
     assert not missing, missing

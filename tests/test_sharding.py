@@ -3,10 +3,10 @@
 import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
-
 import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
+from jax.sharding import PartitionSpec as P
+
 from internlm_jax import InternLM2, InternLM2Config, explain_sharding, make_mesh
 from internlm_jax.sharding import logical_to_spec
 

@@ -1,8 +1,9 @@
 """Streaming and chat with the real tokenizer, on a model whose greedy output is a known token chain."""
 
 import pytest
+from hf_fixtures import chain_checkpoint
+from hf_fixtures import run_python as _run
 
-from hf_fixtures import chain_checkpoint, run_python as _run
 import internlm_jax as ij
 
 TEXT = "My name is InternLM 龘!"  # 龘 is written with byte-fallback pieces

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import reference as ref
+from flax import nnx
 from hf_fixtures import ROOT, tiny_config, user_env, write_hf_checkpoint
+
 import internlm_jax as ij
 from internlm_jax import weights
 from internlm_jax.training import PackedDataset, TrainConfig, make_optimizer, make_train_step
@@ -138,7 +138,8 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, tokenizer_path):
 
     assert main(["convert", "train-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2"), "--quiet"]) == 0
     ids = np.asarray([tok.encode(CORPUS[1])])
-    np.testing.assert_array_equal(np.asarray(ij.InternLM2.from_pretrained(tmp_path / "hf2")(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(ij.InternLM2.from_pretrained(tmp_path / "hf2")(ids)),
+                                  np.asarray(model(ids)))
     evals = [r["eval_ppl"] for r in records if "eval_ppl" in r]
     assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 1.5  # perplexity on the (memorised) corpus
 
@@ -235,7 +236,8 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
             "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}, "checkpoint": {"dir": None}})
     env = user_env()
     base = [sys.executable, "-m", "internlm_jax.training", "--config"]
-    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True, timeout=600)
+    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -120,7 +120,8 @@ class TrainConfig:
             if getattr(self.data, name) < 1:
                 raise ValueError(f"data.{name} must be >= 1")
         if self.optim.grad_accum < 1 or self.data.batch_size % self.optim.grad_accum:
-            raise ValueError(f"optim.grad_accum ({self.optim.grad_accum}) must divide data.batch_size ({self.data.batch_size})")
+            raise ValueError(f"optim.grad_accum ({self.optim.grad_accum}) must divide "
+                             f"data.batch_size ({self.data.batch_size})")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
 

@@ -118,4 +118,5 @@ class PackedDataset:
             segs = segs - segs[:, :1]
             weight = np.zeros(toks[:, :-1].shape, np.float32)
             weight[:real] = 1
-            yield Batch(toks[:, :-1], toks[:, 1:], segs[:, :-1], (segs[:, 1:] == segs[:, :-1]).astype(np.float32), weight)
+            yield Batch(toks[:, :-1], toks[:, 1:], segs[:, :-1], (segs[:, 1:] == segs[:, :-1]).astype(np.float32),
+                        weight)

@@ -21,7 +21,8 @@ DECAYED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
     """AdamW with linear warmup and cosine decay, global-norm clipping, and a weight-decay mask."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1), max(total_steps, cfg.warmup_steps + 1),
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+                                                  max(total_steps, cfg.warmup_steps + 1),
                                                   end_value=cfg.lr * cfg.min_lr_ratio)
 
     def decay_mask(params):
@@ -84,7 +85,9 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
         grads = jax.tree.map(lambda g: g / grad_accum, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum, "grad_norm": optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm") else optax.global_norm(grads),
+        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum,
+                   "grad_norm": (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm")
+                                 else optax.global_norm(grads)),
                    "lr": schedule(step_number)}
         return params, opt_state, metrics
 

@@ -1,0 +1,88 @@
+"""Small helpers on parameter arrays shared by the loaders and writers: dtype names, flat parameter
+paths, shardings, single layer rows of stacked parameters, and host copies of global arrays."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def canonical_dtype(dtype: Any) -> jnp.dtype:
+    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.float32`` ... -> a numpy dtype; ValueError otherwise."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt not in PARAM_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return dt
+
+
+def flat_params(model) -> dict[str, nnx.Param]:
+    """The model's parameters by dotted path (``layers.attention.wq``), in state order."""
+    return {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def param_bytes(model) -> int:
+    return sum(int(np.prod(v.get_value().shape)) * v.get_value().dtype.itemsize for v in flat_params(model).values())
+
+
+def nest(flat: dict[str, Any]) -> dict:
+    """``{"a.b": x}`` -> ``{"a": {"b": x}}``."""
+    return traverse_util.unflatten_dict(flat, sep=".")
+
+
+def flatten(tree: dict) -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a.b": x}``."""
+    return traverse_util.flatten_dict(tree, sep=".")
+
+
+def sharding_of(value) -> jax.sharding.Sharding:
+    """The sharding an array (or a ShapeDtypeStruct) carries; the first device when it carries none."""
+    sharding = getattr(value, "sharding", None)
+    return sharding if sharding is not None else SingleDeviceSharding(jax.devices()[0])
+
+
+def row_sharding(stacked: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The sharding of one row of a stacked array (its leading layer axis dropped)."""
+    if isinstance(stacked, NamedSharding):
+        return NamedSharding(stacked.mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
+    return stacked
+
+
+@jax.jit
+def get_row(stacked: jax.Array, i) -> jax.Array:
+    """Row ``i`` (a layer) of a stacked parameter."""
+    return jax.lax.dynamic_index_in_dim(stacked, i, 0, keepdims=False)
+
+
+set_row = jax.jit(lambda stacked, row, i: jax.lax.dynamic_update_index_in_dim(stacked, row, i, 0),
+                  donate_argnums=0)
+set_row.__doc__ = "Write ``row`` as row ``i`` of ``stacked``, in place (the stacked buffer is donated)."
+
+
+def stacked_buffers(params: dict[str, nnx.Param]) -> dict[str, jax.Array]:
+    """Zeroed device buffers, in their target shardings, for every stacked (``layers.*``) parameter;
+    loaders write one layer row at a time into them (:data:`set_row`)."""
+    out = {}
+    for name, param in params.items():
+        if name.startswith("layers."):
+            t = param.get_value()
+            out[name] = jax.jit(lambda t=t: jnp.zeros(t.shape, t.dtype), out_shardings=sharding_of(t))()
+    return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A NumPy copy of a whole array, gathered from all processes when it spans several."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
