@@ -89,6 +89,61 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, see
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowSampling:
+    """Sampling values per row ``[B]`` (continuous batching: each request brings its own), and each
+    row's PRNG key. A row's draws depend only on its key and its positions, not on the other rows."""
+
+    temperature: jax.Array  # float32, 0 = greedy
+    top_k: jax.Array  # int32, 0 = off
+    top_p: jax.Array  # float32, 1 = off
+    repetition_penalty: jax.Array  # float32, 1 = off
+    key: jax.Array  # [B] PRNG keys
+
+    @staticmethod
+    def features(params: Sequence[SamplingParams]) -> SamplingParams:
+        """The static switches for a set of rows: which filters any of them uses (values unused)."""
+        return SamplingParams(temperature=1.0 if any(p.temperature > 0 for p in params) else 0.0,
+                              top_k=1 if any(p.top_k > 0 for p in params) else 0,
+                              top_p=0.5 if any(p.top_p < 1 for p in params) else 1.0,
+                              repetition_penalty=2.0 if any(p.repetition_penalty != 1 for p in params) else 1.0)
+
+
+def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, features: SamplingParams,
+                seen: jax.Array | None) -> jax.Array:
+    """Next tokens ``[B]`` with per-row sampling values (same rules and order as :func:`process_logits`);
+    ``features`` (static) says which filters are compiled in; row ``b`` draws with
+    ``fold_in(rows.key[b], counter[b])``."""
+    logits = logits.astype(jnp.float32)
+    col = lambda x: x[:, None]  # noqa: E731
+    if features.repetition_penalty != 1.0 and seen is not None:
+        r = col(rows.repetition_penalty)
+        logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if features.temperature == 0:
+        return greedy
+    t = rows.temperature
+    scaled = logits / col(jnp.where(t > 0, t, 1.0))
+    neg = jnp.float32(-jnp.inf)
+    if features.top_k or features.top_p < 1.0:
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        if features.top_k:
+            k = jnp.clip(rows.top_k, 1, scaled.shape[-1])
+            kth = jnp.take_along_axis(sorted_logits, col(k - 1), axis=-1)
+            kth = jnp.where(col(rows.top_k > 0), kth, neg)
+            sorted_logits = jnp.where(sorted_logits < kth, neg, sorted_logits)
+        if features.top_p < 1.0:
+            probs = jax.nn.softmax(sorted_logits, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs
+            sorted_logits = jnp.where(before < col(rows.top_p), sorted_logits, neg)
+        scaled = jnp.full_like(scaled, neg).at[jnp.arange(scaled.shape[0])[:, None], order].set(sorted_logits)
+    keys = jax.vmap(jax.random.fold_in)(rows.key, counter)
+    drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, scaled).astype(jnp.int32)
+    return jnp.where(t > 0, drawn, greedy)
+
+
 def bucket_length(n: int) -> int:
     """Prompt lengths are padded up to a power of two (at least 16) to bound recompilation; past
     ``LONG_BUCKET`` to a multiple of it (a 200K prompt is not padded to 256K)."""
@@ -118,6 +173,7 @@ class DecodeState:
     done: jax.Array  # [B] bool
     step: jax.Array  # [] int32
     key: jax.Array
+    rows: RowSampling | None = None  # per-row sampling (continuous batching); None: ``sampling`` for all
 
 
 class Generator:
@@ -205,12 +261,17 @@ class Generator:
 
         Returns ``(new state, tokens [B], emitted [B])``: a sequence already stopped emits nothing (its
         token is the pad). Decode token ``step`` goes to slot ``base + step``; with a sequence axis to
-        shard ``step % n`` at local slot ``base + step // n`` (the shards fill evenly)."""
+        shard ``step % n`` at local slot ``base + step // n`` (the shards fill evenly). With per-row
+        sampling (``ds.rows``, the engine's continuous batching) ``base`` is per row, ``sampling`` only
+        says which filters are compiled in, and a stopped row's position no longer advances."""
         model = nnx.merge(self.graphdef, state)
         b = ds.logits.shape[0]
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
-        tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen)
+        if ds.rows is None:
+            tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen)
+        else:
+            tok = sample_rows(ds.logits, ds.rows, ds.positions, sampling, ds.seen)
         tok = jnp.where(ds.done, pad, tok)
         emitted = ~ds.done
         done = ds.done | jnp.isin(tok, stops)
@@ -218,8 +279,9 @@ class Generator:
         owner, slot = (None, base + ds.step) if self.n == 1 else (ds.step % self.n, base + ds.step // self.n)
         logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
         vec = lambda x, axes=("batch",): constrain(x, axes, self.mesh)  # noqa: E731 - the shardings put() gives
-        new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(ds.positions + 1),
-                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key)
+        positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)
+        new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(positions),
+                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows)
         return new, tok, emitted
 
     def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,
@@ -351,7 +413,7 @@ def generator_for(model) -> Generator:
 # --- public API ----------------------------------------------------------------------------------
 
 
-def _model_limit(cfg) -> int:
+def model_limit(cfg) -> int:
     """Longest sequence allowed by default: max_position_embeddings, times the factor under dynamic NTK
     (the reference extrapolates there); pass ``max_length`` to go further on purpose."""
     rs = cfg.rope_scaling
@@ -400,7 +462,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     """Token ids in, new token ids out (each list ends at and includes its stop id, if one came)."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     prompts = _encode_prompts(None, prompts, add_bos=False)
-    prompts = _check_lengths(prompts, max_new_tokens, max_length or _model_limit(model.config), truncate)
+    prompts = _check_lengths(prompts, max_new_tokens, max_length or model_limit(model.config), truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
@@ -437,7 +499,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
     prompts = _check_lengths(_encode_prompts(tok, [prompt], add_bos), max_new_tokens,
-                             max_length or _model_limit(model.config), truncate)
+                             max_length or model_limit(model.config), truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)

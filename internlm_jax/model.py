@@ -423,12 +423,17 @@ class InternLM2(nnx.Module):
         """One new token per sequence (``tokens``, ``positions`` [B]) against ``cache``: its keys and
         values are written at ``slot`` (with a ``sequence`` axis: local slot ``slot`` of shard ``owner``),
         in place when the cache is donated, and attention reads each layer's buffer where it lies.
+        ``slot`` is one slot for every sequence, or ``[B]`` slots (continuous batching: each sequence
+        writes its own next slot; a slot past the cache writes nothing, which is how idle rows stay put).
         Layers run unrolled: ``layers`` (per-layer weight states) or static slices of the stacked ones.
         Returns float32 logits ``[B, V]`` and the updated cache."""
         b = tokens.shape[0]
         mesh, nh = self.mesh, self.config.num_attention_heads
         ones = jnp.ones((b, 1), bool)
-        if owner is None:
+        per_row = owner is None and jnp.ndim(slot) == 1
+        if per_row:
+            valid = cache.valid.at[jnp.arange(b), slot].set(True, mode="drop")
+        elif owner is None:
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, ones, slot, axis=1)
         else:
             valid = write_decode(cache.valid, ones, owner, slot, mesh)
@@ -436,6 +441,13 @@ class InternLM2(nnx.Module):
 
         def write(buf, new):
             new = to_slots(new, mesh).astype(buf.dtype)  # one slot, in the buffer's layout
+            if per_row:
+                rows = new.shape[0] if buf.ndim == 3 else b
+                cols = jnp.repeat(slot, rows // b)
+                if buf.ndim == 3:
+                    return buf.at[jnp.arange(rows), cols].set(new[:, 0], mode="drop")
+                heads = jnp.arange(new.shape[1])
+                return buf.at[jnp.arange(b)[:, None], heads[None], slot[:, None]].set(new[:, :, 0], mode="drop")
             if owner is None:
                 return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=buf.ndim + SLOT_AXIS)
             return write_decode(buf, new, owner, slot, mesh, nh)
@@ -467,6 +479,54 @@ class InternLM2(nnx.Module):
             with jax.named_scope(f"layer_{i}"):
                 x, (keys[i], values[i]) = layer(x, cos, sin, attend, mesh)
         logits = self.logits(self.norm(x))[:, 0]
+        return logits, KVCache(tuple(keys), tuple(values), valid)
+
+
+    def forward_extend(self, tokens, positions, cache: KVCache, row, start, count, seq_len, *, layers=None):
+        """Chunked prefill: ``C`` prompt tokens of one cache row (``tokens``, ``positions`` ``[C]``; the
+        first ``count`` are real) are written at slots ``start .. start + C`` of row ``row`` and attend
+        to that row's valid slots and to each other causally. ``seq_len`` is the whole prompt's length
+        (the dynamic NTK base, as a one-shot prefill would compute it). Returns the float32 logits of
+        the last real token ``[V]`` and the updated cache. Unrolled over layers like decode."""
+        c = tokens.shape[0]
+        mesh, nkv = self.mesh, self.config.num_key_value_heads
+        real = jnp.arange(c) < count
+        cols = start + jnp.arange(c)
+        t = cache.length
+        row_valid = jax.lax.dynamic_index_in_dim(cache.valid, row, 0, keepdims=False)
+        row_valid = jnp.where(start == 0, False, row_valid)  # a new sequence: the row's old slots are gone
+        row_valid = row_valid.at[cols].set(real, mode="drop")
+        valid = jax.lax.dynamic_update_index_in_dim(cache.valid, row_valid, row, 0)
+        visible = row_valid[None, :] & (jnp.arange(t)[None, :] <= cols[:, None])  # [C, T]
+
+        def write_and_read(buf, new):
+            """Write [C, nKV, D] into the row's slots; return (buffer, the row as [1, T, nKV, D])."""
+            new = new.astype(buf.dtype)
+            if buf.ndim == 3:  # [B * nKV, T, D]
+                rows = row * nkv + jnp.arange(nkv)
+                buf = buf.at[rows[:, None], cols[None, :]].set(new.transpose(1, 0, 2), mode="drop")
+                mine = jax.lax.dynamic_slice_in_dim(buf, row * nkv, nkv, axis=0)  # [nKV, T, D]
+            else:  # [B, nKV, T, D]
+                buf = buf.at[row, :, cols].set(new, mode="drop")
+                mine = jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
+            return buf, mine.transpose(1, 0, 2)[None]
+
+        layer_def, stacked = nnx.split(self.layers)
+        x = self.embed(tokens[None])
+        cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
+        keys, values = list(cache.keys), list(cache.values)
+        for i in range(self.config.num_hidden_layers):
+            state = layers[i] if layers is not None else jax.tree.map(lambda p, i=i: p[i], stacked)
+
+            def attend(q, k, v, i=i):
+                kc, k_row = write_and_read(keys[i], k[0])
+                vc, v_row = write_and_read(values[i], v[0])
+                return dense_attention(q, k_row.astype(q.dtype), v_row.astype(q.dtype), visible[None]), (kc, vc)
+
+            with jax.named_scope(f"layer_{i}"):
+                x, (keys[i], values[i]) = nnx.merge(layer_def, state)(x, cos, sin, attend, mesh)
+        last = jax.lax.dynamic_index_in_dim(x[0], count - 1, 0, keepdims=True)
+        logits = self.logits(self.norm(last[None]))[0, 0]
         return logits, KVCache(tuple(keys), tuple(values), valid)
 
 

@@ -1,0 +1,371 @@
+"""Continuous batching on the generator's decode step: requests join and leave a running batch.
+
+The engine holds a fixed number of cache rows (``max_batch``) of ``max_len`` slots each, on the
+devices, in the one :class:`~internlm_jax.cache.KVCache` layout. Between decode chunks it
+
+1. admits waiting requests into free rows;
+2. prefills them **in chunks** (at most ``prefill_chunk`` prompt tokens between two decode chunks,
+   :meth:`InternLM2.forward_extend`), so a long prompt never stalls the running decodes for its whole
+   length;
+3. runs one decode chunk for every row with :meth:`Generator.chunk` (the same compiled step as
+   :func:`~internlm_jax.generation.generate`), each row writing its own next slot and sampling with
+   its own values and key;
+4. hands each request its new tokens, and frees the row of a finished one at once.
+
+A request's tokens do not depend on what else runs: its prefill sees only its row, its row's slots
+start at 0 whatever the other rows hold, and a row's draws use its own key and positions. (One
+exception, as for any batch: under dynamic NTK rope past ``max_position_embeddings`` the base follows
+the longest running sequence, as in the reference's batched decoding.)
+
+Drive it with :meth:`Engine.step` from one thread (scripts, the offline batch command) or
+:meth:`Engine.start` a background thread (the server); :meth:`Engine.submit` is thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .cache import AXES, VALID_AXES, KVCache
+from .generation import DecodeState, RowSampling, SamplingParams, bucket_length, generator_for, model_limit
+
+IDLE = 1 << 30  # the slot base of a row without a decoding request: its writes fall off the cache
+
+
+class EngineError(ValueError):
+    """A request the engine cannot take (the message names the parameter)."""
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than ``max_queue``: try again later (HTTP 429)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its progress. ``tokens`` grows as the engine produces them;
+    ``finish_reason`` is ``"stop"`` (a stop id came; it is not in ``tokens``), ``"length"``
+    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    seed: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    id: int = dataclasses.field(default_factory=itertools.count().__next__)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+    on_update: Callable[["Request", list[int]], None] | None = None  # called from the engine thread
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (a disconnected client): the engine frees the row at its next step."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self.tokens
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    request: Request
+    prefilled: int = 0  # prompt tokens written so far
+    decoding: bool = False
+
+
+class Engine:
+    """Continuous batching for one model (see the module docstring).
+
+    ``max_batch`` cache rows of ``max_len`` slots: a request needs ``len(prompt) + max_tokens <=
+    max_len``. ``prefill_chunk`` bounds the prompt tokens processed between two decode chunks;
+    ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
+    request (default: ``</s>`` and ``<|im_end|>``); a request may add its own.
+    """
+
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 256,
+                 max_queue: int = 256, stop_ids: Sequence[int] = (2, 92542)):
+        for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
+                            ("max_queue", max_queue)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+        self.gen = generator_for(model)
+        if self.gen.n > 1:
+            raise EngineError("the engine does not run on a mesh with a sequence axis yet; use tensor/fsdp/data")
+        self.config = model.config
+        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
+        self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
+        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.model_limit = model_limit(model.config)
+        if max_len > self.model_limit:
+            raise EngineError(f"max_len={max_len} exceeds the model's context ({self.model_limit} tokens)")
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: list[_Row | None] = [None] * max_batch
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.steps = 0  # decode steps run (the device state's step counter)
+        self.stats = collections.Counter()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        graphdef = self.gen.graphdef
+
+        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len):
+            model = nnx.merge(graphdef, state)
+            return model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers)
+
+        self._extend = jax.jit(extend, donate_argnames=("cache",))
+        self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
+        self._release = jax.jit(_release, donate_argnames=("ds", "base"))
+        self.ds, self.base = self._empty_state()
+
+    # --- requests -------------------------------------------------------------------------------
+    def submit(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
+               on_update=None) -> Request:
+        """Queue a request (token ids); returns it at once. Raises :class:`EngineError` for a request
+        that can never run and :class:`QueueFull` when ``max_queue`` requests already wait."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise EngineError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if len(prompt) + max_tokens > self.max_len:
+            raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
+                              f"context of {self.max_len} tokens")
+        try:
+            sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+        request = Request(prompt, max_tokens, sampling, int(seed), frozenset(int(s) for s in stop_ids),
+                          on_update=on_update)
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    # --- one scheduling step --------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit, prefill up to ``prefill_chunk`` tokens, run one decode chunk; False when idle."""
+        self._drop_cancelled()
+        self._admit()
+        worked = self._prefill()
+        if any(r is not None and r.decoding for r in self.rows):
+            self._decode()
+            worked = True
+        return worked
+
+    def run_until_done(self, requests: Sequence[Request] = ()) -> None:
+        """Drive :meth:`step` on this thread until nothing is waiting or running."""
+        while self.busy or any(not r.finished.is_set() for r in requests):
+            self.step()
+
+    def start(self) -> "Engine":
+        """Run the scheduling loop on a background thread (it sleeps while idle)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="internlm-jax-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop the loop; with ``drain`` the running and waiting requests finish first."""
+        if self._thread is None:
+            return
+        with self.lock:
+            if not drain:
+                for r in list(self.waiting) + [row.request for row in self.rows if row is not None]:
+                    r.cancel()
+            self._stopping = True
+            self.wake.notify()
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.busy and not self._stopping:
+                    self.wake.wait()
+                if self._stopping and not self.busy:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never leave clients hanging: fail what is running, keep serving
+                self.stats["errors"] += 1
+                for row in self.rows:
+                    if row is not None:
+                        self._finish(row.request, "error:" + type(e).__name__)
+                self.rows = [None] * self.max_batch
+                self.ds, self.base = self._empty_state()
+
+    # --- internals ------------------------------------------------------------------------------
+    def _empty_state(self):
+        b, t, cfg, gen = self.max_batch, self.max_len, self.config, self.gen
+        dtype = gen.dtype
+        shape = (b * cfg.num_key_value_heads, t, cfg.head_dim) if gen.mesh is None else (
+            b, cfg.num_key_value_heads, t, cfg.head_dim)
+        buf = lambda: gen.put(np.zeros(shape, dtype), AXES if gen.mesh is not None else ())  # noqa: E731
+        cache = KVCache(tuple(buf() for _ in range(cfg.num_hidden_layers)),
+                        tuple(buf() for _ in range(cfg.num_hidden_layers)),
+                        gen.put(np.zeros((b, t), bool), VALID_AXES))
+        vec = lambda x: gen.put(x, ("batch",))  # noqa: E731
+        rows = RowSampling(vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.ones(b, np.float32)),
+                           vec(np.ones(b, np.float32)), gen.put(jax.random.split(jax.random.key(0), b), ("batch",)))
+        ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
+                         vec(np.zeros(b, np.int32)),
+                         gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), gen.put(jax.random.key(0), ()), rows)
+        return ds, vec(np.full(b, IDLE, np.int32))
+
+    def _drop_cancelled(self) -> None:
+        with self.lock:
+            for r in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(r)
+                self._finish(r, "cancelled")
+        gone = [i for i, row in enumerate(self.rows) if row is not None and row.request.cancelled]
+        for i in gone:
+            self._finish(self.rows[i].request, "cancelled")
+        self._free(gone)
+
+    def _admit(self) -> None:
+        with self.lock:
+            for i in range(self.max_batch):
+                if self.rows[i] is None and self.waiting:
+                    self.rows[i] = _Row(self.waiting.popleft())
+
+    def _prefill(self) -> bool:
+        """Prefill chunks, oldest request first, up to ``prefill_chunk`` tokens in all."""
+        budget = self.prefill_chunk
+        worked = False
+        pending = sorted((r.request.submitted, i) for i, r in enumerate(self.rows) if r is not None and not r.decoding)
+        for _, i in pending:
+            row = self.rows[i]
+            prompt = row.request.prompt
+            logits = None
+            while budget > 0 and row.prefilled < len(prompt):
+                left = len(prompt) - row.prefilled
+                size = min(self.prefill_chunk, bucket_length(min(left, budget)))
+                take = min(left, size, budget)
+                tokens = np.zeros(size, np.int32)
+                tokens[:take] = prompt[row.prefilled:row.prefilled + take]
+                positions = np.arange(row.prefilled, row.prefilled + size, dtype=np.int32)
+                logits, cache = self._extend(self.gen.state, self.gen.layers, self.ds.cache, tokens, positions,
+                                             np.int32(i), np.int32(row.prefilled), np.int32(take),
+                                             np.int32(len(prompt)))
+                self.ds = dataclasses.replace(self.ds, cache=cache)
+                row.prefilled += take
+                budget -= take
+                worked = True
+                self.stats["prefill_tokens"] += take
+            if logits is not None and row.prefilled == len(prompt):
+                self._start_decoding(i, logits)
+            if budget <= 0:
+                break
+        return worked
+
+    def _start_decoding(self, i: int, logits) -> None:
+        request = self.rows[i].request
+        seen = np.zeros(self.config.vocab_size, bool)
+        seen[request.prompt] = True
+        s = request.sampling
+        values = (np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), np.float32(s.repetition_penalty))
+        # the row's next slot is len(prompt): slot = base + (global step)
+        self.ds, self.base = self._activate(self.ds, self.base, np.int32(i), logits, np.int32(len(request.prompt)),
+                                            seen, *values, jax.random.key(request.seed),
+                                            np.int32(len(request.prompt) - self.steps))
+        self.rows[i].decoding = True
+
+    def _decode(self) -> None:
+        k = self.gen.settings.decode_chunk
+        active = [i for i, r in enumerate(self.rows) if r is not None and r.decoding]
+        # no more steps than the furthest request needs (power of two: a handful of programs)
+        need = max(self.rows[i].request.max_tokens - len(self.rows[i].request.tokens) for i in active)
+        steps = min(k, 1 << (max(need, 1).bit_length() - 1))
+        features = RowSampling.features([self.rows[i].request.sampling for i in active])
+        self.ds, tokens, emitted = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base, steps=steps,
+                                                  sampling=features, stop_ids=self.stop_ids)
+        self.steps += steps
+        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
+        self.stats["decode_steps"] += steps
+        finished = []
+        now = time.perf_counter()
+        for i in active:
+            request = self.rows[i].request
+            new, reason = [], None
+            for t, ok in zip(tokens[i], emitted[i]):
+                if not ok:
+                    reason = reason or "stop"
+                    break
+                t = int(t)
+                if t in self.stop_ids or t in request.stop_ids:
+                    reason = "stop"
+                    break
+                new.append(t)
+                if len(request.tokens) + len(new) >= request.max_tokens:
+                    reason = "length"
+                    break
+            if new:
+                request.first_token = request.first_token or now
+                request.tokens.extend(new)
+                self.stats["generated_tokens"] += len(new)
+                if request.on_update is not None:
+                    request.on_update(request, new)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(i)
+        self._free(finished)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        if request.finished.is_set():
+            return
+        request.finish_reason = reason
+        request.finished.set()
+        self.stats["finished"] += 1
+        if request.on_update is not None:
+            request.on_update(request, [])
+
+    def _free(self, rows: list[int]) -> None:
+        if not rows:
+            return
+        mask = np.zeros(self.max_batch, bool)
+        mask[rows] = True
+        self.ds, self.base = self._release(self.ds, self.base, mask)
+        for i in rows:
+            self.rows[i] = None
+
+
+def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, key, row_base):
+    """Row ``row`` starts decoding: its first logits, position, tokens seen, sampling values and key."""
+    r = ds.rows
+    set_ = lambda x, v: x.at[row].set(v)  # noqa: E731
+    rows = RowSampling(set_(r.temperature, temperature), set_(r.top_k, top_k), set_(r.top_p, top_p),
+                       set_(r.repetition_penalty, penalty), set_(r.key, key))
+    return (dataclasses.replace(ds, logits=set_(ds.logits, logits), positions=set_(ds.positions, position),
+                                seen=set_(ds.seen, seen), done=set_(ds.done, False), rows=rows),
+            set_(base, row_base))
+
+
+def _release(ds: DecodeState, base, mask):
+    """Rows in ``mask`` stop: done, position 0, and a slot base past the cache (their writes drop)."""
+    return (dataclasses.replace(ds, done=ds.done | mask, positions=jnp.where(mask, 0, ds.positions)),
+            jnp.where(mask, IDLE, base))
