@@ -298,9 +298,10 @@ class Engine:
     def _decode(self) -> None:
         k = self.gen.settings.decode_chunk
         active = [i for i, r in enumerate(self.rows) if r is not None and r.decoding]
-        # no more steps than the furthest request needs (power of two: a handful of programs)
+        # at most the steps the furthest request still needs, rounded up to a power of two (a handful
+        # of programs; tokens past a request's end are dropped)
         need = max(self.rows[i].request.max_tokens - len(self.rows[i].request.tokens) for i in active)
-        steps = min(k, 1 << (max(need, 1).bit_length() - 1))
+        steps = min(k, 1 << (max(need, 1) - 1).bit_length())
         features = RowSampling.features([self.rows[i].request.sampling for i in active])
         self.ds, tokens, emitted = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base, steps=steps,
                                                   sampling=features, stop_ids=self.stop_ids)

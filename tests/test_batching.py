@@ -1,0 +1,138 @@
+"""Continuous batching (internlm_jax.engine): requests join and leave a running batch.
+
+The reference for every token is ``ij.generate_ids`` of the same prompt alone (itself checked against
+the official implementation in test_generation / test_reference)."""
+
+import numpy as np
+import pytest
+
+import internlm_jax as ij
+from internlm_jax.engine import Engine, EngineError, QueueFull
+
+CFG = ij.InternLM2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+STOP = (2,)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ij.InternLM2(CFG, seed=0)
+
+
+def prompts_and_lengths(seed=0):
+    rng = np.random.RandomState(seed)
+    lengths = (5, 40, 300, 17, 3, 90, 130)
+    return [list(rng.randint(3, 128, n)) for n in lengths], [20, 7, 12, 30, 1, 25, 9]
+
+
+def alone(model, prompt, max_tokens, stop=STOP):
+    out = ij.generate_ids(model, [prompt], max_new_tokens=max_tokens, stop_ids=stop)[0]
+    return out[:-1] if out and out[-1] in stop else out
+
+
+def test_batched_greedy_equals_each_prompt_alone(model):
+    prompts, budgets = prompts_and_lengths()
+    engine = Engine(model, max_batch=3, max_len=400, prefill_chunk=64, stop_ids=STOP)  # 7 requests, 3 rows
+    requests = [engine.submit(p, max_tokens=m) for p, m in zip(prompts, budgets)]
+    engine.run_until_done()
+    for r, p, m in zip(requests, prompts, budgets):
+        want = alone(model, p, m)
+        assert r.tokens == want, (len(p), r.tokens, want)
+        assert r.finish_reason == ("length" if len(want) == m else "stop")
+    assert engine.stats["prefill_tokens"] == sum(map(len, prompts))
+
+
+def test_a_request_gets_the_same_tokens_alone_and_among_others(model):
+    prompts, _ = prompts_and_lengths(1)
+    target, kw = prompts[3], dict(max_tokens=24, temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.2,
+                                  seed=7)
+    solo = Engine(model, max_batch=4, max_len=400, prefill_chunk=32, stop_ids=STOP)
+    a = solo.submit(target, **kw)
+    solo.run_until_done()
+    crowd = Engine(model, max_batch=4, max_len=400, prefill_chunk=32, stop_ids=STOP)
+    others = [crowd.submit(p, max_tokens=n, temperature=t, seed=s)
+              for p, n, t, s in zip(prompts[:3], (5, 30, 11), (0.0, 1.0, 0.5), (1, 2, 3))]
+    b = crowd.submit(target, **kw)  # joins while the others run, in whatever row is free
+    crowd.run_until_done()
+    assert a.tokens == b.tokens and len(a.tokens) > 0
+    assert all(o.finished.is_set() for o in others)
+    # greedy: also equal to generate alone
+    g = Engine(model, max_batch=4, max_len=400, prefill_chunk=32, stop_ids=STOP)
+    reqs = [g.submit(p, max_tokens=15) for p in prompts[:4]]
+    g.run_until_done()
+    assert [r.tokens for r in reqs] == [alone(model, p, 15) for p in prompts[:4]]
+
+
+def test_a_long_prefill_does_not_stall_running_decodes(model):
+    prompts, _ = prompts_and_lengths(2)
+    engine = Engine(model, max_batch=2, max_len=400, prefill_chunk=32, stop_ids=())
+    running = engine.submit(prompts[0], max_tokens=250)
+    while not running.tokens:
+        engine.step()
+    long = engine.submit(prompts[2], max_tokens=4)  # 300 tokens: ten chunks of 32
+    progress = []
+    while not long.tokens:
+        before = len(running.tokens)
+        engine.step()
+        progress.append(len(running.tokens) - before)
+    assert len(progress) >= 300 // 32  # the long prompt took several steps ...
+    assert all(n > 0 for n in progress)  # ... and the running request got tokens at every one of them
+    engine.run_until_done()
+    assert long.tokens == alone(model, prompts[2], 4, stop=())
+    assert running.tokens == alone(model, prompts[0], 250, stop=())
+
+
+def test_finished_requests_free_their_row_at_once(model):
+    prompts, _ = prompts_and_lengths(3)
+    engine = Engine(model, max_batch=1, max_len=400, prefill_chunk=64, stop_ids=())
+    first = engine.submit(prompts[0], max_tokens=3)
+    second = engine.submit(prompts[1], max_tokens=3)
+    engine.step()  # prefill + one chunk: the first is done, its row free
+    assert first.finished.is_set() and engine.rows[0] is None
+    engine.step()
+    assert second.finished.is_set()
+    assert second.tokens == alone(model, prompts[1], 3, stop=())
+
+
+def test_a_cancelled_request_frees_its_row(model):
+    prompts, _ = prompts_and_lengths(4)
+    engine = Engine(model, max_batch=1, max_len=400, stop_ids=())
+    a = engine.submit(prompts[0], max_tokens=300)
+    b = engine.submit(prompts[1], max_tokens=5)
+    engine.step()
+    a.cancel()
+    engine.run_until_done()
+    assert a.finish_reason == "cancelled" and 0 < len(a.tokens) < 300
+    assert b.tokens == alone(model, prompts[1], 5, stop=())
+
+
+def test_request_stop_ids_and_bad_requests(model):
+    prompts, _ = prompts_and_lengths(5)
+    engine = Engine(model, max_batch=2, max_len=64, max_queue=2, stop_ids=STOP)
+    free = alone(model, prompts[0], 10)
+    r = engine.submit(prompts[0], max_tokens=10, stop_ids=[free[3]])
+    engine.run_until_done()
+    assert r.tokens == free[:free.index(free[3])] and r.finish_reason == "stop"
+    with pytest.raises(EngineError, match="max_tokens"):
+        engine.submit([5, 6], max_tokens=0)
+    with pytest.raises(EngineError, match="exceeds the context of 64"):
+        engine.submit(list(range(3, 63)), max_tokens=5)
+    with pytest.raises(EngineError, match="empty"):
+        engine.submit([], max_tokens=5)
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        engine.submit([5, 500], max_tokens=5)
+    with pytest.raises(EngineError, match="top_p"):
+        engine.submit([5], max_tokens=5, top_p=0)
+    engine.submit([5], max_tokens=2)
+    engine.submit([6], max_tokens=2)
+    with pytest.raises(QueueFull):
+        engine.submit([7], max_tokens=2)
+
+
+def test_on_a_tensor_parallel_mesh(model):
+    prompts, budgets = prompts_and_lengths(6)
+    sharded = ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(tensor=2, fsdp=2))
+    engine = Engine(sharded, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP)
+    requests = [engine.submit(p, max_tokens=m) for p, m in zip(prompts[:4], budgets[:4])]
+    engine.run_until_done()
+    assert [r.tokens for r in requests] == [alone(model, p, m) for p, m in zip(prompts[:4], budgets[:4])]
