@@ -109,8 +109,27 @@ def _sampling_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> None:
+    if (args.prompt is None) == (args.input is None):
+        raise ValueError("give either --prompt or --input (a JSONL file of requests)")
+    if args.input is not None and args.output is None:
+        raise ValueError("--input needs --output (the JSONL file results are appended to)")
+    if args.input is not None and not os.path.isfile(args.input):
+        raise FileNotFoundError(f"--input {args.input} does not exist")
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
     from .generation import generate, stream
+
+    if args.input is not None:
+        from .batch import run_batch
+        from .engine import Engine
+
+        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or min(model_context(model), 4096),
+                        stop_ids=tok.stop_ids)
+        defaults = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+        print(f"{result['requests']} requests ({result['skipped']} already done), {result['tokens']} tokens in "
+              f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s) -> {args.output}", file=sys.stderr)
+        return
 
     if args.no_stream:
         print(generate(model, tok, args.prompt, **_sampling_kwargs(args)))
@@ -118,6 +137,22 @@ def cmd_generate(args) -> None:
     for piece in stream(model, tok, args.prompt, **_sampling_kwargs(args)):
         print(piece, end="", flush=True)
     print()
+
+
+def model_context(model) -> int:
+    from .generation import model_limit
+
+    return model_limit(model.config)
+
+
+def cmd_serve(args) -> None:
+    model, tok = _load_for_generation(args)
+    from .server import serve
+
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    serve(model, tok, model_name=name, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_len=args.max_len or min(model_context(model), 4096), max_queue=args.max_queue,
+          prefill_chunk=args.prefill_chunk, log_level="warning" if args.quiet else "info")
 
 
 def cmd_chat(args) -> None:
@@ -259,11 +294,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     add_mesh_args(demo)
     demo.set_defaults(func=cmd_demo, tensor=2)
-    gen = sub.add_parser("generate", help="generate text from a prompt (streamed)", parents=[common])
+    gen = sub.add_parser("generate", help="generate text from a prompt (streamed), or a JSONL file of requests "
+                         "(continuous batching, resumable)", parents=[common])
     _add_generation_args(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    gen.add_argument("--input", help="JSONL, one request per line: {\"id\", \"prompt\" | \"messages\" | "
+                     "\"prompt_ids\", optional max_tokens, temperature, ...}")
+    gen.add_argument("--output", help="JSONL results, appended; a rerun skips ids already there")
+    gen.add_argument("--max-batch", type=int, default=8, help="with --input: sequences decoded together")
+    gen.add_argument("--max-len", type=int, default=None, help="with --input: prompt + output tokens per "
+                     "request (default: the model's context, at most 4096)")
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)", parents=[common])
+    _add_generation_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch", type=int, default=8, help="cache rows: requests decoded together")
+    srv.add_argument("--max-len", type=int, default=None,
+                     help="prompt + output tokens per request (default: the model's context, at most 4096)")
+    srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    srv.add_argument("--prefill-chunk", type=int, default=256,
+                     help="prompt tokens prefilled between two decode chunks (default 256)")
+    srv.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    srv.set_defaults(func=cmd_serve)
     chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin)", parents=[common])
     _add_generation_args(chat)
     chat.add_argument("--system", help="a system message")

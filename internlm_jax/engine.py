@@ -131,11 +131,27 @@ class Engine:
         self.ds, self.base = self._empty_state()
 
     # --- requests -------------------------------------------------------------------------------
-    def submit(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0, stop_ids: Sequence[int] = (),
-               on_update=None) -> Request:
-        """Queue a request (token ids); returns it at once. Raises :class:`EngineError` for a request
-        that can never run and :class:`QueueFull` when ``max_queue`` requests already wait."""
+    def submit(self, prompt: Sequence[int], *, on_update=None, **params) -> Request:
+        """Queue a request (token ids; ``params`` as for :meth:`check`); returns it at once. Raises
+        :class:`EngineError` for a request that can never run and :class:`QueueFull` when
+        ``max_queue`` requests already wait. ``on_update(request, new_tokens)`` is called from the
+        engine's thread as tokens arrive and once more when the request is finished."""
+        request = self.check(prompt, **params)
+        request.on_update = on_update
+        with self.lock:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
+            self.waiting.append(request)
+            self.wake.notify()
+        return request
+
+    def check(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
+              stop_ids: Sequence[int] = ()) -> Request:
+        """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
+        parameter that is wrong."""
+        if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
+            raise EngineError("the prompt must be a list of token ids")
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise EngineError("the prompt is empty")
@@ -151,14 +167,9 @@ class Engine:
             sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         except ValueError as e:
             raise EngineError(str(e)) from None
-        request = Request(prompt, max_tokens, sampling, int(seed), frozenset(int(s) for s in stop_ids),
-                          on_update=on_update)
-        with self.lock:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
-            self.waiting.append(request)
-            self.wake.notify()
-        return request
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise EngineError(f"seed must be an integer, got {seed!r}")
+        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids))
 
     @property
     def busy(self) -> bool:

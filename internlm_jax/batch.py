@@ -1,0 +1,168 @@
+"""Offline batch inference through the continuous-batching engine, resumable.
+
+    internlm-jax generate --model DIR --input prompts.jsonl --output out.jsonl
+
+Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as
+for the server; ``tools`` allowed) or ``prompt_ids``; optional ``max_tokens``, ``temperature``,
+``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``. Each output line carries the ``id``,
+``text`` (chat: also ``tool_calls``), ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``,
+written in the order requests finish. Every input line is checked before anything runs.
+
+A rerun skips the ids already in the output. Lines are appended whole, one ``write`` each, as their
+requests finish, so a killed run loses no finished line; a torn last line (a kill mid-write) is cut
+off on the next run before anything is appended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages
+from .engine import Engine, EngineError, QueueFull
+from .files import progress_bar
+
+OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
+class BatchInputError(ValueError):
+    """An input line that cannot run (the message names the file, line and field)."""
+
+
+def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
+    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools"}]``."""
+    path = Path(path)
+    out, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BatchInputError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(item, dict) or "id" not in item:
+                raise BatchInputError(f"{where}: each line must be an object with an 'id'")
+            rid = item["id"]
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+                raise BatchInputError(f"{where}: 'id' must be a string or an integer")
+            if rid in seen:
+                raise BatchInputError(f"{where}: id {rid!r} already used on line {seen[rid]}")
+            seen[rid] = n
+            given = [k for k in ("prompt", "messages", "prompt_ids") if k in item]
+            if len(given) != 1:
+                raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
+            try:
+                if "prompt" in item:
+                    if not isinstance(item["prompt"], str) or not item["prompt"]:
+                        raise BatchInputError(f"{where}: 'prompt' must be a non-empty string")
+                    ids = tok.encode(item["prompt"])
+                elif "messages" in item:
+                    ids = tok.encode_chat(to_internlm_messages(item["messages"], item.get("tools")))
+                else:
+                    ids = item["prompt_ids"]
+                    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                        raise BatchInputError(f"{where}: 'prompt_ids' must be a list of integers")
+            except (FormatError, ValueError, TypeError) as e:
+                if isinstance(e, BatchInputError):
+                    raise
+                raise BatchInputError(f"{where}: {e}") from None
+            kw = dict(defaults)
+            kw.update({k: item[k] for k in OPTIONS if k in item})
+            stop = item.get("stop") or []
+            stop = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
+                raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")
+            kw["stop_ids"] = [s for s in stop if isinstance(s, int)]
+            try:
+                engine.check(ids, **kw)
+            except EngineError as e:
+                raise BatchInputError(f"{where}: {e}") from None
+            out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
+                        "chat": "messages" in item, "tools": bool(item.get("tools"))})
+    return out
+
+
+def finished_ids(path: Path) -> set:
+    """Ids already in the output; a torn last line is cut off first (it never finished writing)."""
+    if not path.exists():
+        return set()
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    if end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    done = set()
+    for n, line in enumerate(raw[:end].splitlines(), 1):
+        if line.strip():
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BatchInputError(f"{path}:{n}: not an output line of this command; refusing to append") from None
+    return done
+
+
+def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | None = None,
+              progress: bool | None = None) -> dict:
+    """Run every request of ``input_path`` not yet in ``output_path``; returns counts and tokens/s."""
+    output_path = Path(output_path)
+    requests = read_requests(input_path, tok, engine, defaults or {})
+    done = finished_ids(output_path)
+    todo = [r for r in requests if r["id"] not in done]
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    start, tokens, pending = time.perf_counter(), 0, list(reversed(todo))
+    running: dict = {}
+    try:
+        with progress_bar(len(todo), "generating", progress, unit="req") as bar:
+            while pending or running:
+                while pending:  # keep the engine's queue full, never over
+                    item = pending[-1]
+                    try:
+                        handle = engine.submit(item["ids"], **item["kw"])
+                    except QueueFull:
+                        break
+                    running[handle] = item
+                    pending.pop()
+                engine.step()
+                for handle in [h for h in running if h.finished.is_set() or _hit_stop(h, running[h], tok)]:
+                    item = running.pop(handle)
+                    if not handle.finished.is_set():
+                        handle.cancel()
+                    os.write(fd, (json.dumps(_result(handle, item, tok), ensure_ascii=False) + "\n").encode())
+                    tokens += len(handle.tokens)
+                    bar.update(1)
+                    bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.1f} tok/s")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        for handle in running:
+            handle.cancel()
+    seconds = time.perf_counter() - start
+    return {"requests": len(todo), "skipped": len(requests) - len(todo), "tokens": tokens,
+            "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
+
+
+def _text(handle, item, tok) -> tuple[str, bool]:
+    stream = TextStream(item["stop"])
+    stream.push(tok.decode(handle.tokens))
+    return stream.text, stream.stopped
+
+
+def _hit_stop(handle, item, tok) -> bool:
+    return bool(item["stop"]) and _text(handle, item, tok)[1]
+
+
+def _result(handle, item, tok) -> dict:
+    text, stopped = _text(handle, item, tok)
+    reason = "stop" if stopped else handle.finish_reason
+    out = {"id": item["id"], "text": text, "prompt_tokens": len(item["ids"]),
+           "completion_tokens": len(handle.tokens), "finish_reason": reason}
+    if item["tools"]:
+        out["text"], calls = parse_tool_calls(text)
+        if calls:
+            out["tool_calls"], out["finish_reason"] = calls, "tool_calls"
+    return out

@@ -1,0 +1,173 @@
+"""OpenAI-style chat messages and tool calls <-> InternLM2's chat format (see FACTS: tool use).
+
+* ``tools`` become a second system message ``<|im_start|>system name=<|plugin|>`` holding the JSON
+  list of function definitions (name, description, parameters);
+* an assistant message's ``tool_calls`` become ``<|action_start|><|plugin|>\\n{"name": ..., "parameters":
+  {...}}<|action_end|>`` after its content; ``role: "tool"`` messages go back in as
+  ``environment name=<|plugin|>`` messages;
+* model output is split back into content and tool calls (:func:`parse_tool_calls`), and
+  :class:`TextStream` does it incrementally for streaming, holding back any text that may still turn
+  into a marker or a stop string, so markers split over pieces are recognised.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Mapping, Sequence
+
+ACTION_START, ACTION_END, PLUGIN = "<|action_start|>", "<|action_end|>", "<|plugin|>"
+CALL_START = ACTION_START + PLUGIN
+
+
+class FormatError(ValueError):
+    """A message list that cannot be rendered (the message names the message and field)."""
+
+
+def tool_definitions(tools: Sequence[Mapping]) -> list[dict]:
+    """OpenAI ``tools`` (``{"type": "function", "function": {...}}``) -> InternLM2 plugin definitions."""
+    out = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(fn, Mapping):
+            raise FormatError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise FormatError(f"tools[{i}].function.name must be a non-empty string")
+        out.append({k: fn[k] for k in ("name", "description", "parameters") if k in fn})
+    return out
+
+
+def _content(msg: Mapping, i: int) -> str:
+    content = msg.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise FormatError(f"messages[{i}].content: only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise FormatError(f"messages[{i}].content must be a string or a list of text parts")
+
+
+def _call_text(call: Mapping, i: int) -> str:
+    fn = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+        raise FormatError(f"messages[{i}].tool_calls: each call needs function.name")
+    args = fn.get("arguments", "{}")
+    try:
+        params = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} are not valid JSON") from None
+    return f"{CALL_START}\n{json.dumps({'name': fn['name'], 'parameters': params}, ensure_ascii=False)}{ACTION_END}"
+
+
+def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:
+    """OpenAI chat messages (+ tools) -> the messages :meth:`Tokenizer.apply_chat_template` renders."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise FormatError("messages must be a non-empty list")
+    out: list[dict] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise FormatError(f"messages[{i}] must be an object with 'role' and 'content'")
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            out.append({"role": "system", "content": _content(msg, i)})
+        elif role == "user":
+            out.append({"role": "user", "content": _content(msg, i)})
+        elif role == "assistant":
+            text = _content(msg, i) + "".join(_call_text(c, i) for c in msg.get("tool_calls") or ())
+            out.append({"role": "assistant", "content": text})
+        elif role in ("tool", "function", "environment"):
+            out.append({"role": "environment", "content": _content(msg, i), "name": "plugin"})
+        else:
+            raise FormatError(f"messages[{i}].role must be system, user, assistant or tool, got {role!r}")
+    if tools:
+        plugin = {"role": "system", "name": "plugin",
+                  "content": json.dumps(tool_definitions(tools), ensure_ascii=False)}
+        first = next((k for k, m in enumerate(out) if m["role"] != "system"), len(out))
+        out.insert(first, plugin)  # after the leading system prompt(s), as the InternLM2 agent format does
+    return out
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
+    """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse stays text."""
+    content, calls, rest = [], [], text
+    while CALL_START in rest:
+        before, _, after = rest.partition(CALL_START)
+        body, found, rest = after.partition(ACTION_END)
+        try:
+            call = json.loads(body.strip())
+            name = call["name"]
+            params = call.get("parameters", call.get("arguments", {}))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            content.append(before + CALL_START + body + found)
+            continue
+        content.append(before)
+        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": name, "arguments": json.dumps(params, ensure_ascii=False)}})
+    content.append(rest)
+    return "".join(content).strip() if calls else "".join(content), calls
+
+
+class TextStream:
+    """Incremental text of one response: ``push(piece)`` returns the text that is safe to send now.
+
+    Text that may still become a stop string or (with ``tools``) a tool-call marker is held back until
+    it is decided; from a tool-call start on, everything is kept for :meth:`finish`. ``stopped`` turns
+    True when a stop string appeared (the text is cut before it)."""
+
+    def __init__(self, stop: Sequence[str] = (), tools: bool = False):
+        self.stop = [s for s in stop if s]
+        self.markers = self.stop + ([CALL_START] if tools else [])
+        self.text = ""  # everything accepted so far (cut at a stop string)
+        self.sent = 0  # characters of text already returned
+        self.stopped = False
+        self.in_call, self.call_at = False, 0
+
+    def _hold(self) -> int:
+        """How many trailing characters could still be the start of a marker."""
+        hold = 0
+        for m in self.markers:
+            for n in range(min(len(m) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(m[:n]):
+                    hold = max(hold, n)
+                    break
+        return hold
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        self.text += piece
+        if not self.in_call:
+            for stop in self.stop:
+                at = self.text.find(stop, max(0, self.sent - len(stop)))
+                if at >= 0:
+                    self.text, self.stopped = self.text[:at], True
+            if CALL_START in self.markers:
+                at = self.text.find(CALL_START, max(0, self.sent - len(CALL_START)))
+                if at >= 0:
+                    self.in_call, self.call_at = True, at
+        if self.in_call:
+            safe = self.call_at
+        else:
+            safe = len(self.text) if self.stopped else len(self.text) - self._hold()
+        out = self.text[self.sent:max(safe, self.sent)]
+        self.sent = max(self.sent, safe)
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        """The rest of the content (not yet returned by push) and the tool calls, once generation ended."""
+        if self.in_call:
+            content, calls = parse_tool_calls(self.text)
+            if calls:
+                return self.text[self.sent:self.call_at], calls
+        return self.text[self.sent:], []
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
