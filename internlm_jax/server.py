@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages, usage
 from .engine import Engine, EngineError, QueueFull
 
-Number = Union[StrictInt, StrictFloat]
+Number = StrictFloat  # ints are accepted, strings and booleans are not
 
 
 class _Request(BaseModel):
@@ -65,6 +65,11 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def _type_step(x) -> bool:
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list") or "[" in x
+                                   or x.startswith("function-"))
+
+
 def create_app(engine: Engine, tok, model_name: str):
     """The FastAPI app serving ``engine`` under ``model_name``; the engine loop runs while the app does."""
     import contextlib
@@ -90,7 +95,8 @@ def create_app(engine: Engine, tok, model_name: str):
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
         first = e.errors()[0]
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        # the field path, without pydantic's union-member steps ("str", "list[int]", ...)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _type_step(x)]
         if first.get("type") == "json_invalid":
             err = APIError(400, f"the request body is not valid JSON ({first.get('msg')})")
         else:

@@ -56,7 +56,8 @@ def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "saf
     return folder
 
 
-def chain_checkpoint(folder: Path, chain: list[int], tokenizer_model: Path | None = None, seed: int = 0) -> Path:
+def chain_checkpoint(folder: Path, chain: list[int], tokenizer_model: Path | None = None, seed: int = 0,
+                     vocab_size: int = 92544) -> Path:
     """An InternLM2 checkpoint (real vocab size) whose greedy output follows ``chain``: after token
     ``chain[i]`` it predicts ``chain[i + 1]``. The layers are switched off (wo = w2 = 0), so the final
     hidden state is the embedding of the last token; chain tokens get one-hot embeddings and the output
@@ -66,7 +67,7 @@ def chain_checkpoint(folder: Path, chain: list[int], tokenizer_model: Path | Non
     import reference as ref
 
     assert len(set(chain)) == len(chain), "chain tokens must be distinct"
-    cfg = tiny_config(vocab_size=92544, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+    cfg = tiny_config(vocab_size=vocab_size, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rope_scaling=None)
     assert len(chain) <= cfg["hidden_size"]
     state = ref.random_state(cfg, seed)

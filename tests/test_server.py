@@ -1,0 +1,356 @@
+"""The OpenAI-compatible server, as clients see it: a real `internlm-jax serve` process on 127.0.0.1,
+the real `openai` client, and plain HTTP for the malformed requests.
+
+The model is a tiny random InternLM2 with a tokenizer trained offline on the example corpus, so
+nothing here needs ../shared; the reference for every greedy text is ``ij.generate`` in this process
+on the same folder. Tool calls use a model whose greedy output is a known tool call."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from hf_fixtures import ROOT, chain_checkpoint, user_env
+
+import internlm_jax as ij
+
+openai = pytest.importorskip("openai")
+
+CALL = '{"name":"get_weather","parameters":{"days":3}}'
+REPLY = "One moment."
+DAYS = {"type": "object", "properties": {"days": {"type": "integer"}}}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the forecast", "parameters": DAYS}}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, folder: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(folder.parent / f"server-{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "internlm_jax", "serve", "--model", str(folder),
+                                      "--port", str(self.port), "--quiet", *args], cwd=ROOT, env=user_env(),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + self.output())
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        raise RuntimeError("server did not start:\n" + self.output())
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-4000:]
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("serve")
+    folder = base / "tiny-chat"
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(texts, base / "tokenizer.model", vocab_size=400)
+    cfg = ij.InternLM2Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    ij.InternLM2(cfg, seed=0).save_pretrained(folder, extra_files=[tok.model_file])
+    model = ij.InternLM2.from_pretrained(folder)
+    server = Server(folder, "--max-batch", "4", "--max-len", "256", "--max-queue", "8")
+    yield server, model, ij.Tokenizer.from_pretrained(folder)
+    server.stop()
+
+
+def greedy(model, tok, prompt, n, **kw):
+    """ij.generate of one prompt (text, or token ids) alone."""
+    return ij.generate(model, tok, [prompt], max_new_tokens=n, **kw)[0]
+
+
+def test_models_and_health(tiny):
+    server, _, _ = tiny
+    assert [m.id for m in server.client().models.list().data] == ["tiny-chat"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_completion_equals_generate_alone(tiny):
+    server, model, tok = tiny
+    out = server.client().completions.create(model="tiny-chat", prompt="The river", max_tokens=12, temperature=0)
+    assert out.choices[0].text == greedy(model, tok, "The river", 12)
+    assert out.usage.prompt_tokens == len(tok.encode("The river"))
+    assert out.usage.completion_tokens == 12 and out.usage.total_tokens == out.usage.prompt_tokens + 12
+    assert out.choices[0].finish_reason == "length"
+    ids = tok.encode("The river")
+    by_ids = server.client().completions.create(model="tiny-chat", prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_chat_streamed_and_not_equal_generate(tiny):
+    server, model, tok = tiny
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about rivers"}]
+    want = greedy(model, tok, tok.encode_chat(messages), 20, add_bos=False)
+    client = server.client()
+    full = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=20, temperature=0)
+    assert full.choices[0].message.content == want and full.choices[0].message.role == "assistant"
+    assert full.usage.prompt_tokens == len(tok.encode_chat(messages))
+    chunks = list(client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_sampling_parameters_seed_and_stop(tiny):
+    server, model, tok = tiny
+    client = server.client()
+    kw = dict(model="tiny-chat", prompt="The river", max_tokens=16, temperature=1.0, top_p=0.9, seed=11,
+              extra_body={"top_k": 50, "repetition_penalty": 1.1})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert a.choices[0].text == b.choices[0].text
+    others = {client.completions.create(**{**kw, "seed": s}).choices[0].text for s in range(12, 16)}
+    assert len(others | {a.choices[0].text}) > 1
+    text = greedy(model, tok, "The river", 16)
+    stop = text[5:8]
+    cut = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=16, temperature=0,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:text.index(stop)]
+    ids = ij.generate_ids(model, [tok.encode("The river")], max_new_tokens=8)[0]
+    by_id = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=8, temperature=0,
+                                      extra_body={"stop_token_ids": [ids[4]]})
+    assert by_id.usage.completion_tokens == ids.index(ids[4]) and by_id.choices[0].finish_reason == "stop"
+
+
+def post(server, path, body, raw=False):
+    content = body if raw else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
+    server, _, _ = tiny
+    ok = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    cases = [
+        ("{not json", True, 400, None, "not valid JSON"),
+        ({"model": "tiny-chat"}, False, 400, "messages", "messages"),
+        ({**ok, "max_tokens": "many"}, False, 400, "max_tokens", "integer"),
+        ({**ok, "temperature": "hot"}, False, 400, "temperature", "temperature"),
+        ({**ok, "max_tokens": 0}, False, 400, "max_tokens", "positive"),
+        ({**ok, "max_tokens": -3}, False, 400, "max_tokens", "positive"),
+        ({**ok, "model": "gpt-4"}, False, 404, "model", "gpt-4"),
+        ({**ok, "n": 2}, False, 400, "n", "n=2"),
+        ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, False, 400, "messages", "wizard"),
+        ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
+        ({**ok, "top_p": 0}, False, 400, None, "top_p"),
+    ]
+    for body, raw, status, param, words in cases:
+        r = post(server, "/v1/chat/completions", body, raw)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert words in err["message"] and err["type"], err
+        if param:
+            assert err["param"] == param, err
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": [5, 100000], "max_tokens": 2})
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError):
+        server.client().completions.create(model="tiny-chat", prompt="x", max_tokens=1000)
+    assert post(server, "/v1/chat/completions", ok).status_code == 200
+
+
+def test_64_concurrent_streams_are_all_answered_correctly(tiny):
+    server, model, tok = tiny
+    prompts = [f"The {w} river" for w in ("long", "cold", "old", "wide")]
+    want = {p: greedy(model, tok, p, 10 + 3 * i) for i, p in enumerate(prompts)}
+    budget = {p: 10 + 3 * i for i, p in enumerate(prompts)}
+
+    def one(i):
+        p = prompts[i % 4]
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=8, timeout=300)
+        stream = client.completions.create(model="tiny-chat", prompt=p, max_tokens=budget[p], temperature=0,
+                                           stream=True)
+        return p, "".join(c.choices[0].text for c in stream if c.choices)
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    assert len(results) == 64
+    for p, text in results:
+        assert text == want[p]
+
+
+def test_a_full_queue_answers_429(tiny):
+    server, _, _ = tiny
+    body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 200, "temperature": 0}
+    with ThreadPoolExecutor(24) as pool:
+        codes = list(pool.map(lambda _: post(server, "/v1/completions", body).status_code, range(24)))
+    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}  # 4 rows + 8 waiting
+    r = post(server, "/v1/completions", {**body, "max_tokens": 2})
+    assert r.status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(tiny):
+    server, _, _ = tiny
+    body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
+        assert httpx.get(server.url + "/health").json()["running"] == 1
+    deadline = time.time() + 30
+    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+def test_sigterm_lets_running_requests_finish_then_exits(tmp_path, tiny):
+    server, model, tok = tiny
+    folder = Path(server.proc.args[server.proc.args.index("--model") + 1])
+    second = Server(folder, "--max-batch", "2", "--max-len", "256")
+    try:
+        result = {}
+
+        def ask():
+            result["r"] = post(second, "/v1/completions", {"model": "tiny-chat", "prompt": "The river",
+                                                           "max_tokens": 120, "temperature": 0})
+
+        t = threading.Thread(target=ask)
+        t.start()
+        deadline = time.time() + 60
+        while httpx.get(second.url + "/health").json()["running"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        second.proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says why it ended
+        assert second.proc.wait(120) in (0, -signal.SIGTERM), second.output()
+        assert "Traceback" not in second.output()
+        assert result["r"].status_code == 200
+        assert result["r"].json()["choices"][0]["text"] == greedy(model, tok, "The river", 120)
+    finally:
+        second.stop()
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    """A model whose greedy answer to any chat prompt is ``REPLY`` then the tool call ``CALL``."""
+    base = tmp_path_factory.mktemp("tools")
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines() + [CALL] * 300 + [REPLY] * 100
+    tok = ij.Tokenizer.train(texts, base / "tokenizer.model", vocab_size=400)
+    answer = tok.encode(REPLY + "<|action_start|><|plugin|>" + CALL + "<|action_end|><|im_end|>", add_bos=False)
+    chain = [tok.encode("\n", add_bos=False)[-1]] + answer  # the generation prompt ends with "\n"
+    folder = chain_checkpoint(base / "tool-model", chain, base / "tokenizer.model", vocab_size=tok.vocab_size)
+    server = Server(folder, "--max-batch", "2", "--max-len", "200")
+    yield server, tok
+    server.stop()
+
+
+def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
+    server, tok = tool_server
+    client = server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    out = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, max_tokens=40,
+                                         temperature=0)
+    msg = out.choices[0].message
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert msg.content == REPLY
+    assert len(msg.tool_calls) == 1 and msg.tool_calls[0].function.name == "get_weather"
+    assert json.loads(msg.tool_calls[0].function.arguments) == {"days": 3}
+    # streamed: the markers arrive as separate chunks; no marker text leaks into the content
+    chunks = list(client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, max_tokens=40,
+                                                 temperature=0, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+    assert content == REPLY and "<|" not in content
+    assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_weather", {"days": 3})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # without tools the same output is plain text, markers included
+    plain = client.chat.completions.create(model="tool-model", messages=messages, max_tokens=40, temperature=0)
+    assert plain.choices[0].message.content == REPLY + "<|action_start|><|plugin|>" + CALL + "<|action_end|>"
+
+
+def test_tools_and_tool_results_are_rendered_in_the_plugin_format(tool_server):
+    from internlm_jax.chat_format import to_internlm_messages
+
+    _, tok = tool_server
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"days": 3}'}}
+    messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "One moment.", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    text = tok.apply_chat_template(to_internlm_messages(messages, TOOLS))
+    tools_json = json.dumps([TOOLS[0]["function"]], ensure_ascii=False)
+    assert text == ("<s><|im_start|>system\nYou are helpful.<|im_end|>\n"
+                    f"<|im_start|>system name=<|plugin|>\n{tools_json}<|im_end|>\n"
+                    "<|im_start|>user\nWeather?<|im_end|>\n"
+                    '<|im_start|>assistant\nOne moment.<|action_start|><|plugin|>\n'
+                    '{"name": "get_weather", "parameters": {"days": 3}}<|action_end|><|im_end|>\n'
+                    "<|im_start|>environment name=<|plugin|>\nsunny<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+def test_the_incremental_text_stream_handles_markers_split_anywhere():
+    from internlm_jax.chat_format import TextStream
+
+    text = "One moment." + "<|action_start|><|plugin|>\n" + CALL + "<|action_end|>"
+    for size in (1, 2, 5, 13):
+        stream = TextStream(stop=["never"], tools=True)
+        sent = "".join(stream.push(text[i:i + size]) for i in range(0, len(text), size))
+        rest, calls = stream.finish()
+        assert sent + rest == REPLY and len(calls) == 1
+        assert json.loads(calls[0]["function"]["arguments"]) == {"days": 3}
+    stream = TextStream(stop=["moment"])
+    assert "".join(stream.push(c) for c in "One moment.") == "One " and stream.stopped
+
+
+def test_offline_batch_command_is_resumable(tiny, tmp_path):
+    server, model, tok = tiny
+    folder = Path(server.proc.args[server.proc.args.index("--model") + 1])
+    prompts = {f"r{i}": f"The {w} river" for i, w in enumerate(("long", "cold", "old", "wide", "deep"))}
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "prompt": p, "max_tokens": 9}) + "\n" for k, p in prompts.items())
+                   + json.dumps({"id": "chat", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    first = next(iter(prompts))
+    out.write_text(json.dumps({"id": first, "text": "kept", "prompt_tokens": 1, "completion_tokens": 1,
+                               "finish_reason": "length"}) + "\n" + '{"id": "r1", "te')  # a torn line
+    def command(src, out):
+        return [sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--input", str(src),
+                "--output", str(out), "--max-new-tokens", "6", "--max-len", "128", "--quiet"]
+
+    cmd = command(src, out)
+    done = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines].count(first) == 1 and lines[0]["text"] == "kept"
+    by_id = {x["id"]: x for x in lines}
+    assert set(by_id) == set(prompts) | {"chat"}
+    for k, p in prompts.items():
+        if k != first:
+            assert by_id[k]["text"] == greedy(model, tok, p, 9)
+            assert by_id[k]["completion_tokens"] <= 9 and by_id[k]["prompt_tokens"] == len(tok.encode(p))
+    assert by_id["chat"]["completion_tokens"] <= 6
+    again = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and out.read_text().count("\n") == len(lines)  # nothing run twice
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n')
+    failed = subprocess.run(command(bad, tmp_path / "o2.jsonl"), cwd=ROOT, env=user_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode == 1 and "bad.jsonl:2" in failed.stderr and "already used" in failed.stderr
+    assert not (tmp_path / "o2.jsonl").exists() or (tmp_path / "o2.jsonl").read_text() == ""
