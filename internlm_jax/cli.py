@@ -314,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-len", type=int, default=None,
                      help="prompt + output tokens per request (default: the model's context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
-    srv.add_argument("--prefill-chunk", type=int, default=256,
-                     help="prompt tokens prefilled between two decode chunks (default 256)")
+    srv.add_argument("--prefill-chunk", type=int, default=512,
+                     help="prompt tokens prefilled between two decode chunks (default 512)")
     srv.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     srv.set_defaults(func=cmd_serve)
     chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin)", parents=[common])

@@ -90,15 +90,16 @@ class Engine:
     """Continuous batching for one model (see the module docstring).
 
     ``max_batch`` cache rows of ``max_len`` slots: a request needs ``len(prompt) + max_tokens <=
-    max_len``. ``prefill_chunk`` bounds the prompt tokens processed between two decode chunks;
+    max_len``. ``prefill_chunk`` bounds the prompt tokens processed between two decode chunks of
+    ``decode_chunk`` steps (shorter than generate's: a finished request's row waits at most that long);
     ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
     request (default: ``</s>`` and ``<|im_end|>``); a request may add its own.
     """
 
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 256,
-                 max_queue: int = 256, stop_ids: Sequence[int] = (2, 92542)):
+    def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 512,
+                 max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542)):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
-                            ("max_queue", max_queue)):
+                            ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineError(f"{name} must be a positive integer, got {value!r}")
         self.gen = generator_for(model)
@@ -107,6 +108,7 @@ class Engine:
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
+        self.decode_chunk = decode_chunk
         self.stop_ids = tuple(int(s) for s in stop_ids)
         self.model_limit = model_limit(model.config)
         if max_len > self.model_limit:
@@ -307,7 +309,7 @@ class Engine:
         self.rows[i].decoding = True
 
     def _decode(self) -> None:
-        k = self.gen.settings.decode_chunk
+        k = self.decode_chunk
         active = [i for i, r in enumerate(self.rows) if r is not None and r.decoding]
         # at most the steps the furthest request still needs, rounded up to a power of two (a handful
         # of programs; tokens past a request's end are dropped)

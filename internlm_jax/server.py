@@ -279,7 +279,7 @@ def create_app(engine: Engine, tok, model_name: str):
 
 
 def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          max_len: int = 4096, max_queue: int = 256, prefill_chunk: int = 256, log_level: str = "info") -> None:
+          max_len: int = 4096, max_queue: int = 256, prefill_chunk: int = 512, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (then running requests finish, and it exits)."""
     import uvicorn
 

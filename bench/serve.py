@@ -1,0 +1,172 @@
+"""Continuous batching through the server against static batches of ``generate``, on the same mix.
+
+    python bench/serve.py [--requests 64] [--max-batch 8] [--hidden 512 --layers 8] [--tokenizer PATH]
+
+A random InternLM2-shaped model is written to a temporary HF folder; ``internlm-jax serve`` runs it in a
+subprocess and 64 requests (prompt and output lengths drawn with a fixed seed) are sent at once as
+streaming completions (prompt token ids, greedy). The same prompts then go through
+``ij.generate_ids`` in static batches of ``--max-batch`` in arrival order: every batch waits for its
+longest request. Printed as JSON: requests/s, output tokens/s (tokens each request asked for), TTFT and
+inter-token latency p50/p99 for both (a static batch delivers its tokens when the batch ends).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "internlm2" / "tokenizer.model"
+
+
+def percentile(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def summary(wall, requests, tokens, ttft, itl) -> dict:
+    return {"wall_s": wall, "requests_per_s": requests / wall, "output_tokens": tokens,
+            "output_tokens_per_s": tokens / wall, "ttft_p50_s": percentile(ttft, 50),
+            "ttft_p99_s": percentile(ttft, 99), "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99)}
+
+
+def make_model(folder: Path, args):
+    import internlm_jax as ij
+
+    if args.tokenizer:
+        tok_file = Path(args.tokenizer)
+    else:
+        texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+        tok_file = folder.parent / "tokenizer.model"
+        ij.Tokenizer.train(texts, tok_file, vocab_size=400)
+    tok = ij.Tokenizer(tok_file)
+    cfg = ij.InternLM2Config(vocab_size=tok.vocab_size, hidden_size=args.hidden,
+                             intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                             num_attention_heads=args.hidden // 64,
+                             num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096)
+    ij.InternLM2(cfg, seed=0).save_pretrained(folder, extra_files=[tok_file])
+    return cfg
+
+
+def workload(args, vocab):
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(3, vocab, int(n)).tolist() for n in rng.integers(16, args.max_prompt + 1, args.requests)]
+    if args.outputs == "uniform":
+        outputs = [int(n) for n in rng.integers(16, args.max_output + 1, args.requests)]
+    else:  # log-uniform: most answers short, a few long (chat-like)
+        outputs = [int(round(n)) for n in np.exp(rng.uniform(np.log(16), np.log(args.max_output), args.requests))]
+    return prompts, outputs
+
+
+async def through_server(url, prompts, outputs):
+    import httpx
+
+    async def one(client, prompt, n):
+        t0 = time.perf_counter()
+        stamps, tokens = [], 0
+        body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
+                "stop_token_ids": []}
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if chunk["choices"] and chunk["choices"][0]["text"]:
+                        stamps.append(time.perf_counter())
+        return t0, stamps, tokens
+
+    limits = httpx.Limits(max_connections=len(prompts) + 8)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(client, p, n) for p, n in zip(prompts, outputs)))
+        wall = time.perf_counter() - start
+    ttft = [s[0] - t0 for t0, s, _ in results if s]
+    itl = [b - a for _, s, _ in results for a, b in zip(s, s[1:])]
+    tokens = sum(t for *_, t in results)
+    return summary(wall, len(prompts), tokens, ttft, itl)
+
+
+def static_batches(folder, prompts, outputs, batch):
+    import internlm_jax as ij
+
+    model = ij.InternLM2.from_pretrained(folder)
+    ij.generate_ids(model, prompts[:batch], max_new_tokens=16, stop_ids=())  # compile outside the clock
+    start = time.perf_counter()
+    ttft, itl, tokens = [], [], 0
+    for i in range(0, len(prompts), batch):
+        t0 = time.perf_counter()
+        steps = max(outputs[i:i + batch])
+        ij.generate_ids(model, prompts[i:i + batch], max_new_tokens=steps, stop_ids=())
+        done = time.perf_counter()
+        tokens += sum(outputs[i:i + batch])  # the tokens the requests asked for
+        ttft += [done - start] * len(prompts[i:i + batch])
+        itl.append((done - t0) / steps)
+    wall = time.perf_counter() - start
+    return summary(wall, len(prompts), tokens, ttft, itl)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-prompt", type=int, default=512)
+    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--outputs", choices=["uniform", "loguniform"], default="loguniform",
+                    help="output length distribution between 16 and --max-output")
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=str(SHARED) if SHARED.is_file() else None)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp())
+    folder = work / "bench"
+    cfg = make_model(folder, args)
+    prompts, outputs = workload(args, cfg.vocab_size)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    server = subprocess.Popen([sys.executable, "-m", "internlm_jax", "serve", "--model", str(folder), "--port",
+                               str(port), "--max-batch", str(args.max_batch), "--max-len",
+                               str(args.max_prompt + args.max_output), "--max-queue", str(args.requests),
+                               "--prefill-chunk", str(args.prefill_chunk), "--quiet"],
+                              env=env, cwd=ROOT)
+    import httpx
+
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        warm = asyncio.run(through_server(url, prompts[:args.max_batch], [16] * args.max_batch))  # compiles
+        del warm
+        served = asyncio.run(through_server(url, prompts, outputs))
+    finally:
+        server.terminate()
+        server.wait()
+    static = static_batches(folder, prompts, outputs, args.max_batch)
+    import jax
+
+    print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(), "devices": len(jax.devices()),
+                      "params": cfg.num_parameters(), "requests": args.requests, "max_batch": args.max_batch,
+                      "outputs": args.outputs, "prefill_chunk": args.prefill_chunk,
+                      "prompt_tokens": sum(map(len, prompts)), "asked_output_tokens": sum(outputs),
+                      "continuous": served, "static": static,
+                      "throughput_ratio": served["output_tokens_per_s"] / static["output_tokens_per_s"]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
