@@ -93,7 +93,7 @@ def cmd_demo(args) -> None:
 
 
 def _load_for_generation(args):
-    _simulate_devices(args.devices)
+    _start_distributed(args)
     from . import InternLM2, Tokenizer, make_mesh
 
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
@@ -119,14 +119,26 @@ def cmd_generate(args) -> None:
     from .generation import generate, stream
 
     if args.input is not None:
+        import jax
+
         from .batch import run_batch
         from .engine import Engine
 
         engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or min(model_context(model), 4096),
                         stop_ids=tok.stop_ids)
+        from .multihost import finish
+
+        if jax.process_index() != 0:  # process 0 decides the steps and writes the file; the others follow
+            engine.follow()
+            finish()
+            return
         defaults = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
-        result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+        try:
+            result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+        finally:
+            engine.close()
+            finish()
         print(f"{result['requests']} requests ({result['skipped']} already done), {result['tokens']} tokens in "
               f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s) -> {args.output}", file=sys.stderr)
         return
@@ -193,17 +205,27 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     add_mesh_args(p)
 
 
-def cmd_train(args) -> None:
+def _start_distributed(args) -> None:
+    """``--coordinator`` / ``--distributed``: join a multi-process job (after ``--devices``)."""
     _simulate_devices(args.devices)
-    if args.distributed or args.coordinator:
-        import jax
+    coordinator, environment = getattr(args, "coordinator", None), getattr(args, "distributed", False)
+    if coordinator or environment:
+        from .multihost import initialize
 
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives; GPU/TPU unaffected
-        if args.coordinator:
-            jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                       process_id=args.process_id, initialization_timeout=300)
-        else:
-            jax.distributed.initialize()  # coordinator, process count and id from the cluster environment
+        initialize(coordinator, args.num_processes, args.process_id, from_environment=environment)
+
+
+def add_distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("many hosts (run the same command on every host)")
+    g.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() from the cluster environment")
+    g.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
+    g.add_argument("--num-processes", type=int, default=1)
+    g.add_argument("--process-id", type=int, default=0)
+
+
+def cmd_train(args) -> None:
+    _start_distributed(args)
     from .training import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(args.config)
@@ -305,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-batch", type=int, default=8, help="with --input: sequences decoded together")
     gen.add_argument("--max-len", type=int, default=None, help="with --input: prompt + output tokens per "
                      "request (default: the model's context, at most 4096)")
+    add_distributed_args(gen)
     gen.set_defaults(func=cmd_generate)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)", parents=[common])
     _add_generation_args(srv)
@@ -317,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-chunk", type=int, default=512,
                      help="prompt tokens prefilled between two decode chunks (default 512)")
     srv.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    add_distributed_args(srv)
     srv.set_defaults(func=cmd_serve)
     chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin)", parents=[common])
     _add_generation_args(chat)
@@ -327,11 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="the run's YAML file (see examples/train_tiny.yaml)")
     tr.add_argument("--steps", type=int, help="override the number of steps")
     tr.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
-    tr.add_argument("--distributed", action="store_true",
-                    help="jax.distributed.initialize() from the cluster environment")
-    tr.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
-    tr.add_argument("--num-processes", type=int, default=1)
-    tr.add_argument("--process-id", type=int, default=0)
+    add_distributed_args(tr)
     tr.set_defaults(func=cmd_train)
     pl = sub.add_parser("plan", help="compile prefill/decode/train for a TPU slice: memory, fit, roofline",
                         parents=[common])

@@ -35,10 +35,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .arrays import to_host
 from .cache import AXES, VALID_AXES, KVCache
 from .generation import DecodeState, RowSampling, SamplingParams, bucket_length, generator_for, model_limit
+from .multihost import StepChannel
+from .sharding import named_sharding
 
 IDLE = 1 << 30  # the slot base of a row without a decoding request: its writes fall off the cache
+HEARTBEAT_S = 1.0  # an idle multi-host leader sends an empty step this often
 
 
 class EngineError(ValueError):
@@ -97,7 +101,8 @@ class Engine:
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 512,
-                 max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542)):
+                 max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542),
+                 step_timeout_s: float = 600.0):
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -121,6 +126,9 @@ class Engine:
         self.stats = collections.Counter()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._release_next: list[int] = []  # rows freed by the last step, released on the devices next
+        self.multihost = jax.process_count() > 1
+        self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
         graphdef = self.gen.graphdef
 
         def extend(state, layers, cache, tokens, positions, row, start, count, seq_len):
@@ -179,19 +187,35 @@ class Engine:
 
     # --- one scheduling step --------------------------------------------------------------------
     def step(self) -> bool:
-        """Admit, prefill up to ``prefill_chunk`` tokens, run one decode chunk; False when idle."""
-        self._drop_cancelled()
-        self._admit()
-        worked = self._prefill()
-        if any(r is not None and r.decoding for r in self.rows):
-            self._decode()
-            worked = True
-        return worked
+        """Admit, prefill up to ``prefill_chunk`` tokens, run one decode chunk; False when idle.
+
+        The step is decided on the host (:meth:`_plan`), sent to the other processes of a multi-host
+        job (which run :meth:`follow`), run on the devices by every process (:meth:`_execute`), and its
+        tokens handed to the requests (:meth:`_collect`)."""
+        plan = self._plan()
+        if self.multihost:
+            self.channel.send(plan)
+        out = self._execute(plan)
+        self._collect(plan, out)
+        return bool(plan["prefill"] or plan["decode"])
+
+    def follow(self) -> None:
+        """A multi-host follower: run the steps process 0 sends until it stops."""
+        while True:
+            plan = self.channel.receive()
+            if plan.get("stop"):
+                return
+            self._execute(plan)
 
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
         """Drive :meth:`step` on this thread until nothing is waiting or running."""
         while self.busy or any(not r.finished.is_set() for r in requests):
             self.step()
+
+    def close(self) -> None:
+        """Tell multi-host followers to return from :meth:`follow` (no-op on one process)."""
+        if self.multihost:
+            self.channel.send({"stop": True})
 
     def start(self) -> "Engine":
         """Run the scheduling loop on a background thread (it sleeps while idle)."""
@@ -218,17 +242,23 @@ class Engine:
         while True:
             with self.lock:
                 while not self.busy and not self._stopping:
-                    self.wake.wait()
+                    self.wake.wait(HEARTBEAT_S if self.multihost else None)
+                    if self.multihost and not self.busy and not self._stopping:
+                        break  # an empty step: followers learn that process 0 is alive
                 if self._stopping and not self.busy:
+                    self.close()
                     return
             try:
                 self.step()
             except Exception as e:  # never leave clients hanging: fail what is running, keep serving
+                if self.multihost:
+                    raise  # the processes may disagree now: stop (followers time out)
                 self.stats["errors"] += 1
                 for row in self.rows:
                     if row is not None:
                         self._finish(row.request, "error:" + type(e).__name__)
                 self.rows = [None] * self.max_batch
+                self._release_next = []
                 self.ds, self.base = self._empty_state()
 
     # --- internals ------------------------------------------------------------------------------
@@ -242,88 +272,109 @@ class Engine:
                         tuple(buf() for _ in range(cfg.num_hidden_layers)),
                         gen.put(np.zeros((b, t), bool), VALID_AXES))
         vec = lambda x: gen.put(x, ("batch",))  # noqa: E731
+        keys = lambda shape, axes: jax.jit(  # noqa: E731 - made on the devices (host keys cannot span processes)
+            lambda: jax.random.split(jax.random.key(0), shape) if shape else jax.random.key(0),
+            out_shardings=None if gen.mesh is None else named_sharding(axes, shape, gen.mesh))()
         rows = RowSampling(vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.ones(b, np.float32)),
-                           vec(np.ones(b, np.float32)), gen.put(jax.random.split(jax.random.key(0), b), ("batch",)))
+                           vec(np.ones(b, np.float32)), keys((b,), ("batch",)))
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
-                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), gen.put(jax.random.key(0), ()), rows)
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows)
         return ds, vec(np.full(b, IDLE, np.int32))
 
-    def _drop_cancelled(self) -> None:
+    def _plan(self) -> dict:
+        """This step's work, as plain data: rows to release, prompt chunks to prefill (oldest request
+        first, ``prefill_chunk`` tokens in all), rows that start decoding, and the decode chunk."""
+        release, self._release_next = self._release_next, []
         with self.lock:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 self._finish(r, "cancelled")
-        gone = [i for i, row in enumerate(self.rows) if row is not None and row.request.cancelled]
-        for i in gone:
-            self._finish(self.rows[i].request, "cancelled")
-        self._free(gone)
-
-    def _admit(self) -> None:
-        with self.lock:
+            for i, row in enumerate(self.rows):
+                if row is not None and row.request.cancelled:
+                    self._finish(row.request, "cancelled")
+                    self.rows[i] = None
+                    release.append(i)
             for i in range(self.max_batch):
                 if self.rows[i] is None and self.waiting:
                     self.rows[i] = _Row(self.waiting.popleft())
-
-    def _prefill(self) -> bool:
-        """Prefill chunks, oldest request first, up to ``prefill_chunk`` tokens in all."""
-        budget = self.prefill_chunk
-        worked = False
+        prefill, activate, budget = [], [], self.prefill_chunk
         pending = sorted((r.request.submitted, i) for i, r in enumerate(self.rows) if r is not None and not r.decoding)
         for _, i in pending:
             row = self.rows[i]
             prompt = row.request.prompt
-            logits = None
             while budget > 0 and row.prefilled < len(prompt):
                 left = len(prompt) - row.prefilled
                 size = min(self.prefill_chunk, bucket_length(min(left, budget)))
                 take = min(left, size, budget)
-                tokens = np.zeros(size, np.int32)
-                tokens[:take] = prompt[row.prefilled:row.prefilled + take]
-                positions = np.arange(row.prefilled, row.prefilled + size, dtype=np.int32)
-                logits, cache = self._extend(self.gen.state, self.gen.layers, self.ds.cache, tokens, positions,
-                                             np.int32(i), np.int32(row.prefilled), np.int32(take),
-                                             np.int32(len(prompt)))
-                self.ds = dataclasses.replace(self.ds, cache=cache)
+                prefill.append({"row": i, "tokens": prompt[row.prefilled:row.prefilled + take], "start": row.prefilled,
+                                "size": size, "seq_len": len(prompt)})
                 row.prefilled += take
                 budget -= take
-                worked = True
-                self.stats["prefill_tokens"] += take
-            if logits is not None and row.prefilled == len(prompt):
-                self._start_decoding(i, logits)
+            if row.prefilled == len(prompt):
+                s = row.request.sampling
+                activate.append({"row": i, "prompt": prompt, "seed": row.request.seed,
+                                 "sampling": [s.temperature, s.top_k, s.top_p, s.repetition_penalty],
+                                 "base": len(prompt) - (self.steps + 0)})
+                row.decoding = True
             if budget <= 0:
                 break
-        return worked
-
-    def _start_decoding(self, i: int, logits) -> None:
-        request = self.rows[i].request
-        seen = np.zeros(self.config.vocab_size, bool)
-        seen[request.prompt] = True
-        s = request.sampling
-        values = (np.float32(s.temperature), np.int32(s.top_k), np.float32(s.top_p), np.float32(s.repetition_penalty))
-        # the row's next slot is len(prompt): slot = base + (global step)
-        self.ds, self.base = self._activate(self.ds, self.base, np.int32(i), logits, np.int32(len(request.prompt)),
-                                            seen, *values, jax.random.key(request.seed),
-                                            np.int32(len(request.prompt) - self.steps))
-        self.rows[i].decoding = True
-
-    def _decode(self) -> None:
-        k = self.decode_chunk
+        decode = None
         active = [i for i, r in enumerate(self.rows) if r is not None and r.decoding]
-        # at most the steps the furthest request still needs, rounded up to a power of two (a handful
-        # of programs; tokens past a request's end are dropped)
-        need = max(self.rows[i].request.max_tokens - len(self.rows[i].request.tokens) for i in active)
-        steps = min(k, 1 << (max(need, 1) - 1).bit_length())
-        features = RowSampling.features([self.rows[i].request.sampling for i in active])
-        self.ds, tokens, emitted = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base, steps=steps,
-                                                  sampling=features, stop_ids=self.stop_ids)
-        self.steps += steps
-        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
-        self.stats["decode_steps"] += steps
-        finished = []
+        if active:
+            # at most the steps the furthest request still needs, rounded up to a power of two (a
+            # handful of programs; tokens past a request's end are dropped)
+            need = max(self.rows[i].request.max_tokens - len(self.rows[i].request.tokens) for i in active)
+            f = RowSampling.features([self.rows[i].request.sampling for i in active])
+            decode = {"rows": active, "steps": min(self.decode_chunk, 1 << (max(need, 1) - 1).bit_length()),
+                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty]}
+        return {"release": release, "prefill": prefill, "activate": activate, "decode": decode}
+
+    def _execute(self, plan: dict):
+        """Run a plan on the devices (every process of a job runs the same plans in the same order);
+        returns the decode chunk's ``(tokens, emitted)`` on the host, or None."""
+        if plan["release"]:
+            mask = np.zeros(self.max_batch, bool)
+            mask[plan["release"]] = True
+            self.ds, self.base = self._release(self.ds, self.base, mask)
+        last = {}
+        for op in plan["prefill"]:
+            tokens = np.zeros(op["size"], np.int32)
+            tokens[:len(op["tokens"])] = op["tokens"]
+            positions = np.arange(op["start"], op["start"] + op["size"], dtype=np.int32)
+            last[op["row"]], cache = self._extend(self.gen.state, self.gen.layers, self.ds.cache, tokens, positions,
+                                                  np.int32(op["row"]), np.int32(op["start"]),
+                                                  np.int32(len(op["tokens"])), np.int32(op["seq_len"]))
+            self.ds = dataclasses.replace(self.ds, cache=cache)
+            self.stats["prefill_tokens"] += len(op["tokens"])
+        for op in plan["activate"]:
+            seen = np.zeros(self.config.vocab_size, bool)
+            seen[op["prompt"]] = True
+            t, k, p, r = op["sampling"]
+            # the row's next slot is len(prompt): slot = base + (global step)
+            self.ds, self.base = self._activate(self.ds, self.base, np.int32(op["row"]), last[op["row"]],
+                                                np.int32(len(op["prompt"])), seen, np.float32(t), np.int32(k),
+                                                np.float32(p), np.float32(r), np.uint32(op["seed"]),
+                                                np.int32(op["base"]))
+        decode = plan["decode"]
+        if decode is None:
+            return None
+        features = SamplingParams(*decode["features"])
+        self.ds, tokens, emitted = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base,
+                                                  steps=decode["steps"], sampling=features, stop_ids=self.stop_ids)
+        self.steps += decode["steps"]
+        self.stats["decode_steps"] += decode["steps"]
+        return to_host(tokens), to_host(emitted)
+
+    def _collect(self, plan: dict, out) -> None:
+        """Hand the decode chunk's tokens to their requests; finished rows are free at once (their
+        device rows are released at the start of the next step)."""
+        if out is None:
+            return
+        tokens, emitted = out
         now = time.perf_counter()
-        for i in active:
+        for i in plan["decode"]["rows"]:
             request = self.rows[i].request
             new, reason = [], None
             for t, ok in zip(tokens[i], emitted[i]):
@@ -346,8 +397,8 @@ class Engine:
                     request.on_update(request, new)
             if reason is not None:
                 self._finish(request, reason)
-                finished.append(i)
-        self._free(finished)
+                self.rows[i] = None
+                self._release_next.append(i)
 
     def _finish(self, request: Request, reason: str) -> None:
         if request.finished.is_set():
@@ -358,19 +409,11 @@ class Engine:
         if request.on_update is not None:
             request.on_update(request, [])
 
-    def _free(self, rows: list[int]) -> None:
-        if not rows:
-            return
-        mask = np.zeros(self.max_batch, bool)
-        mask[rows] = True
-        self.ds, self.base = self._release(self.ds, self.base, mask)
-        for i in rows:
-            self.rows[i] = None
 
-
-def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, key, row_base):
+def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, seed, row_base):
     """Row ``row`` starts decoding: its first logits, position, tokens seen, sampling values and key."""
     r = ds.rows
+    key = jax.random.key(seed)
     set_ = lambda x, v: x.at[row].set(v)  # noqa: E731
     rows = RowSampling(set_(r.temperature, temperature), set_(r.top_k, top_k), set_(r.top_p, top_p),
                        set_(r.repetition_penalty, penalty), set_(r.key, key))

@@ -334,7 +334,11 @@ class Generator:
         made here and one a program returned hit the same compiled program)."""
         if self.mesh is None:
             return jax.device_put(x, jax.devices()[0])
-        return jax.device_put(x, named_sharding(axes, x.shape, self.mesh))
+        sharding = named_sharding(axes, x.shape, self.mesh)
+        if sharding.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)  # a mesh over many processes: each gives its own shards of the same value
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages, usage
 from .engine import Engine, EngineError, QueueFull
+from .multihost import finish
 
 Number = StrictFloat  # ints are accepted, strings and booleans are not
 
@@ -85,6 +86,8 @@ def create_app(engine: Engine, tok, model_name: str):
             yield
         finally:
             await asyncio.to_thread(engine.stop, True)  # drain: running requests finish
+            if engine.multihost:
+                finish()  # the followers were told to stop: leave the job with them
 
     app = FastAPI(title="internlm-jax", lifespan=lifespan)
 
@@ -280,10 +283,16 @@ def create_app(engine: Engine, tok, model_name: str):
 
 def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           max_len: int = 4096, max_queue: int = 256, prefill_chunk: int = 512, log_level: str = "info") -> None:
-    """Run the server until SIGINT/SIGTERM (then running requests finish, and it exits)."""
+    """Run the server until SIGINT/SIGTERM (then running requests finish, and it exits). In a multi-host
+    job every process calls this; process 0 serves HTTP, the others run the same engine steps."""
+    import jax
     import uvicorn
 
     engine = Engine(model, max_batch=max_batch, max_len=max_len, max_queue=max_queue, prefill_chunk=prefill_chunk,
                     stop_ids=tok.stop_ids)
+    if jax.process_index() != 0:  # many hosts: process 0 owns the port and decides; the others follow
+        engine.follow()
+        finish()
+        return
     app = create_app(engine, tok, model_name)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=600)

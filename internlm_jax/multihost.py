@@ -1,0 +1,75 @@
+"""Process 0 tells the other processes of a multi-host job what to run next.
+
+Serving and batch inference decide each engine step on process 0 (which owns the HTTP port and the
+output file); every process must then run the same compiled programs with the same inputs. A step
+is plain data (JSON), broadcast over the job's own collectives
+(``multihost_utils.broadcast_one_to_all``): first its length, then its bytes padded to a power of two
+(a few compiled shapes). A broadcast that does not complete within ``timeout_s`` (a process died or
+hangs) ends this process with an error instead of waiting forever; an idle process 0 sends empty
+steps every second, so a silent one is noticed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+import numpy as np
+
+
+def initialize(coordinator: str | None, num_processes: int, process_id: int, from_environment: bool = False):
+    """``jax.distributed.initialize`` for the CLI (gloo collectives on CPU; GPU/TPU unaffected)."""
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=300)
+    elif from_environment:
+        jax.distributed.initialize()
+
+
+def finish() -> None:
+    """Leave the job together: every process calls this once it is done (process 0 after telling the
+    others to stop), so none exits while another still talks to it."""
+    import jax
+
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
+class StepChannel:
+    """``send`` on process 0, ``receive`` everywhere else, in the same order."""
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.timeout_s = timeout_s
+
+    def _broadcast(self, array: np.ndarray, what: str) -> np.ndarray:
+        from jax.experimental import multihost_utils
+
+        def give_up():
+            print(f"internlm-jax: no {what} from the other processes in {self.timeout_s:.0f} s; "
+                  "a process died or hangs, exiting", file=sys.stderr, flush=True)
+            os._exit(3)
+
+        timer = threading.Timer(self.timeout_s, give_up)
+        timer.daemon = True
+        timer.start()
+        try:
+            return np.asarray(multihost_utils.broadcast_one_to_all(array))
+        finally:
+            timer.cancel()
+
+    def send(self, step: dict) -> None:
+        raw = json.dumps(step, separators=(",", ":")).encode()
+        self._broadcast(np.asarray([len(raw)], np.int32), "step length")
+        buf = np.zeros(max(1024, 1 << (len(raw) - 1).bit_length()), np.uint8)
+        buf[:len(raw)] = np.frombuffer(raw, np.uint8)
+        self._broadcast(buf, "step")
+
+    def receive(self) -> dict:
+        n = int(self._broadcast(np.zeros(1, np.int32), "step length")[0])
+        buf = self._broadcast(np.zeros(max(1024, 1 << (n - 1).bit_length()), np.uint8), "step")
+        return json.loads(buf[:n].tobytes())

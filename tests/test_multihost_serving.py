@@ -1,0 +1,95 @@
+"""Serving and batch inference over two local processes (jax.distributed over gloo): process 0 owns
+the HTTP port and the output file, process 1 runs the same engine steps; the mesh spans both."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from hf_fixtures import ROOT, user_env
+
+import internlm_jax as ij
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    base = tmp_path_factory.mktemp("mh")
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(texts, base / "tokenizer.model", vocab_size=400)
+    cfg = ij.InternLM2Config(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    ij.InternLM2(cfg, seed=1).save_pretrained(base / "m", extra_files=[tok.model_file])
+    return base / "m"
+
+
+def launch(args, port):
+    """The same command on both 'hosts' (4 simulated CPU devices each; mesh tensor=2 x fsdp=4)."""
+    env = user_env()
+    return [subprocess.Popen([sys.executable, "-m", "internlm_jax", *args, "--devices", "4", "--tensor", "2",
+                              "--fsdp", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i), "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def finish(procs, timeout=300):
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            p.kill()
+            outs.append(p.communicate()[0])
+    return outs
+
+
+def test_batch_command_on_two_processes_writes_each_line_once(folder, tmp_path):
+    model, tok = ij.InternLM2.from_pretrained(folder), ij.Tokenizer.from_pretrained(folder)
+    prompts = {f"q{i}": f"The {w} river" for i, w in enumerate(("long", "cold", "old", "wide", "deep", "slow"))}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": k, "prompt": p, "max_tokens": 7 + i}) + "\n"
+                           for i, (k, p) in enumerate(prompts.items())))
+    procs = launch(["generate", "--model", str(folder), "--input", str(src), "--output", str(out),
+                    "--max-batch", "4", "--max-len", "128"], free_port())
+    logs = finish(procs)
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["id"] for x in lines) == sorted(prompts)  # each once
+    for i, (k, p) in enumerate(prompts.items()):
+        line = next(x for x in lines if x["id"] == k)
+        assert line["text"] == ij.generate(model, tok, [p], max_new_tokens=7 + i)[0]
+
+
+def test_serve_on_two_processes_answers_like_one(folder):
+    model, tok = ij.InternLM2.from_pretrained(folder), ij.Tokenizer.from_pretrained(folder)
+    port = free_port()
+    procs = launch(["serve", "--model", str(folder), "--port", str(port), "--max-batch", "4", "--max-len", "128"],
+                   free_port())
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert all(p.poll() is None for p in procs), "\n".join(finish(procs, 5))
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.time() < deadline
+                time.sleep(0.5)
+        for prompt, n in (("The river", 12), ("A cold morning", 9)):
+            r = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": n,
+                                                          "temperature": 0}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == ij.generate(model, tok, [prompt], max_new_tokens=n)[0]
+    finally:
+        procs[0].terminate()  # SIGTERM to process 0: it drains, tells process 1 to stop, both exit
+        logs = finish(procs, 120)
+    assert procs[1].returncode == 0, logs[1][-3000:]
