@@ -1,6 +1,6 @@
 """Continuous batching through the server against static batches of ``generate``, on the same mix.
 
-    python bench/serve.py [--requests 64] [--max-batch 8] [--hidden 512 --layers 8] [--tokenizer PATH]
+    python bench/serve.py [--requests 64] [--max-batch 8] [--hidden 256 --layers 4] [--outputs loguniform]
 
 A random InternLM2-shaped model is written to a temporary HF folder; ``internlm-jax serve`` runs it in a
 subprocess and 64 requests (prompt and output lengths drawn with a fixed seed) are sent at once as
@@ -119,12 +119,12 @@ def main():
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-prompt", type=int, default=512)
-    ap.add_argument("--max-output", type=int, default=256)
+    ap.add_argument("--max-output", type=int, default=512)
     ap.add_argument("--outputs", choices=["uniform", "loguniform"], default="loguniform",
                     help="output length distribution between 16 and --max-output")
     ap.add_argument("--prefill-chunk", type=int, default=512)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=str(SHARED) if SHARED.is_file() else None)
     args = ap.parse_args()

@@ -30,3 +30,11 @@ def test_example_load_and_inspect():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "logits (1, 5, 92544) float32" in done.stdout
     assert "hidden state 2: mean norm" in done.stdout
+
+
+def test_example_serve_and_query():
+    done = _run(["examples/serve_and_query.py"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "models: ['tiny-chat']" in out and "'completion_tokens': 24" in out
+    assert "6 concurrent requests: " in out and "server stopped" in out
