@@ -21,9 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import internlm_jax as ij
+from internlm_jax.arrays import flat_params
 from internlm_jax.generation import SamplingParams, generator_for
 
 
@@ -115,8 +115,7 @@ def hf_llama(model):
                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=nh, num_key_value_heads=nkv,
                        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
                        rope_theta=cfg.rope_theta, tie_word_embeddings=False, attention_bias=False)
-    p = {".".join(map(str, k)): np.asarray(v.get_value(), np.float32)
-         for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    p = {k: np.asarray(v.get_value(), np.float32) for k, v in flat_params(model).items()}
     sd = {"model.embed_tokens.weight": p["tok_embeddings"], "model.norm.weight": p["norm.weight"],
           "lm_head.weight": p["output"].T}
     for i in range(cfg.num_hidden_layers):

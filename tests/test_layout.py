@@ -117,3 +117,14 @@ def test_readme_layout_names_every_module():
     missing = [p.name for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")
                and p.name not in layout]
     assert not missing, f"README layout does not mention {missing}"
+
+
+def test_notebooks_are_committed_without_outputs():
+    import json
+
+    notebooks = sorted((ROOT / "examples").glob("*.ipynb"))
+    assert notebooks, "examples/quickstart.ipynb is missing"
+    for nb in notebooks:
+        cells = json.loads(nb.read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code"]
+        assert code and all(not c.get("outputs") and c.get("execution_count") is None for c in code), nb.name

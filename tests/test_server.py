@@ -354,3 +354,30 @@ def test_offline_batch_command_is_resumable(tiny, tmp_path):
                             text=True, timeout=600)
     assert failed.returncode == 1 and "bad.jsonl:2" in failed.stderr and "already used" in failed.stderr
     assert not (tmp_path / "o2.jsonl").exists() or (tmp_path / "o2.jsonl").read_text() == ""
+
+
+def test_a_killed_batch_run_loses_no_finished_line_and_resumes(tiny, tmp_path):
+    server, model, tok = tiny
+    folder = Path(server.proc.args[server.proc.args.index("--model") + 1])
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = [f"k{i}" for i in range(24)]
+    src.write_text("".join(json.dumps({"id": k, "prompt": f"The river {i}", "max_tokens": 5 + 4 * (i % 6)}) + "\n"
+                           for i, k in enumerate(ids)))
+    cmd = [sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--input", str(src),
+           "--output", str(out), "--max-batch", "2", "--max-len", "128", "--quiet"]
+    run = subprocess.Popen(cmd, cwd=ROOT, env=user_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while (not out.exists() or out.read_text().count("\n") < 3) and time.time() < deadline and run.poll() is None:
+        time.sleep(0.05)
+    run.kill()  # SIGKILL: no cleanup runs
+    run.wait()
+    before = [json.loads(x) for x in out.read_text().splitlines()]  # every line complete, or this fails
+    assert 3 <= len(before) < len(ids)
+    done = subprocess.run(cmd, cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    after = [json.loads(x) for x in out.read_text().splitlines()]
+    assert after[:len(before)] == before  # finished lines kept as they were
+    assert sorted(x["id"] for x in after) == sorted(ids)  # each request exactly once
+    for i, k in enumerate(ids):
+        line = next(x for x in after if x["id"] == k)
+        assert line["text"] == greedy(model, tok, f"The river {i}", 5 + 4 * (i % 6))

@@ -1,6 +1,7 @@
 """Continued pretraining: parity with HF transformers, sharded steps, overfitting, exact resume, data."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -215,6 +216,33 @@ def test_config_errors():
     cfg = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b", "checkpoint": "x"}, "data": {"train": ["a"]}})
     with pytest.raises(ValueError, match="exactly one"):
         cfg.validate()
+
+
+def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, capsys):
+    import yaml
+
+    from internlm_jax.cli import main
+
+    example = TrainConfig.from_yaml(str(Path(__file__).parents[1] / "examples" / "train_tiny.yaml"))
+    assert example.optim.lr == 3e-3 and example.data.seq_len == 32  # every current key still works
+    cfg = TrainConfig.from_dict(yaml.safe_load("optim: {lr: 3e-4, weight_decay: 1e-1}\nsteps: 5\n"))
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 3e-4 and cfg.optim.weight_decay == 0.1
+    cases = {"steps: many": "steps: Input should be a valid integer",
+             "optim: {lr: fast}": "optim.lr: Input should be a valid number",
+             "optim: {lr: -1e-3}": "optim.lr: Input should be greater than 0",
+             "optim: {b2: 1.5}": "optim.b2: Input should be less than 1",
+             "data: {seq_len: 0}": "data.seq_len: Input should be greater than or equal to 1",
+             "model: {dtype: fp8}": "model.dtype: Input should be 'float32', 'bfloat16' or 'float16'",
+             "mesh: {tensor: 0}": "mesh.tensor",
+             "log: {every: [1]}": "log.every"}
+    for text, words in cases.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            TrainConfig.from_dict(yaml.safe_load(text))
+    bad = tmp_path / "run.yaml"
+    bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\noptim: {lr: fast}\n")
+    assert main(["train", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.lr" in err and "run.yaml" in err and "Traceback" not in err
 
 
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):

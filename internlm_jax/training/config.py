@@ -1,88 +1,114 @@
-"""The training run's configuration: a YAML file mapped onto dataclasses (unknown keys are errors)."""
+"""The training run's configuration: a YAML file checked against typed pydantic models.
+
+Every key has a type and, where it matters, a range; unknown keys are errors. Numbers written the way
+people write them (``lr: 3e-4``, which PyYAML reads as a string) are parsed as numbers; anything that
+is not a number there, or is out of range, is a one-line error naming the field path
+(``optim.lr: ...``). The CLI (``internlm-jax train --config``) and the Python API
+(:meth:`TrainConfig.from_dict`) share these models.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
-@dataclasses.dataclass
-class ModelSection:
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
     preset: str | None = None  # a released architecture, randomly initialised
     checkpoint: str | None = None  # an HF or Orbax folder to continue from
-    overrides: dict = dataclasses.field(default_factory=dict)  # config changes for a preset (e.g. layers)
-    dtype: str = "bfloat16"  # compute
-    param_dtype: str = "float32"  # master weights and optimizer state
-    remat: str = "none"  # none | full | dots | dots_no_batch
+    overrides: dict[str, Any] = Field(default_factory=dict)  # config changes for a preset (e.g. layers)
+    dtype: Dtype = "bfloat16"  # compute
+    param_dtype: Dtype = "float32"  # master weights and optimizer state
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
 
-@dataclasses.dataclass
-class DataSection:
-    train: list = dataclasses.field(default_factory=list)  # .txt (a document per line), .jsonl, .npy (token ids)
+class DataSection(Section):
+    train: list[str] = Field(default_factory=list)  # .txt (a document per line), .jsonl, .npy (token ids)
     eval: str | None = None
-    seq_len: int = 512
-    batch_size: int = 8  # global, in sequences
+    seq_len: int = Field(512, ge=1)
+    batch_size: int = Field(8, ge=1)  # global, in sequences
     segment_masking: bool = True  # attention and loss stay inside each packed document
     text_key: str = "text"
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def one_file_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v
 
-@dataclasses.dataclass
-class OptimSection:
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
     decay_embeddings_and_norms: bool = False
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    clip_norm: float = 1.0
-    grad_accum: int = 1
-    z_loss: float = 0.0
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    clip_norm: float = Field(1.0, ge=0)  # 0: no clipping
+    grad_accum: int = Field(1, ge=1)
+    z_loss: float = Field(0.0, ge=0)
 
 
-@dataclasses.dataclass
-class MeshSection:
-    data: int = 1
-    fsdp: int = -1
-    tensor: int = 1
-    sequence: int = 1
+class MeshSection(Section):
+    data: int = Field(1, ge=-1)
+    fsdp: int = Field(-1, ge=-1)
+    tensor: int = Field(1, ge=-1)
+    sequence: int = Field(1, ge=-1)
+
+    @field_validator("data", "fsdp", "tensor", "sequence")
+    @classmethod
+    def positive_or_rest(cls, v):
+        if v == 0:
+            raise ValueError("must be >= 1, or -1 for the remaining devices")
+        return v
 
 
-@dataclasses.dataclass
-class CheckpointSection:
+class CheckpointSection(Section):
     dir: str | None = None
-    every: int = 100
-    keep: int = 3
+    every: int = Field(100, ge=1)
+    keep: int = Field(3, ge=1)
     async_save: bool = True
 
 
-@dataclasses.dataclass
-class LogSection:
-    every: int = 1
+class LogSection(Section):
+    every: int = Field(1, ge=1)
     jsonl: str | None = None
     tensorboard: str | None = None
-    peak_tflops: float | None = None  # per device, for MFU; measured with a matmul when absent
+    peak_tflops: float | None = Field(None, gt=0)  # per device, for MFU; measured with a matmul when absent
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+class TrainConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: str | None = None  # a tokenizer.model (or folder), or "demo": see loop.load_tokenizer
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    log: LogSection = dataclasses.field(default_factory=LogSection)
-    steps: int = 1000
-    eval_every: int = 0
+    data: DataSection = Field(default_factory=DataSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    mesh: MeshSection = Field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    log: LogSection = Field(default_factory=LogSection)
+    steps: int = Field(1000, ge=1)
+    eval_every: int = Field(0, ge=0)
     seed: int = 0
     export_hf: str | None = None  # write the trained weights as an HF folder at the end
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TrainConfig":
-        return _build(cls, data or {}, where)
+        """Check ``data`` (the YAML's mapping); ValueError names the first wrong field, e.g.
+        ``run.yaml: optim.lr: Input should be a valid number (got 'fast')``."""
+        if not isinstance(data, dict) and data is not None:
+            raise ValueError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise ValueError(f"{where}: {describe(e)}") from None
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
@@ -126,17 +152,14 @@ class TrainConfig:
             raise ValueError("steps must be >= 1")
 
 
-def _build(cls, data, where):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(fields)})")
-        sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value, f"{where}: {key}")
-        else:
-            kwargs[key] = value
-    return cls(**kwargs)
+def describe(error: ValidationError) -> str:
+    """The first problem of a validation error as one line: ``field.path: message (got value)``."""
+    first = error.errors()[0]
+    path = ".".join(str(x) for x in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        *parent, key = first["loc"]
+        return (".".join(map(str, parent)) + ": " if parent else "") + f"unknown key {key!r}"
+    got = first.get("input")
+    shown = "" if first["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
+    more = f"; {error.error_count() - 1} more problem(s)" if error.error_count() > 1 else ""
+    return f"{path}: {first['msg']}{shown}{more}"

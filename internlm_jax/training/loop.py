@@ -157,7 +157,7 @@ def load_tokenizer(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the metric records of this process."""
     cfg.validate()
-    mesh = make_mesh(**vars(cfg.mesh))
+    mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
     d = cfg.data
     data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed)
