@@ -316,7 +316,7 @@ class Engine:
                 s = row.request.sampling
                 activate.append({"row": i, "prompt": prompt, "seed": row.request.seed,
                                  "sampling": [s.temperature, s.top_k, s.top_p, s.repetition_penalty],
-                                 "base": len(prompt) - (self.steps + 0)})
+                                 "base": len(prompt) - self.steps})
                 row.decoding = True
             if budget <= 0:
                 break

@@ -97,7 +97,8 @@ def test_one_device_long_prefill_equals_the_dense_result():
 def test_a_64k_prompt_on_one_cpu_device_runs_in_little_memory():
     """65,536 tokens through a one-device forward with no mesh: the compiled program's temporaries stay
     well under a GB (dense scores would need 4 heads x 64K x 64K x 4 bytes = 64 GiB per layer), and it runs."""
-    cfg = CFG.replace(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, max_position_embeddings=65536)
+    cfg = CFG.replace(num_attention_heads=2, num_key_value_heads=1, hidden_size=32, max_position_embeddings=65536,
+                      num_hidden_layers=1)  # one layer shows the memory; more only repeat it
     model = ij.InternLM2(cfg, seed=0)
     s = 65536
     ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (1, s)), jnp.int32)

@@ -94,10 +94,13 @@ def test_sharded_step_equals_single_device(tmp_path, axes):
 
 
 def _write_config(tmp_path, tokenizer, corpus, steps=40, every=10, extra=None):
+    overrides = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2}
+    if Path(tokenizer).name == "small_tokenizer.model":  # a model sized to that tokenizer's vocabulary
+        overrides["vocab_size"] = ij.Tokenizer(tokenizer).vocab_size
     cfg = {
         "model": {"preset": "internlm2_5-7b", "dtype": "float32", "param_dtype": "float32",
-                  "overrides": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "num_key_value_heads": 2}},
+                  "overrides": overrides},
         "tokenizer": str(tokenizer), "data": {"train": [str(corpus)], "seq_len": 16, "batch_size": 8},
         "optim": {"lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": every, "keep": 2},
@@ -115,7 +118,17 @@ def _write_config(tmp_path, tokenizer, corpus, steps=40, every=10, extra=None):
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "Sharded arrays live on a mesh of devices."]
 
 
-def test_training_reproduces_a_tiny_corpus(tmp_path, tokenizer_path):
+@pytest.fixture
+def small_tokenizer(tmp_path):
+    """A SentencePiece model with InternLM2's special tokens trained on the example corpus (offline,
+    ~400 pieces): the long training tests then run a model with a small output layer, and need no
+    ../shared."""
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines() + CORPUS
+    return ij.Tokenizer.train(texts, tmp_path / "small_tokenizer.model").model_file
+
+
+def test_training_reproduces_a_tiny_corpus(tmp_path, small_tokenizer):
+    tokenizer_path = small_tokenizer
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 8) + "\n")  # enough windows that every token is seen in context
     cfg = TrainConfig.from_yaml(_write_config(tmp_path, tokenizer_path, corpus, steps=120, every=1000, extra={
@@ -153,7 +166,8 @@ def _losses(path):
     return out
 
 
-def test_killed_run_resumes_exactly(tmp_path, tokenizer_path):
+def test_killed_run_resumes_exactly(tmp_path, small_tokenizer):
+    tokenizer_path = small_tokenizer
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 3) + "\n")
     env = user_env()
