@@ -37,6 +37,7 @@ class DataSection(Section):
     batch_size: int = Field(8, ge=1)  # global, in sequences
     segment_masking: bool = True  # attention and loss stay inside each packed document
     text_key: str = "text"
+    format: Literal["text", "chat"] = "text"  # chat: .jsonl {"messages": [...]}, loss on assistant replies only
 
     @field_validator("train", mode="before")
     @classmethod

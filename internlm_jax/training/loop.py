@@ -160,8 +160,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
     d = cfg.data
-    data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed)
-    eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key) if d.eval else None
+    data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed, fmt=d.format)
+    eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key, fmt=d.format) if d.eval else None
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
