@@ -121,18 +121,27 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
             while pending or running:
                 while pending:  # keep the engine's queue full, never over
                     item = pending[-1]
+                    text = TextStream(item["stop"])
+                    decoder = tok.stream_decoder(skip_special_tokens=False)
+
+                    def follow(request, new, text=text, decoder=decoder):  # incremental, as the server does
+                        for piece in map(decoder.push, new):
+                            text.push(piece)
+                        if request.finished.is_set():
+                            text.push(decoder.flush())
+
                     try:
-                        handle = engine.submit(item["ids"], **item["kw"])
+                        handle = engine.submit(item["ids"], on_update=follow, **item["kw"])
                     except QueueFull:
                         break
-                    running[handle] = item
+                    running[handle] = (item, text)
                     pending.pop()
                 engine.step()
-                for handle in [h for h in running if h.finished.is_set() or _hit_stop(h, running[h], tok)]:
-                    item = running.pop(handle)
+                for handle in [h for h, (_, text) in running.items() if h.finished.is_set() or text.stopped]:
+                    item, text = running.pop(handle)
                     if not handle.finished.is_set():
                         handle.cancel()
-                    os.write(fd, (json.dumps(_result(handle, item, tok), ensure_ascii=False) + "\n").encode())
+                    os.write(fd, (json.dumps(_result(handle, item, text), ensure_ascii=False) + "\n").encode())
                     tokens += len(handle.tokens)
                     bar.update(1)
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.1f} tok/s")
@@ -146,18 +155,8 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
             "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0}
 
 
-def _text(handle, item, tok) -> tuple[str, bool]:
-    stream = TextStream(item["stop"])
-    stream.push(tok.decode(handle.tokens))
-    return stream.text, stream.stopped
-
-
-def _hit_stop(handle, item, tok) -> bool:
-    return bool(item["stop"]) and _text(handle, item, tok)[1]
-
-
-def _result(handle, item, tok) -> dict:
-    text, stopped = _text(handle, item, tok)
+def _result(handle, item, stream: TextStream) -> dict:
+    text, stopped = stream.text, stream.stopped
     reason = "stop" if stopped else handle.finish_reason
     out = {"id": item["id"], "text": text, "prompt_tokens": len(item["ids"]),
            "completion_tokens": len(handle.tokens), "finish_reason": reason}
