@@ -406,6 +406,7 @@ class Engine:
         request.finish_reason = reason
         request.finished.set()
         self.stats["finished"] += 1
+        self.stats["finished_" + reason.split(":")[0]] += 1  # finished_stop, _length, _cancelled, _error
         if request.on_update is not None:
             request.on_update(request, [])
 

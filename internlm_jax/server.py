@@ -110,7 +110,8 @@ def create_app(engine: Engine, tok, model_name: str):
     @app.get("/health")
     async def health():
         running = sum(r is not None for r in engine.rows)
-        return {"status": "ok", "running": running, "waiting": len(engine.waiting), "max_batch": engine.max_batch}
+        return {"status": "ok", "running": running, "waiting": len(engine.waiting), "max_batch": engine.max_batch,
+                "counts": dict(engine.stats)}  # requests finished (by reason), tokens, steps since start
 
     @app.get("/v1/models")
     async def models():

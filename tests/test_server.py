@@ -6,6 +6,7 @@ nothing here needs ../shared; the reference for every greedy text is ``ij.genera
 on the same folder. Tool calls use a model whose greedy output is a known tool call."""
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,18 +208,30 @@ def test_a_full_queue_answers_429(tiny):
     assert r.status_code == 200
 
 
-def test_a_client_that_disconnects_frees_its_slot(tiny):
+def test_a_client_that_disconnects_frees_its_slot(tmp_path, tiny):
+    """A long stream (30000 tokens: many seconds of work even for the tiny model) read for three
+    events, then dropped: the engine cancels it, frees the row, and never finishes it by length."""
     server, _, _ = tiny
-    body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 240, "temperature": 0, "stream": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        got = [next(lines) for _ in range(3)]
-        assert any(line.startswith("data: ") for line in got)
-        assert httpx.get(server.url + "/health").json()["running"] == 1
-    deadline = time.time() + 30
-    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
-        time.sleep(0.1)
-    assert httpx.get(server.url + "/health").json()["running"] == 0
+    folder = tmp_path / "tiny-chat"
+    shutil.copytree(server.proc.args[server.proc.args.index("--model") + 1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
+    long = Server(folder, "--max-batch", "1", "--max-len", "32768")
+    try:
+        body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 30000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", long.url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(3)]
+            assert any(line.startswith("data: ") for line in got)
+        deadline = time.time() + 60
+        while httpx.get(long.url + "/health").json()["running"] and time.time() < deadline:
+            time.sleep(0.1)
+        health = httpx.get(long.url + "/health").json()
+        assert health["running"] == 0
+        assert health["counts"].get("finished_cancelled") == 1 and "finished_length" not in health["counts"]
+        assert health["counts"]["generated_tokens"] < 30000
+    finally:
+        long.stop()
 
 
 def test_sigterm_lets_running_requests_finish_then_exits(tmp_path, tiny):
