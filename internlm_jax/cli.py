@@ -234,6 +234,19 @@ def cmd_train(args) -> None:
     train(cfg)
 
 
+def cmd_data_tokenize(args) -> None:
+    from .training.tokenize import tokenize_corpus
+
+    t = time.perf_counter()
+    index = tokenize_corpus(args.tokenizer, args.input, args.output, fmt=args.format, text_key=args.text_key,
+                            workers=args.workers, chunk_bytes=int(args.chunk_mb * (1 << 20)),
+                            overwrite=args.overwrite, progress=None if not args.quiet else False)
+    if not args.quiet:
+        seconds = time.perf_counter() - t
+        print(f"wrote {args.output}: {index['tokens']:,} tokens, {index['documents']:,} documents in "
+              f"{len(index['shards'])} shard(s), {seconds:.1f}s ({index['tokens'] / seconds:,.0f} tokens/s)")
+
+
 def cmd_presets(args) -> None:
     from .config import InternLM2Config
 
@@ -353,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
     add_distributed_args(tr)
     tr.set_defaults(func=cmd_train)
+    data = sub.add_parser("data", help="prepare training data")
+    dsub = data.add_subparsers(dest="direction", required=True)
+    tk = dsub.add_parser("tokenize", parents=[common],
+                         help="text / chat JSONL of any size -> sharded token files for `train` (resumable)")
+    tk.add_argument("--tokenizer", required=True, help="a tokenizer.model, or a checkpoint folder holding one")
+    tk.add_argument("--input", required=True, nargs="+", help="files or quoted glob patterns ('corpus/*.jsonl')")
+    tk.add_argument("--output", required=True, help="the folder to write (set data.train to it)")
+    tk.add_argument("--format", default="text", choices=["text", "chat"],
+                    help="text: .txt lines or .jsonl text_key; chat: .jsonl messages for SFT (default text)")
+    tk.add_argument("--text-key", default="text", help="the .jsonl field holding the text (default text)")
+    tk.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1)")
+    tk.add_argument("--chunk-mb", type=float, default=32, help="MB of input per shard (default 32)")
+    tk.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    tk.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    tk.set_defaults(func=cmd_data_tokenize)
     pl = sub.add_parser("plan", help="compile prefill/decode/train for a TPU slice: memory, fit, roofline",
                         parents=[common])
     pl.add_argument("--model", required=True, help="a preset (see `presets`) or a checkpoint folder")

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -41,31 +40,43 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        replace_directory(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Write one file completely or not at all (a temporary sibling renamed over ``path``)."""
+def replace_directory(src: Path, dst: Path) -> None:
+    """Move the complete folder ``src`` to ``dst``; an old ``dst`` is removed only once ``src`` is there."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """``with atomic_file(path) as tmp:`` write ``tmp`` (any writer: ``np.save``, ``open``); on success it
+    becomes ``path``, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode() if isinstance(data, str) else data
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        try:
-            f.write(raw)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
-    return path
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write one file completely or not at all (a temporary sibling renamed over ``path``)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
 
 
 def progress_bar(total: int, desc: str, enabled: bool | None = None, *, unit: str = "B", postfix: str | None = None):

@@ -49,8 +49,10 @@ def spans(flags):
 def test_the_loss_mask_is_exactly_the_assistant_replies(data):
     _, tok, path = data
     ds = PackedDataset([str(path)], tok, seq_len=64, fmt="chat")
+    n = len(ds.stream)
+    docs = ds.stream.segments(0, n)
     for d, conv in enumerate(CONVERSATIONS):
-        tokens, trained = ds.tokens[ds.docs == d], ds.trained[ds.docs == d]
+        tokens, trained = ds.stream.tokens(0, n)[docs == d], ds.stream.trained(0, n)[docs == d]
         replies = [m for m in conv if m["role"] == "assistant"]
         got = [tok.decode(tokens[a:b].tolist()) for a, b in spans(trained)]
         want = [m["content"] + ("<|action_start|><|plugin|>\n" + json.dumps({"name": "weather", "parameters": {}})
@@ -62,7 +64,7 @@ def test_the_loss_mask_is_exactly_the_assistant_replies(data):
         prompt_text = tok.decode(tokens[trained == 0].tolist())
         assert all(m["content"] in prompt_text for m in conv if m["role"] != "assistant")
     b = ds.batch(0, 2)
-    np.testing.assert_array_equal(b.weight[0], ds.trained_targets(int(ds.order(0)[0])))
+    np.testing.assert_array_equal(b.weight[0], ds.trained_targets(ds.window_at(0)))
     assert 0 < b.weight.mean() < 1
 
 

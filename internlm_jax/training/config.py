@@ -31,13 +31,18 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    train: list[str] = Field(default_factory=list)  # .txt (a document per line), .jsonl, .npy (token ids)
+    # tokenized folders (`internlm-jax data tokenize`), .npy / .bin token files (memory-mapped),
+    # or small raw files: .txt (a document per line), .jsonl (text_key; chat: messages)
+    train: list[str] = Field(default_factory=list)
     eval: str | None = None
     seq_len: int = Field(512, ge=1)
     batch_size: int = Field(8, ge=1)  # global, in sequences
     segment_masking: bool = True  # attention and loss stay inside each packed document
     text_key: str = "text"
     format: Literal["text", "chat"] = "text"  # chat: .jsonl {"messages": [...]}, loss on assistant replies only
+    bin_dtype: Literal["uint16", "uint32", "int32"] | None = None  # the ids' type in .bin token files
+    loader_threads: int = Field(2, ge=1)  # background threads reading batches ahead of the step
+    prefetch: int = Field(4, ge=1)  # batches read ahead
 
     @field_validator("train", mode="before")
     @classmethod

@@ -1,28 +1,35 @@
-"""Tokenized, packed training sequences with a deterministic, resumable order.
+"""Packed training sequences with a deterministic, resumable order, read through a grain pipeline.
 
-Documents (a line of a .txt file, the ``text`` field of a .jsonl line, or a pre-tokenized .npy
-stream) are tokenized with BOS and closed with EOS, concatenated, and cut into windows of
-``seq_len + 1`` tokens. The window order is a seeded permutation per epoch, so batch ``t`` is a pure
-function of ``(seed, t)``: resuming at step ``t`` continues with exactly the data an uninterrupted
-run would have seen, and process ``p`` of ``P`` reads only rows ``p::P`` of every global batch.
+Sources (``data.train``): folders written by ``internlm-jax data tokenize`` and plain token files
+(``.npy``; ``.bin`` with ``data.bin_dtype``), both memory-mapped (see ``corpus.py``), and small raw
+text files (a document per .txt line, the ``text`` field of a .jsonl line), tokenized in memory with
+<s> ... </s> around each document. Documents are laid back to back and cut into windows of
+``seq_len + 1`` tokens with segment ids, so attention and loss can stay inside each document.
+
+Batch ``t`` is a pure function of ``(seed, t)``: resuming at step ``t`` continues with exactly the
+data an uninterrupted run would have seen, and process ``p`` of ``P`` reads only its rows of every
+global batch. The loader's iterator state is saved with the checkpoints.
 
 Chat data for SFT (``data.format: chat``): each .jsonl line ``{"messages": [...]}`` is one document,
 rendered with the InternLM2 chat template; the loss is taken only on what the model says, i.e. each
 assistant message after its generation prompt ``<|im_start|>assistant\n``: its content and the
 ``<|im_end|>`` that ends it (a model must learn to stop). Roles: system, user, assistant, and
 environment / tool (tool results).
-
-A small index-based loader is used rather than grain: everything it needs is a permutation of
-window indices, and that keeps resume and multi-host sharding exact and easy to test.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .corpus import EOS_ID, Piece, TokenStream, open_token_file, open_tokenized
+
+LARGE_TEXT_BYTES = 256 << 20
 
 
 @dataclass
@@ -37,6 +44,11 @@ class Batch:
     def __post_init__(self):
         if self.weight is None:
             self.weight = np.ones(self.inputs.shape, np.float32)
+
+
+def text_document(tokenizer, text: str) -> list[int]:
+    """A pretraining document's tokens: ``<s>`` text ``</s>``."""
+    return tokenizer.encode(text, add_bos=True) + [tokenizer.eos_id]
 
 
 def chat_document(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:
@@ -63,124 +75,147 @@ def chat_document(tokenizer, messages, where: str) -> tuple[list[int], list[int]
     return tokens, trained
 
 
-def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "text"):
-    """(tokens, document ids, trained or None) of one file; ``trained`` marks the tokens the loss
-    predicts (chat data), None for plain text where every token is trained."""
+def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "text") -> Piece:
+    """One raw text file (.txt, .jsonl; chat .jsonl), tokenized in memory: for small corpora (tokenize
+    a large one first with ``internlm-jax data tokenize``)."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"training data file {file} does not exist")
-    if fmt == "chat":
-        if tokenizer is None:
-            raise ValueError(f"{file}: chat data needs a tokenizer (set 'tokenizer' in the config)")
-        ids, docs, trained = [], [], []
-        with open(file, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    messages = json.loads(line)["messages"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{file}:{n}: not a JSON object with a 'messages' list") from None
-                t, m = chat_document(tokenizer, messages, f"{file}:{n}")
-                ids.append(np.asarray(t, np.int32))
-                docs.append(np.full(len(t), len(docs), np.int32))
-                trained.append(np.asarray(m, np.uint8))
-        if not ids:
-            raise ValueError(f"{file}: no conversations")
-        return np.concatenate(ids), np.concatenate(docs), np.concatenate(trained)
-    if file.suffix == ".npy":
-        tokens = np.load(file, mmap_mode="r").reshape(-1).astype(np.int32)
-        docs = np.cumsum(np.concatenate([[0], tokens[:-1] == 2])).astype(np.int32)  # EOS ends a document
-        return tokens, docs, None
     if tokenizer is None:
-        raise ValueError(f"{file}: text data needs a tokenizer (set 'tokenizer' in the config)")
-    texts = []
+        raise ValueError(f"{file}: {fmt} data needs a tokenizer (set 'tokenizer' in the config)")
+    if file.stat().st_size > LARGE_TEXT_BYTES:
+        print(f"{file}: {file.stat().st_size / 1e9:.1f} GB of text is tokenized in memory by every process at "
+              f"every start; `internlm-jax data tokenize` it once instead", file=sys.stderr)
+    docs, trained = [], []
     with open(file, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if file.suffix == ".jsonl":
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)[text_key])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{file}:{n}: not a JSON object with a {text_key!r} field") from None
-            elif line.strip():
-                texts.append(line.rstrip("\n"))
-    ids, docs = [], []
-    for d, text in enumerate(texts):
-        t = tokenizer.encode(text, add_bos=True) + [tokenizer.eos_id]
-        ids.append(np.asarray(t, np.int32))
-        docs.append(np.full(len(t), d, np.int32))
-    if not ids:
-        raise ValueError(f"{file}: no documents")
-    return np.concatenate(ids), np.concatenate(docs), None
+            if file.suffix != ".jsonl":
+                if line.strip():
+                    docs.append(text_document(tokenizer, line.rstrip("\r\n")))
+                continue
+            if not line.strip():
+                continue
+            key = "messages" if fmt == "chat" else text_key
+            try:
+                value = json.loads(line)[key]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                what = "a 'messages' list" if fmt == "chat" else f"a {key!r} field"
+                raise ValueError(f"{file}:{n}: not a JSON object with {what}") from None
+            if fmt == "chat":
+                t, m = chat_document(tokenizer, value, f"{file}:{n}")
+                docs.append(t)
+                trained.append(m)
+            else:
+                if not isinstance(value, str):
+                    raise ValueError(f"{file}:{n}: {key!r} is not a string")
+                docs.append(text_document(tokenizer, value))
+    if not docs:
+        raise ValueError(f"{file}: no {'conversations' if fmt == 'chat' else 'documents'}")
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), np.int32)
+    return Piece(tokens, starts, np.fromiter(itertools.chain.from_iterable(trained), np.uint8) if trained else None)
+
+
+def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
+                bin_dtype: str | None = None) -> list[Piece]:
+    """A ``data.train`` entry as pieces: a tokenized folder, a token file, or a raw text file."""
+    p = Path(path)
+    if p.is_dir():
+        pieces, index = open_tokenized(p)
+        if fmt == "chat" and index["kind"] != "chat":
+            raise ValueError(f"{p} was tokenized as text; for SFT run `internlm-jax data tokenize --format chat`")
+        if tokenizer is not None and index["vocab_size"] != tokenizer.vocab_size:
+            raise ValueError(f"{p} was tokenized with a {index['vocab_size']}-token vocabulary; the configured "
+                             f"tokenizer has {tokenizer.vocab_size}")
+        return pieces
+    if p.suffix in (".npy", ".bin"):
+        if not p.is_file():
+            raise FileNotFoundError(f"training data file {p} does not exist")
+        return [open_token_file(p, bin_dtype)]
+    return [read_documents(path, tokenizer, text_key, fmt)]
+
+
+def _collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batch:
+    toks, segs, weight = (np.stack(x) for x in zip(*rows))
+    return Batch(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=segs[:, :-1],
+                 loss_mask=(segs[:, 1:] == segs[:, :-1]).astype(np.float32), weight=weight)
 
 
 class PackedDataset:
-    """Windows of ``seq_len + 1`` tokens over the concatenated documents of ``files``."""
+    """Windows of ``seq_len + 1`` tokens over the documents of ``files``, back to back.
+
+    Global batch ``t`` holds windows ``order[t * B : (t + 1) * B]``, where ``order`` is grain's seeded
+    index shuffle, reshuffled each epoch (no permutation array is kept); process ``p`` of ``P`` reads
+    only its rows ``[p B / P, (p + 1) B / P)`` of each batch."""
 
     def __init__(self, files: list[str], tokenizer, seq_len: int, *, text_key: str = "text", seed: int = 0,
-                 fmt: str = "text"):
-        streams, doc_streams, trained, offset = [], [], [], 0
-        for path in files:
-            tokens, docs, mask = read_documents(path, tokenizer, text_key, fmt)
-            streams.append(tokens)
-            doc_streams.append(docs + offset)
-            trained.append(mask)
-            offset = int(doc_streams[-1][-1]) + 1
-        self.tokens = np.concatenate(streams)
-        self.docs = np.concatenate(doc_streams)
-        self.trained = None if all(m is None for m in trained) else np.concatenate(
-            [np.ones(len(t), np.uint8) if m is None else m for t, m in zip(streams, trained)])
+                 fmt: str = "text", bin_dtype: str | None = None):
+        import grain
+
+        pieces = [p for f in files for p in open_source(f, tokenizer, text_key, fmt, bin_dtype)]
+        self.stream = TokenStream(pieces, tokenizer.eos_id if tokenizer is not None else EOS_ID)
         self.seq_len, self.seed = seq_len, seed
-        self.num_windows = (len(self.tokens) - 1) // seq_len
+        self.num_windows = (len(self.stream) - 1) // seq_len
         if self.num_windows < 1:
-            raise ValueError(f"{len(self.tokens)} tokens are fewer than one sequence of {seq_len + 1}")
+            raise ValueError(f"{len(self.stream)} tokens are fewer than one sequence of {seq_len + 1}")
+        self.order = grain.MapDataset.range(self.num_windows).shuffle(seed=seed).repeat()
 
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window ``i``'s tokens and document ids (``seq_len + 1`` of each)."""
         a = i * self.seq_len
-        return self.tokens[a:a + self.seq_len + 1], self.docs[a:a + self.seq_len + 1]
+        return self.stream.tokens(a, a + self.seq_len + 1), self.stream.segments(a, a + self.seq_len + 1)
 
     def trained_targets(self, i: int) -> np.ndarray:
         """float32 ``[seq_len]``: 1 where window ``i``'s target token is trained."""
-        if self.trained is None:
-            return np.ones(self.seq_len, np.float32)
         a = i * self.seq_len
-        return self.trained[a + 1:a + self.seq_len + 1].astype(np.float32)
+        return self.stream.trained(a + 1, a + self.seq_len + 1)
 
-    def order(self, epoch: int) -> np.ndarray:
-        if getattr(self, "_order_epoch", None) != epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._order_epoch = epoch
-        return self._order
+    def window_at(self, flat: int) -> int:
+        """The window at position ``flat`` of the training order (epoch ``flat // num_windows``)."""
+        return int(self.order[flat])
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (*self.window(i), self.trained_targets(i))
+
+    @staticmethod
+    def rows(batch_size: int, process: int, num_processes: int) -> range:
+        return range(process * batch_size // num_processes, (process + 1) * batch_size // num_processes)
 
     def batch(self, step: int, batch_size: int, process: int = 0, num_processes: int = 1) -> Batch:
-        """Rows ``process::num_processes`` of global batch ``step``."""
-        rows = range(process * batch_size // num_processes, (process + 1) * batch_size // num_processes)
-        toks, segs, weight = [], [], []
-        for r in rows:
-            flat = step * batch_size + r
-            epoch, k = divmod(flat, self.num_windows)
-            i = int(self.order(epoch)[k])
-            t, d = self.window(i)
-            toks.append(t)
-            segs.append(d)
-            weight.append(self.trained_targets(i))
-        toks, segs = np.stack(toks), np.stack(segs)
-        segs = segs - segs[:, :1]
-        return Batch(inputs=toks[:, :-1], targets=toks[:, 1:], segment_ids=segs[:, :-1],
-                     loss_mask=(segs[:, 1:] == segs[:, :-1]).astype(np.float32), weight=np.stack(weight))
+        """Rows ``rows(batch_size, process, num_processes)`` of global batch ``step``."""
+        return _collate([self.example(self.window_at(step * batch_size + r))
+                         for r in self.rows(batch_size, process, num_processes)])
+
+    def loader(self, batch_size: int, steps: int, process: int = 0, num_processes: int = 1, *,
+               threads: int = 2, prefetch: int = 4):
+        """A grain pipeline of this process's batches for steps ``0 .. steps - 1`` (element ``t`` equals
+        ``batch(t, ...)``), read ahead by ``threads`` background threads. Its iterator's state
+        (``get_state`` / ``set_state``, saved in the training checkpoints) is the next step."""
+        import grain
+
+        source = _ProcessRows(self, batch_size, self.rows(batch_size, process, num_processes), steps)
+        batches = grain.MapDataset.source(source).batch(len(source.rows), batch_fn=_collate)
+        return batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
 
     def eval_batches(self, batch_size: int):
         """Every window once, in order (for perplexity); the last batch is padded with weight-0 rows."""
         for start in range(0, self.num_windows, batch_size):
             idx = list(range(start, min(start + batch_size, self.num_windows)))
             real = len(idx)
-            idx += [idx[0]] * (batch_size - real)
-            t, d = zip(*(self.window(i) for i in idx))
-            toks, segs = np.stack(t), np.stack(d)
-            segs = segs - segs[:, :1]
-            weight = np.stack([self.trained_targets(i) for i in idx])
-            weight[real:] = 0
-            yield Batch(toks[:, :-1], toks[:, 1:], segs[:, :-1], (segs[:, 1:] == segs[:, :-1]).astype(np.float32),
-                        weight)
+            batch = _collate([self.example(i) for i in idx + [idx[0]] * (batch_size - real)])
+            batch.weight[real:] = 0
+            yield batch
+
+
+class _ProcessRows:
+    """grain source: element ``t * R + k`` is row ``rows[k]`` of global batch ``t`` (R = len(rows))."""
+
+    def __init__(self, data: PackedDataset, batch_size: int, rows: range, steps: int):
+        self.data, self.batch_size, self.rows, self.steps = data, batch_size, rows, steps
+
+    def __len__(self) -> int:
+        return self.steps * len(self.rows)
+
+    def __getitem__(self, j: int):
+        step, k = divmod(j, len(self.rows))
+        return self.data.example(self.data.window_at(step * self.batch_size + self.rows[k]))

@@ -110,15 +110,19 @@ def _checkpoint_manager(cfg: TrainConfig):
     return ocp.CheckpointManager(Path(cfg.checkpoint.dir).absolute(), options=options)
 
 
-def _save(mgr, step: int, params, opt_state, force: bool = False):
+def _save(mgr, step: int, params, opt_state, loader, force: bool = False):
+    import grain
     import orbax.checkpoint as ocp
 
     leaves = {f"{i:05d}": x for i, x in enumerate(jax.tree.leaves(opt_state))}
     mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params.to_pure_dict()),
-                                           opt_state=ocp.args.StandardSave(leaves)), force=force)
+                                           opt_state=ocp.args.StandardSave(leaves),
+                                           data=grain.checkpoint.CheckpointSave(loader)), force=force)
 
 
-def _restore(mgr, step: int, params, opt_state):
+def _restore(mgr, step: int, params, opt_state, loader):
+    """Parameters, optimizer state and, in place, the data loader's position."""
+    import grain
     import orbax.checkpoint as ocp
 
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
@@ -129,6 +133,15 @@ def _restore(mgr, step: int, params, opt_state):
     restored = mgr.restore(step, args=target)
     nnx.replace_by_pure_dict(params, restored["params"])
     opt_state = jax.tree.unflatten(treedef, [restored["opt_state"][f"{i:05d}"] for i in range(len(leaves))])
+    try:
+        mgr.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(loader)))
+    except (ValueError, KeyError, FileNotFoundError) as e:  # an older checkpoint, or another process count
+        loader.set_state({"next_index": step})  # batch t is a pure function of t: the same position
+        print(f"data loader state not in the checkpoint ({str(e).splitlines()[0]}); continuing at step {step}",
+              file=sys.stderr)
+    if loader.get_state().get("next_index") != step:
+        raise ValueError(f"{mgr.directory}: checkpoint {step} holds the data loader at batch "
+                         f"{loader.get_state().get('next_index')}, not {step}")
     return params, opt_state
 
 
@@ -160,8 +173,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
     d = cfg.data
-    data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed, fmt=d.format)
-    eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key, fmt=d.format) if d.eval else None
+    data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed, fmt=d.format,
+                         bin_dtype=d.bin_dtype)
+    eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key, fmt=d.format,
+                              bin_dtype=d.bin_dtype) if d.eval else None
+    proc, nproc = jax.process_index(), jax.process_count()
+    loader = iter(data.loader(d.batch_size, cfg.steps, proc, nproc, threads=d.loader_threads, prefetch=d.prefetch))
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
@@ -175,18 +192,17 @@ def train(cfg: TrainConfig) -> list[dict]:
     start = 0
     if mgr is not None and mgr.latest_step() is not None:
         start = mgr.latest_step()
-        params, opt_state = _restore(mgr, start, params, opt_state)
+        params, opt_state = _restore(mgr, start, params, opt_state, loader)
         print(f"resumed from {cfg.checkpoint.dir} at step {start}", flush=True)
     metrics = Metrics(cfg)
     n_params = model.num_parameters()
     c = model.config
     flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * d.seq_len
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
-    proc, nproc = jax.process_index(), jax.process_count()
     history = []
     t_last = time.perf_counter()
     for step in range(start, cfg.steps):
-        batch = _global_batch(data.batch(step, d.batch_size, proc, nproc), mesh, d.batch_size)
+        batch = _global_batch(next(loader), mesh, d.batch_size)
         params, opt_state, m = step_fn(params, opt_state, batch, step)
         done = step + 1
         if done % cfg.log.every == 0 or done == cfg.steps:
@@ -205,7 +221,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             metrics.write(record)
             history.append(record)
         if mgr is not None:
-            _save(mgr, done, params, opt_state, force=done == cfg.steps)
+            _save(mgr, done, params, opt_state, loader, force=done == cfg.steps)
     if mgr is not None:
         mgr.wait_until_finished()
         mgr.close()

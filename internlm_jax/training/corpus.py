@@ -1,0 +1,163 @@
+"""Token corpora on disk, read without loading them: the folders ``internlm-jax data tokenize`` writes,
+and plain token files (``.npy``, or ``.bin`` of a stated dtype).
+
+A tokenized folder holds shards of NumPy arrays and an ``index.json`` that lists them::
+
+    shard-00000.tokens.npy    uint16 or uint32: the shard's documents back to back, each <s> ... </s>
+    shard-00000.starts.npy    int64: where each document starts in the shard
+    shard-00000.trained.npy   uint8, chat data only: 1 on the tokens the loss predicts
+    shard-00000.json          the shard's counts, written last: the shard is complete
+
+Memory-mapped arrays, not ArrayRecord: a training window is a contiguous slice of the token stream,
+found by arithmetic and read through the OS page cache with no decoding or copy of the rest; ArrayRecord
+serves whole records (documents), and cutting documents into fixed windows would need a packing pass
+with state of its own. Host memory is what a window touches, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_file, atomic_write
+
+FORMAT = "internlm-jax tokens"
+VERSION = 1
+INDEX = "index.json"
+EOS_ID = 2  # </s> ends a document in a plain token file
+BIN_DTYPES = ("uint16", "uint32", "int32")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned type that holds every id."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+def shard_files(folder: Path, name: str) -> dict[str, Path]:
+    return {part: folder / f"{name}.{part}.npy" for part in ("tokens", "starts", "trained")} | {
+        "meta": folder / f"{name}.json"}
+
+
+def write_shard(folder: Path, name: str, tokens: np.ndarray, starts: np.ndarray,
+                trained: np.ndarray | None = None) -> dict:
+    """Write one shard, each file atomically and the counts last (their presence = complete)."""
+    files = shard_files(folder, name)
+    arrays = {"tokens": tokens, "starts": starts.astype(np.int64)}
+    if trained is not None:
+        arrays["trained"] = trained.astype(np.uint8)
+    for part, array in arrays.items():
+        with atomic_file(files[part]) as tmp:
+            np.save(tmp, array)
+    meta = {"name": name, "tokens": int(len(tokens)), "documents": int(len(starts))}
+    atomic_write(files["meta"], json.dumps(meta))
+    return meta
+
+
+def read_shard_meta(folder: Path, name: str) -> dict | None:
+    """A shard's counts if it is complete, else None."""
+    try:
+        return json.loads(shard_files(folder, name)["meta"].read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+@dataclass
+class Piece:
+    """A contiguous run of whole documents: ``starts`` marks where each begins (None: a ``</s>`` ends
+    one), ``trained`` which tokens the loss predicts (None: all)."""
+
+    tokens: np.ndarray
+    starts: np.ndarray | None = None
+    trained: np.ndarray | None = None
+
+
+def open_tokenized(folder: str | Path) -> tuple[list[Piece], dict]:
+    """The shards of a tokenized folder, memory-mapped (only their headers are read now)."""
+    folder = Path(folder)
+    index_file = folder / INDEX
+    if not index_file.is_file():
+        hint = " (an unfinished `internlm-jax data tokenize`? run it again to finish)" if any(
+            folder.parent.glob(f".{folder.name}.partial")) else ""
+        raise FileNotFoundError(f"{folder} has no {INDEX}: not a tokenized corpus{hint}")
+    index = json.loads(index_file.read_text())
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"{index_file}: not a version-{VERSION} '{FORMAT}' index")
+    pieces = []
+    for shard in index["shards"]:
+        if not shard["tokens"]:
+            continue
+        files = shard_files(folder, shard["name"])
+        try:
+            tokens = np.load(files["tokens"], mmap_mode="r")
+            starts = np.load(files["starts"], mmap_mode="r")
+            trained = np.load(files["trained"], mmap_mode="r") if index["kind"] == "chat" else None
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{folder}: shard {shard['name']} is missing or damaged ({e})") from None
+        if len(tokens) != shard["tokens"] or len(starts) != shard["documents"]:
+            raise ValueError(f"{files['tokens']}: {len(tokens)} tokens / {len(starts)} documents, the index says "
+                             f"{shard['tokens']} / {shard['documents']}")
+        pieces.append(Piece(tokens, starts, trained))
+    return pieces, index
+
+
+def open_token_file(path: str | Path, bin_dtype: str | None = None) -> Piece:
+    """A flat file of token ids, memory-mapped; a ``</s>`` (id 2) ends each document."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+        if tokens.dtype.kind not in "iu":
+            raise ValueError(f"{path}: token ids must be integers, got {tokens.dtype}")
+        return Piece(tokens.reshape(-1))
+    if bin_dtype not in BIN_DTYPES:
+        raise ValueError(f"{path}: a .bin token file needs data.bin_dtype, one of {', '.join(BIN_DTYPES)}")
+    if path.stat().st_size % np.dtype(bin_dtype).itemsize:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is not a whole number of {bin_dtype} ids")
+    return Piece(np.memmap(path, dtype=bin_dtype, mode="r"))
+
+
+class TokenStream:
+    """Pieces back to back, read by range: ``tokens(a, b)``, their document ids, their trained mask.
+    A piece always starts a new document."""
+
+    def __init__(self, pieces: list[Piece], eos_id: int = EOS_ID):
+        self.pieces = [p for p in pieces if len(p.tokens)]
+        self.eos_id = eos_id
+        self.bounds = np.cumsum([0] + [len(p.tokens) for p in self.pieces])
+        self.has_trained = any(p.trained is not None for p in self.pieces)
+
+    def __len__(self) -> int:
+        return int(self.bounds[-1])
+
+    def _parts(self, a: int, b: int):
+        k = int(np.searchsorted(self.bounds, a, side="right")) - 1
+        while a < b:
+            lo, hi = a - int(self.bounds[k]), min(b, int(self.bounds[k + 1])) - int(self.bounds[k])
+            yield self.pieces[k], lo, hi
+            a += hi - lo
+            k += 1
+
+    def tokens(self, a: int, b: int) -> np.ndarray:
+        return np.concatenate([p.tokens[lo:hi] for p, lo, hi in self._parts(a, b)]).astype(np.int32)
+
+    def segments(self, a: int, b: int) -> np.ndarray:
+        """int32 document ids of positions ``a..b-1``, counted from 0 at ``a``."""
+        out, first = [], 0
+        for p, lo, hi in self._parts(a, b):
+            new = np.zeros(hi - lo, np.int32)  # 1 where a document starts (after position lo)
+            if p.starts is not None:
+                inner = p.starts[np.searchsorted(p.starts, lo, side="right"):np.searchsorted(p.starts, hi)]
+                new[np.asarray(inner) - lo] = 1
+            else:
+                new[1:] = p.tokens[lo:hi - 1] == self.eos_id
+            ids = np.cumsum(new, dtype=np.int32) + first
+            out.append(ids)
+            first = int(ids[-1]) + 1
+        return np.concatenate(out)
+
+    def trained(self, a: int, b: int) -> np.ndarray:
+        """float32 1 where the token is trained (everything but chat prompts)."""
+        return np.concatenate([np.ones(hi - lo, np.float32) if p.trained is None else
+                               np.asarray(p.trained[lo:hi], np.float32) for p, lo, hi in self._parts(a, b)])

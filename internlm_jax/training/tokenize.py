@@ -1,0 +1,180 @@
+"""``internlm-jax data tokenize``: text or chat JSONL files of any size -> a tokenized folder (corpus.py).
+
+Each input file is cut into byte ranges of about ``chunk_bytes`` at line starts. A range is one unit
+of work: a worker process reads just those lines, tokenizes them and writes one shard, so memory is a
+range per worker whatever the corpus size, and the shards (hence the token stream) come out in input
+order whatever the number of workers.
+
+The work happens in ``.OUT.partial`` beside the output: its ``plan.json`` fixes the inputs (with sizes
+and modification times), the tokenizer and the ranges, and each finished shard stays there. Running the
+same command again after an interruption skips the finished shards; a changed input starts over. When
+every shard is done, ``index.json`` is written and the folder is renamed to ``OUT``: a folder by that
+name is always complete.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import shutil
+import sys
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_write, check_destination, progress_bar, replace_directory
+from .corpus import FORMAT, INDEX, VERSION, read_shard_meta, token_dtype, write_shard
+from .data import chat_document, text_document
+
+SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}
+
+
+def expand_inputs(patterns: list[str], fmt: str) -> list[Path]:
+    """Glob patterns (or paths) -> the files, sorted, each once."""
+    files: list[Path] = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        found = [Path(f) for f in found if Path(f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--input {pattern!r} matches no file")
+        for f in found:
+            if f.suffix not in SUFFIXES[fmt]:
+                raise ValueError(f"{f}: {fmt} data is read from {' or '.join(SUFFIXES[fmt])} files")
+            if f.absolute() not in [g.absolute() for g in files]:
+                files.append(f)
+    return files
+
+
+def split_ranges(size: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """``[start, end)`` byte ranges covering a file; a line belongs to the range its first byte is in."""
+    return [(a, min(a + chunk_bytes, size)) for a in range(0, size, chunk_bytes)] or [(0, 0)]
+
+
+def _lines(path: Path, start: int, end: int):
+    """(byte offset, line bytes) of the lines that begin in ``[start, end)``."""
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the rest of a line that began before ``start`` (just b"\n" if one ended there)
+        pos = f.tell()
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            yield pos, line
+            pos += len(line)
+
+
+def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_key: str, folder: str,
+                   name: str) -> dict:
+    """One unit of work: tokenize the lines of ``path`` that begin in ``[start, end)`` into shard ``name``."""
+    path = Path(path)
+    docs, trained = [], []
+    for at, raw in _lines(path, start, end):
+        where = f"{path}: the line at byte {at}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{where} is not UTF-8 text") from None
+        if not line.strip():
+            continue
+        if path.suffix == ".txt":
+            docs.append(text_document(tokenizer, line.rstrip("\r\n")))
+            continue
+        key = "messages" if fmt == "chat" else text_key
+        try:
+            value = json.loads(line)[key]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{where} is not a JSON object with a {key!r} field") from None
+        if fmt == "chat":
+            tokens, mask = chat_document(tokenizer, value, where)
+            docs.append(tokens)
+            trained.append(mask)
+        elif isinstance(value, str):
+            docs.append(text_document(tokenizer, value))
+        else:
+            raise ValueError(f"{where}: {key!r} is not a string")
+    dtype = token_dtype(tokenizer.vocab_size)
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype, count=sum(map(len, docs)))
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]]) if docs else np.zeros(0, np.int64)
+    mask = np.fromiter(itertools.chain.from_iterable(trained), np.uint8, count=len(tokens)) if fmt == "chat" else None
+    return write_shard(Path(folder), name, tokens, starts, mask)
+
+
+def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str = "text", text_key: str = "text",
+                    workers: int = 1, chunk_bytes: int = 32 << 20, overwrite: bool = False,
+                    progress: bool | None = None) -> dict:
+    """Tokenize ``inputs`` (paths or glob patterns) into the folder ``output``; returns its index.
+
+    ``tokenizer``: a ``tokenizer.model`` or a folder holding one. ``fmt``: ``text`` (.txt: a document
+    per line; .jsonl: the ``text_key`` field) or ``chat`` (.jsonl ``{"messages": [...]}``, with the loss
+    mask of SFT). ``workers`` processes tokenize ranges of ``chunk_bytes`` in parallel."""
+    from ..tokenizer import Tokenizer
+
+    if fmt not in SUFFIXES:
+        raise ValueError(f"--format must be text or chat, got {fmt!r}")
+    if workers < 1 or chunk_bytes < 1:
+        raise ValueError("--workers and --chunk-mb must be positive")
+    tok = Tokenizer.from_pretrained(tokenizer)
+    files = expand_inputs(inputs, fmt)
+    out = Path(output).absolute()
+    if (out / INDEX).is_file() and not overwrite:
+        raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
+    check_destination(out, overwrite)
+    staging = out.parent / f".{out.name}.partial"
+    units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
+             for i, (f, (a, b)) in enumerate((f, r) for f in files for r in split_ranges(f.stat().st_size, chunk_bytes))]
+    plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
+            "tokenizer_sha256": hashlib.sha256(Path(tok.model_file).read_bytes()).hexdigest(),
+            "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                       for f in files], "units": units}
+    if staging.is_dir():
+        try:
+            same = json.loads((staging / "plan.json").read_text()) == plan
+        except (FileNotFoundError, json.JSONDecodeError):
+            same = False
+        if not same:
+            print(f"{staging}: an unfinished run with other inputs or options; starting over", file=sys.stderr)
+            shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    atomic_write(staging / "plan.json", json.dumps(plan, indent=1))
+
+    metas = {u["name"]: read_shard_meta(staging, u["name"]) for u in units}
+    todo = [u for u in units if metas[u["name"]] is None]
+    total = sum(u["end"] - u["start"] for u in units)
+    with progress_bar(total, f"tokenize {len(files)} file(s)", progress) as bar:
+        bar.update(total - sum(u["end"] - u["start"] for u in todo))
+        args = lambda u: (tok, u["file"], u["start"], u["end"], fmt, text_key, str(staging), u["name"])  # noqa: E731
+        if workers == 1 or len(todo) <= 1:
+            for u in todo:
+                metas[u["name"]] = tokenize_range(*args(u))
+                bar.update(u["end"] - u["start"])
+        else:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                running = {pool.submit(tokenize_range, *args(u)): u for u in todo}
+                try:
+                    while running:
+                        finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+                        for future in finished:
+                            u = running.pop(future)
+                            metas[u["name"]] = future.result()  # a worker's error is raised here
+                            bar.update(u["end"] - u["start"])
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    shards = [metas[u["name"]] for u in units]
+    index = {"format": FORMAT, "version": VERSION, "kind": fmt, "dtype": str(token_dtype(tok.vocab_size)),
+             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+             "tokenizer_sha256": plan["tokenizer_sha256"], "inputs": plan["inputs"],
+             "tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+             "shards": shards}
+    if not index["documents"]:
+        raise ValueError(f"no documents in {', '.join(map(str, files))}")
+    atomic_write(staging / INDEX, json.dumps(index, indent=1))
+    (staging / "plan.json").unlink()
+    replace_directory(staging, out)
+    return index
