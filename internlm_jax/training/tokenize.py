@@ -126,8 +126,9 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
     check_destination(out, overwrite)
     staging = out.parent / f".{out.name}.partial"
+    ranges = [(f, a, b) for f in files for a, b in split_ranges(f.stat().st_size, chunk_bytes)]
     units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
-             for i, (f, (a, b)) in enumerate((f, r) for f in files for r in split_ranges(f.stat().st_size, chunk_bytes))]
+             for i, (f, a, b) in enumerate(ranges)]
     plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
             "tokenizer_sha256": hashlib.sha256(Path(tok.model_file).read_bytes()).hexdigest(),
             "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
