@@ -56,6 +56,21 @@ def write_shard(folder: Path, name: str, tokens: np.ndarray, starts: np.ndarray,
     return meta
 
 
+def staging_folder(folder: Path) -> Path:
+    """Where ``data tokenize`` builds ``folder`` (renamed to it when complete)."""
+    return folder.parent / f".{folder.name}.partial"
+
+
+def check_exists(path: Path) -> None:
+    """A missing training input, named (with a hint when an unfinished tokenize run is building it)."""
+    if path.exists():
+        return
+    if staging_folder(path.absolute()).is_dir():
+        raise FileNotFoundError(f"{path} does not exist yet: an unfinished `internlm-jax data tokenize` is "
+                                f"building it in {staging_folder(path)}; run that command again to finish")
+    raise FileNotFoundError(f"training data file {path} does not exist")
+
+
 def read_shard_meta(folder: Path, name: str) -> dict | None:
     """A shard's counts if it is complete, else None."""
     try:
@@ -79,9 +94,7 @@ def open_tokenized(folder: str | Path) -> tuple[list[Piece], dict]:
     folder = Path(folder)
     index_file = folder / INDEX
     if not index_file.is_file():
-        hint = " (an unfinished `internlm-jax data tokenize`? run it again to finish)" if any(
-            folder.parent.glob(f".{folder.name}.partial")) else ""
-        raise FileNotFoundError(f"{folder} has no {INDEX}: not a tokenized corpus{hint}")
+        raise FileNotFoundError(f"{folder} has no {INDEX}: not a folder written by `internlm-jax data tokenize`")
     index = json.loads(index_file.read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
         raise ValueError(f"{index_file}: not a version-{VERSION} '{FORMAT}' index")

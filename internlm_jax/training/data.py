@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import EOS_ID, Piece, TokenStream, open_token_file, open_tokenized
+from .corpus import EOS_ID, Piece, TokenStream, check_exists, open_token_file, open_tokenized
 
 LARGE_TEXT_BYTES = 256 << 20
 
@@ -79,8 +79,7 @@ def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "tex
     """One raw text file (.txt, .jsonl; chat .jsonl), tokenized in memory: for small corpora (tokenize
     a large one first with ``internlm-jax data tokenize``)."""
     file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"training data file {file} does not exist")
+    check_exists(file)
     if tokenizer is None:
         raise ValueError(f"{file}: {fmt} data needs a tokenizer (set 'tokenizer' in the config)")
     if file.stat().st_size > LARGE_TEXT_BYTES:
@@ -120,6 +119,7 @@ def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
                 bin_dtype: str | None = None) -> list[Piece]:
     """A ``data.train`` entry as pieces: a tokenized folder, a token file, or a raw text file."""
     p = Path(path)
+    check_exists(p)
     if p.is_dir():
         pieces, index = open_tokenized(p)
         if fmt == "chat" and index["kind"] != "chat":
@@ -129,8 +129,6 @@ def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
                              f"tokenizer has {tokenizer.vocab_size}")
         return pieces
     if p.suffix in (".npy", ".bin"):
-        if not p.is_file():
-            raise FileNotFoundError(f"training data file {p} does not exist")
         return [open_token_file(p, bin_dtype)]
     return [read_documents(path, tokenizer, text_key, fmt)]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_write, check_destination, progress_bar, replace_directory
-from .corpus import FORMAT, INDEX, VERSION, read_shard_meta, token_dtype, write_shard
+from .corpus import FORMAT, INDEX, VERSION, read_shard_meta, staging_folder, token_dtype, write_shard
 from .data import chat_document, text_document
 
 SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}
@@ -125,7 +125,7 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
     if (out / INDEX).is_file() and not overwrite:
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
     check_destination(out, overwrite)
-    staging = out.parent / f".{out.name}.partial"
+    staging = staging_folder(out)
     ranges = [(f, a, b) for f in files for a, b in split_ranges(f.stat().st_size, chunk_bytes)]
     units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
              for i, (f, a, b) in enumerate(ranges)]

@@ -1,0 +1,225 @@
+"""Training data at scale: `internlm-jax data tokenize`, memory-mapped token files and the grain loader.
+
+The reference for every token is the tokenizer itself on each document (``<s>`` text ``</s>``); for
+document ids, the documents' own lengths; for the loader, ``PackedDataset.batch`` (a pure function of
+the step) and the rule that each process reads only its rows."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from hf_fixtures import ROOT
+
+import internlm_jax as ij
+from internlm_jax.cli import main
+from internlm_jax.training import tokenize
+from internlm_jax.training.data import PackedDataset
+from internlm_jax.training.tokenize import tokenize_corpus
+
+WORDS = "the river runs past a mesh of devices while sharded arrays sleep under quiet stars".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A tokenizer, and 600 documents of mixed lengths split over a .txt and a .jsonl file."""
+    base = tmp_path_factory.mktemp("corpus")
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(texts, base / "tokenizer.model", vocab_size=400)
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60))) + f" ünïcode {i}" for i in range(600)]
+    (base / "a.txt").write_text("\n".join(docs[:250]) + "\n\n")  # a blank line is no document
+    (base / "b.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[250:])))
+    return base, tok, docs
+
+
+def reference_tokens(tok, docs):
+    return [tok.encode(d, add_bos=True) + [tok.eos_id] for d in docs]
+
+
+def load(folder):
+    """(tokens, document ids) of a whole tokenized folder, through the training reader."""
+    ds = PackedDataset([str(folder)], None, 8)
+    n = len(ds.stream)
+    return ds.stream.tokens(0, n), ds.stream.segments(0, n)
+
+
+def test_tokenize_writes_exactly_the_documents_whatever_the_ranges_and_workers(corpus, tmp_path):
+    base, tok, docs = corpus
+    want = reference_tokens(tok, docs)
+    inputs = [str(base / "*.txt"), str(base / "b.jsonl")]
+    one = tokenize_corpus(str(base / "tokenizer.model"), inputs, tmp_path / "one", progress=False)
+    assert one["tokens"] == sum(map(len, want)) and one["documents"] == 600 and len(one["shards"]) == 2
+    tokens, segs = load(tmp_path / "one")
+    np.testing.assert_array_equal(tokens, np.concatenate(want))
+    np.testing.assert_array_equal(segs, np.repeat(np.arange(600), [len(w) for w in want]))
+    # byte ranges far smaller than a line (each line belongs to the range its first byte is in), and
+    # two worker processes: the same stream
+    many = tokenize_corpus(str(base), inputs, tmp_path / "many", chunk_bytes=97, workers=2, progress=False)
+    assert len(many["shards"]) > 100 and many["tokens"] == one["tokens"]
+    for got, ref in zip(load(tmp_path / "many"), (tokens, segs)):
+        np.testing.assert_array_equal(got, ref)
+    assert np.load(tmp_path / "one" / "shard-00000.tokens.npy").dtype == np.uint16  # 400 ids fit
+
+
+def test_an_interrupted_tokenize_resumes_where_it_stopped(corpus, tmp_path, monkeypatch):
+    base, tok, _ = corpus
+    args = (str(base / "tokenizer.model"), [str(base / "a.txt")], tmp_path / "out")
+    whole = tokenize_corpus(*args[:2], tmp_path / "whole", chunk_bytes=1000, progress=False)
+    real, calls = tokenize.tokenize_range, []
+
+    class Killed(BaseException):
+        pass
+
+    def dies_at_the_fourth(*a):
+        calls.append(a[-1])
+        if calls == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]:  # the first run only
+            raise Killed
+        return real(*a)
+
+    monkeypatch.setattr(tokenize, "tokenize_range", dies_at_the_fourth)
+    with pytest.raises(Killed):
+        tokenize_corpus(*args, chunk_bytes=1000, progress=False)
+    assert not (tmp_path / "out").exists()  # nothing that looks like a corpus
+    with pytest.raises(FileNotFoundError, match="does not exist yet: an unfinished"):
+        PackedDataset([str(tmp_path / "out")], None, 8)
+    calls.clear()
+    again = tokenize_corpus(*args, chunk_bytes=1000, progress=False)
+    assert calls[0] == "shard-00003" and len(calls) == len(whole["shards"]) - 3  # the first three were kept
+    assert again == whole
+    for got, ref in zip(load(tmp_path / "out"), load(tmp_path / "whole")):
+        np.testing.assert_array_equal(got, ref)
+    assert not list(tmp_path.glob(".out*"))
+    with pytest.raises(FileExistsError, match="already a tokenized corpus"):
+        tokenize_corpus(*args, progress=False)
+
+
+def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
+    base, _, _ = corpus
+    model = str(base / "tokenizer.model")
+    with pytest.raises(FileNotFoundError, match=r"--input '.*nothing\*.jsonl' matches no file"):
+        tokenize_corpus(model, [str(tmp_path / "nothing*.jsonl")], tmp_path / "o", progress=False)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: the line at byte 17 is not a JSON object with a 'text' field"):
+        tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
+    bad.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
+    with pytest.raises(ValueError, match="byte 17 is not UTF-8"):
+        tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "notes.md").write_text("x\n")
+    with pytest.raises(ValueError, match=r"notes.md: text data is read from .txt or .jsonl"):
+        tokenize_corpus(model, [str(tmp_path / "notes.md")], tmp_path / "o", progress=False)
+    # the CLI: one line, exit code 1; then a real run
+    assert main(["data", "tokenize", "--tokenizer", model, "--input", str(bad), "--output", str(tmp_path / "o")]) == 1
+    assert main(["data", "tokenize", "--tokenizer", str(base), "--input", str(base / "a.txt"),
+                 "--output", str(tmp_path / "cli"), "--workers", "2", "--chunk-mb", "0.001", "--quiet"]) == 0
+    assert json.loads((tmp_path / "cli" / "index.json").read_text())["documents"] == 250
+
+
+def test_chat_data_tokenizes_with_its_loss_mask(tmp_path):
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(texts, tmp_path / "tokenizer.model", vocab_size=400)
+    chats = [[{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"answer {i} " * (i % 5)}]
+             for i in range(40)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+    tokenize_corpus(str(tmp_path / "tokenizer.model"), [str(tmp_path / "chat.jsonl")], tmp_path / "sft",
+                    fmt="chat", chunk_bytes=500, workers=2, progress=False)
+    ds = PackedDataset([str(tmp_path / "sft")], tok, 16, fmt="chat")
+    mem = PackedDataset([str(tmp_path / "chat.jsonl")], tok, 16, fmt="chat")  # read and rendered in memory
+    n = len(mem.stream)
+    assert len(ds.stream) == n
+    for part in ("tokens", "segments", "trained"):
+        np.testing.assert_array_equal(getattr(ds.stream, part)(0, n), getattr(mem.stream, part)(0, n))
+    end = tok.special_tokens["<|im_end|>"]
+    trained = ds.stream.tokens(0, n)[ds.stream.trained(0, n) == 1]
+    assert (trained == end).sum() == 40  # each reply ends with <|im_end|>, trained
+    with pytest.raises(ValueError, match="tokenized as text"):
+        tokenize_corpus(str(tmp_path / "tokenizer.model"), [str(ROOT / "examples" / "data" / "tiny_corpus.txt")],
+                        tmp_path / "plain", progress=False)
+        PackedDataset([str(tmp_path / "plain")], tok, 16, fmt="chat")
+
+
+@pytest.mark.parametrize("kind", ["npy-uint16", "npy-int32", "bin-uint32"])
+def test_token_files_are_memory_mapped_not_copied(tmp_path, kind):
+    suffix, dtype = kind.split("-")
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, 300, 50_000).astype(dtype)
+    tokens[rng.integers(0, len(tokens), 400)] = 2  # </s> ends a document
+    path = tmp_path / f"t.{suffix}"
+    np.save(path, tokens) if suffix == "npy" else tokens.tofile(path)
+    ds = PackedDataset([str(path)], None, 64, bin_dtype=dtype if suffix == "bin" else None)
+    stored = ds.stream.pieces[0].tokens
+    assert isinstance(stored, np.memmap) or isinstance(stored.base, np.memmap)
+    assert ds.num_windows == (len(tokens) - 1) // 64
+    docs = np.concatenate([[0], np.cumsum(tokens[:-1] == 2)])  # the document of every token
+    for i in (0, 7, ds.num_windows - 1):
+        window, segs = ds.window(i)
+        a = i * 64
+        np.testing.assert_array_equal(window, tokens[a:a + 65].astype(np.int32))
+        np.testing.assert_array_equal(segs, docs[a:a + 65] - docs[a])
+    if suffix == "bin":
+        with pytest.raises(ValueError, match="needs data.bin_dtype"):
+            PackedDataset([str(path)], None, 64)
+
+
+def test_the_grain_loader_gives_each_process_its_rows_and_resumes(corpus, tmp_path):
+    base, tok, _ = corpus
+    tokenize_corpus(str(base), [str(base / "a.txt"), str(base / "b.jsonl")], tmp_path / "tok", progress=False)
+    ds = PackedDataset([str(tmp_path / "tok")], tok, 32, seed=3)
+    steps = 2 * ds.num_windows // 8 + 3  # past the second epoch
+    whole = list(ds.loader(8, steps, threads=3))
+    assert len(whole) == steps
+    for t in (0, 5, steps - 1):
+        ref = ds.batch(t, 8)
+        np.testing.assert_array_equal(whole[t].inputs, ref.inputs)
+        np.testing.assert_array_equal(whole[t].segment_ids, ref.segment_ids)
+    epoch = [ds.window_at(k) for k in range(ds.num_windows)]
+    assert sorted(epoch) == list(range(ds.num_windows))  # an epoch is every window once
+    assert epoch != [ds.window_at(ds.num_windows + k) for k in range(ds.num_windows)]  # reshuffled
+    for proc in range(2):  # each process: its half of every global batch, nothing else read
+        read = []
+        real = ds.example
+        ds.example = lambda i: read.append(i) or real(i)
+        part = list(ds.loader(8, 4, proc, 2, threads=1))
+        del ds.example
+        assert sorted(read) == sorted(ds.window_at(t * 8 + r) for t in range(4) for r in range(proc * 4, proc * 4 + 4))
+        for t in range(4):
+            np.testing.assert_array_equal(part[t].inputs, whole[t].inputs[proc * 4:(proc + 1) * 4])
+    it = iter(ds.loader(8, steps))
+    for _ in range(4):
+        next(it)
+    state = it.get_state()
+    resumed = iter(ds.loader(8, steps))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed).inputs, whole[4].inputs)
+
+
+def test_training_on_a_tokenized_folder_saves_and_resumes_the_loader(corpus, tmp_path):
+    from internlm_jax.training import TrainConfig, train
+
+    base, tok, _ = corpus
+    tokenize_corpus(str(base), [str(base / "a.txt")], tmp_path / "tok", chunk_bytes=2000, progress=False)
+
+    def config(name, steps):
+        return TrainConfig.from_dict({
+            "model": {"preset": "internlm2_5-7b", "dtype": "float32", "param_dtype": "float32",
+                      "overrides": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": tok.vocab_size}},
+            "data": {"train": [str(tmp_path / "tok")], "seq_len": 16, "batch_size": 4, "loader_threads": 2},
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "min_lr_ratio": 1.0},  # the lr does not depend on steps
+            "checkpoint": {"dir": str(tmp_path / name), "every": 3, "keep": 5},
+            "log": {"every": 1, "peak_tflops": 1.0}, "steps": steps})
+
+    whole = {r["step"]: r["loss"] for r in train(config("whole", 8))}
+    first = train(config("split", 5))
+    state = json.loads((tmp_path / "split" / "3" / "data" / "process_0-of-1.json").read_text())
+    assert state["next_index"] == 3  # the loader's position, saved with checkpoint 3
+    rest = train(config("split", 8))  # resumes from checkpoint 5
+    assert [r["step"] for r in rest] == [6, 7, 8]
+    assert {r["step"]: r["loss"] for r in first + rest} == whole
+    # the position is read back from the checkpoint (a tampered one is refused, not silently replaced)
+    saved = tmp_path / "split" / "8" / "data" / "process_0-of-1.json"
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "next_index": 7}))
+    with pytest.raises(ValueError, match="holds the data loader at batch 7, not 8"):
+        train(config("split", 9))
