@@ -20,6 +20,34 @@ from internlm_jax.training.loop import measure_peak_flops
 from internlm_jax.training.step import make_optimizer, make_train_step
 
 
+BENCH_SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+                   num_key_value_heads=4)
+
+
+def time_our_step(batch: int, seq: int, steps: int):
+    """(tokens/s, compile seconds, model, the batch's token array) of our jitted train step on the bench model."""
+    cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(**BENCH_SHAPE)
+    model = ij.InternLM2(cfg, seed=0)
+    graphdef, params = nnx.split(model)
+    tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
+    step = jax.jit(make_train_step(graphdef, tx, grad_accum=1, segments=False, z_loss=0.0, schedule=schedule),
+                   donate_argnums=(0, 1))
+    opt_state = jax.jit(tx.init)(params)
+    r = np.random.RandomState(0)
+    w = r.randint(3, 90000, (batch, seq + 1))
+    data = {"inputs": w[:, :-1], "targets": w[:, 1:], "segment_ids": np.zeros_like(w[:, :-1]),
+            "loss_mask": np.ones(w[:, :-1].shape, np.float32), "weight": np.ones(w[:, :-1].shape, np.float32)}
+    t = time.perf_counter()
+    params, opt_state, m = step(params, opt_state, data, 0)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, m = step(params, opt_state, data, i + 1)
+    jax.block_until_ready(m)
+    return batch * seq * steps / (time.perf_counter() - t), compile_s, model, w
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
@@ -28,34 +56,14 @@ def main():
     args = ap.parse_args()
     import torch
 
-    cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(hidden_size=512, intermediate_size=2048,
-                                                              num_hidden_layers=8, num_attention_heads=8,
-                                                              num_key_value_heads=4)
-    model = ij.InternLM2(cfg, seed=0)
-    n = model.num_parameters()
+    cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(**BENCH_SHAPE)
+    n = cfg.num_parameters()
     flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
     peak = measure_peak_flops()
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"{n / 1e6:.0f}M params, "
           f"batch {args.batch} x {args.seq} tokens, f32; measured matmul peak {peak / 1e9:.1f} GFLOP/s")
-    graphdef, params = nnx.split(model)
-    tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
-    step = jax.jit(make_train_step(graphdef, tx, grad_accum=1, segments=False, z_loss=0.0, schedule=schedule),
-                   donate_argnums=(0, 1))
-    opt_state = jax.jit(tx.init)(params)
-    r = np.random.RandomState(0)
-    w = r.randint(3, 90000, (args.batch, args.seq + 1))
-    batch = {"inputs": w[:, :-1], "targets": w[:, 1:], "segment_ids": np.zeros_like(w[:, :-1]),
-             "loss_mask": np.ones(w[:, :-1].shape, np.float32), "weight": np.ones(w[:, :-1].shape, np.float32)}
-    t = time.perf_counter()
-    params, opt_state, m = step(params, opt_state, batch, 0)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    for i in range(args.steps):
-        params, opt_state, m = step(params, opt_state, batch, i + 1)
-    jax.block_until_ready(m)
-    ours = args.batch * args.seq * args.steps / (time.perf_counter() - t)
+    ours, compile_s, model, w = time_our_step(args.batch, args.seq, args.steps)
     print(f"ours: first step (compile) {compile_s:.1f}s; {ours:.0f} tokens/s, MFU {ours * flops_per_token / peak:.1%}")
 
     import os
@@ -64,7 +72,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from generate import hf_llama  # the InternLM2 -> Llama split of the same weights
 
-    llama = hf_llama(ij.InternLM2(cfg, seed=0)).train()
+    llama = hf_llama(model).train()
     opt = torch.optim.AdamW(llama.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     inputs, targets = torch.from_numpy(w[:, :-1].astype(np.int64)), torch.from_numpy(w[:, 1:].astype(np.int64))
 

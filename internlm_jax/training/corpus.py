@@ -11,12 +11,17 @@ A tokenized folder holds shards of NumPy arrays and an ``index.json`` that lists
 Memory-mapped arrays, not ArrayRecord: a training window is a contiguous slice of the token stream,
 found by arithmetic and read through the OS page cache with no decoding or copy of the rest; ArrayRecord
 serves whole records (documents), and cutting documents into fixed windows would need a packing pass
-with state of its own. Host memory is what a window touches, whatever the corpus size.
+with state of its own.
+
+Host memory does not grow with the corpus: after each read the mapped pages around it are handed
+back to the page cache (``MADV_DONTNEED``; the kernel maps page-cache folios of up to a few MB per
+fault, so without this a process's RSS climbs towards the corpus size as training touches it).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +84,53 @@ def read_shard_meta(folder: Path, name: str) -> dict | None:
         return None
 
 
+class MappedArray:
+    """A read-only, memory-mapped 1-D array in a file (``.npy``, or raw ids at ``offset``). Slicing
+    returns a copy of just that range and releases the mapped pages around it; nothing else of the
+    file is read."""
+
+    RELEASE = 4 << 20  # bytes: the aligned span released around a read (covers large page-cache folios)
+
+    def __init__(self, path: str | Path, dtype=None, offset: int = 0):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            if dtype is None:  # a .npy file: its header gives dtype and shape
+                major, _ = np.lib.format.read_magic(f)
+                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read_header(f)
+                if fortran and len(shape) > 1:
+                    raise ValueError(f"{self.path}: a Fortran-ordered array; save the token ids as a 1-D array")
+                offset = f.tell()
+            self.dtype = np.dtype(dtype)
+            size = self.path.stat().st_size
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > offset else None
+        count = (size - offset) // self.dtype.itemsize
+        self.array = np.frombuffer(self._map, self.dtype, count, offset) if count else np.zeros(0, self.dtype)
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        lo, hi, _ = index.indices(len(self.array))
+        out = self.array[index].copy()
+        if hi > lo:
+            self._release(self.offset + lo * self.dtype.itemsize, self.offset + hi * self.dtype.itemsize)
+        return out
+
+    def searchsorted(self, value, side: str = "left"):
+        out = self.array.searchsorted(value, side=side)
+        self._release(0, len(self._map) if self._map is not None else 0)
+        return out
+
+    def _release(self, start: int, end: int) -> None:
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = start // self.RELEASE * self.RELEASE
+        end = min(len(self._map), -(-end // self.RELEASE) * self.RELEASE)
+        self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 @dataclass
 class Piece:
     """A contiguous run of whole documents: ``starts`` marks where each begins (None: a ``</s>`` ends
@@ -104,9 +156,9 @@ def open_tokenized(folder: str | Path) -> tuple[list[Piece], dict]:
             continue
         files = shard_files(folder, shard["name"])
         try:
-            tokens = np.load(files["tokens"], mmap_mode="r")
-            starts = np.load(files["starts"], mmap_mode="r")
-            trained = np.load(files["trained"], mmap_mode="r") if index["kind"] == "chat" else None
+            tokens = MappedArray(files["tokens"])
+            starts = MappedArray(files["starts"])
+            trained = MappedArray(files["trained"]) if index["kind"] == "chat" else None
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"{folder}: shard {shard['name']} is missing or damaged ({e})") from None
         if len(tokens) != shard["tokens"] or len(starts) != shard["documents"]:
@@ -120,15 +172,16 @@ def open_token_file(path: str | Path, bin_dtype: str | None = None) -> Piece:
     """A flat file of token ids, memory-mapped; a ``</s>`` (id 2) ends each document."""
     path = Path(path)
     if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
-        if tokens.dtype.kind not in "iu":
-            raise ValueError(f"{path}: token ids must be integers, got {tokens.dtype}")
-        return Piece(tokens.reshape(-1))
-    if bin_dtype not in BIN_DTYPES:
+        tokens = MappedArray(path)
+    elif bin_dtype not in BIN_DTYPES:
         raise ValueError(f"{path}: a .bin token file needs data.bin_dtype, one of {', '.join(BIN_DTYPES)}")
-    if path.stat().st_size % np.dtype(bin_dtype).itemsize:
+    elif path.stat().st_size % np.dtype(bin_dtype).itemsize:
         raise ValueError(f"{path}: {path.stat().st_size} bytes is not a whole number of {bin_dtype} ids")
-    return Piece(np.memmap(path, dtype=bin_dtype, mode="r"))
+    else:
+        tokens = MappedArray(path, bin_dtype)
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"{path}: token ids must be integers, got {tokens.dtype}")
+    return Piece(tokens)
 
 
 class TokenStream:
@@ -161,8 +214,8 @@ class TokenStream:
         for p, lo, hi in self._parts(a, b):
             new = np.zeros(hi - lo, np.int32)  # 1 where a document starts (after position lo)
             if p.starts is not None:
-                inner = p.starts[np.searchsorted(p.starts, lo, side="right"):np.searchsorted(p.starts, hi)]
-                new[np.asarray(inner) - lo] = 1
+                inner = p.starts[p.starts.searchsorted(lo, side="right"):p.starts.searchsorted(hi)]
+                new[inner - lo] = 1
             else:
                 new[1:] = p.tokens[lo:hi - 1] == self.eos_id
             ids = np.cumsum(new, dtype=np.int32) + first
