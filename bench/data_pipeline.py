@@ -103,7 +103,7 @@ def main():
     step_rate, _, _, _ = time_our_step(args.batch, args.seq, 3)
     print(json.dumps({"train_step_tokens_per_s": round(step_rate),
                       "loader_over_step": [round(r["loader_tokens_per_s"] / step_rate, 1) for r in rows],
-                      "peak_rss_ratio_largest_over_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}))
+                      "peak_rss_largest_over_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}))
 
 
 if __name__ == "__main__":

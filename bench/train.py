@@ -19,7 +19,6 @@ from internlm_jax.training.config import OptimSection
 from internlm_jax.training.loop import measure_peak_flops
 from internlm_jax.training.step import make_optimizer, make_train_step
 
-
 BENCH_SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=4)
 
