@@ -100,7 +100,7 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train import time_our_step
 
-    step_rate, _, _, _ = time_our_step(args.batch, args.seq, 3)
+    step_rate, _, _ = time_our_step(args.batch, args.seq, 3)
     print(json.dumps({"train_step_tokens_per_s": round(step_rate),
                       "loader_over_step": [round(r["loader_tokens_per_s"] / step_rate, 1) for r in rows],
                       "peak_rss_largest_over_smallest": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 3)}))
