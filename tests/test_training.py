@@ -261,7 +261,8 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
 
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     """Two local processes (gloo) with 4 CPU devices each train a few steps from an HF checkpoint on
-    a data x fsdp mesh spanning both; the losses equal one process with 8 devices."""
+    a data x fsdp mesh spanning both, are stopped, and resume from their checkpoint (each process's
+    data-loader position saved beside it); the losses equal one process with 8 devices."""
     import socket
 
     corpus = tmp_path / "corpus.txt"
@@ -273,9 +274,11 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     for name in ("one", "two"):
         d = tmp_path / name
         d.mkdir()
-        runs[name] = _write_config(d, tokenizer_path, corpus, steps=4, every=1000, extra={
+        runs[name] = _write_config(d, tokenizer_path, corpus, steps=6, every=1000, extra={
             "model": {"checkpoint": str(ckpt), "dtype": "float32", "param_dtype": "float32"},
-            "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1}, "checkpoint": {"dir": None}})
+            "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "min_lr_ratio": 1.0},  # lr: not of steps
+            "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1},
+            "checkpoint": {"dir": str(d / "ckpt") if name == "two" else None, "every": 2}})
     env = user_env()
     base = [sys.executable, "-m", "internlm_jax.training", "--config"]
     one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
@@ -284,14 +287,25 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
-                                      "--num-processes", "2", "--process-id", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+
+    def two_processes(steps):
+        procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
+                                          "--num-processes", "2", "--process-id", str(i), "--steps", str(steps)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    two_processes(4)
+    for i in range(2):  # each process's loader position, saved with checkpoint 4
+        state = json.loads((tmp_path / "two" / "ckpt" / "4" / "data" / f"process_{i}-of-2.json").read_text())
+        assert state["next_index"] == 4
+    outs = two_processes(6)
+    assert "resumed from" in outs[0][0] and "not in the checkpoint" not in outs[0][1] + outs[1][1]
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
 
 
