@@ -24,8 +24,7 @@ SHARD_TOKENS = 50_000_000
 
 
 def make_corpus(folder: Path, tokens: int) -> None:
-    from internlm_jax.files import atomic_write
-    from internlm_jax.training.corpus import FORMAT, INDEX, VERSION, write_shard
+    from internlm_jax.training.corpus import INDEX, write_index, write_shard
 
     if (folder / INDEX).is_file():
         return
@@ -42,9 +41,7 @@ def make_corpus(folder: Path, tokens: int) -> None:
         ids[starts] = 1
         shards.append(write_shard(folder, f"shard-{k:05d}", ids, starts))
         k += 1
-    atomic_write(folder / INDEX, json.dumps({
-        "format": FORMAT, "version": VERSION, "kind": "text", "dtype": "uint32", "vocab_size": 92544, "bos_id": 1,
-        "eos_id": 2, "tokens": tokens, "documents": sum(s["documents"] for s in shards), "shards": shards}))
+    write_index(folder, "text", {"vocab_size": 92544, "bos_id": 1, "eos_id": 2}, shards)
 
 
 def rss_mb() -> float:

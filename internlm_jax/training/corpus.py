@@ -20,6 +20,7 @@ fault, so without this a process's RSS climbs towards the corpus size as trainin
 
 from __future__ import annotations
 
+import itertools
 import json
 import mmap
 from dataclasses import dataclass
@@ -74,6 +75,26 @@ def check_exists(path: Path) -> None:
         raise FileNotFoundError(f"{path} does not exist yet: an unfinished `internlm-jax data tokenize` is "
                                 f"building it in {staging_folder(path)}; run that command again to finish")
     raise FileNotFoundError(f"training data file {path} does not exist")
+
+
+def pack_documents(docs: list[list[int]], trained: list[list[int]] | None, dtype) -> Piece:
+    """Token lists (and their trained masks) back to back, as arrays with the documents' starts."""
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype, count=sum(map(len, docs)))
+    starts = np.cumsum([0] + [len(d) for d in docs[:-1]], dtype=np.int64) if docs else np.zeros(0, np.int64)
+    if trained is None:
+        return Piece(tokens, starts)
+    return Piece(tokens, starts, np.fromiter(itertools.chain.from_iterable(trained), np.uint8, count=len(tokens)))
+
+
+def write_index(folder: Path, kind: str, tokenizer_info: dict, shards: list[dict], **extra) -> dict:
+    """``index.json``, written last: the folder is a complete corpus from then on. ``tokenizer_info``:
+    ``vocab_size``, ``bos_id``, ``eos_id``."""
+    index = {"format": FORMAT, "version": VERSION, "kind": kind,
+             "dtype": str(token_dtype(tokenizer_info["vocab_size"])), **tokenizer_info, **extra,
+             "tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
+             "shards": shards}
+    atomic_write(folder / INDEX, json.dumps(index, indent=1))
+    return index
 
 
 def read_shard_meta(folder: Path, name: str) -> dict | None:
@@ -214,7 +235,8 @@ class TokenStream:
         for p, lo, hi in self._parts(a, b):
             new = np.zeros(hi - lo, np.int32)  # 1 where a document starts (after position lo)
             if p.starts is not None:
-                inner = p.starts[p.starts.searchsorted(lo, side="right"):p.starts.searchsorted(hi)]
+                i, j = p.starts.searchsorted([lo, hi - 1], side="right")  # the starts in (lo, hi)
+                inner = p.starts[i:j]
                 new[inner - lo] = 1
             else:
                 new[1:] = p.tokens[lo:hi - 1] == self.eos_id

@@ -19,7 +19,6 @@ environment / tool (tool results).
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import EOS_ID, Piece, TokenStream, check_exists, open_token_file, open_tokenized
+from .corpus import EOS_ID, Piece, TokenStream, check_exists, open_token_file, open_tokenized, pack_documents
 
 LARGE_TEXT_BYTES = 256 << 20
 
@@ -110,9 +109,7 @@ def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "tex
                 docs.append(text_document(tokenizer, value))
     if not docs:
         raise ValueError(f"{file}: no {'conversations' if fmt == 'chat' else 'documents'}")
-    starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), np.int32)
-    return Piece(tokens, starts, np.fromiter(itertools.chain.from_iterable(trained), np.uint8) if trained else None)
+    return pack_documents(docs, trained if fmt == "chat" else None, np.int32)
 
 
 def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
@@ -181,8 +178,8 @@ class PackedDataset:
 
     def batch(self, step: int, batch_size: int, process: int = 0, num_processes: int = 1) -> Batch:
         """Rows ``rows(batch_size, process, num_processes)`` of global batch ``step``."""
-        return _collate([self.example(self.window_at(step * batch_size + r))
-                         for r in self.rows(batch_size, process, num_processes)])
+        source = _ProcessRows(self, batch_size, self.rows(batch_size, process, num_processes), step + 1)
+        return _collate([source[step * len(source.rows) + k] for k in range(len(source.rows))])
 
     def loader(self, batch_size: int, steps: int, process: int = 0, num_processes: int = 1, *,
                threads: int = 2, prefetch: int = 4):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import itertools
 import json
 import multiprocessing
 import shutil
@@ -24,10 +23,8 @@ import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
-import numpy as np
-
 from ..files import atomic_write, check_destination, progress_bar, replace_directory
-from .corpus import FORMAT, INDEX, VERSION, read_shard_meta, staging_folder, token_dtype, write_shard
+from .corpus import INDEX, pack_documents, read_shard_meta, staging_folder, token_dtype, write_index, write_shard
 from .data import chat_document, text_document
 
 SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}
@@ -98,11 +95,8 @@ def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_ke
             docs.append(text_document(tokenizer, value))
         else:
             raise ValueError(f"{where}: {key!r} is not a string")
-    dtype = token_dtype(tokenizer.vocab_size)
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype, count=sum(map(len, docs)))
-    starts = np.cumsum([0] + [len(d) for d in docs[:-1]]) if docs else np.zeros(0, np.int64)
-    mask = np.fromiter(itertools.chain.from_iterable(trained), np.uint8, count=len(tokens)) if fmt == "chat" else None
-    return write_shard(Path(folder), name, tokens, starts, mask)
+    piece = pack_documents(docs, trained if fmt == "chat" else None, token_dtype(tokenizer.vocab_size))
+    return write_shard(Path(folder), name, piece.tokens, piece.starts, piece.trained)
 
 
 def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str = "text", text_key: str = "text",
@@ -168,14 +162,10 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
     shards = [metas[u["name"]] for u in units]
-    index = {"format": FORMAT, "version": VERSION, "kind": fmt, "dtype": str(token_dtype(tok.vocab_size)),
-             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-             "tokenizer_sha256": plan["tokenizer_sha256"], "inputs": plan["inputs"],
-             "tokens": sum(s["tokens"] for s in shards), "documents": sum(s["documents"] for s in shards),
-             "shards": shards}
-    if not index["documents"]:
+    if not sum(s["documents"] for s in shards):
         raise ValueError(f"no documents in {', '.join(map(str, files))}")
-    atomic_write(staging / INDEX, json.dumps(index, indent=1))
+    index = write_index(staging, fmt, {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+                        shards, tokenizer_sha256=plan["tokenizer_sha256"], inputs=plan["inputs"])
     (staging / "plan.json").unlink()
     replace_directory(staging, out)
     return index
