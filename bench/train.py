@@ -1,8 +1,9 @@
 """Training throughput and MFU against an HF transformers (PyTorch) training step on the same model.
 
-A ~110M-parameter InternLM2-shaped model (real vocabulary), float32 weights and compute, AdamW, one
-JAX CPU device; the same weights as LlamaForCausalLM with torch.optim.AdamW. MFU uses 6 x params x
-tokens (+ attention) over the matmul peak measured in the same run.
+A 126M-parameter InternLM2-shaped model (real vocabulary), float32 weights and compute, AdamW, one
+JAX CPU device; the same weights as LlamaForCausalLM with torch.optim.AdamW. MFU is
+`InternLM2Config.train_flops_per_token` (6 x the parameters that multiply, + attention) x tokens/s
+over the matmul peak measured in the same run.
 
     python bench/train.py [--batch 8] [--seq 256] [--steps 5]
 """
@@ -57,7 +58,7 @@ def main():
 
     cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(**BENCH_SHAPE)
     n = cfg.num_parameters()
-    flops_per_token = 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * args.seq
+    flops_per_token = cfg.train_flops_per_token(args.seq)
     peak = measure_peak_flops()
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); "
           f"{n / 1e6:.0f}M params, "

@@ -99,6 +99,14 @@ class InternLM2Config:
         layer = attn + 3 * h * i + 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + n * layer + h
 
+    def train_flops_per_token(self, seq_len: int) -> int:
+        """Matmul FLOPs of one training token (forward and backward), the numerator of MFU: 6 x the
+        parameters that multiply (all but the input embedding, a lookup) + causal attention's
+        12 x layers x heads x head_dim x seq_len."""
+        lookup = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6 * (self.num_parameters() - lookup) + attention
+
     # ----------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ValueError naming the first field whose value cannot describe an InternLM2 model."""

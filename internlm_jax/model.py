@@ -270,10 +270,17 @@ class InternLM2(nnx.Module):
         x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(self.dtype)
         return constrain(x, ("batch", "seq", "act_embed"), self.mesh)
 
+    def head_weight(self) -> jax.Array:
+        """The output layer's weight ``[H, V]`` (the embedding's transpose when tied), as stored."""
+        return self.tok_embeddings[...].T if self.config.tie_word_embeddings else self.output[...]
+
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (already normed)."""
-        w = self.tok_embeddings[...].T if self.config.tie_word_embeddings else self.output[...]
-        out = jnp.einsum("bsh,hv->bsv", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+        b, s, hidden = h.shape
+        # tokens flattened: one plain [B*S, H] x [H, V] matmul (XLA:CPU transposed the logits-sized
+        # gradient for the weight's matmul when the batch and sequence dims were kept apart)
+        out = jnp.dot(h.reshape(b * s, hidden), self.head_weight().astype(h.dtype),
+                      preferred_element_type=jnp.float32).reshape(b, s, -1)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
 
     def run_layers(self, x, cos, sin, attend, collect: bool = False):
@@ -343,6 +350,20 @@ class InternLM2(nnx.Module):
         attention is blockwise ring attention: the tokens are padded (:func:`ring.padded_length`) and
         laid out zigzag, and the results are put back in order.
         """
+        x, emb, per_layer = self._trunk(input_ids, positions, attention_mask, segment_ids, output_hidden_states)
+        logits = self.logits(x)
+        if not output_hidden_states:
+            return logits
+        hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
+        return logits, hidden
+
+    def final_hidden(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None):
+        """The final-norm output ``[B, S, H]`` that :meth:`logits` turns into logits (arguments as
+        :meth:`forward`); the training loss takes it from here without building the logits whole."""
+        return self._trunk(input_ids, positions, attention_mask, segment_ids, False)[0]
+
+    def _trunk(self, input_ids, positions, attention_mask, segment_ids, collect):
+        """(final-norm output, embeddings, per-layer outputs or None), in token order."""
         b, s = input_ids.shape
         idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         start = None
@@ -381,18 +402,14 @@ class InternLM2(nnx.Module):
 
         cos, sin = rope_tables(self.config, pos_p, self.dtype, seq_len=seq_len)
         emb = self.embed(ids_p)
-        x, per_layer, _ = self.run_layers(emb, cos, sin, attend, collect=output_hidden_states)
+        x, per_layer, _ = self.run_layers(emb, cos, sin, attend, collect=collect)
         x = self.norm(x)
-        logits = self.logits(x)
         if plan.path != "dense":  # back to token order, padding dropped
             back = slice(0, s) if order is None else np.argsort(order)[:s]
-            logits = constrain(logits[:, back], ("batch", "seq", "act_vocab"), self.mesh)
-            if output_hidden_states:
-                emb, per_layer, x = emb[:, back], per_layer[:, :, back], x[:, back]
-        if not output_hidden_states:
-            return logits
-        hidden = jnp.concatenate([emb[None], per_layer[:-1], x[None]], axis=0)
-        return logits, hidden
+            x = constrain(x[:, back], ("batch", "seq", "act_embed"), self.mesh)
+            if collect:
+                emb, per_layer = emb[:, back], per_layer[:, :, back]
+        return x, emb, per_layer
 
     def prefill_kv(self, input_ids, positions, mask, index, layers=None):
         """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag

@@ -28,6 +28,8 @@ class ModelSection(Section):
     dtype: Dtype = "bfloat16"  # compute
     param_dtype: Dtype = "float32"  # master weights and optimizer state
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    # vocabulary columns per chunk of the fused output layer + loss; 0 builds the logits whole
+    loss_chunk: int = Field(2048, ge=0)
 
 
 class DataSection(Section):

@@ -184,8 +184,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
     opt_state = init_optimizer_state(tx, params, mesh)
     step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=cfg.optim.grad_accum, segments=d.segment_masking,
-                                      z_loss=cfg.optim.z_loss, schedule=schedule), donate_argnums=(0, 1))
-    eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking))
+                                      z_loss=cfg.optim.z_loss, schedule=schedule, loss_chunk=cfg.model.loss_chunk),
+                      donate_argnums=(0, 1))
+    eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking, loss_chunk=cfg.model.loss_chunk))
     mgr = _checkpoint_manager(cfg)
     if mgr is not None and jax.process_index() == 0:
         model.config.save(cfg.checkpoint.dir)  # so `internlm-jax convert train-to-hf` knows the architecture
@@ -195,9 +196,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         params, opt_state = _restore(mgr, start, params, opt_state, loader)
         print(f"resumed from {cfg.checkpoint.dir} at step {start}", flush=True)
     metrics = Metrics(cfg)
-    n_params = model.num_parameters()
-    c = model.config
-    flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * d.seq_len
+    flops_per_token = model.config.train_flops_per_token(d.seq_len)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
     history = []
     t_last = time.perf_counter()
