@@ -72,6 +72,17 @@ def _cast(p: nnx.Param, dtype) -> jax.Array:
     return p[...].astype(dtype)
 
 
+def _project(x: jax.Array, w: jax.Array, mesh: Mesh | None, out_dtype=None) -> jax.Array:
+    """``x [B, S, K] @ w [K, ...]``, as one plain 2-D matmul over the flattened tokens (with the batch
+    and sequence dims kept apart XLA:CPU transposed activations for the weight gradients), unless the
+    sequence is split over the mesh: then flattening would move activations between devices."""
+    b, s, k = x.shape
+    if mesh is not None and mesh.shape["sequence"] > 1:
+        return jnp.tensordot(x, w, axes=1, preferred_element_type=out_dtype)
+    out = jnp.dot(x.reshape(b * s, k), w.reshape(k, -1), preferred_element_type=out_dtype)
+    return out.reshape(b, s, *w.shape[1:])
+
+
 class RMSNorm(nnx.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32, as the reference."""
 
@@ -105,9 +116,7 @@ class Attention(nnx.Module):
     def project_qkv(self, x, cos, sin, mesh):
         """q, k, v ``[B, S, heads, D]`` with rope applied to q and k (k is what a cache stores)."""
         dt = x.dtype
-        q = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wq, dt))
-        k = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wk, dt))
-        v = jnp.einsum("bsh,hnd->bsnd", x, _cast(self.wv, dt))
+        q, k, v = (_project(x, _cast(w, dt), mesh) for w in (self.wq, self.wk, self.wv))
         if self.use_bias:
             q, k, v = q + _cast(self.bq, dt), k + _cast(self.bk, dt), v + _cast(self.bv, dt)
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"), mesh)
@@ -118,7 +127,7 @@ class Attention(nnx.Module):
     def project_out(self, o, mesh):
         # one [nH * D, H] matmul: contracting (n, d) of [nH, D, H] as written made XLA:CPU transpose wo
         b, s, nh, d = o.shape
-        y = jnp.einsum("bsk,kh->bsh", o.reshape(b, s, nh * d), _cast(self.wo, o.dtype).reshape(nh * d, -1))
+        y = _project(o.reshape(b, s, nh * d), _cast(self.wo, o.dtype).reshape(nh * d, -1), mesh)
         if self.use_bias:
             y = y + _cast(self.bo, o.dtype)
         return constrain(y, ("batch", "seq", "act_embed"), mesh)
@@ -146,10 +155,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, mesh=None):
         dt = x.dtype
-        gate = jnp.einsum("bsh,hi->bsi", x, _cast(self.w1, dt))
-        up = jnp.einsum("bsh,hi->bsi", x, _cast(self.w3, dt))
+        gate, up = _project(x, _cast(self.w1, dt), mesh), _project(x, _cast(self.w3, dt), mesh)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh)
-        return constrain(jnp.einsum("bsi,ih->bsh", hidden, _cast(self.w2, dt)), ("batch", "seq", "act_embed"), mesh)
+        return constrain(_project(hidden, _cast(self.w2, dt), mesh), ("batch", "seq", "act_embed"), mesh)
 
 
 class DecoderLayer(nnx.Module):
@@ -276,11 +284,7 @@ class InternLM2(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits from final hidden states (already normed)."""
-        b, s, hidden = h.shape
-        # tokens flattened: one plain [B*S, H] x [H, V] matmul (XLA:CPU transposed the logits-sized
-        # gradient for the weight's matmul when the batch and sequence dims were kept apart)
-        out = jnp.dot(h.reshape(b * s, hidden), self.head_weight().astype(h.dtype),
-                      preferred_element_type=jnp.float32).reshape(b, s, -1)
+        out = _project(h, self.head_weight().astype(h.dtype), self.mesh, jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
 
     def run_layers(self, x, cos, sin, attend, collect: bool = False):

@@ -9,8 +9,9 @@ instead: the forward keeps a running max and sum per token (online log-sum-exp) 
 once; the backward turns each saved chunk into its gradient while it is in cache and feeds it straight
 to the two matmuls. Same values as the plain form to float32 rounding.
 
-It is used when the vocabulary is not split over a mesh axis (then each chunk would live on one
-device); :func:`token_losses` makes that choice.
+It is used when neither the vocabulary nor the sequence is split over a mesh axis (a chunk of a
+split vocabulary would live on one device; flattening a split sequence would move activations);
+:func:`token_losses` makes that choice.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def token_losses(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> tu
     """``(cross-entropy, log Z)`` per token, float32 ``[B, S]``, from final (normed) hidden states.
 
     ``chunk`` vocabulary columns at a time through :func:`fused_cross_entropy`; ``chunk == 0``, or a
-    vocabulary split over the mesh, takes the plain form through ``model.logits``."""
+    vocabulary or sequence split over the mesh, takes the plain form through ``model.logits``."""
     w = model.head_weight()
-    split = model.mesh is not None and any(logical_to_spec(("embed", "vocab"), w.shape, model.mesh))
+    mesh = model.mesh
+    split = mesh is not None and (any(logical_to_spec(("embed", "vocab"), w.shape, mesh))
+                                  or mesh.shape["sequence"] > 1)
     if chunk == 0 or split:
         logits = model.logits(hidden)
         logz = jax.nn.logsumexp(logits, axis=-1)
