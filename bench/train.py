@@ -7,12 +7,18 @@ over the matmul peak measured in the same run (2048^3 f32, best of 5, before and
 better one).
 
     python bench/train.py [--batch 8] [--seq 256] [--steps 5]
+
+On an accelerator, a released shape without the HF side (bf16 compute, f32 master weights; each remat
+policy, the best reported as JSON), e.g. on one GPU:
+
+    python bench/train.py --preset internlm2-1_8b --batch 8 --seq 4096 --steps 5
 """
 
 import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,17 +31,26 @@ BENCH_SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8,
                    num_key_value_heads=4)
 
 
-def time_our_step(batch: int, seq: int, steps: int):
-    """(tokens/s, compile seconds, the batch's token array) of our jitted train step on the bench model."""
-    cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(**BENCH_SHAPE)
-    model = ij.InternLM2(cfg, seed=0)
+def bench_config(preset: str | None = None, layers: int | None = None) -> ij.InternLM2Config:
+    """The 126M CPU bench model, or a released shape (optionally with fewer layers)."""
+    cfg = ij.InternLM2Config.preset(preset or "internlm2_5-7b")
+    cfg = cfg if preset else cfg.replace(**BENCH_SHAPE)
+    return cfg.replace(num_hidden_layers=layers) if layers else cfg
+
+
+def time_our_step(batch: int, seq: int, steps: int, cfg: ij.InternLM2Config | None = None,
+                  dtype: str = "float32", remat: str = "none"):
+    """(tokens/s, compile seconds, the batch's token array) of our jitted train step: ``dtype`` compute,
+    float32 master weights and AdamW state, ``remat`` per layer."""
+    cfg = cfg or bench_config()
+    model = ij.InternLM2(cfg, dtype=dtype, param_dtype="float32", seed=0).configure(remat=remat)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
     step = jax.jit(make_train_step(graphdef, tx, grad_accum=1, segments=False, z_loss=0.0, schedule=schedule),
                    donate_argnums=(0, 1))
     opt_state = jax.jit(tx.init)(params)
     r = np.random.RandomState(0)
-    w = r.randint(3, 90000, (batch, seq + 1))
+    w = r.randint(3, min(cfg.vocab_size, 90000), (batch, seq + 1))
     data = {"inputs": w[:, :-1], "targets": w[:, 1:], "segment_ids": np.zeros_like(w[:, :-1]),
             "loss_mask": np.ones(w[:, :-1].shape, np.float32), "weight": np.ones(w[:, :-1].shape, np.float32)}
     t = time.perf_counter()
@@ -49,15 +64,43 @@ def time_our_step(batch: int, seq: int, steps: int):
     return batch * seq * steps / (time.perf_counter() - t), compile_s, w
 
 
+def accelerator_run(args):
+    """A released shape on the default device (a GPU when lent): each remat policy, one JSON line."""
+    import json
+
+    cfg = bench_config(args.preset, args.layers)
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    peak = measure_peak_flops(8192 if jax.default_backend() != "cpu" else 2048, dtype=dtype)
+    per_token = cfg.train_flops_per_token(args.seq)
+    runs = {}
+    for remat in args.remat.split(","):
+        try:
+            tps, compile_s, _ = time_our_step(args.batch, args.seq, args.steps, cfg, args.dtype, remat)
+            runs[remat] = {"tokens_per_s": tps, "mfu": tps * per_token / peak, "compile_s": compile_s}
+        except Exception as e:  # e.g. out of memory without remat: report it, try the next policy
+            runs[remat] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(json.dumps({"remat": remat, **runs[remat]}), flush=True)
+    best = max((r for r in runs if "mfu" in runs[r]), key=lambda r: runs[r]["mfu"], default=None)
+    print(json.dumps({"preset": args.preset, "layers": cfg.num_hidden_layers, "params": cfg.num_parameters(),
+                      "batch": args.batch, "seq": args.seq, "dtype": args.dtype, "device": jax.devices()[0].device_kind,
+                      "jax": jax.__version__, "peak_flops": peak, "runs": runs, "best": best}))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--preset", help="a released shape (e.g. internlm2-1_8b) on the default device, without HF")
+    ap.add_argument("--layers", type=int, help="with --preset: fewer layers")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="with --preset: compute")
+    ap.add_argument("--remat", default="none,dots_no_batch,full", help="with --preset: policies to try")
     args = ap.parse_args()
+    if args.preset:
+        return accelerator_run(args)
     import torch
 
-    cfg = ij.InternLM2Config.preset("internlm2_5-7b").replace(**BENCH_SHAPE)
+    cfg = bench_config()
     n = cfg.num_parameters()
     flops_per_token = cfg.train_flops_per_token(args.seq)
     peak = measure_peak_flops(2048)

@@ -31,9 +31,10 @@ def build_model(cfg: TrainConfig, mesh) -> InternLM2:
     return model
 
 
-def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Matmul FLOP/s of one device, measured now (for the MFU estimate when no peak is configured)."""
-    a = jnp.ones((n, n), jnp.float32)
+def measure_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Matmul FLOP/s of one device in ``dtype``, measured now (for the MFU estimate when no peak is
+    configured)."""
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = float("inf")
