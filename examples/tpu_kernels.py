@@ -32,6 +32,8 @@ def main():
     print("pure JAX:     ", plain)
     print("Pallas kernels:", kernels)
     print("same tokens:", plain == kernels)
+    if plain != kernels:
+        raise SystemExit("the kernel path made different tokens from the pure-JAX path")
 
 
 if __name__ == "__main__":

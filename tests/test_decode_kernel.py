@@ -170,11 +170,3 @@ def test_the_decode_step_compiles_with_the_mosaic_kernel_for_tpu(topology, axes)
         texts[impl] = gen.step.lower(gen.state, None, ds, scalar, sampling=SamplingParams(),
                                      stop_ids=()).compile().as_text()
     assert "tpu_custom_call" in texts["ragged"] and "tpu_custom_call" not in texts["dense"]
-
-
-def test_kernels_example_runs():
-    from hf_fixtures import run_python
-
-    done = run_python(["examples/tpu_kernels.py"])
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "same tokens: True" in done.stdout
