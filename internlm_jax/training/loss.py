@@ -31,8 +31,8 @@ def token_losses(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> tu
     vocabulary or sequence split over the mesh, takes the plain form through ``model.logits``."""
     w = model.head_weight()
     mesh = model.mesh
-    split = mesh is not None and (any(logical_to_spec(("embed", "vocab"), w.shape, mesh))
-                                  or mesh.shape["sequence"] > 1)
+    spec = logical_to_spec(("embed", "vocab"), w.shape, mesh) if mesh is not None else ()
+    split = mesh is not None and ((len(spec) > 1 and spec[1] is not None) or mesh.shape["sequence"] > 1)
     if chunk == 0 or split:
         logits = model.logits(hidden)
         logz = jax.nn.logsumexp(logits, axis=-1)
