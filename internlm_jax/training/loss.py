@@ -30,10 +30,8 @@ def token_losses(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> tu
     ``chunk`` vocabulary columns at a time through :func:`fused_cross_entropy`; ``chunk == 0``, or a
     vocabulary or sequence split over the mesh, takes the plain form through ``model.logits``."""
     w = model.head_weight()
-    mesh = model.mesh
-    spec = logical_to_spec(("embed", "vocab"), w.shape, mesh) if mesh is not None else ()
-    split = mesh is not None and ((len(spec) > 1 and spec[1] is not None) or mesh.shape["sequence"] > 1)
-    if chunk == 0 or split:
+    vocab_split = model.mesh is not None and len(logical_to_spec(("vocab",), w.shape[1:], model.mesh)) > 0
+    if chunk == 0 or vocab_split or model.sequence_parallel > 1:
         logits = model.logits(hidden)
         logz = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -42,10 +40,6 @@ def token_losses(model, hidden: jax.Array, targets: jax.Array, chunk: int) -> tu
     ce, logz = fused_cross_entropy(hidden.reshape(b * s, h), w.astype(hidden.dtype), targets.reshape(b * s),
                                    min(chunk, w.shape[1]))
     return ce.reshape(b, s), logz.reshape(b, s)
-
-
-def _logits(h, w_cols):
-    return jnp.dot(h, w_cols, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -61,7 +55,8 @@ def _forward(h, w, targets, chunk):
 
     def step(carry, start, width):
         m, s, t = carry
-        logits = _logits(h, jax.lax.dynamic_slice_in_dim(w, start, width, axis=1))  # [N, width]
+        w_cols = jax.lax.dynamic_slice_in_dim(w, start, width, axis=1)
+        logits = jnp.dot(h, w_cols, preferred_element_type=jnp.float32)  # [N, width]
         m_new = jnp.maximum(m, logits.max(axis=1))
         s = s * jnp.exp(m - m_new) + jnp.exp(logits - m_new[:, None]).sum(axis=1)
         local = targets - start

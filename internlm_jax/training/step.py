@@ -14,10 +14,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .config import OptimSection
+from .config import LOSS_CHUNK, OptimSection
 from .loss import token_losses
-
-LOSS_CHUNK = 2048  # vocabulary columns per chunk of the fused loss (fastest of 512..4096 on CPU)
 
 DECAYED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
