@@ -33,7 +33,8 @@ from jax.sharding import Mesh
 
 from . import checkpoint, hf_checkpoint
 from .arrays import canonical_dtype, flat_params
-from .attention import blockwise_attention, cached_attention, decode_plan, dense_attention, prefill_plan, visible_mask
+from .attention import (blockwise_attention, cached_attention, decode_plan, dense_attention, head_major_attention,
+                        prefill_plan, visible_mask)
 from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention, write_decode
@@ -521,7 +522,7 @@ class InternLM2(nnx.Module):
         visible = row_valid[None, :] & (jnp.arange(t)[None, :] <= cols[:, None])  # [C, T]
 
         def write_and_read(buf, new):
-            """Write [C, nKV, D] into the row's slots; return (buffer, the row as [1, T, nKV, D])."""
+            """Write [C, nKV, D] into the row's slots; return (buffer, the row as [1, nKV, T, D])."""
             new = new.astype(buf.dtype)
             if buf.ndim == 3:  # [B * nKV, T, D]
                 rows = row * nkv + jnp.arange(nkv)
@@ -530,7 +531,7 @@ class InternLM2(nnx.Module):
             else:  # [B, nKV, T, D]
                 buf = buf.at[row, :, cols].set(new, mode="drop")
                 mine = jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
-            return buf, mine.transpose(1, 0, 2)[None]
+            return buf, mine[None]
 
         layer_def, stacked = nnx.split(self.layers)
         x = self.embed(tokens[None])
@@ -542,7 +543,10 @@ class InternLM2(nnx.Module):
             def attend(q, k, v, i=i):
                 kc, k_row = write_and_read(keys[i], k[0])
                 vc, v_row = write_and_read(values[i], v[0])
-                return dense_attention(q, k_row.astype(q.dtype), v_row.astype(q.dtype), visible[None]), (kc, vc)
+                b, _, nh, d = q.shape  # the row is read where it lies: head-major, no transpose
+                qh = q.reshape(b, c, nkv, nh // nkv, d).transpose(0, 2, 3, 1, 4)
+                o = head_major_attention(qh, k_row.astype(q.dtype), v_row.astype(q.dtype), visible[None])
+                return o.transpose(0, 3, 1, 2, 4).reshape(b, c, nh, d), (kc, vc)
 
             with jax.named_scope(f"layer_{i}"):
                 x, (keys[i], values[i]) = nnx.merge(layer_def, state)(x, cos, sin, attend, mesh)
