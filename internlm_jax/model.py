@@ -33,8 +33,15 @@ from jax.sharding import Mesh
 
 from . import checkpoint, hf_checkpoint
 from .arrays import canonical_dtype, flat_params
-from .attention import (blockwise_attention, cached_attention, decode_plan, dense_attention, head_major_attention,
-                        prefill_plan, visible_mask)
+from .attention import (
+    blockwise_attention,
+    cached_attention,
+    decode_plan,
+    dense_attention,
+    head_major_attention,
+    prefill_plan,
+    visible_mask,
+)
 from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
 from .ring import pallas_interpret, sharded_decode_attention, write_decode
