@@ -1,7 +1,7 @@
 """The library's programs run for real on one accelerator, no mesh: 7B-shaped, bf16, random weights.
 
     python bench/accelerator.py [--layers 32] [--prompts 8192 32768] [--impls blockwise xla cudnn]
-                                [--batch 1 8 32] [--weights sliced per_layer] [--new 128] [--long 200000]
+                                [--batch 1 8 32] [--weights sliced packed] [--new 128] [--long 200000]
 
 Reports, for the device it finds:
 - the two ceilings measured there: a large bf16 matrix product (TFLOP/s) and a large elementwise
@@ -11,7 +11,8 @@ Reports, for the device it finds:
   fused blocks), each after a warm-up call;
 - decode tokens/s of a decode chunk (``decode_chunk`` steps in one program) and of the single step
   against the HBM roofline: parameter + KV-cache bytes read per step over the measured bandwidth, for
-  each ``decode_weights`` (static slices of the stacked weights, or per-layer copies), with each
+  each ``decode_weights`` (static slices of the stacked weights, or per-layer copies in the packed
+  decode form), with each
   program's first-call (compile) time;
 - with ``--long N``: a prompt of N tokens of the internlm2_5-7b-chat-1m shape prefilled and decoded on
   this one device (times and the device's peak memory).
@@ -70,7 +71,7 @@ def main():
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="spec-sheet dense bf16 (H100 SXM)")
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="spec-sheet HBM bandwidth (H100 SXM)")
     ap.add_argument("--impls", nargs="*", default=["blockwise", "xla", "cudnn"])
-    ap.add_argument("--weights", nargs="+", default=["sliced", "per_layer"], help="decode_weights values to time")
+    ap.add_argument("--weights", nargs="+", default=["sliced", "packed"], help="decode_weights values to time")
     ap.add_argument("--long", type=int, default=0, help="also prefill + decode one prompt this long (1m shape)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")

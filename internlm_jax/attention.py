@@ -222,11 +222,16 @@ def decode_plan(settings, *, head_dim: int, local_cache_len: int, mesh) -> str:
 
 
 def decode_weights(settings, mesh) -> str:
-    """"per_layer" (one weight array per layer; on CPU every slice of a stacked array is copied before
-    its matmul) or "sliced" (static slices of the stacked arrays, read in place on GPU and TPU)."""
+    """"packed" (per-layer arrays in the packed decode form, one device), "per_layer" (one weight array
+    per layer; on CPU every slice of a stacked array is copied before its matmul) or "sliced" (static
+    slices of the stacked arrays, read in place on GPU and TPU)."""
+    if settings.decode_weights == "packed" and mesh is not None:
+        raise ValueError("decode_weights='packed' is for a model without a mesh; use 'per_layer' or 'sliced'")
     if settings.decode_weights != "auto":
         return settings.decode_weights
-    return "per_layer" if platform_of(mesh) == "cpu" else "sliced"
+    if platform_of(mesh) != "cpu":
+        return "sliced"
+    return "packed" if mesh is None else "per_layer"
 
 
 def cached_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, valid: jax.Array) -> jax.Array:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .arrays import row_sharding
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
@@ -194,39 +195,38 @@ class Generator:
         self.step = jax.jit(self._step, static_argnames=("sampling", "stop_ids"), donate_argnames=("ds",))
         self.chunk = jax.jit(self._chunk, static_argnames=("steps", "sampling", "stop_ids"), donate_argnames=("ds",))
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
-        self.per_layer = decode_weights(self.settings, self.mesh) == "per_layer"
+        self.weights_form = decode_weights(self.settings, self.mesh)
         self._layers, self._layers_of = None, None
+
+    def _decode_weights(self, state):
+        return nnx.merge(self.graphdef, state).decode_weights(packed=self.weights_form == "packed")
 
     @property
     def layers(self):
-        """Per-layer weight arrays for decode (``decode_weights="per_layer"``), made once from the stacked
-        parameters and remade when those change (e.g. by training); None under "sliced"."""
-        if not self.per_layer:
+        """The :class:`~internlm_jax.model.DecodeWeights` the decode programs (and the prefill) read, made
+        once from the stacked parameters and remade when those change (e.g. by training); None under
+        ``decode_weights="sliced"``."""
+        if self.weights_form == "sliced":
             return None
-        stacked = self.state["layers"]
-        ident = tuple(map(id, jax.tree.leaves(stacked)))
+        ident = tuple(map(id, jax.tree.leaves(self.state)))
         if self._layers_of != ident:
             self._layers = None  # free the old copies first
-            want = jax.tree.map(lambda x: x.sharding, self.abstract_layers())
-            split = jax.jit(lambda s: tuple(jax.tree.map(lambda p, i=i: p[i], s)
-                                            for i in range(self.config.num_hidden_layers)),
-                            out_shardings=want if self.mesh is not None else None)
-            self._layers, self._layers_of = split(stacked), ident
+            want = jax.tree.map(lambda x: x.sharding, self.abstract_layers()) if self.mesh is not None else None
+            self._layers = jax.jit(self._decode_weights, out_shardings=want)(self.state)
+            self._layers_of = ident
         return self._layers
 
     def abstract_layers(self):
-        """:attr:`layers` as ShapeDtypeStructs with their shardings (each a stacked parameter's sharding
-        without the layer axis), for lowering without weights; None under "sliced"."""
-        if not self.per_layer:
+        """:attr:`layers` as ShapeDtypeStructs (on a mesh with their shardings: each a stacked parameter's
+        sharding without the layer axis), for lowering without weights; None under "sliced"."""
+        if self.weights_form == "sliced":
             return None
-
-        def one(p):
-            sh = getattr(p, "sharding", None)
-            if isinstance(sh, jax.sharding.NamedSharding):
-                sh = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec(*tuple(sh.spec)[1:]))
-            return jax.ShapeDtypeStruct(p.shape[1:], p.dtype, sharding=sh)
-
-        return tuple(jax.tree.map(one, self.state["layers"]) for _ in range(self.config.num_hidden_layers))
+        weights = jax.eval_shape(self._decode_weights, self.state)
+        if self.mesh is None:
+            return weights
+        rows = [jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape[1:], p.dtype, sharding=row_sharding(p.sharding)),
+                             self.state["layers"]) for _ in weights.layers]
+        return weights.replace(layers=tuple(rows))
 
     def blockwise(self, length: int) -> bool:
         """Whether a prompt of ``length`` tokens is prefilled by the ring layout (see :func:`prefill_plan`)."""
@@ -250,7 +250,7 @@ class Generator:
         sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
         model = nnx.merge(self.graphdef, state)
         x, keys, values = model.prefill_kv(ids, positions, mask, index, layers)
-        logits = model.logits(model.norm(x[:, last:last + 1]))[:, 0]
+        logits = model.logits(model.norm(x[:, last:last + 1]), layers)[:, 0]
         ring = self.blockwise(ids.shape[1])
         cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring,
                             self.config.num_attention_heads)

@@ -14,6 +14,11 @@ serves every depth):
       norm.weight               [H]
       output                    [H, V]   (absent when tie_word_embeddings)
 
+Decode on one device without a mesh reads a second, *packed* form of each layer (:meth:`InternLM2.decode_weights`,
+made once per generator): q/k/v as one matrix, w1/w3 as one, every matrix output-major ``[out, in]``
+(torch's layout), because XLA:CPU streams ``[N, K]`` weights faster than ``[K, N]`` in the small-batch
+matmuls of a decode step (BENCHMARKS.md). The stacked form stays the one checkpoints and training see.
+
 Every parameter carries ``logical_axes`` metadata; :mod:`internlm_jax.sharding` maps those to the
 mesh. Parameters are created directly in their target sharding (or as abstract shapes for restore),
 never materialised whole on one device first.
@@ -21,6 +26,7 @@ never materialised whole on one device first.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -91,6 +97,13 @@ def _project(x: jax.Array, w: jax.Array, mesh: Mesh | None, out_dtype=None) -> j
     return out.reshape(b, s, *w.shape[1:])
 
 
+def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
+    """``x [B, S, K]`` times an output-major weight ``w_t [N, K]`` -> ``[B, S, N]`` (the packed decode form)."""
+    b, s, k = x.shape
+    out = jax.lax.dot_general(x.reshape(b * s, k), w_t, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    return out.reshape(b, s, -1)
+
+
 class RMSNorm(nnx.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32, as the reference."""
 
@@ -107,14 +120,21 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """GQA self-attention: projections per head, rope on q and k, dense attention, output projection."""
 
-    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = (), packed: bool = False):
         h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.heads, self.packed, self.use_bias = (nh, nkv, d), packed, cfg.bias
+        if packed:  # the decode form (see InternLM2.decode_weights): one device, no stack, no mesh
+            self.wqkv = make(((nh + 2 * nkv) * d, h), (None, "embed"))  # the fused q|k|v rows are never split
+            self.wo = make((h, nh * d), ("embed", "q_heads"))
+            if cfg.bias:
+                self.bqkv = make(((nh + 2 * nkv) * d,), (None,), init="zeros")
+                self.bo = make((h,), ("vector",), init="zeros")
+            return
         lay = ("layers",) * len(stack)
         self.wq = make(stack + (h, nh, d), lay + ("embed", "q_heads", "head_dim"))
         self.wk = make(stack + (h, nkv, d), lay + ("embed", "kv_heads", "head_dim"))
         self.wv = make(stack + (h, nkv, d), lay + ("embed", "kv_heads", "head_dim"))
         self.wo = make(stack + (nh, d, h), lay + ("q_heads", "head_dim", "embed"))
-        self.use_bias = cfg.bias
         if cfg.bias:
             self.bq = make(stack + (nh, d), lay + ("q_heads", "head_dim"), init="zeros")
             self.bk = make(stack + (nkv, d), lay + ("kv_heads", "head_dim"), init="zeros")
@@ -124,9 +144,17 @@ class Attention(nnx.Module):
     def project_qkv(self, x, cos, sin, mesh):
         """q, k, v ``[B, S, heads, D]`` with rope applied to q and k (k is what a cache stores)."""
         dt = x.dtype
-        q, k, v = (_project(x, _cast(w, dt), mesh) for w in (self.wq, self.wk, self.wv))
-        if self.use_bias:
-            q, k, v = q + _cast(self.bq, dt), k + _cast(self.bk, dt), v + _cast(self.bv, dt)
+        if self.packed:
+            nh, nkv, d = self.heads
+            qkv = _project_t(x, _cast(self.wqkv, dt))
+            if self.use_bias:
+                qkv = qkv + _cast(self.bqkv, dt)
+            qkv = qkv.reshape(*x.shape[:2], nh + 2 * nkv, d)
+            q, k, v = qkv[:, :, :nh], qkv[:, :, nh:nh + nkv], qkv[:, :, nh + nkv:]
+        else:
+            q, k, v = (_project(x, _cast(w, dt), mesh) for w in (self.wq, self.wk, self.wv))
+            if self.use_bias:
+                q, k, v = q + _cast(self.bq, dt), k + _cast(self.bk, dt), v + _cast(self.bv, dt)
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "act_heads", "head_dim"), mesh)
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
         v = constrain(v, ("batch", "seq", "act_kv_heads", "head_dim"), mesh)
@@ -135,7 +163,10 @@ class Attention(nnx.Module):
     def project_out(self, o, mesh):
         # one [nH * D, H] matmul: contracting (n, d) of [nH, D, H] as written made XLA:CPU transpose wo
         b, s, nh, d = o.shape
-        y = _project(o.reshape(b, s, nh * d), _cast(self.wo, o.dtype).reshape(nh * d, -1), mesh)
+        if self.packed:
+            y = _project_t(o.reshape(b, s, nh * d), _cast(self.wo, o.dtype))
+        else:
+            y = _project(o.reshape(b, s, nh * d), _cast(self.wo, o.dtype).reshape(nh * d, -1), mesh)
         if self.use_bias:
             y = y + _cast(self.bo, o.dtype)
         return constrain(y, ("batch", "seq", "act_embed"), mesh)
@@ -154,8 +185,13 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """``w2(silu(w1 x) * w3 x)``, never biased."""
 
-    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = (), packed: bool = False):
         h, i = cfg.hidden_size, cfg.intermediate_size
+        self.packed = packed
+        if packed:  # the decode form: [w1; w3] output-major, w2 output-major
+            self.w13 = make((2 * i, h), ("mlp", "embed"))
+            self.w2 = make((h, i), ("embed", "mlp"))
+            return
         lay = ("layers",) * len(stack)
         self.w1 = make(stack + (h, i), lay + ("embed", "mlp"))
         self.w3 = make(stack + (h, i), lay + ("embed", "mlp"))
@@ -163,6 +199,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, mesh=None):
         dt = x.dtype
+        if self.packed:
+            gate, up = jnp.split(_project_t(x, _cast(self.w13, dt)), 2, axis=-1)
+            return _project_t(jax.nn.silu(gate) * up, _cast(self.w2, dt))
         gate, up = _project(x, _cast(self.w1, dt), mesh), _project(x, _cast(self.w3, dt), mesh)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"), mesh)
         return constrain(_project(hidden, _cast(self.w2, dt), mesh), ("batch", "seq", "act_embed"), mesh)
@@ -171,11 +210,11 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
 
-    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = ()):
+    def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = (), packed: bool = False):
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
-        self.attention = Attention(cfg, make, stack)
+        self.attention = Attention(cfg, make, stack, packed)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, make, stack)
-        self.feed_forward = MLP(cfg, make, stack)
+        self.feed_forward = MLP(cfg, make, stack, packed)
 
     def __call__(self, x, cos, sin, attend, mesh=None):
         """Returns ``(x, aux)``; ``attend`` as in :meth:`Attention.__call__`."""
@@ -185,6 +224,25 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("mlp"):
             x = x + self.feed_forward(self.ffn_norm(x), mesh)
         return x, aux
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """Each decoder layer's weights as arrays of its own, for the unrolled decode and prefill programs
+    (made once per generator by :meth:`InternLM2.decode_weights`; on CPU any slice of the stacked
+    arrays is copied before its matmul, so reading these instead saves a copy of every weight per step).
+
+    ``packed``: the layers are in the packed decode form (module docstring) and ``head`` is the output
+    layer as ``[V, H]`` (None when tied: the embedding table already is); otherwise each layer is a
+    plain row of the stacked parameters, in its sharding, and ``head`` is None."""
+
+    layers: tuple
+    head: jax.Array | None
+    packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def replace(self, **changes) -> "DecodeWeights":
+        return dataclasses.replace(self, **changes)
 
 
 class InternLM2(nnx.Module):
@@ -290,10 +348,53 @@ class InternLM2(nnx.Module):
         """The output layer's weight ``[H, V]`` (the embedding's transpose when tied), as stored."""
         return self.tok_embeddings[...].T if self.config.tie_word_embeddings else self.output[...]
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """float32 logits from final hidden states (already normed)."""
+    def logits(self, h: jax.Array, weights: DecodeWeights | None = None) -> jax.Array:
+        """float32 logits from final hidden states (already normed); with packed ``weights`` the
+        output layer is read output-major (their ``head``, or the tied embedding table)."""
+        if weights is not None and weights.packed:
+            head_t = self.tok_embeddings[...] if weights.head is None else weights.head
+            return _project_t(h, head_t.astype(h.dtype), jnp.float32)
         out = _project(h, self.head_weight().astype(h.dtype), self.mesh, jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab"), self.mesh)
+
+    def decode_weights(self, packed: bool) -> DecodeWeights:
+        """Every layer's weights as arrays of their own (traceable: jit it once, keep the result).
+        ``packed`` (one device, no mesh): in the packed decode form, with the output layer ``[V, H]``."""
+        cfg, n = self.config, self.config.num_hidden_layers
+        stacked = nnx.state(self.layers)
+        rows = [jax.tree.map(lambda p, i=i: p[i], stacked) for i in range(n)]
+        if not packed:
+            return DecodeWeights(tuple(rows), None, False)
+        h = cfg.hidden_size
+        out = []
+        for row in rows:
+            p = nnx.to_pure_dict(row)
+            a, f = p["attention"], p["feed_forward"]
+            attention = {"wqkv": jnp.concatenate([a[w].reshape(h, -1) for w in ("wq", "wk", "wv")], axis=1).T,
+                         "wo": a["wo"].reshape(-1, h).T}
+            if cfg.bias:
+                attention["bqkv"] = jnp.concatenate([a[b].reshape(-1) for b in ("bq", "bk", "bv")])
+                attention["bo"] = a["bo"]
+            state = nnx.state(self._packed_layer())
+            nnx.replace_by_pure_dict(state, {
+                "attention_norm": p["attention_norm"], "ffn_norm": p["ffn_norm"], "attention": attention,
+                "feed_forward": {"w13": jnp.concatenate([f["w1"], f["w3"]], axis=1).T, "w2": f["w2"].T}})
+            out.append(state)
+        head = None if cfg.tie_word_embeddings else self.output[...].T
+        return DecodeWeights(tuple(out), head, True)
+
+    def _packed_layer(self) -> DecoderLayer:
+        """An abstract decoder layer in the packed decode form (its graph definition and state template)."""
+        return DecoderLayer(self.config, ParamFactory(self.config, None, self.param_dtype, None), packed=True)
+
+    def unrolled_layers(self, weights: DecodeWeights | None) -> list[DecoderLayer]:
+        """The decoder layers as one module per layer, for unrolled programs: over ``weights``' own
+        arrays, or static slices of the stacked parameters when None."""
+        if weights is None:
+            weights = DecodeWeights(tuple(jax.tree.map(lambda p, i=i: p[i], nnx.state(self.layers))
+                                          for i in range(self.config.num_hidden_layers)), None)
+        layer_def = nnx.graphdef(self._packed_layer() if weights.packed else self.layers)
+        return [nnx.merge(layer_def, state) for state in weights.layers]
 
     def run_layers(self, x, cos, sin, attend, collect: bool = False):
         """Scan the stacked decoder layers over ``x`` (one compiled layer body for every depth).
@@ -426,8 +527,8 @@ class InternLM2(nnx.Module):
     def prefill_kv(self, input_ids, positions, mask, index, layers=None):
         """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag
         order under the ring path): returns the final hidden states ``[B, S, H]`` (before the final
-        norm) and every layer's keys and values (``[L, B, S, nKV, D]``, or per layer when ``layers``,
-        per-layer weight states, are given: the layers then run unrolled and read those in place)."""
+        norm) and every layer's keys and values (``[L, B, S, nKV, D]``, or per layer when ``layers``, a
+        :class:`DecodeWeights`, is given: the layers then run unrolled and read those in place)."""
         ok = jnp.asarray(mask).astype(bool)
         attention = self.attention_for(self.prefill_plan(input_ids.shape[1]), index, ok)
 
@@ -439,11 +540,10 @@ class InternLM2(nnx.Module):
         if layers is None:
             x, _, (keys, values) = self.run_layers(x, cos, sin, attend)
             return x, keys, values
-        layer_def = nnx.graphdef(self.layers)
         keys, values = [], []
-        for i, state in enumerate(layers):
+        for i, layer in enumerate(self.unrolled_layers(layers)):
             with jax.named_scope(f"layer_{i}"):
-                x, (k, v) = nnx.merge(layer_def, state)(x, cos, sin, attend, self.mesh)
+                x, (k, v) = layer(x, cos, sin, attend, self.mesh)
             keys.append(k)
             values.append(v)
         return x, keys, values
@@ -454,7 +554,7 @@ class InternLM2(nnx.Module):
         in place when the cache is donated, and attention reads each layer's buffer where it lies.
         ``slot`` is one slot for every sequence, or ``[B]`` slots (continuous batching: each sequence
         writes its own next slot; a slot past the cache writes nothing, which is how idle rows stay put).
-        Layers run unrolled: ``layers`` (per-layer weight states) or static slices of the stacked ones.
+        Layers run unrolled: ``layers`` (:class:`DecodeWeights`) or static slices of the stacked ones.
         Returns float32 logits ``[B, V]`` and the updated cache."""
         b = tokens.shape[0]
         mesh, nh = self.mesh, self.config.num_attention_heads
@@ -493,21 +593,17 @@ class InternLM2(nnx.Module):
                                      interpret=interpret)[0].astype(q.dtype)
             return cached_attention(q, kc, vc, valid)
 
-        layer_def, stacked = nnx.split(self.layers)
         x = self.embed(tokens[:, None])
         cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
         keys, values = list(cache.keys), list(cache.values)
-        for i in range(self.config.num_hidden_layers):
-            state = layers[i] if layers is not None else jax.tree.map(lambda p, i=i: p[i], stacked)
-            layer = nnx.merge(layer_def, state)
-
+        for i, layer in enumerate(self.unrolled_layers(layers)):
             def attend(q, k, v, i=i):
                 kc, vc = write(keys[i], k), write(values[i], v)
                 return attention(q, kc, vc), (kc, vc)
 
             with jax.named_scope(f"layer_{i}"):
                 x, (keys[i], values[i]) = layer(x, cos, sin, attend, mesh)
-        logits = self.logits(self.norm(x))[:, 0]
+        logits = self.logits(self.norm(x), layers)[:, 0]
         return logits, KVCache(tuple(keys), tuple(values), valid)
 
 
@@ -540,13 +636,10 @@ class InternLM2(nnx.Module):
                 mine = jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
             return buf, mine[None]
 
-        layer_def, stacked = nnx.split(self.layers)
         x = self.embed(tokens[None])
         cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
         keys, values = list(cache.keys), list(cache.values)
-        for i in range(self.config.num_hidden_layers):
-            state = layers[i] if layers is not None else jax.tree.map(lambda p, i=i: p[i], stacked)
-
+        for i, layer in enumerate(self.unrolled_layers(layers)):
             def attend(q, k, v, i=i):
                 kc, k_row = write_and_read(keys[i], k[0])
                 vc, v_row = write_and_read(values[i], v[0])
@@ -556,9 +649,9 @@ class InternLM2(nnx.Module):
                 return o.transpose(0, 3, 1, 2, 4).reshape(b, c, nh, d), (kc, vc)
 
             with jax.named_scope(f"layer_{i}"):
-                x, (keys[i], values[i]) = nnx.merge(layer_def, state)(x, cos, sin, attend, mesh)
+                x, (keys[i], values[i]) = layer(x, cos, sin, attend, mesh)
         last = jax.lax.dynamic_index_in_dim(x[0], count - 1, 0, keepdims=True)
-        logits = self.logits(self.norm(last[None]))[0, 0]
+        logits = self.logits(self.norm(last[None]), layers)[0, 0]
         return logits, KVCache(tuple(keys), tuple(values), valid)
 
 

@@ -14,7 +14,7 @@ import dataclasses
 
 PREFILL_ATTENTION = ("auto", "dense", "blockwise", "splash", "xla", "cudnn")
 DECODE_ATTENTION = ("auto", "dense", "ragged")
-DECODE_WEIGHTS = ("auto", "per_layer", "sliced")
+DECODE_WEIGHTS = ("auto", "packed", "per_layer", "sliced")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
 
@@ -31,8 +31,11 @@ class EngineSettings:
     decode_weights: how decode steps (and the generator's prefill) read each layer's weights.
         ``"per_layer"`` keeps one array per layer (made once per generator: a second copy of the layer
         weights, since on CPU any slice of the stacked arrays is copied before its matmul);
-        ``"sliced"`` slices the stacked arrays statically in an unrolled loop (no extra memory; GPU and
-        TPU read such slices in place); ``"auto"`` = per_layer on CPU, sliced elsewhere.
+        ``"packed"`` (no mesh) does the same in the packed decode form: q/k/v fused, w1/w3 fused and
+        every matrix output-major, plus an output-major copy of the output layer (XLA:CPU streams
+        such weights faster in small-batch matmuls); ``"sliced"`` slices the stacked arrays statically
+        in an unrolled loop (no extra memory; GPU and TPU read such slices in place); ``"auto"`` =
+        packed on CPU without a mesh, per_layer on a CPU mesh, sliced elsewhere.
     decode_chunk: decode steps per compiled loop call (stop ids are checked on the host between
         chunks; a fixed trip count keeps the GPU loop free of a host round trip per token).
     remat: activation checkpointing of each layer in training.

@@ -184,11 +184,40 @@ def test_decode_chunks_and_single_steps_make_the_same_tokens_and_stop_alike():
     assert np.stack(steps, 1).tolist() == want
 
 
-def test_per_layer_and_sliced_decode_weights_agree():
-    model = ij.InternLM2(CFG, seed=4)
+@pytest.mark.parametrize("bias,tied", [(False, False), (True, True)])
+def test_every_decode_weight_form_gives_the_same_logits(bias, tied):
+    """Packed (q/k/v and w1/w3 fused, output-major, the output layer transposed or the tied embedding
+    read as is), per-layer and sliced weights: the same prefill and decode logits (f32) and tokens.
+    The biases are random so that their packing is checked too."""
+    from internlm_jax.arrays import flat_params
+
+    model = ij.InternLM2(CFG.replace(bias=bias, tie_word_embeddings=tied), seed=4)
+    rng = np.random.RandomState(0)
+    for name, param in flat_params(model).items():
+        if name.split(".")[-1] in ("bq", "bk", "bv", "bo"):
+            param.set_value(jnp.asarray(rng.normal(0, 0.5, param.get_value().shape), jnp.float32))
     prompts = [[3, 4, 5, 6, 9, 10], [7] * 3]
-    kw = dict(max_new_tokens=6, stop_ids=())
-    per_layer = ij.generate_ids(model.configure(decode_weights="per_layer"), prompts, **kw)
-    assert generator_for(model).layers is not None
-    sliced = ij.generate_ids(model.configure(decode_weights="sliced"), prompts, **kw)
-    assert generator_for(model).layers is None and per_layer == sliced
+    logits, tokens = {}, {}
+    for form in ("packed", "per_layer", "sliced"):
+        gen = generator_for(model.configure(decode_weights=form))
+        assert (gen.layers is None) == (form == "sliced")
+        if form == "packed":
+            assert gen.layers.packed and (gen.layers.head is None) == tied
+        ds, base = gen.start(gen.prepare(prompts), max_new_tokens=4)
+        seen = [np.asarray(ds.logits)]
+        for _ in range(3):
+            ds, *_ = gen.step(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=())
+            seen.append(np.asarray(ds.logits))
+        logits[form] = np.stack(seen)
+        tokens[form] = ij.generate_ids(model, prompts, max_new_tokens=6, stop_ids=())
+    for form in ("packed", "per_layer"):
+        assert _rel(logits[form], logits["sliced"]) < 1e-5, form
+        assert tokens[form] == tokens["sliced"], form
+
+
+def test_packed_decode_weights_need_a_model_without_a_mesh():
+    mesh = ij.make_mesh(fsdp=2, devices=jax.devices()[:2])
+    model = ij.InternLM2(CFG, mesh=mesh, seed=0).configure(decode_weights="packed")
+    with pytest.raises(ValueError, match="decode_weights='packed' is for a model without a mesh"):
+        ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=2)
+    assert generator_for(model.configure(decode_weights="auto")).weights_form == "per_layer"
