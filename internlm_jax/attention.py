@@ -3,7 +3,8 @@
 :func:`prefill_plan` and :func:`decode_plan` turn the model's :class:`~internlm_jax.settings.EngineSettings`,
 the backend, dtype, length and mesh into the path taken; forward, prefill, decode and the planner all
 ask them. Kernels here: dense attention with the reference numerics (scores and softmax in float32),
-blockwise online-softmax attention on one device (linear memory, a static block schedule with no
+one fused ``jax.nn.dot_product_attention`` call over whole right-padded rows (cuDNN flash attention on
+GPU), blockwise online-softmax attention on one device (linear memory, a static block schedule with no
 per-block branch), and the block folds that ring attention (:mod:`internlm_jax.ring`) shares.
 
 K and V stay at the KV head count: query head ``j`` reads KV head ``j // G``, expressed by viewing
@@ -172,14 +173,30 @@ def blockwise_attention(q, k, v, valid, *, block: int, impl: str = "blockwise"):
     return out.reshape(b, s, nh, d)
 
 
+def fused_attention(q, k, v, lengths, *, implementation: str):
+    """Causal attention of whole right-padded sequences in one ``jax.nn.dot_product_attention`` call:
+    cuDNN's flash attention on GPU (memory linear in S, no [S, S] scores, no block loop), XLA's
+    dense kernel elsewhere. q ``[B, S, nH, D]``, k/v ``[B, S, nKV, D]`` (GQA as is), ``lengths [B]``
+    the real tokens of each row, which come first (rows are right-padded). Padding query rows get
+    zeros (cuDNN leaves them undefined; their keys and values must not carry NaN into a cache)."""
+    b, s = q.shape[:2]
+    lengths = jnp.asarray(lengths, jnp.int32)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths, implementation=implementation)
+    real = jnp.arange(s)[None, :] < lengths[:, None]
+    return jnp.where(real[:, :, None, None], o, 0).astype(q.dtype)
+
+
 # --- the selector ----------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
     """How a forward/prefill of ``length`` tokens attends. path: "dense" ([S, S] scores, short inputs),
-    "blockwise" (one device, :func:`blockwise_attention`), "ring" (over the mesh's sequence axis, or one
-    shard of it, :func:`internlm_jax.ring.ring_attention`). kernel: the block kernel of those two."""
+    "fused" (one device, one :func:`fused_attention` call over right-padded rows), "blockwise" (one
+    device, :func:`blockwise_attention`), "ring" (over the mesh's sequence axis, or one shard of it,
+    :func:`internlm_jax.ring.ring_attention`). kernel: the block kernel of those two, or the
+    implementation of the fused call."""
 
     path: str
     kernel: str
@@ -190,9 +207,17 @@ def platform_of(mesh) -> str:
     return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
 
 
-def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False) -> PrefillPlan:
+def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False,
+                 key_mask: bool = False) -> PrefillPlan:
     """The one rule for prefill attention (forward, prefill, training and the planner ask here).
-    ``segments``: packed documents (segment masking), which the one-device blockwise kernel does not take."""
+    ``segments``: packed documents (segment masking), which the one-device blockwise kernel does not take;
+    ``key_mask``: an arbitrary attention mask (e.g. a caller's left padding), which the fused call does
+    not take (the generator right-pads its rows for it instead).
+
+    One device: dense up to ``blockwise_from`` tokens and blockwise beyond, except that a cuDNN kernel
+    (``"auto"`` on GPU in bf16/fp16) runs as one fused call beyond ``blockwise_from`` (flash attention
+    needs no blocks), ``attention="cudnn"`` as one fused call at every length, and ``attention="xla"``
+    as one fused call up to ``blockwise_from`` (XLA's kernel builds the [S, S] scores)."""
     platform = platform_of(mesh)
     choice = settings.attention
     kernel = choice
@@ -201,6 +226,10 @@ def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False) 
         kernel = "cudnn" if platform == "gpu" and half else "blockwise"
     if mesh is not None and mesh.shape["sequence"] > 1:
         return PrefillPlan("ring", kernel)
+    short = length <= settings.blockwise_from
+    if mesh is None and choice != "dense" and not segments and not key_mask and (
+            (kernel == "cudnn" and (choice == "cudnn" or not short)) or (kernel == "xla" and short)):
+        return PrefillPlan("fused", kernel)
     if choice == "dense" or length <= settings.blockwise_from or (mesh is None and segments):
         return PrefillPlan("dense", kernel)
     if mesh is not None:  # sharded over batch/heads: the ring code with one sequence shard

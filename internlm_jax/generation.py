@@ -228,16 +228,21 @@ class Generator:
                              self.state["layers"]) for _ in weights.layers]
         return weights.replace(layers=tuple(rows))
 
+    def prefill_path(self, length: int) -> str:
+        """How a prompt of ``length`` (padded) tokens is prefilled (see :func:`prefill_plan`): "ring" lays
+        the tokens out zigzag, "fused" right-pads each row (its tokens first), the others left-pad."""
+        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype).path
+
     def blockwise(self, length: int) -> bool:
         """Whether a prompt of ``length`` tokens is prefilled by the ring layout (see :func:`prefill_plan`)."""
-        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype).path == "ring"
+        return self.prefill_path(length) == "ring"
 
     def prompt_length(self, longest: int, bucket: int | None = None) -> int:
         """The padded prompt length for a longest prompt of ``longest`` tokens: its bucket (or the one
         given); for the ring layout a multiple of 2n (and of n x block), for one-device blockwise
         attention a multiple of the block."""
         s = bucket or bucket_length(longest)
-        path = prefill_plan(self.settings, length=s, mesh=self.mesh, dtype=self.dtype).path
+        path = self.prefill_path(s)
         if path == "ring":
             return padded_length(s, self.n, self.settings.block)
         if path == "blockwise":
@@ -247,10 +252,15 @@ class Generator:
     # --- the compiled programs (pure functions of the parameter state) --------------------------
     def _prefill(self, state, layers, ids, mask, positions, index, cache_len: int, last: int):
         """Prompt -> (last-position logits, cache). ``index`` is each token's causal index; with a
-        sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits."""
+        sequence axis the tokens arrive in zigzag order and ``last`` is where the final one sits; under
+        the fused path each row is right-padded and its last real token is found from ``mask``."""
         model = nnx.merge(self.graphdef, state)
         x, keys, values = model.prefill_kv(ids, positions, mask, index, layers)
-        logits = model.logits(model.norm(x[:, last:last + 1]), layers)[:, 0]
+        if self.prefill_path(ids.shape[1]) == "fused":  # right-padded: each row's last token is its own
+            x = jnp.take_along_axis(x, (jnp.sum(mask, axis=1) - 1)[:, None, None], axis=1)
+        else:
+            x = x[:, last:last + 1]
+        logits = model.logits(model.norm(x), layers)[:, 0]
         ring = self.blockwise(ids.shape[1])
         cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring,
                             self.config.num_attention_heads)
@@ -361,6 +371,9 @@ class Generator:
         cache_len, last, base, order = self.layout(s, max_new_tokens)
         if order is not None:  # permuted on the host: the devices get their chunks directly
             arrays = [a[:, order] for a in arrays]
+        elif self.prefill_path(s) == "fused":  # each row's tokens first, at slots 0..n-1, padding after
+            pads = s - np.asarray(batch.lengths)
+            arrays = [np.stack([np.roll(row, -p) for row, p in zip(a, pads)]) for a in arrays[:3]] + [index]
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
         logits, cache = self.prefill(self.state, self.layers, ids, mask, positions, index, cache_len=cache_len,
                                      last=last)

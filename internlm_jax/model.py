@@ -44,6 +44,7 @@ from .attention import (
     cached_attention,
     decode_plan,
     dense_attention,
+    fused_attention,
     head_major_attention,
     prefill_plan,
     visible_mask,
@@ -425,10 +426,11 @@ class InternLM2(nnx.Module):
         """Size of the mesh's ``sequence`` axis (1 = attention is not split over the sequence)."""
         return 1 if self.mesh is None else self.mesh.shape["sequence"]
 
-    def prefill_plan(self, length: int, segments: bool = False):
+    def prefill_plan(self, length: int, segments: bool = False, key_mask: bool = False):
         """Which attention a forward/prefill of ``length`` tokens takes
         (:func:`internlm_jax.attention.prefill_plan`)."""
-        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype, segments=segments)
+        return prefill_plan(self.settings, length=length, mesh=self.mesh, dtype=self.dtype, segments=segments,
+                            key_mask=key_mask)
 
     def uses_blockwise(self, length: int) -> bool:
         """Whether ``length`` tokens take the ring layout (a sequence axis, or a long input on a mesh)."""
@@ -450,6 +452,9 @@ class InternLM2(nnx.Module):
                                                   q_start=q_start, block=block)
         if plan.path == "blockwise":
             return lambda q, k, v: blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel)  # noqa: E731
+        if plan.path == "fused":  # right-padded rows: each row's real tokens come first
+            lengths = jnp.sum(ok, axis=1, dtype=jnp.int32)
+            return lambda q, k, v: fused_attention(q, k, v, lengths, implementation=plan.kernel)  # noqa: E731
         mask = visible_mask(index, q_start, index, ok, causal=True)
         return lambda q, k, v: dense_attention(q, k, v, mask)  # noqa: E731
 
@@ -492,10 +497,10 @@ class InternLM2(nnx.Module):
         valid = jnp.ones((b, s), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         seq_len = jnp.max(positions) + 1  # dynamic NTK: the global length, before any padding
         n = self.sequence_parallel
-        plan = self.prefill_plan(s, segments=start is not None)
+        plan = self.prefill_plan(s, segments=start is not None, key_mask=attention_mask is not None)
         index, ids_p, pos_p, ok_p, start_p = idx, input_ids, positions, valid, start
         order = None
-        if plan.path != "dense":  # pad (the ring: and lay out zigzag); the results are put back below
+        if plan.path in ("ring", "blockwise"):  # pad (the ring: and lay out zigzag); put back below
             from .ring import padded_length, zigzag_order
 
             block = self.settings.block
@@ -517,7 +522,7 @@ class InternLM2(nnx.Module):
         emb = self.embed(ids_p)
         x, per_layer, _ = self.run_layers(emb, cos, sin, attend, collect=collect)
         x = self.norm(x)
-        if plan.path != "dense":  # back to token order, padding dropped
+        if plan.path in ("ring", "blockwise"):  # back to token order, padding dropped
             back = slice(0, s) if order is None else np.argsort(order)[:s]
             x = constrain(x[:, back], ("batch", "seq", "act_embed"), self.mesh)
             if collect:
@@ -526,9 +531,10 @@ class InternLM2(nnx.Module):
 
     def prefill_kv(self, input_ids, positions, mask, index, layers=None):
         """A prompt laid out for its attention path (``index`` [B, S]: each token's causal index; zigzag
-        order under the ring path): returns the final hidden states ``[B, S, H]`` (before the final
-        norm) and every layer's keys and values (``[L, B, S, nKV, D]``, or per layer when ``layers``, a
-        :class:`DecodeWeights`, is given: the layers then run unrolled and read those in place)."""
+        order under the ring path; rows right-padded under the fused path): returns the final hidden
+        states ``[B, S, H]`` (before the final norm) and every layer's keys and values
+        (``[L, B, S, nKV, D]``, or per layer when ``layers``, a :class:`DecodeWeights`, is given: the
+        layers then run unrolled and read those in place)."""
         ok = jnp.asarray(mask).astype(bool)
         attention = self.attention_for(self.prefill_plan(input_ids.shape[1]), index, ok)
 

@@ -23,9 +23,11 @@ class EngineSettings:
     """How the model runs; none of these change its results beyond float rounding.
 
     attention: prefill/forward attention. ``"auto"`` = dense up to ``blockwise_from`` tokens, then
-        blockwise online-softmax attention (cuDNN blocks on GPU in bf16/fp16), ring attention over a
-        ``sequence`` mesh axis; ``"dense"`` forces [S, S] scores on one device (short inputs only);
-        ``"blockwise"`` / ``"xla"`` / ``"cudnn"`` / ``"splash"`` (Pallas TPU) pick the block kernel.
+        blockwise online-softmax attention on one device (on GPU in bf16/fp16: one cuDNN flash-attention
+        call over the whole sequence instead), ring attention over a ``sequence`` mesh axis;
+        ``"dense"`` forces [S, S] scores on one device (short inputs only); ``"blockwise"`` / ``"xla"`` /
+        ``"cudnn"`` / ``"splash"`` (Pallas TPU) pick the kernel (on one device ``"cudnn"``, and ``"xla"``
+        up to ``blockwise_from``, run as one call over the whole sequence).
     decode_attention: ``"auto"`` (the ragged Pallas kernel on TPU where shapes allow, else dense),
         ``"dense"`` (reads every cache slot) or ``"ragged"`` (reads only blocks holding valid slots).
     decode_weights: how decode steps (and the generator's prefill) read each layer's weights.

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import internlm_jax as ij
-from internlm_jax.attention import blockwise_attention, dense_attention, prefill_plan
+from internlm_jax.attention import PrefillPlan, blockwise_attention, dense_attention, prefill_plan
 from internlm_jax.cache import KVCache, heads_view
 from internlm_jax.generation import SamplingParams, generator_for
 from internlm_jax.settings import EngineSettings
@@ -53,6 +53,66 @@ def test_the_selector_picks_by_length_mesh_backend_and_dtype():
     seq = ij.make_mesh(sequence=2, fsdp=4)
     plan = prefill_plan(s, length=16, mesh=seq, dtype=jnp.bfloat16)
     assert (plan.path, plan.kernel) == ("ring", "blockwise")  # CPU: no cuDNN
+    # one fused kernel call: cuDNN at any length, XLA's kernel while its [S, S] scores are small;
+    # never over a caller's key mask or packed segments
+    cudnn, xla = s.replace(attention="cudnn"), s.replace(attention="xla")
+    assert prefill_plan(cudnn, length=10**6, mesh=None, dtype=jnp.bfloat16) == PrefillPlan("fused", "cudnn")
+    assert prefill_plan(cudnn, length=16, mesh=None, dtype=jnp.bfloat16) == PrefillPlan("fused", "cudnn")
+    assert prefill_plan(xla, length=1024, mesh=None, dtype=jnp.float32) == PrefillPlan("fused", "xla")
+    assert prefill_plan(xla, length=1025, mesh=None, dtype=jnp.float32) == PrefillPlan("blockwise", "xla")
+    assert prefill_plan(cudnn, length=10**6, mesh=None, dtype=jnp.bfloat16, key_mask=True).path == "blockwise"
+    assert prefill_plan(cudnn, length=16, mesh=None, dtype=jnp.bfloat16, segments=True).path == "dense"
+    assert prefill_plan(cudnn, length=10**6, mesh=mesh, dtype=jnp.bfloat16).path == "ring"
+
+
+def test_the_fused_call_equals_dense_attention_on_right_padded_rows():
+    """One jax.nn.dot_product_attention call (XLA's kernel here, cuDNN's on a GPU) over right-padded
+    rows with GQA, against dense attention with the same keys masked; padding rows come back zero."""
+    from internlm_jax.attention import fused_attention
+
+    r = np.random.default_rng(0)
+    b, s, nh, nkv, d = 3, 40, 4, 2, 16
+    q, k, v = (jnp.asarray(r.standard_normal((b, s, h, d)), jnp.float32) for h in (nh, nkv, nkv))
+    lengths = np.array([40, 23, 1])
+    valid = np.arange(s)[None] < lengths[:, None]
+    mask = np.tril(np.ones((s, s), bool))[None] & valid[:, None, :]
+    want = np.asarray(dense_attention(q, k, v, jnp.asarray(mask)))
+    got = np.asarray(fused_attention(q, k, v, jnp.asarray(lengths), implementation="xla"))
+    assert _rel(got[valid], want[valid]) < 1e-6
+    assert not got[~valid].any()
+
+
+def test_a_fused_prefill_right_pads_each_prompt_and_matches_the_dense_path():
+    """Under the fused path the generator puts each prompt's tokens at slots 0..n-1 (padding after,
+    invalid); the first logits (f32, 1e-5) and greedy tokens of a batch of different lengths equal the
+    dense path's, whose prompts are left-padded. The plain forward takes the fused call too, but not
+    over a caller's attention mask."""
+    fused = ij.InternLM2(CFG, seed=3).configure(attention="xla")
+    dense = ij.InternLM2(CFG, seed=3).configure(attention="dense")
+    r = np.random.RandomState(2)
+    prompts = [list(r.randint(3, CFG.vocab_size, 30)), list(r.randint(3, CFG.vocab_size, 7)), [5]]
+    first = {}
+    for name, model in (("fused", fused), ("dense", dense)):
+        gen = generator_for(model)
+        ds, base = gen.start(gen.prepare(prompts), max_new_tokens=5)
+        first[name] = np.asarray(ds.logits)
+        valid = np.asarray(ds.cache.valid)[:, :32]
+        if name == "fused":
+            assert gen.prefill_path(32) == "fused"
+            assert valid.tolist() == [[j < n for j in range(32)] for n in (30, 7, 1)]
+        else:
+            assert valid.tolist() == [[j >= 32 - n for j in range(32)] for n in (30, 7, 1)]
+    assert _rel(first["fused"], first["dense"]) < 1e-5
+    kw = dict(max_new_tokens=8, stop_ids=())
+    assert ij.generate_ids(fused, prompts, **kw) == ij.generate_ids(dense, prompts, **kw)
+    ids = r.randint(0, CFG.vocab_size, (2, 50))
+    assert fused.prefill_plan(50).path == "fused"
+    assert _rel(fused(ids), dense(ids)) < 1e-5
+    mask = np.ones((2, 50), np.int32)
+    mask[1, :20] = 0
+    assert fused.prefill_plan(50, key_mask=True).path == "dense"
+    assert _rel(np.asarray(fused(ids, attention_mask=mask))[mask == 1],
+                np.asarray(dense(ids, attention_mask=mask))[mask == 1]) < 1e-5
 
 
 def test_blockwise_attention_equals_dense_attention():
