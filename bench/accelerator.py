@@ -127,12 +127,12 @@ def main():
         state = {"ds": ds}
 
         def chunk():  # the state is donated and handed back; (repeats + 1) x k steps fit in the cache
-            state["ds"], tokens, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
+            state["ds"], tokens, _, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
                                                stop_ids=())
             return tokens
 
         def step():
-            state["ds"], tokens, _ = gen.step(gen.state, gen.layers, state["ds"], base, sampling=greedy, stop_ids=())
+            state["ds"], tokens, _, _ = gen.step(gen.state, gen.layers, state["ds"], base, sampling=greedy, stop_ids=())
             return tokens
 
         t_loop = timed(chunk, repeats=args.repeats, name="loop") / k

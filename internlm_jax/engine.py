@@ -41,6 +41,7 @@ from .generation import DecodeState, RowSampling, SamplingParams, bucket_length,
 from .multihost import StepChannel
 from .sharding import named_sharding
 
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 IDLE = 1 << 30  # the slot base of a row without a decoding request: its writes fall off the cache
 HEARTBEAT_S = 1.0  # an idle multi-host leader sends an empty step this often
 
@@ -57,15 +58,21 @@ class QueueFull(RuntimeError):
 class Request:
     """One generation request and its progress. ``tokens`` grows as the engine produces them;
     ``finish_reason`` is ``"stop"`` (a stop id came; it is not in ``tokens``), ``"length"``
-    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final."""
+    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final. With ``logprobs``
+    (``k >= 0``) each token also gets its log-probability in ``token_logprobs`` and the ``k`` most
+    likely ``(id, logprob)`` pairs in ``top_logprobs`` (see :class:`~internlm_jax.generation.TokenScores`);
+    these lists grow with ``tokens``."""
 
     prompt: list[int]
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
     on_update: Callable[["Request", list[int]], None] | None = None  # called from the engine thread
@@ -157,7 +164,7 @@ class Engine:
 
     def check(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-              stop_ids: Sequence[int] = ()) -> Request:
+              stop_ids: Sequence[int] = (), logprobs: int | None = None) -> Request:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
         if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -179,7 +186,10 @@ class Engine:
             raise EngineError(str(e)) from None
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise EngineError(f"seed must be an integer, got {seed!r}")
-        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids))
+        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise EngineError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
+        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs)
 
     @property
     def busy(self) -> bool:
@@ -327,13 +337,15 @@ class Engine:
             # handful of programs; tokens past a request's end are dropped)
             need = max(self.rows[i].request.max_tokens - len(self.rows[i].request.tokens) for i in active)
             f = RowSampling.features([self.rows[i].request.sampling for i in active])
+            wanted = [self.rows[i].request.logprobs for i in active if self.rows[i].request.logprobs is not None]
             decode = {"rows": active, "steps": min(self.decode_chunk, 1 << (max(need, 1) - 1).bit_length()),
-                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty]}
+                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty],
+                      "logprobs": max(wanted, default=-1)}  # -1: no row asked, none computed
         return {"release": release, "prefill": prefill, "activate": activate, "decode": decode}
 
     def _execute(self, plan: dict):
         """Run a plan on the devices (every process of a job runs the same plans in the same order);
-        returns the decode chunk's ``(tokens, emitted)`` on the host, or None."""
+        returns the decode chunk's ``(tokens, emitted, scores)`` on the host, or None."""
         if plan["release"]:
             mask = np.zeros(self.max_batch, bool)
             mask[plan["release"]] = True
@@ -361,23 +373,24 @@ class Engine:
         if decode is None:
             return None
         features = SamplingParams(*decode["features"])
-        self.ds, tokens, emitted = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base,
-                                                  steps=decode["steps"], sampling=features, stop_ids=self.stop_ids)
+        self.ds, tokens, emitted, scores = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base,
+                                                          steps=decode["steps"], sampling=features,
+                                                          stop_ids=self.stop_ids, logprobs=decode["logprobs"])
         self.steps += decode["steps"]
         self.stats["decode_steps"] += decode["steps"]
-        return to_host(tokens), to_host(emitted)
+        return to_host(tokens), to_host(emitted), jax.tree.map(to_host, scores)
 
     def _collect(self, plan: dict, out) -> None:
         """Hand the decode chunk's tokens to their requests; finished rows are free at once (their
         device rows are released at the start of the next step)."""
         if out is None:
             return
-        tokens, emitted = out
+        tokens, emitted, scores = out
         now = time.perf_counter()
         for i in plan["decode"]["rows"]:
             request = self.rows[i].request
             new, reason = [], None
-            for t, ok in zip(tokens[i], emitted[i]):
+            for j, (t, ok) in enumerate(zip(tokens[i], emitted[i])):
                 if not ok:
                     reason = reason or "stop"
                     break
@@ -386,6 +399,11 @@ class Engine:
                     reason = "stop"
                     break
                 new.append(t)
+                if request.logprobs is not None:  # scores are always there when a running row asked
+                    k = request.logprobs
+                    request.token_logprobs.append(float(scores.logprob[i, j]))
+                    request.top_logprobs.append([(int(a), float(b)) for a, b in
+                                                 zip(scores.top_ids[i, j, :k], scores.top_logprobs[i, j, :k])])
                 if len(request.tokens) + len(new) >= request.max_tokens:
                     reason = "length"
                     break

@@ -145,6 +145,29 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
     return jnp.where(t > 0, drawn, greedy)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """Log-probabilities of one decode step's tokens under the model: float32 log-softmax of the raw
+    logits, before repetition penalty, temperature and top-k/top-p (so they do not depend on how a
+    token was drawn). ``logprob`` is the emitted token's, ``top_*`` the ``k`` most likely tokens'."""
+
+    logprob: jax.Array  # [B] float32
+    top_ids: jax.Array  # [B, k] int32, most likely first
+    top_logprobs: jax.Array  # [B, k] float32
+
+
+def token_scores(logits: jax.Array, tokens: jax.Array, k: int) -> TokenScores:
+    """The :class:`TokenScores` of ``tokens`` ``[B]`` drawn from ``logits`` ``[B, V]``, with the top ``k``."""
+    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+    if k:
+        top_lp, top_ids = jax.lax.top_k(lp, k)
+    else:
+        top_lp, top_ids = jnp.zeros((lp.shape[0], 0), jnp.float32), jnp.zeros((lp.shape[0], 0), jnp.int32)
+    return TokenScores(chosen, top_ids.astype(jnp.int32), top_lp)
+
+
 def bucket_length(n: int) -> int:
     """Prompt lengths are padded up to a power of two (at least 16) to bound recompilation; past
     ``LONG_BUCKET`` to a multiple of it (a 200K prompt is not padded to 256K)."""
@@ -192,8 +215,9 @@ class Generator:
         self.settings = model.settings
         self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
-        self.step = jax.jit(self._step, static_argnames=("sampling", "stop_ids"), donate_argnames=("ds",))
-        self.chunk = jax.jit(self._chunk, static_argnames=("steps", "sampling", "stop_ids"), donate_argnames=("ds",))
+        self.step = jax.jit(self._step, static_argnames=("sampling", "stop_ids", "logprobs"), donate_argnames=("ds",))
+        self.chunk = jax.jit(self._chunk, static_argnames=("steps", "sampling", "stop_ids", "logprobs"),
+                             donate_argnames=("ds",))
         self.sample = jax.jit(sample_tokens, static_argnames=("params",))
         self.weights_form = decode_weights(self.settings, self.mesh)
         self._layers, self._layers_of = None, None
@@ -266,12 +290,15 @@ class Generator:
                             self.config.num_attention_heads)
         return logits, cache.constrain(self.mesh)
 
-    def _step(self, state, layers, ds: DecodeState, base, sampling: SamplingParams, stop_ids: tuple[int, ...]):
+    def _step(self, state, layers, ds: DecodeState, base, sampling: SamplingParams, stop_ids: tuple[int, ...],
+              logprobs: int = -1):
         """Sample a token per sequence from ``ds.logits``, record it, and run it through the model.
 
-        Returns ``(new state, tokens [B], emitted [B])``: a sequence already stopped emits nothing (its
-        token is the pad). Decode token ``step`` goes to slot ``base + step``; with a sequence axis to
-        shard ``step % n`` at local slot ``base + step // n`` (the shards fill evenly). With per-row
+        Returns ``(new state, tokens [B], emitted [B], scores)``: a sequence already stopped emits nothing
+        (its token is the pad); ``scores`` is None, or with ``logprobs >= 0`` the tokens'
+        :class:`TokenScores` with the top ``logprobs`` alternatives. Decode token ``step`` goes to slot
+        ``base + step``; with a sequence axis to shard ``step % n`` at local slot ``base + step // n``
+        (the shards fill evenly). With per-row
         sampling (``ds.rows``, the engine's continuous batching) ``base`` is per row, ``sampling`` only
         says which filters are compiled in, and a stopped row's position no longer advances."""
         model = nnx.merge(self.graphdef, state)
@@ -283,6 +310,7 @@ class Generator:
         else:
             tok = sample_rows(ds.logits, ds.rows, ds.positions, sampling, ds.seen)
         tok = jnp.where(ds.done, pad, tok)
+        scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
         done = ds.done | jnp.isin(tok, stops)
         seen = ds.seen.at[jnp.arange(b), tok].set(True)
@@ -292,18 +320,19 @@ class Generator:
         positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)
         new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(positions),
                           vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows)
-        return new, tok, emitted
+        return new, tok, emitted, scores
 
     def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,
-               stop_ids: tuple[int, ...]):
+               stop_ids: tuple[int, ...], logprobs: int = -1):
         """``steps`` decode steps in one program (a scan with a static trip count: no host round trip
-        per token). Returns ``(state, tokens [B, steps], emitted [B, steps])``."""
+        per token). Returns ``(state, tokens [B, steps], emitted [B, steps], scores)`` (scores as for
+        :meth:`_step`, each array with the step axis second)."""
         def body(ds, _):
-            ds, tok, emitted = self._step(state, layers, ds, base, sampling, stop_ids)
-            return ds, (tok, emitted)
+            ds, tok, emitted, scores = self._step(state, layers, ds, base, sampling, stop_ids, logprobs)
+            return ds, (tok, emitted, scores)
 
-        ds, (tokens, emitted) = jax.lax.scan(body, ds, None, length=steps)
-        return ds, tokens.T, emitted.T
+        ds, (tokens, emitted, scores) = jax.lax.scan(body, ds, None, length=steps)
+        return ds, tokens.T, emitted.T, jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), scores)
 
     # --- host-side drivers ----------------------------------------------------------------------
     def decode(self, ds: DecodeState, base, max_new_tokens: int, sampling: SamplingParams,
@@ -317,7 +346,7 @@ class Generator:
         while made < max_new_tokens:
             # whole chunks, then the remainder in power-of-two chunks (a few programs, no wasted steps)
             steps = min(k, 1 << ((max_new_tokens - made).bit_length() - 1))
-            ds, tokens, emitted = self.chunk(self.state, layers, ds, base, steps=steps, sampling=sampling,
+            ds, tokens, emitted, _ = self.chunk(self.state, layers, ds, base, steps=steps, sampling=sampling,
                                              stop_ids=stop_ids)
             out.append(tokens)
             ok.append(emitted)
@@ -522,7 +551,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)
     layers = gen.layers
     for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call
-        ds, token, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
+        ds, token, _, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
         t = int(token[0])
         if t in stop_ids:
             break

@@ -239,6 +239,17 @@ class Tokenizer:
         name = self._special_by_id.get(token_id)
         return name if name is not None else self._sp.id_to_piece(token_id)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as in OpenAI's logprobs: a piece's text with its leading
+        "▁" as a space, a byte-fallback piece (``<0xE4>``) its single byte, a special id its string."""
+        token_id = self._check_id(token_id)
+        name = self._special_by_id.get(token_id)
+        if name is not None:
+            return name.encode()
+        if self._sp.is_byte(token_id):
+            return bytes([int(self._sp.id_to_piece(token_id)[3:5], 16)])
+        return self._sp.id_to_piece(token_id).replace("\u2581", " ").encode()
+
     def piece_to_id(self, piece: str) -> int:
         """Id of a piece; accepts special strings too. Unknown pieces give :attr:`unk_id`."""
         idx = self._special_tokens.get(piece)

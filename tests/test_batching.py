@@ -129,6 +129,36 @@ def test_request_stop_ids_and_bad_requests(model):
         engine.submit([7], max_tokens=2)
 
 
+def reference_logprobs(model, prompt, tokens):
+    """float32 log-softmax of the plain forward's logits at each generated token's position."""
+    logits = np.asarray(model(np.asarray([list(prompt) + list(tokens)], np.int32)), np.float64)[0]
+    logits = logits[len(prompt) - 1:len(prompt) - 1 + len(tokens)]
+    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+
+
+def test_logprobs_are_the_models_and_do_not_change_the_tokens(model):
+    prompts, _ = prompts_and_lengths(7)
+    engine = Engine(model, max_batch=3, max_len=400, prefill_chunk=64, stop_ids=STOP)
+    plain = engine.submit(prompts[1], max_tokens=12)
+    greedy = engine.submit(prompts[1], max_tokens=12, logprobs=3)
+    drawn = engine.submit(prompts[3], max_tokens=12, temperature=1.5, top_k=10, seed=4, logprobs=0)
+    engine.run_until_done()
+    assert greedy.tokens == plain.tokens == alone(model, prompts[1], 12) and plain.token_logprobs == []
+    for r, prompt in ((greedy, prompts[1]), (drawn, prompts[3])):
+        want = reference_logprobs(model, prompt, r.tokens)
+        assert len(r.token_logprobs) == len(r.top_logprobs) == len(r.tokens) > 0
+        got = np.asarray(r.token_logprobs)
+        np.testing.assert_allclose(got, want[np.arange(len(r.tokens)), r.tokens], atol=2e-5, rtol=1e-5)
+        for row, top in zip(want, r.top_logprobs):  # the k most likely, most likely first, raw logits
+            assert len(top) == r.logprobs
+            assert [t for t, _ in top] == list(np.argsort(-row)[:r.logprobs])
+            np.testing.assert_allclose([lp for _, lp in top], np.sort(row)[::-1][:r.logprobs], atol=2e-5, rtol=1e-5)
+    assert [top[0][0] for top in greedy.top_logprobs] == greedy.tokens  # greedy picks the most likely
+    with pytest.raises(EngineError, match="logprobs must be an integer from 0 to 20"):
+        engine.submit([5], max_tokens=2, logprobs=21)
+
+
 def test_on_a_tensor_parallel_mesh(model):
     prompts, budgets = prompts_and_lengths(6)
     sharded = ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(tensor=2, fsdp=2))
