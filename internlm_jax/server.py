@@ -6,7 +6,10 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 gives server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /health``.
 Parameters: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``,
 ``repetition_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or in ``stop``),
-``seed``, ``tools``; ``n`` must be 1. Every response carries ``usage`` (streams: in the last chunk).
+``seed``, ``tools``, ``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``, ...),
+``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives). Every response
+carries ``usage`` (streams: in the last chunk, or with ``stream_options.include_usage`` in a final
+chunk of its own, as OpenAI does).
 Bad requests get a 4xx with OpenAI's error object naming the parameter; a full queue answers 429; a
 client that disconnects frees its slot; SIGTERM stops accepting, lets running requests finish, exits.
 """
@@ -22,14 +25,14 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages, usage
-from .engine import Engine, EngineError, QueueFull
+from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
 from .multihost import finish
 
 Number = StrictFloat  # ints are accepted, strings and booleans are not
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, logit_bias, ...) are ignored
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (user, ...) are ignored
 
     model: StrictStr
     max_tokens: StrictInt | None = None
@@ -48,12 +51,18 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    logprobs: StrictInt | None = None  # alternatives per token (the legacy API's form)
+    echo: StrictBool = False
+    suffix: StrictStr | None = None
+    best_of: StrictInt | None = None
 
 
 class ChatRequest(_Request):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
 
 
 class APIError(Exception):
@@ -69,6 +78,61 @@ class APIError(Exception):
 def _type_step(x) -> bool:
     return isinstance(x, str) and (x in ("str", "int", "float", "bool", "dict", "list") or "[" in x
                                    or x.startswith("function-"))
+
+
+def token_text(tok, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI's logprobs show it: its text (``bytes:\\xNN`` for part of a character)
+    and its bytes."""
+    raw = tok.token_bytes(token)
+    try:
+        return raw.decode(), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+class Choice:
+    """One of a request's ``n`` continuations: its engine request and its incremental text."""
+
+    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool):
+        self.tok, self.index, self.handle = tok, index, handle
+        self.decoder = tok.stream_decoder(skip_special_tokens=False)
+        self.text = TextStream(stop, tools=tools)
+        self.scored = 0  # tokens whose logprobs were sent
+        self.offset = 0  # characters of token text so far (completions' text_offset)
+
+    def finish_reason(self) -> str:
+        reason = self.handle.finish_reason
+        if self.text.stopped or reason == "stop":
+            return "stop"
+        return "length" if reason == "length" else (reason or "stop")
+
+    def logprobs(self, count: int, chat: bool) -> dict | None:
+        """OpenAI's logprobs object for this choice's next ``count`` tokens (None without logprobs)."""
+        r = self.handle
+        if r.logprobs is None:
+            return None
+        span = range(self.scored, self.scored + count)
+        self.scored += count
+        clamp = lambda x: max(x, -9999.0)  # noqa: E731 - JSON has no -inf
+        if chat:
+            def entry(t, lp):
+                text, raw = token_text(self.tok, t)
+                return {"token": text, "logprob": clamp(lp), "bytes": raw}
+            return {"content": [{**entry(r.tokens[i], r.token_logprobs[i]),
+                                 "top_logprobs": [entry(a, b) for a, b in r.top_logprobs[i]]} for i in span],
+                    "refusal": None}
+        texts = [token_text(self.tok, r.tokens[i])[0] for i in span]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        tops = []
+        for i, text in zip(span, texts):
+            top = {token_text(self.tok, a)[0]: clamp(b) for a, b in r.top_logprobs[i]}
+            top.setdefault(text, clamp(r.token_logprobs[i]))  # the sampled token is always listed
+            tops.append(top)
+        return {"tokens": texts, "token_logprobs": [clamp(r.token_logprobs[i]) for i in span],
+                "top_logprobs": tops, "text_offset": offsets}
 
 
 def create_app(engine: Engine, tok, model_name: str):
@@ -123,9 +187,17 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req: _Request, prompt: list[int]) -> dict:
-        if req.n != 1:
-            raise APIError(400, f"n={req.n} is not supported (only n=1)", param="n")
+    def sampling(req: _Request, prompt: list[int]) -> tuple[dict, list[str]]:
+        if req.n < 1 or req.n > engine.max_queue:
+            raise APIError(400, f"n must be from 1 to {engine.max_queue} (the server's max_queue), got {req.n}",
+                           param="n")
+        unsupported = [("logit_bias", bool((req.model_extra or {}).get("logit_bias")))]
+        if isinstance(req, CompletionRequest):
+            unsupported += [("echo", req.echo), ("suffix", req.suffix is not None),
+                            ("best_of", req.best_of is not None and req.best_of != req.n)]
+        for name, used in unsupported:
+            if used:
+                raise APIError(400, f"{name} is not supported by this server", param=name)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
@@ -143,74 +215,98 @@ def create_app(engine: Engine, tok, model_name: str):
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
-                  stop_ids=[s for s in stops if isinstance(s, int)] + list(req.stop_token_ids or []))
+                  stop_ids=[s for s in stops if isinstance(s, int)] + list(req.stop_token_ids or []),
+                  logprobs=logprobs_wanted(req))
         return kw, [s for s in stops if isinstance(s, str)]
+
+    def logprobs_wanted(req: _Request) -> int | None:
+        """Alternatives per token the request asks for (None: no logprobs)."""
+        if isinstance(req, ChatRequest):
+            if req.top_logprobs is not None and not req.logprobs:
+                raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            k, name = (req.top_logprobs or 0) if req.logprobs else None, "top_logprobs"
+        else:
+            k, name = req.logprobs, "logprobs"
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise APIError(400, f"{name} must be from 0 to {MAX_LOGPROBS}, got {k}", param=name)
+        return k
 
     async def run(prompt: list[int], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request):
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
+        choices: list[Choice] = []
 
-        def on_update(request, new):  # engine thread -> event loop
-            loop.call_soon_threadsafe(updates.put_nowait, (list(new), request.finished.is_set()))
+        def on_update(index):
+            def update(request, new):  # engine thread -> event loop
+                loop.call_soon_threadsafe(updates.put_nowait, (index, list(new), request.finished.is_set()))
+            return update
 
         try:
-            handle = engine.submit(prompt, on_update=on_update, **kw)
-        except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error", code="queue_full") from None
-        except EngineError as e:
+            for i in range(req.n):  # n independent requests, seeds seed, seed + 1, ...
+                handle = engine.submit(prompt, on_update=on_update(i), **{**kw, "seed": kw["seed"] + i})
+                choices.append(Choice(tok, i, handle, stop, tools))
+        except (QueueFull, EngineError) as e:
+            for c in choices:
+                c.handle.cancel()
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error", code="queue_full") from None
             raise APIError(400, str(e)) from None
-        decoder = tok.stream_decoder(skip_special_tokens=False)
-        text = TextStream(stop, tools=tools)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
         async def events():
-            """(text delta, finished) as tokens arrive; cancels the request when a stop string shows."""
+            """(choice, text delta, new token count, finished) as tokens arrive, until every choice is
+            finished; cancels a choice when a stop string shows."""
+            running = len(choices)
             try:
-                while True:
-                    new, finished = await updates.get()
-                    delta = "".join(text.push(p) for p in map(decoder.push, new) if p)
+                while running:
+                    index, new, finished = await updates.get()
+                    c = choices[index]
+                    delta = "".join(c.text.push(p) for p in map(c.decoder.push, new) if p)
                     if finished:
-                        delta += text.push(decoder.flush())
-                    if text.stopped and not handle.finished.is_set():
-                        handle.cancel()
-                    yield delta, finished
-                    if finished:
-                        return
+                        delta += c.text.push(c.decoder.flush())
+                        running -= 1
+                    if c.text.stopped and not c.handle.finished.is_set():
+                        c.handle.cancel()
+                    yield c, delta, len(new), finished
             finally:
-                handle.cancel()  # a no-op once finished; frees the slot when the client went away
+                for c in choices:
+                    c.handle.cancel()  # a no-op once finished; frees the slots when the client went away
 
-        def finish_reason():
-            if text.stopped or handle.finish_reason == "stop":
-                return "stop"
-            return "length" if handle.finish_reason == "length" else (handle.finish_reason or "stop")
-
-        def choice(delta: dict | None = None, message: dict | None = None, reason=None, txt=None):
+        def choice(c: Choice, delta: dict | None = None, message: dict | None = None, reason=None, txt=None,
+                   logprobs=None):
             if chat:
                 key, value = ("delta", delta) if delta is not None else ("message", message)
-                return {"index": 0, key: value, "finish_reason": reason, "logprobs": None}
-            return {"index": 0, "text": txt, "finish_reason": reason, "logprobs": None}
+                return {"index": c.index, key: value, "finish_reason": reason, "logprobs": logprobs}
+            return {"index": c.index, "text": txt, "finish_reason": reason, "logprobs": logprobs}
+
+        def total_usage() -> dict:
+            return usage(len(prompt), sum(len(c.handle.tokens) for c in choices))
 
         obj = ("chat.completion" if chat else "text_completion")
         if not req.stream:
             async for _ in events():
                 pass
-            if handle.finish_reason and handle.finish_reason.startswith("error"):
-                raise APIError(500, f"generation failed ({handle.finish_reason})", kind="server_error")
-            out = text.text
-            reason = finish_reason()
-            if chat:
-                content, calls = parse_tool_calls(out) if tools else (out, [])
-                message = {"role": "assistant", "content": content}
-                if calls:
-                    message["tool_calls"], reason = calls, "tool_calls"
-                body_choice = choice(message=message, reason=reason)
-            else:
-                body_choice = choice(txt=out, reason=reason)
+            failed = [c.handle.finish_reason for c in choices if (c.handle.finish_reason or "").startswith("error")]
+            if failed:
+                raise APIError(500, f"generation failed ({failed[0]})", kind="server_error")
+            body = []
+            for c in choices:
+                out, reason = c.text.text, c.finish_reason()
+                logprobs = c.logprobs(len(c.handle.tokens), chat)
+                if chat:
+                    content, calls = parse_tool_calls(out) if tools else (out, [])
+                    message = {"role": "assistant", "content": content}
+                    if calls:
+                        message["tool_calls"], reason = calls, "tool_calls"
+                    body.append(choice(c, message=message, reason=reason, logprobs=logprobs))
+                else:
+                    body.append(choice(c, txt=out, reason=reason, logprobs=logprobs))
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
-                                 "choices": [body_choice], "usage": usage(len(prompt), len(handle.tokens))})
+                                 "choices": body, "usage": total_usage()})
 
         chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+        usage_chunk = bool((req.stream_options or {}).get("include_usage"))
 
         def sse(payload: dict) -> str:
             return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
@@ -220,26 +316,35 @@ def create_app(engine: Engine, tok, model_name: str):
                 async for event in stream_events():
                     yield event
             finally:
-                handle.cancel()  # the client went away mid-stream: free its slot now
+                for c in choices:
+                    c.handle.cancel()  # the client went away mid-stream: free its slots now
 
         async def stream_events():
             head = {"id": rid, "object": chunk_obj, "created": created, "model": model_name}
             if chat:
-                yield sse({**head, "choices": [choice(delta={"role": "assistant", "content": ""})]})
-            async for delta, finished in events():
-                if delta:
-                    yield sse({**head, "choices": [choice(delta={"content": delta}, txt=delta)]})
+                for c in choices:
+                    yield sse({**head, "choices": [choice(c, delta={"role": "assistant", "content": ""})]})
+            left = len(choices)
+            async for c, delta, count, finished in events():
+                logprobs = c.logprobs(count, chat) if count else None
+                if delta or logprobs:
+                    yield sse({**head, "choices": [choice(c, delta={"content": delta}, txt=delta, logprobs=logprobs)]})
                 if finished:
-                    reason = finish_reason()
-                    rest, calls = text.finish()
+                    left -= 1
+                    reason = c.finish_reason()
+                    rest, calls = c.text.finish()
                     if rest:
-                        yield sse({**head, "choices": [choice(delta={"content": rest}, txt=rest)]})
+                        yield sse({**head, "choices": [choice(c, delta={"content": rest}, txt=rest)]})
                     if calls:
                         reason = "tool_calls"
-                        deltas = [{"index": k, **c} for k, c in enumerate(calls)]
-                        yield sse({**head, "choices": [choice(delta={"tool_calls": deltas})]})
-                    yield sse({**head, "choices": [choice(delta={}, reason=reason, txt="")],
-                               "usage": usage(len(prompt), len(handle.tokens))})
+                        deltas = [{"index": k, **call} for k, call in enumerate(calls)]
+                        yield sse({**head, "choices": [choice(c, delta={"tool_calls": deltas})]})
+                    last = {**head, "choices": [choice(c, delta={}, reason=reason, txt="")]}
+                    if not left and not usage_chunk:
+                        last["usage"] = total_usage()
+                    yield sse(last)
+            if usage_chunk:
+                yield sse({**head, "choices": [], "usage": total_usage()})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",

@@ -239,7 +239,7 @@ def test_decode_chunks_and_single_steps_make_the_same_tokens_and_stop_alike():
     ds, base = gen.start(gen.prepare(prompts), 7, seed=5)
     steps = []
     for _ in range(7):
-        ds, tok, _ = gen.step(gen.state, gen.layers, ds, base, sampling=sampling, stop_ids=())
+        ds, tok, _, _ = gen.step(gen.state, gen.layers, ds, base, sampling=sampling, stop_ids=())
         steps.append(np.asarray(tok))
     assert np.stack(steps, 1).tolist() == want
 

@@ -104,11 +104,11 @@ def test_the_decode_chunk_updates_the_donated_cache_in_place(model):
     per_device = sum(x.addressable_shards[0].data.nbytes for x in ds.cache.keys + ds.cache.values)
     assert mem.alias_size_in_bytes >= per_device
     old = ds.cache.keys[0]
-    ds, tokens, emitted = gen.chunk(gen.state, gen.layers, ds, base, steps=k, **kw)
+    ds, tokens, emitted, _ = gen.chunk(gen.state, gen.layers, ds, base, steps=k, **kw)
     assert old.is_deleted()  # donated
     more = []
     for _ in range(3):
-        ds, tok, _ = gen.step(gen.state, gen.layers, ds, base, **kw)
+        ds, tok, _, _ = gen.step(gen.state, gen.layers, ds, base, **kw)
         more.append(np.asarray(tok))
     want = ij.generate_ids(model, prompts, max_new_tokens=k + 3, stop_ids=(), max_length=128)
     got = np.concatenate([np.asarray(tokens), np.stack(more, 1)], axis=1)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from hf_fixtures import ROOT, chain_checkpoint, user_env
 
@@ -143,6 +144,87 @@ def test_sampling_parameters_seed_and_stop(tiny):
     assert by_id.usage.completion_tokens == ids.index(ids[4]) and by_id.choices[0].finish_reason == "stop"
 
 
+def model_logprobs(model, prompt, tokens):
+    """float32 log-softmax of the plain forward's logits at each generated token's position."""
+    logits = np.asarray(model(np.asarray([prompt + tokens], np.int32)), np.float64)[0, len(prompt) - 1:-1]
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_the_models_in_chat_and_completions_streamed_or_not(tiny):
+    server, model, tok = tiny
+    client = server.client()
+    messages = [{"role": "user", "content": "Tell me about rivers"}]
+    prompt = tok.encode_chat(messages)
+    ids = strip_stop(ij.generate_ids(model, [prompt], max_new_tokens=10, stop_ids=tok.stop_ids)[0], tok)
+    want = model_logprobs(model, prompt, ids)
+    full = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = full.choices[0].logprobs.content
+    assert [bytes(e.bytes) for e in content] == [tok.token_bytes(t) for t in ids]
+    np.testing.assert_allclose([e.logprob for e in content], want[np.arange(len(ids)), ids], atol=1e-4)
+    for e, row in zip(content, want):  # the 3 most likely, most likely first; greedy took the first
+        assert [bytes(a.bytes) for a in e.top_logprobs] == [tok.token_bytes(int(t)) for t in np.argsort(-row)[:3]]
+        assert e.top_logprobs[0].logprob == e.logprob
+    streamed = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True)
+    parts = [e for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in parts] == [(e.token, e.logprob) for e in content]
+    plain = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == full.choices[0].message.content
+
+    ids = strip_stop(ij.generate_ids(model, [tok.encode("The river")], max_new_tokens=8, stop_ids=tok.stop_ids)[0],
+                     tok)
+    want = model_logprobs(model, tok.encode("The river"), ids)
+    out = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=8, temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    np.testing.assert_allclose(lp.token_logprobs, want[np.arange(len(ids)), ids], atol=1e-4)
+    assert lp.tokens == [shown(tok.token_bytes(t)) for t in ids]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+    for chosen, logprob, top, row in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, want):
+        assert top[chosen] == logprob and 2 <= len(top) <= 3  # the 2 most likely, and the chosen one
+        assert sorted(top.values(), reverse=True)[:2] == pytest.approx(np.sort(row)[::-1][:2], abs=1e-4)
+
+
+def shown(raw: bytes) -> str:
+    """A token's text in logprobs: its characters, or "bytes:\\xNN" for part of a character."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def strip_stop(ids, tok):
+    return ids[:-1] if ids and ids[-1] in tok.stop_ids else ids
+
+
+def test_n_choices_are_requests_with_consecutive_seeds(tiny):
+    server, _, _ = tiny
+    client = server.client()
+    kw = dict(model="tiny-chat", prompt="The river", max_tokens=10, temperature=1.0, seed=21)
+    singles = [client.completions.create(**{**kw, "seed": 21 + i}) for i in range(3)]
+    out = client.completions.create(n=3, **kw)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert [c.text for c in out.choices] == [s.choices[0].text for s in singles]
+    assert len({c.text for c in out.choices}) > 1
+    assert out.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert out.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    texts, reasons, usages = ["", "", ""], {}, []
+    for chunk in client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        if chunk.usage:
+            usages.append(chunk.usage)
+            assert chunk.choices == []  # include_usage: a last chunk of its own, as OpenAI sends
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    assert texts == [c.text for c in out.choices] and reasons == {c.index: c.finish_reason for c in out.choices}
+    assert [u.completion_tokens for u in usages] == [out.usage.completion_tokens]
+    messages = [{"role": "user", "content": "Tell me about rivers"}]
+    chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, n=2, temperature=0)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.choices[0].message.content == chat.choices[1].message.content  # greedy: the same twice
+
+
 def post(server, path, body, raw=False):
     content = body if raw else json.dumps(body)
     return httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
@@ -159,7 +241,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "max_tokens": 0}, False, 400, "max_tokens", "positive"),
         ({**ok, "max_tokens": -3}, False, 400, "max_tokens", "positive"),
         ({**ok, "model": "gpt-4"}, False, 404, "model", "gpt-4"),
-        ({**ok, "n": 2}, False, 400, "n", "n=2"),
+        ({**ok, "n": 0}, False, 400, "n", "n must be from 1"),
+        ({**ok, "top_logprobs": 2}, False, 400, "top_logprobs", "needs logprobs"),
+        ({**ok, "logprobs": True, "top_logprobs": 21}, False, 400, "top_logprobs", "from 0 to 20"),
+        ({**ok, "logit_bias": {"5": 10}}, False, 400, "logit_bias", "not supported"),
         ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, False, 400, "messages", "wizard"),
         ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
         ({**ok, "top_p": 0}, False, 400, None, "top_p"),
@@ -173,6 +258,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
             assert err["param"] == param, err
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": [5, 100000], "max_tokens": 2})
     assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model="tiny-chat", prompt="x", max_tokens=1000)
     assert post(server, "/v1/chat/completions", ok).status_code == 200
