@@ -2,7 +2,8 @@
 
     internlm-jax serve --model DIR [--host 127.0.0.1] [--port 8000] [--tensor 8 ...] [--max-batch 64]
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
+Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a batch: text or token ids),
+``POST /v1/chat/completions`` (``stream: true``
 gives server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /health``.
 Parameters: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``,
 ``repetition_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or in ``stop``),
@@ -50,7 +51,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr]
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]  # one, or a batch
     logprobs: StrictInt | None = None  # alternatives per token (the legacy API's form)
     echo: StrictBool = False
     suffix: StrictStr | None = None
@@ -187,7 +188,7 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
-    def sampling(req: _Request, prompt: list[int]) -> tuple[dict, list[str]]:
+    def sampling(req: _Request, prompts: list[list[int]]) -> tuple[dict, list[str]]:
         if req.n < 1 or req.n > engine.max_queue:
             raise APIError(400, f"n must be from 1 to {engine.max_queue} (the server's max_queue), got {req.n}",
                            param="n")
@@ -201,17 +202,19 @@ def create_app(engine: Engine, tok, model_name: str):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens <= 0:
             raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
-        room = engine.max_len - len(prompt)
-        if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; the context is {engine.max_len}",
-                           param="messages" if isinstance(req, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
-                           f"the context of {engine.max_len} tokens", param="max_tokens",
-                           code="context_length_exceeded")
+        for i, prompt in enumerate(prompts):
+            which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+            room = engine.max_len - len(prompt)
+            if room < 1:
+                raise APIError(400, f"{which} has {len(prompt)} tokens; the context is {engine.max_len}",
+                               param="messages" if isinstance(req, ChatRequest) else "prompt",
+                               code="context_length_exceeded")
+            if max_tokens is not None and max_tokens > room:
+                raise APIError(400, f"{which} has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
+                               f"the context of {engine.max_len} tokens", param="max_tokens",
+                               code="context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        kw = dict(max_tokens=max_tokens or room, temperature=1.0 if req.temperature is None else req.temperature,
+        kw = dict(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
@@ -231,7 +234,9 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"{name} must be from 0 to {MAX_LOGPROBS}, got {k}", param=name)
         return k
 
-    async def run(prompt: list[int], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request):
+    async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request):
+        """Answer ``n`` continuations of each prompt; choice ``p * n + j`` is prompt ``p``'s ``j``-th, an
+        engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone)."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         choices: list[Choice] = []
@@ -242,8 +247,9 @@ def create_app(engine: Engine, tok, model_name: str):
             return update
 
         try:
-            for i in range(req.n):  # n independent requests, seeds seed, seed + 1, ...
-                handle = engine.submit(prompt, on_update=on_update(i), **{**kw, "seed": kw["seed"] + i})
+            for i, (prompt, j) in enumerate((p, j) for p in prompts for j in range(req.n)):
+                params = {**kw, "seed": kw["seed"] + j, "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
+                handle = engine.submit(prompt, on_update=on_update(i), **params)
                 choices.append(Choice(tok, i, handle, stop, tools))
         except (QueueFull, EngineError) as e:
             for c in choices:
@@ -281,7 +287,7 @@ def create_app(engine: Engine, tok, model_name: str):
             return {"index": c.index, "text": txt, "finish_reason": reason, "logprobs": logprobs}
 
         def total_usage() -> dict:
-            return usage(len(prompt), sum(len(c.handle.tokens) for c in choices))
+            return usage(sum(map(len, prompts)), sum(len(c.handle.tokens) for c in choices))
 
         obj = ("chat.completion" if chat else "text_completion")
         if not req.stream:
@@ -353,23 +359,25 @@ def create_app(engine: Engine, tok, model_name: str):
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         check_model(req)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "a list of several prompts is not supported; send one request each",
-                               param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
+        single = isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
+        prompts = [req.prompt] if single else req.prompt
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        ids = []
+        for i, prompt in enumerate(prompts):
+            which = "prompt" if single else f"prompt {i}"
             if not prompt:
-                raise APIError(400, "prompt is empty", param="prompt")
-            ids = tok.encode(prompt)
-        else:
-            ids = list(prompt)
-            if not ids:
-                raise APIError(400, "prompt is empty", param="prompt")
-            bad = [t for t in ids if not 0 <= t < engine.config.vocab_size]
+                raise APIError(400, f"{which} is empty", param="prompt")
+            if isinstance(prompt, str):
+                ids.append(tok.encode(prompt))
+                continue
+            bad = [t for t in prompt if not 0 <= t < engine.config.vocab_size]
             if bad:
-                raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary", param="prompt")
+                raise APIError(400, f"{which} token id {bad[0]} is outside the vocabulary", param="prompt")
+            ids.append(list(prompt))
+        if len(ids) * req.n > engine.max_queue:
+            raise APIError(400, f"{len(ids)} prompts x n={req.n} exceeds the server's max_queue ({engine.max_queue})",
+                           param="prompt")
         kw, stop = sampling(req, ids)
         return await run(ids, kw, stop, False, False, req)
 
@@ -381,8 +389,8 @@ def create_app(engine: Engine, tok, model_name: str):
             ids = tok.encode_chat(messages, add_generation_prompt=True)
         except (FormatError, ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
-        kw, stop = sampling(req, ids)
-        return await run(ids, kw, stop, bool(req.tools), True, req)
+        kw, stop = sampling(req, [ids])
+        return await run([ids], kw, stop, bool(req.tools), True, req)
 
     return app
 

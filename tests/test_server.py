@@ -219,6 +219,16 @@ def test_n_choices_are_requests_with_consecutive_seeds(tiny):
             reasons[c.index] = c.finish_reason or reasons.get(c.index)
     assert texts == [c.text for c in out.choices] and reasons == {c.index: c.finish_reason for c in out.choices}
     assert [u.completion_tokens for u in usages] == [out.usage.completion_tokens]
+    # a batch of prompts (text or token ids): choice p * n + j is prompt p's j-th, as if sent alone
+    other = {**kw, "prompt": "A cold"}
+    batch = client.completions.create(n=2, **{**kw, "prompt": ["The river", "A cold"]})
+    alone = [client.completions.create(n=2, **kw), client.completions.create(n=2, **other)]
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    _, _, tok = tiny
+    by_ids = client.completions.create(n=2, **{**kw, "prompt": [tok.encode("The river"), tok.encode("A cold")]})
+    assert [c.text for c in by_ids.choices] == [c.text for c in batch.choices]
     messages = [{"role": "user", "content": "Tell me about rivers"}]
     chat = client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=6, n=2, temperature=0)
     assert [c.index for c in chat.choices] == [0, 1]
@@ -258,6 +268,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
             assert err["param"] == param, err
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": [5, 100000], "max_tokens": 2})
     assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": [[5, 6], []], "max_tokens": 2})
+    assert r.status_code == 400 and "prompt 1 is empty" in r.json()["error"]["message"]
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": ["a"] * 5, "n": 2, "max_tokens": 2})
+    assert r.status_code == 400 and "max_queue" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
     with pytest.raises(openai.BadRequestError):
