@@ -4,9 +4,11 @@
 
 Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as
 for the server; ``tools`` allowed) or ``prompt_ids``; optional ``max_tokens``, ``temperature``,
-``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``. Each output line carries the ``id``,
-``text`` (chat: also ``tool_calls``), ``prompt_tokens``, ``completion_tokens`` and ``finish_reason``,
-written in the order requests finish. Every input line is checked before anything runs.
+``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token,
+0 to 20). Each output line carries the ``id``, ``text`` (chat: also ``tool_calls``), ``prompt_tokens``,
+``completion_tokens`` and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs``
+and ``top_logprobs``, ``[id, logprob]`` pairs), written in the order requests finish. Every input line
+is checked before anything runs.
 
 A rerun skips the ids already in the output. Lines are appended whole, one ``write`` each, as their
 requests finish, so a killed run loses no finished line; a torn last line (a kill mid-write) is cut
@@ -24,7 +26,7 @@ from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 
-OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "logprobs")
 
 
 class BatchInputError(ValueError):
@@ -160,6 +162,9 @@ def _result(handle, item, stream: TextStream) -> dict:
     reason = "stop" if stopped else handle.finish_reason
     out = {"id": item["id"], "text": text, "prompt_tokens": len(item["ids"]),
            "completion_tokens": len(handle.tokens), "finish_reason": reason}
+    if handle.logprobs is not None:  # the model's log-probabilities of every generated token
+        out.update(token_ids=handle.tokens, token_logprobs=handle.token_logprobs,
+                   top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs])
     if item["tools"]:
         out["text"], calls = parse_tool_calls(text)
         if calls:

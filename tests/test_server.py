@@ -439,7 +439,8 @@ def test_offline_batch_command_is_resumable(tiny, tmp_path):
     prompts = {f"r{i}": f"The {w} river" for i, w in enumerate(("long", "cold", "old", "wide", "deep"))}
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": k, "prompt": p, "max_tokens": 9}) + "\n" for k, p in prompts.items())
-                   + json.dumps({"id": "chat", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
+                   + json.dumps({"id": "chat", "messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                   + json.dumps({"id": "lp", "prompt": "The river", "max_tokens": 5, "logprobs": 2}) + "\n")
     out = tmp_path / "out.jsonl"
     first = next(iter(prompts))
     out.write_text(json.dumps({"id": first, "text": "kept", "prompt_tokens": 1, "completion_tokens": 1,
@@ -454,7 +455,15 @@ def test_offline_batch_command_is_resumable(tiny, tmp_path):
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines].count(first) == 1 and lines[0]["text"] == "kept"
     by_id = {x["id"]: x for x in lines}
-    assert set(by_id) == set(prompts) | {"chat"}
+    assert set(by_id) == set(prompts) | {"chat", "lp"}
+    ids = tok.encode("The river")
+    lp = by_id["lp"]
+    assert lp["token_ids"] == strip_stop(ij.generate_ids(model, [ids], max_new_tokens=5, stop_ids=tok.stop_ids)[0],
+                                         tok)
+    want = model_logprobs(model, ids, lp["token_ids"])
+    np.testing.assert_allclose(lp["token_logprobs"], want[np.arange(len(lp["token_ids"])), lp["token_ids"]],
+                               atol=1e-4)
+    assert [[t for t, _ in top] for top in lp["top_logprobs"]] == [list(np.argsort(-row)[:2]) for row in want]
     for k, p in prompts.items():
         if k != first:
             assert by_id[k]["text"] == greedy(model, tok, p, 9)
@@ -464,6 +473,11 @@ def test_offline_batch_command_is_resumable(tiny, tmp_path):
     assert again.returncode == 0 and out.read_text().count("\n") == len(lines)  # nothing run twice
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "prompt": "x"}\n{"id": 1, "prompt": "y"}\n')
+    worse = tmp_path / "worse.jsonl"
+    worse.write_text('{"id": 1, "prompt": "x", "logprobs": 30}\n')
+    failed = subprocess.run(command(worse, tmp_path / "o2.jsonl"), cwd=ROOT, env=user_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert failed.returncode == 1 and "worse.jsonl:1" in failed.stderr and "logprobs" in failed.stderr
     failed = subprocess.run(command(bad, tmp_path / "o2.jsonl"), cwd=ROOT, env=user_env(), capture_output=True,
                             text=True, timeout=600)
     assert failed.returncode == 1 and "bad.jsonl:2" in failed.stderr and "already used" in failed.stderr
