@@ -37,7 +37,15 @@ from flax import nnx
 
 from .arrays import to_host
 from .cache import AXES, VALID_AXES, KVCache
-from .generation import DecodeState, RowSampling, SamplingParams, bucket_length, generator_for, model_limit
+from .generation import (
+    DecodeState,
+    RowSampling,
+    SamplingParams,
+    bucket_length,
+    generator_for,
+    model_limit,
+    token_scores,
+)
 from .multihost import StepChannel
 from .sharding import named_sharding
 
@@ -61,7 +69,8 @@ class Request:
     (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final. With ``logprobs``
     (``k >= 0``) each token also gets its log-probability in ``token_logprobs`` and the ``k`` most
     likely ``(id, logprob)`` pairs in ``top_logprobs`` (see :class:`~internlm_jax.generation.TokenScores`);
-    these lists grow with ``tokens``."""
+    these lists grow with ``tokens``. With ``prompt_logprobs`` the same is filled in during prefill for
+    prompt tokens 1.. in ``prompt_token_logprobs`` / ``prompt_top_logprobs`` (the first token has none)."""
 
     prompt: list[int]
     max_tokens: int
@@ -69,10 +78,13 @@ class Request:
     seed: int = 0
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_token_logprobs: list[float] = dataclasses.field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     finished: threading.Event = dataclasses.field(default_factory=threading.Event)
     on_update: Callable[["Request", list[int]], None] | None = None  # called from the engine thread
@@ -138,11 +150,17 @@ class Engine:
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
         graphdef = self.gen.graphdef
 
-        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len):
+        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len, targets, logprobs):
+            """A prefill chunk; with ``logprobs >= 0`` also the scores of ``targets`` (each token's next)."""
             model = nnx.merge(graphdef, state)
-            return model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers)
+            logits, cache = model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers,
+                                                 every=logprobs >= 0)
+            if logprobs < 0:
+                return logits, cache, None
+            last = jax.lax.dynamic_index_in_dim(logits, count - 1, 0, keepdims=False)
+            return last, cache, token_scores(logits, targets, logprobs)
 
-        self._extend = jax.jit(extend, donate_argnames=("cache",))
+        self._extend = jax.jit(extend, donate_argnames=("cache",), static_argnames=("logprobs",))
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))
         self.ds, self.base = self._empty_state()
@@ -164,7 +182,8 @@ class Engine:
 
     def check(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-              stop_ids: Sequence[int] = (), logprobs: int | None = None) -> Request:
+              stop_ids: Sequence[int] = (), logprobs: int | None = None,
+              prompt_logprobs: int | None = None) -> Request:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
         if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -186,10 +205,11 @@ class Engine:
             raise EngineError(str(e)) from None
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise EngineError(f"seed must be an integer, got {seed!r}")
-        if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)
-                                     or not 0 <= logprobs <= MAX_LOGPROBS):
-            raise EngineError(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
-        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs)
+        for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+                raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}")
+        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs,
+                       prompt_logprobs)
 
     @property
     def busy(self) -> bool:
@@ -318,8 +338,12 @@ class Engine:
                 left = len(prompt) - row.prefilled
                 size = min(self.prefill_chunk, bucket_length(min(left, budget)))
                 take = min(left, size, budget)
-                prefill.append({"row": i, "tokens": prompt[row.prefilled:row.prefilled + take], "start": row.prefilled,
-                                "size": size, "seq_len": len(prompt)})
+                op = {"row": i, "tokens": prompt[row.prefilled:row.prefilled + take], "start": row.prefilled,
+                      "size": size, "seq_len": len(prompt), "logprobs": -1}
+                if row.request.prompt_logprobs is not None:  # score each token's next prompt token
+                    op.update(logprobs=row.request.prompt_logprobs,
+                              targets=prompt[row.prefilled + 1:row.prefilled + take + 1])
+                prefill.append(op)
                 row.prefilled += take
                 budget -= take
             if row.prefilled == len(prompt):
@@ -345,19 +369,24 @@ class Engine:
 
     def _execute(self, plan: dict):
         """Run a plan on the devices (every process of a job runs the same plans in the same order);
-        returns the decode chunk's ``(tokens, emitted, scores)`` on the host, or None."""
+        returns the decode chunk's ``(tokens, emitted, scores)`` on the host (or None) and the prompt
+        scores of the prefill chunks that asked, ``[(row, scores)]``."""
         if plan["release"]:
             mask = np.zeros(self.max_batch, bool)
             mask[plan["release"]] = True
             self.ds, self.base = self._release(self.ds, self.base, mask)
-        last = {}
+        last, prompt_scores = {}, []
         for op in plan["prefill"]:
-            tokens = np.zeros(op["size"], np.int32)
+            tokens, targets = np.zeros(op["size"], np.int32), np.zeros(op["size"], np.int32)
             tokens[:len(op["tokens"])] = op["tokens"]
+            targets[:len(op.get("targets", ()))] = op.get("targets", ())
             positions = np.arange(op["start"], op["start"] + op["size"], dtype=np.int32)
-            last[op["row"]], cache = self._extend(self.gen.state, self.gen.layers, self.ds.cache, tokens, positions,
-                                                  np.int32(op["row"]), np.int32(op["start"]),
-                                                  np.int32(len(op["tokens"])), np.int32(op["seq_len"]))
+            last[op["row"]], cache, scores = self._extend(
+                self.gen.state, self.gen.layers, self.ds.cache, tokens, positions, np.int32(op["row"]),
+                np.int32(op["start"]), np.int32(len(op["tokens"])), np.int32(op["seq_len"]), targets,
+                logprobs=op["logprobs"])
+            if scores is not None:
+                prompt_scores.append((op["row"], jax.tree.map(lambda x, n=len(op["targets"]): to_host(x)[:n], scores)))
             self.ds = dataclasses.replace(self.ds, cache=cache)
             self.stats["prefill_tokens"] += len(op["tokens"])
         for op in plan["activate"]:
@@ -371,18 +400,24 @@ class Engine:
                                                 np.int32(op["base"]))
         decode = plan["decode"]
         if decode is None:
-            return None
+            return None, prompt_scores
         features = SamplingParams(*decode["features"])
         self.ds, tokens, emitted, scores = self.gen.chunk(self.gen.state, self.gen.layers, self.ds, self.base,
                                                           steps=decode["steps"], sampling=features,
                                                           stop_ids=self.stop_ids, logprobs=decode["logprobs"])
         self.steps += decode["steps"]
         self.stats["decode_steps"] += decode["steps"]
-        return to_host(tokens), to_host(emitted), jax.tree.map(to_host, scores)
+        return (to_host(tokens), to_host(emitted), jax.tree.map(to_host, scores)), prompt_scores
 
     def _collect(self, plan: dict, out) -> None:
         """Hand the decode chunk's tokens to their requests; finished rows are free at once (their
         device rows are released at the start of the next step)."""
+        out, prompt_scores = out
+        for i, scores in prompt_scores:
+            request = self.rows[i].request
+            request.prompt_token_logprobs.extend(scores.logprob.tolist())
+            request.prompt_top_logprobs.extend(_pairs(scores, j, request.prompt_logprobs)
+                                               for j in range(len(scores.logprob)))
         if out is None:
             return
         tokens, emitted, scores = out
@@ -400,10 +435,8 @@ class Engine:
                     break
                 new.append(t)
                 if request.logprobs is not None:  # scores are always there when a running row asked
-                    k = request.logprobs
                     request.token_logprobs.append(float(scores.logprob[i, j]))
-                    request.top_logprobs.append([(int(a), float(b)) for a, b in
-                                                 zip(scores.top_ids[i, j, :k], scores.top_logprobs[i, j, :k])])
+                    request.top_logprobs.append(_pairs(scores, (i, j), request.logprobs))
                 if len(request.tokens) + len(new) >= request.max_tokens:
                     reason = "length"
                     break
@@ -427,6 +460,11 @@ class Engine:
         self.stats["finished_" + reason.split(":")[0]] += 1  # finished_stop, _length, _cancelled, _error
         if request.on_update is not None:
             request.on_update(request, [])
+
+
+def _pairs(scores, at, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely ``(id, logprob)`` of one position of host-side scores."""
+    return [(int(a), float(b)) for a, b in zip(scores.top_ids[at][:k], scores.top_logprobs[at][:k])]
 
 
 def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, seed, row_base):

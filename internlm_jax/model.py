@@ -613,12 +613,14 @@ class InternLM2(nnx.Module):
         return logits, KVCache(tuple(keys), tuple(values), valid)
 
 
-    def forward_extend(self, tokens, positions, cache: KVCache, row, start, count, seq_len, *, layers=None):
+    def forward_extend(self, tokens, positions, cache: KVCache, row, start, count, seq_len, *, layers=None,
+                       every: bool = False):
         """Chunked prefill: ``C`` prompt tokens of one cache row (``tokens``, ``positions`` ``[C]``; the
         first ``count`` are real) are written at slots ``start .. start + C`` of row ``row`` and attend
         to that row's valid slots and to each other causally. ``seq_len`` is the whole prompt's length
         (the dynamic NTK base, as a one-shot prefill would compute it). Returns the float32 logits of
-        the last real token ``[V]`` and the updated cache. Unrolled over layers like decode."""
+        the last real token ``[V]`` (with ``every``: of all ``C`` tokens, ``[C, V]``, for prompt
+        logprobs) and the updated cache. Unrolled over layers like decode."""
         c = tokens.shape[0]
         mesh, nkv = self.mesh, self.config.num_key_value_heads
         real = jnp.arange(c) < count
@@ -656,8 +658,11 @@ class InternLM2(nnx.Module):
 
             with jax.named_scope(f"layer_{i}"):
                 x, (keys[i], values[i]) = layer(x, cos, sin, attend, mesh)
-        last = jax.lax.dynamic_index_in_dim(x[0], count - 1, 0, keepdims=True)
-        logits = self.logits(self.norm(last[None]), layers)[0, 0]
+        if every:
+            logits = self.logits(self.norm(x), layers)[0]
+        else:
+            last = jax.lax.dynamic_index_in_dim(x[0], count - 1, 0, keepdims=True)
+            logits = self.logits(self.norm(last[None]), layers)[0, 0]
         return logits, KVCache(tuple(keys), tuple(values), valid)
 
 

@@ -8,7 +8,8 @@ gives server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``)
 Parameters: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``,
 ``repetition_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or in ``stop``),
 ``seed``, ``tools``, ``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``, ...),
-``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives). Every response
+``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives), ``echo``
+(completions: the prompt's text first, and with ``logprobs`` its tokens' logprobs). Every response
 carries ``usage`` (streams: in the last chunk, or with ``stream_options.include_usage`` in a final
 chunk of its own, as OpenAI does).
 Bad requests get a 4xx with OpenAI's error object naming the parameter; a full queue answers 429; a
@@ -91,15 +92,46 @@ def token_text(tok, token: int) -> tuple[str, list[int]]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
-class Choice:
-    """One of a request's ``n`` continuations: its engine request and its incremental text."""
+def _clamp(logprob: float) -> float:
+    return max(logprob, -9999.0)  # JSON has no -inf
 
-    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool):
-        self.tok, self.index, self.handle = tok, index, handle
+
+class Choice:
+    """One of a request's ``n`` continuations: its engine request and its incremental text. ``echo``
+    (completions) is the prompt's text, sent before the completion (with its logprobs when asked)."""
+
+    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: str | None = None):
+        self.tok, self.index, self.handle, self.echo = tok, index, handle, echo
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
         self.text = TextStream(stop, tools=tools)
         self.scored = 0  # tokens whose logprobs were sent
         self.offset = 0  # characters of token text so far (completions' text_offset)
+
+    def echoed(self) -> tuple[str, dict | None]:
+        """The prompt's text and (with logprobs) its legacy logprobs object; the first token has no
+        logprob, as in OpenAI's echo."""
+        r = self.handle
+        if r.logprobs is None:
+            return self.echo, None
+        return self.echo, self._legacy(r.prompt, [None, *r.prompt_token_logprobs], [None, *r.prompt_top_logprobs])
+
+    def _legacy(self, ids, logprobs, tops) -> dict:
+        """The completions API's logprobs object for tokens ``ids`` (offsets continue from the last)."""
+        texts = [token_text(self.tok, t)[0] for t in ids]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        shown = []
+        for text, lp, top in zip(texts, logprobs, tops):
+            if top is None:
+                shown.append(None)
+                continue
+            top = {token_text(self.tok, a)[0]: _clamp(b) for a, b in top}
+            top.setdefault(text, _clamp(lp))  # the sampled token is always listed
+            shown.append(top)
+        return {"tokens": texts, "token_logprobs": [None if lp is None else _clamp(lp) for lp in logprobs],
+                "top_logprobs": shown, "text_offset": offsets}
 
     def finish_reason(self) -> str:
         reason = self.handle.finish_reason
@@ -112,28 +144,17 @@ class Choice:
         r = self.handle
         if r.logprobs is None:
             return None
-        span = range(self.scored, self.scored + count)
+        span = slice(self.scored, self.scored + count)
         self.scored += count
-        clamp = lambda x: max(x, -9999.0)  # noqa: E731 - JSON has no -inf
-        if chat:
-            def entry(t, lp):
-                text, raw = token_text(self.tok, t)
-                return {"token": text, "logprob": clamp(lp), "bytes": raw}
-            return {"content": [{**entry(r.tokens[i], r.token_logprobs[i]),
-                                 "top_logprobs": [entry(a, b) for a, b in r.top_logprobs[i]]} for i in span],
-                    "refusal": None}
-        texts = [token_text(self.tok, r.tokens[i])[0] for i in span]
-        offsets = []
-        for text in texts:
-            offsets.append(self.offset)
-            self.offset += len(text)
-        tops = []
-        for i, text in zip(span, texts):
-            top = {token_text(self.tok, a)[0]: clamp(b) for a, b in r.top_logprobs[i]}
-            top.setdefault(text, clamp(r.token_logprobs[i]))  # the sampled token is always listed
-            tops.append(top)
-        return {"tokens": texts, "token_logprobs": [clamp(r.token_logprobs[i]) for i in span],
-                "top_logprobs": tops, "text_offset": offsets}
+        if not chat:
+            return self._legacy(r.tokens[span], r.token_logprobs[span], r.top_logprobs[span])
+
+        def entry(t, lp):
+            text, raw = token_text(self.tok, t)
+            return {"token": text, "logprob": _clamp(lp), "bytes": raw}
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                            for t, lp, top in zip(r.tokens[span], r.token_logprobs[span], r.top_logprobs[span])],
+                "refusal": None}
 
 
 def create_app(engine: Engine, tok, model_name: str):
@@ -194,7 +215,7 @@ def create_app(engine: Engine, tok, model_name: str):
                            param="n")
         unsupported = [("logit_bias", bool((req.model_extra or {}).get("logit_bias")))]
         if isinstance(req, CompletionRequest):
-            unsupported += [("echo", req.echo), ("suffix", req.suffix is not None),
+            unsupported += [("suffix", req.suffix is not None),
                             ("best_of", req.best_of is not None and req.best_of != req.n)]
         for name, used in unsupported:
             if used:
@@ -220,6 +241,8 @@ def create_app(engine: Engine, tok, model_name: str):
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
                   stop_ids=[s for s in stops if isinstance(s, int)] + list(req.stop_token_ids or []),
                   logprobs=logprobs_wanted(req))
+        if isinstance(req, CompletionRequest) and req.echo:
+            kw["prompt_logprobs"] = kw["logprobs"]  # echo with logprobs scores the prompt too
         return kw, [s for s in stops if isinstance(s, str)]
 
     def logprobs_wanted(req: _Request) -> int | None:
@@ -234,9 +257,11 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"{name} must be from 0 to {MAX_LOGPROBS}, got {k}", param=name)
         return k
 
-    async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request):
+    async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request,
+                  echo: list[str] | None = None):
         """Answer ``n`` continuations of each prompt; choice ``p * n + j`` is prompt ``p``'s ``j``-th, an
-        engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone)."""
+        engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone).
+        ``echo``: each prompt's text, sent before its completions."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         choices: list[Choice] = []
@@ -247,10 +272,11 @@ def create_app(engine: Engine, tok, model_name: str):
             return update
 
         try:
-            for i, (prompt, j) in enumerate((p, j) for p in prompts for j in range(req.n)):
+            for i, (p, j) in enumerate((p, j) for p in range(len(prompts)) for j in range(req.n)):
+                prompt = prompts[p]
                 params = {**kw, "seed": kw["seed"] + j, "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
                 handle = engine.submit(prompt, on_update=on_update(i), **params)
-                choices.append(Choice(tok, i, handle, stop, tools))
+                choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None))
         except (QueueFull, EngineError) as e:
             for c in choices:
                 c.handle.cancel()
@@ -298,6 +324,7 @@ def create_app(engine: Engine, tok, model_name: str):
                 raise APIError(500, f"generation failed ({failed[0]})", kind="server_error")
             body = []
             for c in choices:
+                echoed, echo_logprobs = c.echoed() if c.echo is not None else ("", None)  # offsets start here
                 out, reason = c.text.text, c.finish_reason()
                 logprobs = c.logprobs(len(c.handle.tokens), chat)
                 if chat:
@@ -307,7 +334,9 @@ def create_app(engine: Engine, tok, model_name: str):
                         message["tool_calls"], reason = calls, "tool_calls"
                     body.append(choice(c, message=message, reason=reason, logprobs=logprobs))
                 else:
-                    body.append(choice(c, txt=out, reason=reason, logprobs=logprobs))
+                    if echo_logprobs is not None:  # the prompt's tokens first, then the completion's
+                        logprobs = {k: echo_logprobs[k] + logprobs[k] for k in logprobs}
+                    body.append(choice(c, txt=echoed + out, reason=reason, logprobs=logprobs))
             return JSONResponse({"id": rid, "object": obj, "created": created, "model": model_name,
                                  "choices": body, "usage": total_usage()})
 
@@ -331,7 +360,12 @@ def create_app(engine: Engine, tok, model_name: str):
                 for c in choices:
                     yield sse({**head, "choices": [choice(c, delta={"role": "assistant", "content": ""})]})
             left = len(choices)
+            echoing = {c.index for c in choices if c.echo is not None}
             async for c, delta, count, finished in events():
+                if c.index in echoing:  # its prompt was prefilled (and scored) before this first event
+                    echoing.discard(c.index)
+                    text, scored = c.echoed()
+                    yield sse({**head, "choices": [choice(c, txt=text, logprobs=scored)]})
                 logprobs = c.logprobs(count, chat) if count else None
                 if delta or logprobs:
                     yield sse({**head, "choices": [choice(c, delta={"content": delta}, txt=delta, logprobs=logprobs)]})
@@ -379,7 +413,8 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"{len(ids)} prompts x n={req.n} exceeds the server's max_queue ({engine.max_queue})",
                            param="prompt")
         kw, stop = sampling(req, ids)
-        return await run(ids, kw, stop, False, False, req)
+        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if req.echo else None
+        return await run(ids, kw, stop, False, False, req, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):

@@ -155,6 +155,15 @@ def test_logprobs_are_the_models_and_do_not_change_the_tokens(model):
             assert [t for t, _ in top] == list(np.argsort(-row)[:r.logprobs])
             np.testing.assert_allclose([lp for _, lp in top], np.sort(row)[::-1][:r.logprobs], atol=2e-5, rtol=1e-5)
     assert [top[0][0] for top in greedy.top_logprobs] == greedy.tokens  # greedy picks the most likely
+    # prompt logprobs, filled in over several prefill chunks (64 tokens each)
+    long = engine.submit(prompts[2], max_tokens=2, prompt_logprobs=2)
+    engine.run_until_done()
+    want = reference_logprobs(model, prompts[2][:1], prompts[2][1:])
+    assert len(long.prompt_token_logprobs) == len(prompts[2]) - 1 > 128 and long.token_logprobs == []
+    np.testing.assert_allclose(long.prompt_token_logprobs, want[np.arange(len(want)), prompts[2][1:]], atol=2e-5,
+                               rtol=1e-5)
+    assert [[t for t, _ in top] for top in long.prompt_top_logprobs] == [list(np.argsort(-r)[:2]) for r in want]
+    assert long.tokens == alone(model, prompts[2], 2)
     with pytest.raises(EngineError, match="logprobs must be an integer from 0 to 20"):
         engine.submit([5], max_tokens=2, logprobs=21)
 

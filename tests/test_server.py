@@ -186,6 +186,35 @@ def test_logprobs_are_the_models_in_chat_and_completions_streamed_or_not(tiny):
         assert sorted(top.values(), reverse=True)[:2] == pytest.approx(np.sort(row)[::-1][:2], abs=1e-4)
 
 
+def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(tiny):
+    """lm-eval-harness scores a continuation with echo=True, logprobs=1 on token ids: every prompt token
+    after the first gets the model's logprob of it, then the completion's tokens follow."""
+    server, model, tok = tiny
+    client = server.client()
+    ids = tok.encode("The long river runs to the sea")
+    kw = dict(model="tiny-chat", prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=1)
+    out = client.completions.create(**kw)
+    gen = strip_stop(ij.generate_ids(model, [ids], max_new_tokens=3, stop_ids=tok.stop_ids)[0], tok)
+    assert out.choices[0].text == tok.decode(ids) + tok.decode(gen)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + len(gen) and out.usage.completion_tokens == len(gen)
+    assert lp.tokens == [shown(tok.token_bytes(t)) for t in ids + gen]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = model_logprobs(model, ids[:1], ids[1:] + gen)  # each token after the first, given what precedes it
+    np.testing.assert_allclose(lp.token_logprobs[1:], want[np.arange(len(want)), ids[1:] + gen], atol=1e-4)
+    for top, row in zip(lp.top_logprobs[1:], want):
+        best = int(np.argmax(row))
+        assert top[shown(tok.token_bytes(best))] == pytest.approx(row[best], abs=1e-4)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    plain = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=3, temperature=0, echo=True)
+    assert plain.choices[0].text == "The river" + greedy(model, tok, "The river", 3)
+    assert plain.choices[0].logprobs is None
+
+
 def shown(raw: bytes) -> str:
     """A token's text in logprobs: its characters, or "bytes:\\xNN" for part of a character."""
     try:
@@ -272,8 +301,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
     assert r.status_code == 400 and "prompt 1 is empty" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": ["a"] * 5, "n": 2, "max_tokens": 2})
     assert r.status_code == 400 and "max_queue" in r.json()["error"]["message"]
-    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "echo": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "suffix": "y"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model="tiny-chat", prompt="x", max_tokens=1000)
     assert post(server, "/v1/chat/completions", ok).status_code == 200
