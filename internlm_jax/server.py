@@ -100,8 +100,10 @@ class Choice:
     """One of a request's ``n`` continuations: its engine request and its incremental text. ``echo``
     (completions) is the prompt's text, sent before the completion (with its logprobs when asked)."""
 
-    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: str | None = None):
-        self.tok, self.index, self.handle, self.echo = tok, index, handle, echo
+    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: str | None = None,
+                 keep: int | None = None):
+        self.tok, self.index, self.handle, self.echo, self.keep = tok, index, handle, echo, keep
+        self.shown = 0  # generated tokens shown (all of them, or at most ``keep``)
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
         self.text = TextStream(stop, tools=tools)
         self.scored = 0  # tokens whose logprobs were sent
@@ -134,7 +136,7 @@ class Choice:
                 "top_logprobs": shown, "text_offset": offsets}
 
     def finish_reason(self) -> str:
-        reason = self.handle.finish_reason
+        reason = "length" if self.keep is not None and self.shown >= self.keep else self.handle.finish_reason
         if self.text.stopped or reason == "stop":
             return "stop"
         return "length" if reason == "length" else (reason or "stop")
@@ -221,8 +223,9 @@ def create_app(engine: Engine, tok, model_name: str):
             if used:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is not None and max_tokens <= 0:
-            raise APIError(400, f"max_tokens must be a positive integer, got {max_tokens}", param="max_tokens")
+        if max_tokens is not None and max_tokens <= 0 and not scores_only(req):
+            raise APIError(400, f"max_tokens must be a positive integer (0 only with echo), got {max_tokens}",
+                           param="max_tokens")
         for i, prompt in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             room = engine.max_len - len(prompt)
@@ -235,7 +238,8 @@ def create_app(engine: Engine, tok, model_name: str):
                                f"the context of {engine.max_len} tokens", param="max_tokens",
                                code="context_length_exceeded")
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        kw = dict(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+        kw = dict(max_tokens=1 if scores_only(req) else max_tokens,
+                  temperature=1.0 if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
@@ -244,6 +248,11 @@ def create_app(engine: Engine, tok, model_name: str):
         if isinstance(req, CompletionRequest) and req.echo:
             kw["prompt_logprobs"] = kw["logprobs"]  # echo with logprobs scores the prompt too
         return kw, [s for s in stops if isinstance(s, str)]
+
+    def scores_only(req: _Request) -> bool:
+        """echo with max_tokens 0: the prompt and its logprobs only (the engine still makes one token,
+        which is not shown)."""
+        return isinstance(req, CompletionRequest) and req.echo and req.max_tokens == 0
 
     def logprobs_wanted(req: _Request) -> int | None:
         """Alternatives per token the request asks for (None: no logprobs)."""
@@ -276,7 +285,8 @@ def create_app(engine: Engine, tok, model_name: str):
                 prompt = prompts[p]
                 params = {**kw, "seed": kw["seed"] + j, "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
                 handle = engine.submit(prompt, on_update=on_update(i), **params)
-                choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None))
+                choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
+                                      0 if scores_only(req) else None))
         except (QueueFull, EngineError) as e:
             for c in choices:
                 c.handle.cancel()
@@ -294,6 +304,9 @@ def create_app(engine: Engine, tok, model_name: str):
                 while running:
                     index, new, finished = await updates.get()
                     c = choices[index]
+                    if c.keep is not None:
+                        new = new[:max(0, c.keep - c.shown)]
+                    c.shown += len(new)
                     delta = "".join(c.text.push(p) for p in map(c.decoder.push, new) if p)
                     if finished:
                         delta += c.text.push(c.decoder.flush())
@@ -313,7 +326,7 @@ def create_app(engine: Engine, tok, model_name: str):
             return {"index": c.index, "text": txt, "finish_reason": reason, "logprobs": logprobs}
 
         def total_usage() -> dict:
-            return usage(sum(map(len, prompts)), sum(len(c.handle.tokens) for c in choices))
+            return usage(sum(map(len, prompts)), sum(c.shown for c in choices))
 
         obj = ("chat.completion" if chat else "text_completion")
         if not req.stream:
@@ -326,7 +339,7 @@ def create_app(engine: Engine, tok, model_name: str):
             for c in choices:
                 echoed, echo_logprobs = c.echoed() if c.echo is not None else ("", None)  # offsets start here
                 out, reason = c.text.text, c.finish_reason()
-                logprobs = c.logprobs(len(c.handle.tokens), chat)
+                logprobs = c.logprobs(c.shown, chat)
                 if chat:
                     content, calls = parse_tool_calls(out) if tools else (out, [])
                     message = {"role": "assistant", "content": content}

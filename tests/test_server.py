@@ -210,6 +210,10 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(tiny):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
     streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
     assert streamed == lp.token_logprobs
+    scored = client.completions.create(**{**kw, "max_tokens": 0})  # the prompt's scores only
+    assert scored.choices[0].text == tok.decode(ids) and scored.usage.completion_tokens == 0
+    assert scored.choices[0].logprobs.token_logprobs == lp.token_logprobs[:len(ids)]
+    assert scored.choices[0].finish_reason == "length"
     plain = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text == "The river" + greedy(model, tok, "The river", 3)
     assert plain.choices[0].logprobs is None
