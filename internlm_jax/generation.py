@@ -57,6 +57,27 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {r!r}")
 
 
+def argmax_tokens(logits: jax.Array) -> jax.Array:
+    """``jnp.argmax(logits, -1)`` as int32 (the first index of the largest value, NaN first), in two
+    passes over a large vocabulary: the max of each of a few dozen blocks, then the argmax within the
+    winning block. XLA:CPU's one-pass (value, index) reduction is not vectorised: over InternLM2's
+    92544 tokens it took 1.5 ms at batch 8 against 0.07 ms in blocks (and 11.5 against 0.6 at 64)."""
+    v = logits.shape[-1]
+    blocks = next((n for n in (128, 96, 64, 32) if v % n == 0), 0) if v >= 4096 else 0
+    if not blocks:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    x = logits.reshape(*logits.shape[:-1], blocks, v // blocks)
+    best = jnp.argmax(jnp.max(x, axis=-1), axis=-1)
+    inside = jnp.take_along_axis(x, best[..., None, None], axis=-2)[..., 0, :]
+    return (best * (v // blocks) + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
+def categorical_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """A draw from ``softmax(logits)`` over the last axis: the same Gumbel-max draw, and so the same
+    tokens, as ``jax.random.categorical(key, logits)``, with the argmax of :func:`argmax_tokens`."""
+    return argmax_tokens(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
+
+
 def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | None) -> jax.Array:
     """Float32 logits after repetition penalty, temperature, top-k and top-p (HF's order and rules);
     filtered tokens get -inf. With temperature 0 only the penalty applies (greedy follows)."""
@@ -86,8 +107,8 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, see
     """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw."""
     logits = process_logits(logits, params, seen)
     if params.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        return argmax_tokens(logits)
+    return categorical_tokens(key, logits)
 
 
 @jax.tree_util.register_dataclass
@@ -121,7 +142,7 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
     if features.repetition_penalty != 1.0 and seen is not None:
         r = col(rows.repetition_penalty)
         logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax_tokens(logits)
     if features.temperature == 0:
         return greedy
     t = rows.temperature
@@ -141,7 +162,7 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
             sorted_logits = jnp.where(before < col(rows.top_p), sorted_logits, neg)
         scaled = jnp.full_like(scaled, neg).at[jnp.arange(scaled.shape[0])[:, None], order].set(sorted_logits)
     keys = jax.vmap(jax.random.fold_in)(rows.key, counter)
-    drawn = jax.vmap(lambda k, x: jax.random.categorical(k, x))(keys, scaled).astype(jnp.int32)
+    drawn = argmax_tokens(scaled + jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], scaled.dtype))(keys))
     return jnp.where(t > 0, drawn, greedy)
 
 

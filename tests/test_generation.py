@@ -8,7 +8,14 @@ import reference as ref
 from hf_fixtures import tiny_config, write_hf_checkpoint
 
 import internlm_jax as ij
-from internlm_jax.generation import SamplingParams, generator_for, process_logits, sample_tokens
+from internlm_jax.generation import (
+    SamplingParams,
+    argmax_tokens,
+    categorical_tokens,
+    generator_for,
+    process_logits,
+    sample_tokens,
+)
 
 # dynamic NTK with max_position_embeddings=16: prompts + 12 new tokens cross it
 CFG = tiny_config(bias=True)
@@ -218,3 +225,17 @@ def test_cache_sharded_over_sequence_axis_gives_same_tokens(tmp_path):
     ds, _ = gen.start(gen.prepare(PROMPTS), max_new_tokens=12)
     assert ds.cache.keys[0].sharding.spec[2] == "sequence"  # cache slots split over the sequence axis
     assert ij.generate_ids(m, PROMPTS, max_new_tokens=12, stop_ids=()) == _reference(STATE, CFG, PROMPTS, 12)
+
+
+def test_the_blocked_argmax_and_draw_equal_jax_argmax_and_categorical():
+    """Greedy and sampled tokens come from argmax_tokens / categorical_tokens (two-pass over a large
+    vocabulary); they must pick exactly what jnp.argmax / jax.random.categorical pick, ties included."""
+    rng = np.random.RandomState(0)
+    for shape in [(3, 92544), (2, 4096 * 3), (4, 128)]:
+        x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+        np.testing.assert_array_equal(argmax_tokens(x), jnp.argmax(x, -1))
+        tied = x.at[:, 7].set(50.0).at[:, -2].set(50.0)
+        np.testing.assert_array_equal(argmax_tokens(tied), np.full(shape[0], 7))
+        for seed in range(4):
+            key = jax.random.key(seed)
+            np.testing.assert_array_equal(categorical_tokens(key, x * 3), jax.random.categorical(key, x * 3))
