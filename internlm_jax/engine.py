@@ -150,17 +150,18 @@ class Engine:
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
         graphdef = self.gen.graphdef
 
-        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len, targets, logprobs):
-            """A prefill chunk; with ``logprobs >= 0`` also the scores of ``targets`` (each token's next)."""
+        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len, targets, logprobs, keys):
+            """A prefill chunk attending to the row's first ``keys`` slots; with ``logprobs >= 0`` also the
+            scores of ``targets`` (each token's next)."""
             model = nnx.merge(graphdef, state)
             logits, cache = model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers,
-                                                 every=logprobs >= 0)
+                                                 every=logprobs >= 0, keys=keys)
             if logprobs < 0:
                 return logits, cache, None
             last = jax.lax.dynamic_index_in_dim(logits, count - 1, 0, keepdims=False)
             return last, cache, token_scores(logits, targets, logprobs)
 
-        self._extend = jax.jit(extend, donate_argnames=("cache",), static_argnames=("logprobs",))
+        self._extend = jax.jit(extend, donate_argnames=("cache",), static_argnames=("logprobs", "keys"))
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))
         self.ds, self.base = self._empty_state()
@@ -338,8 +339,11 @@ class Engine:
                 left = len(prompt) - row.prefilled
                 size = min(self.prefill_chunk, bucket_length(min(left, budget)))
                 take = min(left, size, budget)
+                # the slots this chunk can see, rounded up to a power of two, at least prefill_chunk (a
+                # few programs per chunk size; a chunk's cost follows the prompt so far, not max_len)
+                keys = min(self.max_len, max(self.prefill_chunk, 1 << (row.prefilled + size - 1).bit_length()))
                 op = {"row": i, "tokens": prompt[row.prefilled:row.prefilled + take], "start": row.prefilled,
-                      "size": size, "seq_len": len(prompt), "logprobs": -1}
+                      "size": size, "seq_len": len(prompt), "logprobs": -1, "keys": keys}
                 if row.request.prompt_logprobs is not None:  # score each token's next prompt token
                     op.update(logprobs=row.request.prompt_logprobs,
                               targets=prompt[row.prefilled + 1:row.prefilled + take + 1])
@@ -384,7 +388,7 @@ class Engine:
             last[op["row"]], cache, scores = self._extend(
                 self.gen.state, self.gen.layers, self.ds.cache, tokens, positions, np.int32(op["row"]),
                 np.int32(op["start"]), np.int32(len(op["tokens"])), np.int32(op["seq_len"]), targets,
-                logprobs=op["logprobs"])
+                logprobs=op["logprobs"], keys=op["keys"])
             if scores is not None:
                 prompt_scores.append((op["row"], jax.tree.map(lambda x, n=len(op["targets"]): to_host(x)[:n], scores)))
             self.ds = dataclasses.replace(self.ds, cache=cache)

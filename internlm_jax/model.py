@@ -614,13 +614,15 @@ class InternLM2(nnx.Module):
 
 
     def forward_extend(self, tokens, positions, cache: KVCache, row, start, count, seq_len, *, layers=None,
-                       every: bool = False):
+                       every: bool = False, keys: int | None = None):
         """Chunked prefill: ``C`` prompt tokens of one cache row (``tokens``, ``positions`` ``[C]``; the
         first ``count`` are real) are written at slots ``start .. start + C`` of row ``row`` and attend
         to that row's valid slots and to each other causally. ``seq_len`` is the whole prompt's length
         (the dynamic NTK base, as a one-shot prefill would compute it). Returns the float32 logits of
         the last real token ``[V]`` (with ``every``: of all ``C`` tokens, ``[C, V]``, for prompt
-        logprobs) and the updated cache. Unrolled over layers like decode."""
+        logprobs) and the updated cache. Unrolled over layers like decode. ``keys`` (static, at least
+        ``start + C``) limits attention to the row's first ``keys`` slots, the only ones these tokens can
+        see: a chunk's cost then follows the prompt so far, not the row's length."""
         c = tokens.shape[0]
         mesh, nkv = self.mesh, self.config.num_key_value_heads
         real = jnp.arange(c) < count
@@ -630,10 +632,12 @@ class InternLM2(nnx.Module):
         row_valid = jnp.where(start == 0, False, row_valid)  # a new sequence: the row's old slots are gone
         row_valid = row_valid.at[cols].set(real, mode="drop")
         valid = jax.lax.dynamic_update_index_in_dim(cache.valid, row_valid, row, 0)
-        visible = row_valid[None, :] & (jnp.arange(t)[None, :] <= cols[:, None])  # [C, T]
+        span = t if keys is None else min(keys, t)
+        visible = row_valid[None, :span] & (jnp.arange(span)[None, :] <= cols[:, None])  # [C, span]
 
         def write_and_read(buf, new):
-            """Write [C, nKV, D] into the row's slots; return (buffer, the row as [1, nKV, T, D])."""
+            """Write [C, nKV, D] into the row's slots; return (buffer, the row's first ``span`` slots
+            as [1, nKV, span, D])."""
             new = new.astype(buf.dtype)
             if buf.ndim == 3:  # [B * nKV, T, D]
                 rows = row * nkv + jnp.arange(nkv)
@@ -642,7 +646,7 @@ class InternLM2(nnx.Module):
             else:  # [B, nKV, T, D]
                 buf = buf.at[row, :, cols].set(new, mode="drop")
                 mine = jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
-            return buf, mine[None]
+            return buf, mine[None, :, :span]
 
         x = self.embed(tokens[None])
         cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
