@@ -281,12 +281,14 @@ def create_app(engine: Engine, tok, model_name: str):
             return update
 
         try:
-            for i, (p, j) in enumerate((p, j) for p in range(len(prompts)) for j in range(req.n)):
-                prompt = prompts[p]
-                params = {**kw, "seed": kw["seed"] + j, "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
-                handle = engine.submit(prompt, on_update=on_update(i), **params)
-                choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
-                                      0 if scores_only(req) else None))
+            for p, prompt in enumerate(prompts):
+                for j in range(req.n):
+                    i = len(choices)
+                    params = {**kw, "seed": kw["seed"] + j,
+                              "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
+                    handle = engine.submit(prompt, on_update=on_update(i), **params)
+                    choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
+                                          0 if scores_only(req) else None))
         except (QueueFull, EngineError) as e:
             for c in choices:
                 c.handle.cancel()
