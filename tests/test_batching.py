@@ -175,3 +175,14 @@ def test_on_a_tensor_parallel_mesh(model):
     requests = [engine.submit(p, max_tokens=m) for p, m in zip(prompts[:4], budgets[:4])]
     engine.run_until_done()
     assert [r.tokens for r in requests] == [alone(model, p, m) for p, m in zip(prompts[:4], budgets[:4])]
+    # logprobs on the mesh (the vocabulary split over `tensor`) equal one device's
+    scored = [Engine(m, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP) for m in (model, sharded)]
+    got = [e.submit(prompts[5], max_tokens=6, temperature=0.8, seed=3, logprobs=3, prompt_logprobs=2)
+           for e in scored]
+    for e in scored:
+        e.run_until_done()
+    a, b = got
+    assert a.tokens == b.tokens and [[t for t, _ in x] for x in a.top_logprobs] == [[t for t, _ in x]
+                                                                                 for x in b.top_logprobs]
+    np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=1e-5)
+    np.testing.assert_allclose(b.prompt_token_logprobs, a.prompt_token_logprobs, atol=1e-5)
