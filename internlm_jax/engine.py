@@ -50,6 +50,12 @@ from .multihost import StepChannel
 from .sharding import named_sharding
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
+TOP_COMPUTED = (0, 1, 2, 5, 10, MAX_LOGPROBS)  # alternatives a program computes: a few compiled variants
+
+
+def _computed(k: int) -> int:
+    """The alternatives to compute for a request of ``k`` (-1: none); requests take their first ``k``."""
+    return -1 if k < 0 else next(c for c in TOP_COMPUTED if c >= k)
 IDLE = 1 << 30  # the slot base of a row without a decoding request: its writes fall off the cache
 HEARTBEAT_S = 1.0  # an idle multi-host leader sends an empty step this often
 
@@ -345,7 +351,7 @@ class Engine:
                 op = {"row": i, "tokens": prompt[row.prefilled:row.prefilled + take], "start": row.prefilled,
                       "size": size, "seq_len": len(prompt), "logprobs": -1, "keys": keys}
                 if row.request.prompt_logprobs is not None:  # score each token's next prompt token
-                    op.update(logprobs=row.request.prompt_logprobs,
+                    op.update(logprobs=_computed(row.request.prompt_logprobs),
                               targets=prompt[row.prefilled + 1:row.prefilled + take + 1])
                 prefill.append(op)
                 row.prefilled += take
@@ -368,7 +374,7 @@ class Engine:
             wanted = [self.rows[i].request.logprobs for i in active if self.rows[i].request.logprobs is not None]
             decode = {"rows": active, "steps": min(self.decode_chunk, 1 << (max(need, 1) - 1).bit_length()),
                       "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty],
-                      "logprobs": max(wanted, default=-1)}  # -1: no row asked, none computed
+                      "logprobs": _computed(max(wanted, default=-1))}  # -1: no row asked, none computed
         return {"release": release, "prefill": prefill, "activate": activate, "decode": decode}
 
     def _execute(self, plan: dict):
