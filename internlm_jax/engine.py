@@ -420,8 +420,9 @@ class Engine:
         return (to_host(tokens), to_host(emitted), jax.tree.map(to_host, scores)), prompt_scores
 
     def _collect(self, plan: dict, out) -> None:
-        """Hand the decode chunk's tokens to their requests; finished rows are free at once (their
-        device rows are released at the start of the next step)."""
+        """Hand the prefill chunks' prompt scores and the decode chunk's tokens (and scores) to their
+        requests; finished rows are free at once (their device rows are released at the start of the
+        next step)."""
         out, prompt_scores = out
         for i, scores in prompt_scores:
             request = self.rows[i].request
