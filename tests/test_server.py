@@ -332,40 +332,63 @@ def test_64_concurrent_streams_are_all_answered_correctly(tiny):
         assert text == want[p]
 
 
-def test_a_full_queue_answers_429(tiny):
+@pytest.fixture(scope="module")
+def slow(tiny, tmp_path_factory):
+    """A server with one row and one waiting place whose model allows 32768 positions, so a 30000-token
+    request keeps its row busy for many seconds even with the tiny model."""
     server, _, _ = tiny
-    body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 200, "temperature": 0}
-    with ThreadPoolExecutor(24) as pool:
-        codes = list(pool.map(lambda _: post(server, "/v1/completions", body).status_code, range(24)))
-    assert 429 in codes and 200 in codes and set(codes) <= {200, 429}  # 4 rows + 8 waiting
-    r = post(server, "/v1/completions", {**body, "max_tokens": 2})
-    assert r.status_code == 200
-
-
-def test_a_client_that_disconnects_frees_its_slot(tmp_path, tiny):
-    """A long stream (30000 tokens: many seconds of work even for the tiny model) read for three
-    events, then dropped: the engine cancels it, frees the row, and never finishes it by length."""
-    server, _, _ = tiny
-    folder = tmp_path / "tiny-chat"
+    folder = tmp_path_factory.mktemp("slow") / "tiny-chat"
     shutil.copytree(server.proc.args[server.proc.args.index("--model") + 1], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32768}))
-    long = Server(folder, "--max-batch", "1", "--max-len", "32768")
-    try:
-        body = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 30000, "temperature": 0, "stream": True}
-        with httpx.stream("POST", long.url + "/v1/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            got = [next(lines) for _ in range(3)]
-            assert any(line.startswith("data: ") for line in got)
-        deadline = time.time() + 60
-        while httpx.get(long.url + "/health").json()["running"] and time.time() < deadline:
-            time.sleep(0.1)
-        health = httpx.get(long.url + "/health").json()
-        assert health["running"] == 0
-        assert health["counts"].get("finished_cancelled") == 1 and "finished_length" not in health["counts"]
-        assert health["counts"]["generated_tokens"] < 30000
-    finally:
-        long.stop()
+    slow = Server(folder, "--max-batch", "1", "--max-len", "32768", "--max-queue", "1")
+    yield slow
+    slow.stop()
+
+
+def wait_idle(server, deadline_s=60):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        health = httpx.get(server.url + "/health").json()
+        if not health["running"] and not health["waiting"]:
+            return health
+        time.sleep(0.1)
+    raise AssertionError(f"server still busy after {deadline_s} s: {health}")
+
+
+LONG = {"model": "tiny-chat", "prompt": "The river", "max_tokens": 30000, "temperature": 0, "stream": True}
+
+
+def test_a_full_queue_answers_429(slow):
+    """One long request runs, a second waits (max_queue=1): a third is refused with 429 naming the queue,
+    and once both streams are dropped the server takes requests again."""
+    with httpx.stream("POST", slow.url + "/v1/completions", json=LONG, timeout=60) as running:
+        events = running.iter_lines()  # kept: a dropped iterator closes the connection, which cancels
+        next(events)
+        with httpx.stream("POST", slow.url + "/v1/completions", json=LONG, timeout=60) as waiting:
+            assert waiting.status_code == 200
+            deadline = time.time() + 30
+            while httpx.get(slow.url + "/health").json()["waiting"] != 1 and time.time() < deadline:
+                time.sleep(0.05)
+            r = post(slow, "/v1/completions", {**LONG, "stream": False, "max_tokens": 2})
+            assert r.status_code == 429 and "max_queue" in r.json()["error"]["message"]
+    wait_idle(slow)
+    r = post(slow, "/v1/completions", {**LONG, "stream": False, "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_that_disconnects_frees_its_slot(slow):
+    """A long stream (30000 tokens: many seconds of work even for the tiny model) read for three
+    events, then dropped: the engine cancels it, frees the row, and never finishes it by length."""
+    before = wait_idle(slow)["counts"]
+    with httpx.stream("POST", slow.url + "/v1/completions", json=LONG, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: ") for line in got)
+    counts = wait_idle(slow)["counts"]
+    assert counts.get("finished_cancelled", 0) == before.get("finished_cancelled", 0) + 1
+    assert counts.get("finished_length", 0) == before.get("finished_length", 0)
+    assert counts["generated_tokens"] - before.get("generated_tokens", 0) < 30000
 
 
 def test_sigterm_lets_running_requests_finish_then_exits(tmp_path, tiny):
