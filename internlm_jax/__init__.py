@@ -32,6 +32,7 @@ _EXPORTS = {
     "chat": "generation",
     "SamplingParams": "generation",
     "Generator": "generation",
+    "Engine": "engine",
 }
 
 

@@ -3,9 +3,10 @@
     internlm-jax generate --model DIR --input prompts.jsonl --output out.jsonl
 
 Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as
-for the server; ``tools`` allowed) or ``prompt_ids``; optional ``max_tokens``, ``temperature``,
-``top_p``, ``top_k``, ``repetition_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token,
-0 to 20). Each output line carries the ``id``, ``text`` (chat: also ``tool_calls``), ``prompt_tokens``,
+for the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens``,
+``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``presence_penalty``,
+``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0 to 20). Each output
+line carries the ``id``, ``text`` (chat: also ``tool_calls``), ``prompt_tokens``,
 ``completion_tokens`` and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs``
 and ``top_logprobs``, ``[id, logprob]`` pairs), written in the order requests finish. Every input line
 is checked before anything runs.
@@ -22,11 +23,12 @@ import os
 import time
 from pathlib import Path
 
-from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages
+from .chat_format import FormatError, TextStream, forced_reply, parse_tool_calls, to_internlm_messages
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 
-OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "logprobs")
+OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
+           "frequency_penalty", "seed", "logprobs")
 
 
 class BatchInputError(ValueError):
@@ -34,7 +36,8 @@ class BatchInputError(ValueError):
 
 
 def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
-    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools"}]``."""
+    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced"}]`` (``forced``:
+    the reply's start that ``tool_choice`` puts at the end of the prompt)."""
     path = Path(path)
     out, seen = [], {}
     with open(path, encoding="utf-8") as f:
@@ -57,13 +60,21 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             given = [k for k in ("prompt", "messages", "prompt_ids") if k in item]
             if len(given) != 1:
                 raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
+            forced = ""
             try:
                 if "prompt" in item:
                     if not isinstance(item["prompt"], str) or not item["prompt"]:
                         raise BatchInputError(f"{where}: 'prompt' must be a non-empty string")
                     ids = tok.encode(item["prompt"])
                 elif "messages" in item:
-                    ids = tok.encode_chat(to_internlm_messages(item["messages"], item.get("tools")))
+                    choice = item.get("tool_choice")
+                    try:
+                        forced = forced_reply(choice, item.get("tools"))
+                    except FormatError as e:
+                        raise BatchInputError(f"{where}: tool_choice: {e}") from None
+                    tools = item.get("tools") if choice != "none" else None
+                    ids = tok.encode_chat(to_internlm_messages(item["messages"], tools))
+                    ids += tok.encode(forced, add_bos=False) if forced else []
                 else:
                     ids = item["prompt_ids"]
                     if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
@@ -84,7 +95,7 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             except EngineError as e:
                 raise BatchInputError(f"{where}: {e}") from None
             out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                        "chat": "messages" in item, "tools": bool(item.get("tools"))})
+                        "chat": "messages" in item, "tools": bool(item.get("tools")), "forced": forced})
     return out
 
 
@@ -124,6 +135,7 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
                 while pending:  # keep the engine's queue full, never over
                     item = pending[-1]
                     text = TextStream(item["stop"])
+                    text.push(item["forced"])
                     decoder = tok.stream_decoder(skip_special_tokens=False)
 
                     def follow(request, new, text=text, decoder=decoder):  # incremental, as the server does

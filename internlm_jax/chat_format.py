@@ -93,6 +93,29 @@ def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] |
     return out
 
 
+def forced_reply(tool_choice: Any, tools: Sequence[Mapping] | None) -> str:
+    """The start of the assistant's reply that OpenAI's ``tool_choice`` forces, to be appended to the
+    prompt: nothing for ``"auto"``/``"none"``/None, the call marker for ``"required"``, and for
+    ``{"type": "function", "function": {"name": N}}`` the marker and the call's JSON up to its
+    ``"parameters":`` (the model writes the arguments). Ends where InternLM2's tokenizer has a token
+    boundary, so the model continues from a tokenization it has seen."""
+    if tool_choice is None or tool_choice in ("auto", "none"):
+        return ""
+    names = [fn["name"] for fn in tool_definitions(tools or [])]
+    if not names:
+        raise FormatError(f"tool_choice {tool_choice!r} needs tools")
+    if tool_choice == "required":
+        return CALL_START + "\n"
+    fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
+    if not isinstance(fn, Mapping) or tool_choice.get("type", "function") != "function" or \
+            not isinstance(fn.get("name"), str):
+        raise FormatError("tool_choice must be 'none', 'auto', 'required' or "
+                          "{'type': 'function', 'function': {'name': ...}}")
+    if fn["name"] not in names:
+        raise FormatError(f"tool_choice names {fn['name']!r}, which is not among the tools ({', '.join(names)})")
+    return CALL_START + "\n" + '{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "parameters":'
+
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse stays text."""
     content, calls, rest = [], [], text

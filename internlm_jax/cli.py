@@ -104,8 +104,8 @@ def _load_for_generation(args):
 
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                truncate=args.truncate)
+                top_p=args.top_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, seed=args.seed, truncate=args.truncate)
 
 
 def cmd_generate(args) -> None:
@@ -133,7 +133,9 @@ def cmd_generate(args) -> None:
             finish()
             return
         defaults = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+                        top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                        seed=args.seed)
         try:
             result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
         finally:
@@ -198,6 +200,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
     p.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")

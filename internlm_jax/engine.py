@@ -188,9 +188,9 @@ class Engine:
         return request
 
     def check(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
-              top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-              stop_ids: Sequence[int] = (), logprobs: int | None = None,
-              prompt_logprobs: int | None = None) -> Request:
+              top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+              frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] = (),
+              logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
         if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -207,7 +207,8 @@ class Engine:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
                               f"context of {self.max_len} tokens")
         try:
-            sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+            sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty,
+                                      frequency_penalty)
         except ValueError as e:
             raise EngineError(str(e)) from None
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -313,11 +314,13 @@ class Engine:
             lambda: jax.random.split(jax.random.key(0), shape) if shape else jax.random.key(0),
             out_shardings=None if gen.mesh is None else named_sharding(axes, shape, gen.mesh))()
         rows = RowSampling(vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.ones(b, np.float32)),
-                           vec(np.ones(b, np.float32)), keys((b,), ("batch",)))
+                           vec(np.ones(b, np.float32)), keys((b,), ("batch",)), vec(np.zeros(b, np.float32)),
+                           vec(np.zeros(b, np.float32)))
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
-                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows)
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows,
+                         gen.put(np.zeros((b, cfg.vocab_size), np.int32), ("batch", "act_vocab")))
         return ds, vec(np.full(b, IDLE, np.int32))
 
     def _plan(self) -> dict:
@@ -359,7 +362,8 @@ class Engine:
             if row.prefilled == len(prompt):
                 s = row.request.sampling
                 activate.append({"row": i, "prompt": prompt, "seed": row.request.seed,
-                                 "sampling": [s.temperature, s.top_k, s.top_p, s.repetition_penalty],
+                                 "sampling": [s.temperature, s.top_k, s.top_p, s.repetition_penalty,
+                                              s.presence_penalty, s.frequency_penalty],
                                  "base": len(prompt) - self.steps})
                 row.decoding = True
             if budget <= 0:
@@ -373,7 +377,8 @@ class Engine:
             f = RowSampling.features([self.rows[i].request.sampling for i in active])
             wanted = [self.rows[i].request.logprobs for i in active if self.rows[i].request.logprobs is not None]
             decode = {"rows": active, "steps": min(self.decode_chunk, 1 << (max(need, 1) - 1).bit_length()),
-                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty],
+                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty, f.presence_penalty,
+                                   f.frequency_penalty],
                       "logprobs": _computed(max(wanted, default=-1))}  # -1: no row asked, none computed
         return {"release": release, "prefill": prefill, "activate": activate, "decode": decode}
 
@@ -402,12 +407,12 @@ class Engine:
         for op in plan["activate"]:
             seen = np.zeros(self.config.vocab_size, bool)
             seen[op["prompt"]] = True
-            t, k, p, r = op["sampling"]
+            t, k, p, r, presence, frequency = op["sampling"]
             # the row's next slot is len(prompt): slot = base + (global step)
             self.ds, self.base = self._activate(self.ds, self.base, np.int32(op["row"]), last[op["row"]],
                                                 np.int32(len(op["prompt"])), seen, np.float32(t), np.int32(k),
-                                                np.float32(p), np.float32(r), np.uint32(op["seed"]),
-                                                np.int32(op["base"]))
+                                                np.float32(p), np.float32(r), np.float32(presence),
+                                                np.float32(frequency), np.uint32(op["seed"]), np.int32(op["base"]))
         decode = plan["decode"]
         if decode is None:
             return None, prompt_scores
@@ -478,15 +483,19 @@ def _pairs(scores, at, k: int) -> list[tuple[int, float]]:
     return [(int(a), float(b)) for a, b in zip(scores.top_ids[at][:k], scores.top_logprobs[at][:k])]
 
 
-def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, seed, row_base):
-    """Row ``row`` starts decoding: its first logits, position, tokens seen, sampling values and key."""
+def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, presence,
+              frequency, seed, row_base):
+    """Row ``row`` starts decoding: its first logits, position, tokens seen (none generated yet),
+    sampling values and key."""
     r = ds.rows
     key = jax.random.key(seed)
     set_ = lambda x, v: x.at[row].set(v)  # noqa: E731
     rows = RowSampling(set_(r.temperature, temperature), set_(r.top_k, top_k), set_(r.top_p, top_p),
-                       set_(r.repetition_penalty, penalty), set_(r.key, key))
+                       set_(r.repetition_penalty, penalty), set_(r.key, key), set_(r.presence_penalty, presence),
+                       set_(r.frequency_penalty, frequency))
     return (dataclasses.replace(ds, logits=set_(ds.logits, logits), positions=set_(ds.positions, position),
-                                seen=set_(ds.seen, seen), done=set_(ds.done, False), rows=rows),
+                                seen=set_(ds.seen, seen), done=set_(ds.done, False), rows=rows,
+                                counts=set_(ds.counts, 0)),
             set_(base, row_base))
 
 

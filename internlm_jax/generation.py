@@ -38,14 +38,28 @@ LONG_BUCKET = 8192
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters. ``repetition_penalty``
+    (HF's: divides positive logits, multiplies negative ones) covers the prompt and the output;
+    ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2 to 2) subtract from a token's logit
+    once if it was generated, and once per time it was generated (the output only, as vLLM does)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether sampling needs the count of each generated token."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def __post_init__(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            x = getattr(self, name)
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not -2 <= x <= 2:
+                raise ValueError(f"{name} must be a number from -2 to 2, got {x!r}")
         t, k, p, r = self.temperature, self.top_k, self.top_p, self.repetition_penalty
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0 or math.isinf(t):
             raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
@@ -78,13 +92,24 @@ def categorical_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
     return argmax_tokens(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
-def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | None) -> jax.Array:
-    """Float32 logits after repetition penalty, temperature, top-k and top-p (HF's order and rules);
-    filtered tokens get -inf. With temperature 0 only the penalty applies (greedy follows)."""
+def count_penalties(logits: jax.Array, counts: jax.Array, presence, frequency) -> jax.Array:
+    """OpenAI's presence and frequency penalties: ``logits - frequency * counts - presence * (counts > 0)``
+    (``counts``: times each token was generated; the penalties broadcast against the logits)."""
+    return logits - frequency * counts.astype(jnp.float32) - presence * (counts > 0).astype(jnp.float32)
+
+
+def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | None,
+                   counts: jax.Array | None = None) -> jax.Array:
+    """Float32 logits after repetition penalty, presence/frequency penalties (with ``counts``),
+    temperature, top-k and top-p (HF's order and rules, the count penalties where vLLM puts them);
+    filtered tokens get -inf. With temperature 0 only the penalties apply (greedy follows)."""
     logits = logits.astype(jnp.float32)
     if params.repetition_penalty != 1.0 and seen is not None:
         r = jnp.float32(params.repetition_penalty)
         logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    if params.counts_tokens and counts is not None:
+        logits = count_penalties(logits, counts, jnp.float32(params.presence_penalty),
+                                 jnp.float32(params.frequency_penalty))
     if params.temperature == 0:
         return logits
     logits = logits / jnp.float32(params.temperature)
@@ -103,9 +128,10 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
     return logits
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None) -> jax.Array:
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None,
+                  counts: jax.Array | None = None) -> jax.Array:
     """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw."""
-    logits = process_logits(logits, params, seen)
+    logits = process_logits(logits, params, seen, counts)
     if params.temperature == 0:
         return argmax_tokens(logits)
     return categorical_tokens(key, logits)
@@ -122,6 +148,8 @@ class RowSampling:
     top_p: jax.Array  # float32, 1 = off
     repetition_penalty: jax.Array  # float32, 1 = off
     key: jax.Array  # [B] PRNG keys
+    presence_penalty: jax.Array  # float32, 0 = off
+    frequency_penalty: jax.Array  # float32, 0 = off
 
     @staticmethod
     def features(params: Sequence[SamplingParams]) -> SamplingParams:
@@ -129,11 +157,13 @@ class RowSampling:
         return SamplingParams(temperature=1.0 if any(p.temperature > 0 for p in params) else 0.0,
                               top_k=1 if any(p.top_k > 0 for p in params) else 0,
                               top_p=0.5 if any(p.top_p < 1 for p in params) else 1.0,
-                              repetition_penalty=2.0 if any(p.repetition_penalty != 1 for p in params) else 1.0)
+                              repetition_penalty=2.0 if any(p.repetition_penalty != 1 for p in params) else 1.0,
+                              presence_penalty=1.0 if any(p.presence_penalty for p in params) else 0.0,
+                              frequency_penalty=1.0 if any(p.frequency_penalty for p in params) else 0.0)
 
 
 def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, features: SamplingParams,
-                seen: jax.Array | None) -> jax.Array:
+                seen: jax.Array | None, counts: jax.Array | None = None) -> jax.Array:
     """Next tokens ``[B]`` with per-row sampling values (same rules and order as :func:`process_logits`);
     ``features`` (static) says which filters are compiled in; row ``b`` draws with
     ``fold_in(rows.key[b], counter[b])``."""
@@ -142,6 +172,8 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
     if features.repetition_penalty != 1.0 and seen is not None:
         r = col(rows.repetition_penalty)
         logits = jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
+    if features.counts_tokens and counts is not None:
+        logits = count_penalties(logits, counts, col(rows.presence_penalty), col(rows.frequency_penalty))
     greedy = argmax_tokens(logits)
     if features.temperature == 0:
         return greedy
@@ -209,7 +241,8 @@ class PreparedBatch:
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """Everything a decode step carries: the next logits, the cache, each sequence's next position,
-    the tokens seen (repetition penalty), which sequences stopped, the step number and the PRNG key."""
+    the tokens seen (repetition penalty), which sequences stopped, the step number, the PRNG key, and
+    (only when presence/frequency penalties may apply) how often each token was generated."""
 
     logits: jax.Array  # [B, V] float32
     cache: KVCache
@@ -219,6 +252,7 @@ class DecodeState:
     step: jax.Array  # [] int32
     key: jax.Array
     rows: RowSampling | None = None  # per-row sampling (continuous batching); None: ``sampling`` for all
+    counts: jax.Array | None = None  # [B, V] int32, times each token was generated; None: not tracked
 
 
 class Generator:
@@ -327,20 +361,22 @@ class Generator:
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
         if ds.rows is None:
-            tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen)
+            tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen, ds.counts)
         else:
-            tok = sample_rows(ds.logits, ds.rows, ds.positions, sampling, ds.seen)
+            tok = sample_rows(ds.logits, ds.rows, ds.positions, sampling, ds.seen, ds.counts)
         tok = jnp.where(ds.done, pad, tok)
         scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
         done = ds.done | jnp.isin(tok, stops)
         seen = ds.seen.at[jnp.arange(b), tok].set(True)
+        counts = None if ds.counts is None else ds.counts.at[jnp.arange(b), tok].add(emitted.astype(jnp.int32))
         owner, slot = (None, base + ds.step) if self.n == 1 else (ds.step % self.n, base + ds.step // self.n)
         logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
         vec = lambda x, axes=("batch",): constrain(x, axes, self.mesh)  # noqa: E731 - the shardings put() gives
         positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)
         new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(positions),
-                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows)
+                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows,
+                          None if counts is None else vec(counts, ("batch", "act_vocab")))
         return new, tok, emitted, scores
 
     def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,
@@ -412,9 +448,10 @@ class Generator:
         base = s // n
         return n * bucket_length(base + -(-max_new_tokens // n)), int(np.argmax(order == s - 1)), base, order
 
-    def start(self, batch: PreparedBatch, max_new_tokens: int, seed: int = 0) -> tuple[DecodeState, jax.Array]:
-        """Prefill; returns the decode state (first logits, cache, next positions, tokens seen) and the
-        slot base of decode tokens."""
+    def start(self, batch: PreparedBatch, max_new_tokens: int, seed: int = 0,
+              counts: bool = False) -> tuple[DecodeState, jax.Array]:
+        """Prefill; returns the decode state (first logits, cache, next positions, tokens seen; with
+        ``counts`` zero counts of generated tokens) and the slot base of decode tokens."""
         b, s = batch.ids.shape
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
@@ -432,7 +469,9 @@ class Generator:
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
         ds = DecodeState(logits, cache, self.put((batch.positions[:, -1] + 1).astype(np.int32), ("batch",)),
                          self.put(seen, ("batch", "act_vocab")), self.put(np.zeros(b, bool), ("batch",)),
-                         self.put(np.int32(0), ()), self.put(jax.random.key(seed), ()))
+                         self.put(np.int32(0), ()), self.put(jax.random.key(seed), ()), None,
+                         self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
+                         if counts else None)
         return ds, self.put(np.int32(base), ())
 
 
@@ -523,15 +562,15 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int, limit: int, tr
 
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-                 stop_ids: Sequence[int] = (2, 92542), max_length: int | None = None,
-                 truncate: bool = False) -> list[list[int]]:
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] = (2, 92542),
+                 max_length: int | None = None, truncate: bool = False) -> list[list[int]]:
     """Token ids in, new token ids out (each list ends at and includes its stop id, if one came)."""
-    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     prompts = _encode_prompts(None, prompts, add_bos=False)
     prompts = _check_lengths(prompts, max_new_tokens, max_length or model_limit(model.config), truncate)
     gen = generator_for(model)
-    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 
@@ -545,7 +584,8 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
              **kwargs) -> list[str] | str:
     """Generate text for one prompt or a batch (prompts of different lengths are left-padded).
 
-    Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``.
+    Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``,
+    ``presence_penalty``, ``frequency_penalty`` (see :class:`SamplingParams`), ``seed``.
     Each sequence stops at its own stop id (default: the tokenizer's, ``</s>`` and ``<|im_end|>``)
     or after ``max_new_tokens``; the stop token is not part of the text.
     """
@@ -559,16 +599,17 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
 
 
 def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int = 0,
-           stop_ids: Sequence[int] | None = None, add_bos: bool = True, skip_special_tokens: bool = False,
-           max_length: int | None = None, truncate: bool = False) -> Iterator[str]:
+           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+           frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
+           add_bos: bool = True, skip_special_tokens: bool = False, max_length: int | None = None,
+           truncate: bool = False) -> Iterator[str]:
     """Yield text pieces as tokens are produced (the decode step driven one token per call)."""
-    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
     prompts = _check_lengths(_encode_prompts(tok, [prompt], add_bos), max_new_tokens,
                              max_length or model_limit(model.config), truncate)
     gen = generator_for(model)
-    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)
     layers = gen.layers
     for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call

@@ -3,15 +3,15 @@
     internlm-jax serve --model DIR [--host 127.0.0.1] [--port 8000] [--tensor 8 ...] [--max-batch 64]
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a batch: text or token ids),
-``POST /v1/chat/completions`` (``stream: true``
-gives server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /health``.
-Parameters: ``max_tokens`` (or ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``,
-``repetition_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or in ``stop``),
-``seed``, ``tools``, ``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``, ...),
-``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives), ``echo``
-(completions: the prompt's text first, and with ``logprobs`` its tokens' logprobs). Every response
-carries ``usage`` (streams: in the last chunk, or with ``stream_options.include_usage`` in a final
-chunk of its own, as OpenAI does).
+``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's chunk format,
+ending with ``data: [DONE]``), ``GET /health``. Parameters: ``max_tokens`` (or
+``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+``presence_penalty``, ``frequency_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or
+in ``stop``), ``seed``, ``tools`` (with ``tool_choice``), ``n`` (that many independent continuations,
+seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with ``top_logprobs``; completions: the number
+of alternatives), ``echo`` (completions: the prompt's text first, and with ``logprobs`` its tokens'
+logprobs). Every response carries ``usage`` (streams: in the last chunk, or with
+``stream_options.include_usage`` in a final chunk of its own, as OpenAI does).
 Bad requests get a 4xx with OpenAI's error object naming the parameter; a full queue answers 429; a
 client that disconnects frees its slot; SIGTERM stops accepting, lets running requests finish, exits.
 """
@@ -26,7 +26,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from .chat_format import FormatError, TextStream, parse_tool_calls, to_internlm_messages, usage
+from .chat_format import FormatError, TextStream, forced_reply, parse_tool_calls, to_internlm_messages, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
 from .multihost import finish
 
@@ -43,6 +43,8 @@ class _Request(BaseModel):
     top_p: Number | None = None
     top_k: StrictInt | None = None
     repetition_penalty: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
     stop: StrictStr | list[Union[StrictStr, StrictInt]] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: StrictInt | None = None
@@ -98,14 +100,17 @@ def _clamp(logprob: float) -> float:
 
 class Choice:
     """One of a request's ``n`` continuations: its engine request and its incremental text. ``echo``
-    (completions) is the prompt's text, sent before the completion (with its logprobs when asked)."""
+    (completions) is the prompt's text, sent before the completion (with its logprobs when asked).
+    ``forced`` is the start of the reply that ``tool_choice`` put at the end of the prompt: it is
+    parsed with the generated text (a tool call), never sent as content."""
 
     def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: str | None = None,
-                 keep: int | None = None):
+                 keep: int | None = None, forced: str = ""):
         self.tok, self.index, self.handle, self.echo, self.keep = tok, index, handle, echo, keep
         self.shown = 0  # generated tokens shown (all of them, or at most ``keep``)
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
         self.text = TextStream(stop, tools=tools)
+        self.text.push(forced)  # a call marker: held for finish(), nothing is sent
         self.scored = 0  # tokens whose logprobs were sent
         self.offset = 0  # characters of token text so far (completions' text_offset)
 
@@ -215,7 +220,10 @@ def create_app(engine: Engine, tok, model_name: str):
         if req.n < 1 or req.n > engine.max_queue:
             raise APIError(400, f"n must be from 1 to {engine.max_queue} (the server's max_queue), got {req.n}",
                            param="n")
-        unsupported = [("logit_bias", bool((req.model_extra or {}).get("logit_bias")))]
+        extra = req.model_extra or {}
+        fmt = extra.get("response_format")
+        plain_text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")  # all we can promise
+        unsupported = [("logit_bias", bool(extra.get("logit_bias"))), ("response_format", not plain_text)]
         if isinstance(req, CompletionRequest):
             unsupported += [("suffix", req.suffix is not None),
                             ("best_of", req.best_of is not None and req.best_of != req.n)]
@@ -237,11 +245,16 @@ def create_app(engine: Engine, tok, model_name: str):
                 raise APIError(400, f"{which} has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
                                f"the context of {engine.max_len} tokens", param="max_tokens",
                                code="context_length_exceeded")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(req, name)
+            if value is not None and not -2 <= value <= 2:
+                raise APIError(400, f"{name} must be from -2 to 2, got {value}", param=name)
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         kw = dict(max_tokens=1 if scores_only(req) else max_tokens,
                   temperature=1.0 if req.temperature is None else req.temperature,
                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
                   stop_ids=[s for s in stops if isinstance(s, int)] + list(req.stop_token_ids or []),
                   logprobs=logprobs_wanted(req))
@@ -267,10 +280,10 @@ def create_app(engine: Engine, tok, model_name: str):
         return k
 
     async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request,
-                  echo: list[str] | None = None):
+                  echo: list[str] | None = None, forced: str = ""):
         """Answer ``n`` continuations of each prompt; choice ``p * n + j`` is prompt ``p``'s ``j``-th, an
         engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone).
-        ``echo``: each prompt's text, sent before its completions."""
+        ``echo``: each prompt's text, sent before its completions; ``forced``: the reply's forced start."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         choices: list[Choice] = []
@@ -288,7 +301,7 @@ def create_app(engine: Engine, tok, model_name: str):
                               "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
                     handle = engine.submit(prompt, on_update=on_update(i), **params)
                     choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
-                                          0 if scores_only(req) else None))
+                                          0 if scores_only(req) else None, forced))
         except (QueueFull, EngineError) as e:
             for c in choices:
                 c.handle.cancel()
@@ -435,12 +448,17 @@ def create_app(engine: Engine, tok, model_name: str):
     async def chat_completions(req: ChatRequest):
         check_model(req)
         try:
+            forced = forced_reply(req.tool_choice, req.tools)
+        except FormatError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        try:
             messages = to_internlm_messages(req.messages, req.tools if req.tool_choice != "none" else None)
             ids = tok.encode_chat(messages, add_generation_prompt=True)
         except (FormatError, ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
+        ids += tok.encode(forced, add_bos=False) if forced else []
         kw, stop = sampling(req, [ids])
-        return await run([ids], kw, stop, bool(req.tools), True, req)
+        return await run([ids], kw, stop, bool(req.tools), True, req, forced=forced)
 
     return app
 

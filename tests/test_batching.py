@@ -186,3 +186,40 @@ def test_on_a_tensor_parallel_mesh(model):
                                                                                  for x in b.top_logprobs]
     np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(b.prompt_token_logprobs, a.prompt_token_logprobs, atol=1e-5)
+
+
+def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
+    """Greedy tokens with OpenAI's presence/frequency penalties, one plain forward of the whole sequence
+    per token and the penalty written out in float64 (the generated tokens only are counted)."""
+    ids, out, counts = list(prompt), [], np.zeros(CFG.vocab_size)
+    for _ in range(n):
+        logits = np.asarray(model(np.asarray([ids], np.int32))[0, -1], np.float64)
+        t = int(np.argmax(logits - frequency * counts - presence * (counts > 0)))
+        if t in stop:
+            break
+        out.append(t)
+        counts[t] += 1
+        ids.append(t)
+    return out
+
+
+def test_presence_and_frequency_penalties_follow_the_reference(model):
+    """generate (a left-padded batch) and the engine (rows of mixed settings, reused after a penalized
+    request) equal a step-by-step reference; the penalties change the tokens, so the check can fail."""
+    prompts, _ = prompts_and_lengths(3)
+    settings = [(0.0, 1.5), (1.0, 0.0), (0.5, 0.7), (0.0, 0.0), (-0.5, 0.3), (0.0, 1.5)]
+    want = [penalized_greedy(model, p, 16, pr, fr) for p, (pr, fr) in zip(prompts, settings)]
+    assert any(w != alone(model, p, 16) for w, p in zip(want, prompts))
+    for (pr, fr), group in ((settings[0], [0, 5]), (settings[2], [2])):  # one setting per generate call
+        got = ij.generate_ids(model, [prompts[i] for i in group], max_new_tokens=16, presence_penalty=pr,
+                              frequency_penalty=fr, stop_ids=STOP)
+        assert [g[:-1] if g and g[-1] in STOP else g for g in got] == [want[i] for i in group]
+    engine = Engine(model, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP)  # rows are reused
+    requests = [engine.submit(p, max_tokens=16, presence_penalty=pr, frequency_penalty=fr)
+                for p, (pr, fr) in zip(prompts, settings)]
+    engine.run_until_done()
+    assert [r.tokens for r in requests] == want
+    with pytest.raises(EngineError, match="frequency_penalty"):
+        engine.submit(prompts[0], max_tokens=4, frequency_penalty=2.5)
+    with pytest.raises(ValueError, match="presence_penalty"):
+        ij.generate_ids(model, [prompts[0]], max_new_tokens=4, presence_penalty="high")

@@ -227,6 +227,23 @@ def shown(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(tiny):
+    """OpenAI's penalties through the client equal generate's (checked against a step-by-step reference
+    in test_batching), and change the tokens of this prompt."""
+    server, model, tok = tiny
+    client = server.client()
+    ids = tok.encode("The river")
+    kw = dict(model="tiny-chat", prompt="The river", max_tokens=24, temperature=0)
+    out = client.completions.create(**kw, presence_penalty=0.4, frequency_penalty=1.2)
+    want = strip_stop(ij.generate_ids(model, [ids], max_new_tokens=24, presence_penalty=0.4, frequency_penalty=1.2,
+                                      stop_ids=tok.stop_ids)[0], tok)
+    assert out.choices[0].text == tok.decode(want)
+    assert out.choices[0].text != client.completions.create(**kw).choices[0].text
+    plain = client.completions.create(**kw, extra_body={"response_format": {"type": "text"}}, presence_penalty=0,
+                                      frequency_penalty=0)
+    assert plain.choices[0].text == greedy(model, tok, "The river", 24)
+
+
 def strip_stop(ids, tok):
     return ids[:-1] if ids and ids[-1] in tok.stop_ids else ids
 
@@ -288,6 +305,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "top_logprobs": 2}, False, 400, "top_logprobs", "needs logprobs"),
         ({**ok, "logprobs": True, "top_logprobs": 21}, False, 400, "top_logprobs", "from 0 to 20"),
         ({**ok, "logit_bias": {"5": 10}}, False, 400, "logit_bias", "not supported"),
+        ({**ok, "response_format": {"type": "json_object"}}, False, 400, "response_format", "not supported"),
+        ({**ok, "frequency_penalty": 3}, False, 400, "frequency_penalty", "from -2 to 2"),
         ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, False, 400, "messages", "wizard"),
         ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
         ({**ok, "top_p": 0}, False, 400, None, "top_p"),
@@ -454,6 +473,95 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
     # without tools the same output is plain text, markers included
     plain = client.chat.completions.create(model="tool-model", messages=messages, max_tokens=40, temperature=0)
     assert plain.choices[0].message.content == REPLY + "<|action_start|><|plugin|>" + CALL + "<|action_end|>"
+
+
+CITY = ' {"city":"Oslo"}}'  # the arguments the forced-call model writes after '"parameters":'
+
+
+@pytest.fixture(scope="module")
+def forced_server(tool_server, tmp_path_factory):
+    """A model that, after the start of a named call that tool_choice forces (ending '"parameters":'),
+    writes ``CITY``, ends the call and the turn."""
+    from internlm_jax.chat_format import forced_reply
+
+    _, tok = tool_server
+    base = tmp_path_factory.mktemp("forced")
+    forced = tok.encode(forced_reply({"type": "function", "function": {"name": "get_weather"}}, TOOLS), add_bos=False)
+    whole = tok.encode(tok.decode(forced) + CITY + "<|action_end|><|im_end|>", add_bos=False)
+    assert whole[:len(forced)] == forced  # the forced start is a token prefix of the whole call
+    shutil.copy(tok.model_file, base / "tokenizer.model")
+    folder = chain_checkpoint(base / "tool-model", whole[len(forced) - 1:], base / "tokenizer.model",
+                              vocab_size=tok.vocab_size)
+    server = Server(folder, "--max-batch", "2", "--max-len", "200")
+    yield server, tok, ij.InternLM2.from_pretrained(folder)
+    server.stop()
+
+
+def test_tool_choice_forces_a_call(forced_server):
+    """A named tool_choice puts the call's start after the prompt: the model writes only the arguments,
+    and the reply is that call (streamed or not); "required" forces the call marker; "none" leaves
+    the tools out of the prompt; a bad tool_choice is a 400 naming it."""
+    from internlm_jax.chat_format import forced_reply, to_internlm_messages
+
+    server, tok, model = forced_server
+    client = server.client()
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    prompt = tok.encode_chat(to_internlm_messages(messages, TOOLS))
+    out = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice=named,
+                                         max_tokens=40, temperature=0)
+    calls = out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "tool_calls" and not out.choices[0].message.content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
+    forced = tok.encode(forced_reply(named, TOOLS), add_bos=False)
+    assert out.usage.prompt_tokens == len(prompt) + len(forced)
+    chunks = list(client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, max_tokens=40,
+                                                 tool_choice=named, temperature=0, stream=True))
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    streamed = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls
+                for tc in c.choices[0].delta.tool_calls]
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == \
+        [("get_weather", {"city": "Oslo"})]
+    # "required": the marker ends the prompt; what follows is generate's continuation of that prompt
+    required = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS,
+                                              tool_choice="required", max_tokens=6, temperature=0)
+    marker = tok.encode(forced_reply("required", TOOLS), add_bos=False)
+    assert required.usage.prompt_tokens == len(prompt) + len(marker)
+    tokens = ij.generate_ids(model, [prompt + marker], max_new_tokens=6, stop_ids=tok.stop_ids)[0]
+    shown = next((i for i, t in enumerate(tokens) if t in tok.stop_ids), len(tokens))  # the stop is not counted
+    assert required.usage.completion_tokens == shown
+    assert required.choices[0].message.content == tok.decode(marker + tokens[:shown], skip_special_tokens=False)
+    # "none": as if no tools were given
+    none = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice="none",
+                                          max_tokens=2, temperature=0)
+    assert none.usage.prompt_tokens == len(tok.encode_chat(to_internlm_messages(messages)))
+    for bad, words in (({"type": "function", "function": {"name": "nope"}}, "nope"), ("sometimes", "tool_choice"),
+                       ({"type": "function"}, "tool_choice")):
+        r = post(server, "/v1/chat/completions", {"model": "tool-model", "messages": messages, "tools": TOOLS,
+                                                  "tool_choice": bad})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "tool_choice" and words in err["message"]
+    r = post(server, "/v1/chat/completions", {"model": "tool-model", "messages": messages, "tool_choice": "required"})
+    assert r.status_code == 400 and "needs tools" in r.json()["error"]["message"]
+
+
+def test_offline_batch_lines_take_tool_choice(forced_server, tmp_path):
+    from internlm_jax.batch import BatchInputError, run_batch
+
+    _, tok, model = forced_server
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "call", "messages": messages, "tools": TOOLS, "tool_choice": named}) + "\n")
+    engine = ij.Engine(model, max_batch=2, max_len=200, stop_ids=tok.stop_ids)
+    run_batch(engine, tok, src, out, defaults={"max_tokens": 40}, progress=False)
+    line = json.loads(out.read_text())
+    assert line["finish_reason"] == "tool_calls" and line["text"] == ""
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in line["tool_calls"]] == \
+        [("get_weather", {"city": "Oslo"})]
+    src.write_text(json.dumps({"id": "x", "messages": messages, "tools": TOOLS, "tool_choice": "maybe"}) + "\n")
+    with pytest.raises(BatchInputError, match="in.jsonl:1: tool_choice"):
+        run_batch(engine, tok, src, tmp_path / "other.jsonl", progress=False)
 
 
 def test_tools_and_tool_results_are_rendered_in_the_plugin_format(tool_server):
