@@ -319,8 +319,7 @@ class Engine:
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
-                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows,
-                         gen.put(np.zeros((b, cfg.vocab_size), np.int32), ("batch", "act_vocab")))
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows)
         return ds, vec(np.full(b, IDLE, np.int32))
 
     def _plan(self) -> dict:
@@ -408,6 +407,9 @@ class Engine:
             seen = np.zeros(self.config.vocab_size, bool)
             seen[op["prompt"]] = True
             t, k, p, r, presence, frequency = op["sampling"]
+            if (presence or frequency) and self.ds.counts is None:  # counted from the first request that asks
+                counts = np.zeros((self.max_batch, self.config.vocab_size), np.int32)
+                self.ds = dataclasses.replace(self.ds, counts=self.gen.put(counts, ("batch", "act_vocab")))
             # the row's next slot is len(prompt): slot = base + (global step)
             self.ds, self.base = self._activate(self.ds, self.base, np.int32(op["row"]), last[op["row"]],
                                                 np.int32(len(op["prompt"])), seen, np.float32(t), np.int32(k),
@@ -495,7 +497,7 @@ def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, t
                        set_(r.frequency_penalty, frequency))
     return (dataclasses.replace(ds, logits=set_(ds.logits, logits), positions=set_(ds.positions, position),
                                 seen=set_(ds.seen, seen), done=set_(ds.done, False), rows=rows,
-                                counts=set_(ds.counts, 0)),
+                                counts=None if ds.counts is None else set_(ds.counts, 0)),
             set_(base, row_base))
 
 
