@@ -192,8 +192,10 @@ def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
     """Greedy tokens with OpenAI's presence/frequency penalties, one plain forward of the whole sequence
     per token and the penalty written out in float64 (the generated tokens only are counted)."""
     ids, out, counts = list(prompt), [], np.zeros(CFG.vocab_size)
+    width = len(prompt) + n  # right-padded to one shape (one compile); causal: the padding is not seen
     for _ in range(n):
-        logits = np.asarray(model(np.asarray([ids], np.int32))[0, -1], np.float64)
+        logits = np.asarray(model(np.asarray([ids + [0] * (width - len(ids))], np.int32))[0, len(ids) - 1],
+                            np.float64)
         t = int(np.argmax(logits - frequency * counts - presence * (counts > 0)))
         if t in stop:
             break
