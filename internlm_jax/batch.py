@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .chat_format import FormatError, TextStream, forced_reply, parse_tool_calls, to_internlm_messages
+from .chat_format import FormatError, TextStream, forced_reply, to_internlm_messages
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 
@@ -95,7 +95,8 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             except EngineError as e:
                 raise BatchInputError(f"{where}: {e}") from None
             out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                        "chat": "messages" in item, "tools": bool(item.get("tools")), "forced": forced})
+                        "chat": "messages" in item, "forced": forced,
+                        "tools": bool(item.get("tools")) and item.get("tool_choice") != "none"})
     return out
 
 
@@ -134,8 +135,7 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
             while pending or running:
                 while pending:  # keep the engine's queue full, never over
                     item = pending[-1]
-                    text = TextStream(item["stop"])
-                    text.push(item["forced"])
+                    text = TextStream(item["stop"], tools=item["tools"], forced=item["forced"])
                     decoder = tok.stream_decoder(skip_special_tokens=False)
 
                     def follow(request, new, text=text, decoder=decoder):  # incremental, as the server does
@@ -170,15 +170,13 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
 
 
 def _result(handle, item, stream: TextStream) -> dict:
-    text, stopped = stream.text, stream.stopped
-    reason = "stop" if stopped else handle.finish_reason
+    text, calls = stream.reply()
+    reason = "stop" if stream.stopped else handle.finish_reason
     out = {"id": item["id"], "text": text, "prompt_tokens": len(item["ids"]),
            "completion_tokens": len(handle.tokens), "finish_reason": reason}
     if handle.logprobs is not None:  # the model's log-probabilities of every generated token
         out.update(token_ids=handle.tokens, token_logprobs=handle.token_logprobs,
                    top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs])
-    if item["tools"]:
-        out["text"], calls = parse_tool_calls(text)
-        if calls:
-            out["tool_calls"], out["finish_reason"] = calls, "tool_calls"
+    if calls:
+        out["tool_calls"], out["finish_reason"] = calls, "tool_calls"
     return out

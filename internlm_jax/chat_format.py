@@ -141,15 +141,19 @@ class TextStream:
 
     Text that may still become a stop string or (with ``tools``) a tool-call marker is held back until
     it is decided; from a tool-call start on, everything is kept for :meth:`finish`. ``stopped`` turns
-    True when a stop string appeared (the text is cut before it)."""
+    True when a stop string appeared (the text is cut before it). ``forced`` is a reply's start that
+    ``tool_choice`` put in the prompt (:func:`forced_reply`): the stream begins inside that call, stop
+    strings are not looked for in it, and if the call does not parse only the model's own text is
+    content."""
 
-    def __init__(self, stop: Sequence[str] = (), tools: bool = False):
+    def __init__(self, stop: Sequence[str] = (), tools: bool = False, forced: str = ""):
         self.stop = [s for s in stop if s]
         self.markers = self.stop + ([CALL_START] if tools else [])
-        self.text = ""  # everything accepted so far (cut at a stop string)
-        self.sent = 0  # characters of text already returned
+        self.forced = forced
+        self.text = forced  # everything accepted so far (cut at a stop string)
+        self.sent = len(forced)  # characters of text already returned (or never to be)
         self.stopped = False
-        self.in_call, self.call_at = False, 0
+        self.in_call, self.call_at = bool(forced), 0
 
     def _hold(self) -> int:
         """How many trailing characters could still be the start of a marker."""
@@ -187,8 +191,17 @@ class TextStream:
         if self.in_call:
             content, calls = parse_tool_calls(self.text)
             if calls:
-                return self.text[self.sent:self.call_at], calls
+                return self.text[self.sent:self.call_at] if not self.forced else "", calls
+            if self.forced:  # a forced call that did not parse: the model's own text
+                return self.text[len(self.forced):], []
         return self.text[self.sent:], []
+
+    def reply(self) -> tuple[str, list[dict]]:
+        """The whole content and the tool calls (a non-streamed reply), once generation ended."""
+        content, calls = parse_tool_calls(self.text) if self.in_call else (self.text, [])
+        if self.forced and not calls:
+            return self.text[len(self.forced):], []
+        return content, calls
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:

@@ -158,8 +158,8 @@ class RowSampling:
                               top_k=1 if any(p.top_k > 0 for p in params) else 0,
                               top_p=0.5 if any(p.top_p < 1 for p in params) else 1.0,
                               repetition_penalty=2.0 if any(p.repetition_penalty != 1 for p in params) else 1.0,
-                              presence_penalty=1.0 if any(p.presence_penalty for p in params) else 0.0,
-                              frequency_penalty=1.0 if any(p.frequency_penalty for p in params) else 0.0)
+                              presence_penalty=1.0 if any(p.counts_tokens for p in params) else 0.0,
+                              frequency_penalty=1.0 if any(p.counts_tokens for p in params) else 0.0)
 
 
 def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, features: SamplingParams,

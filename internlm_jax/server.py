@@ -26,7 +26,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from .chat_format import FormatError, TextStream, forced_reply, parse_tool_calls, to_internlm_messages, usage
+from .chat_format import FormatError, TextStream, forced_reply, to_internlm_messages, tool_definitions, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
 from .multihost import finish
 
@@ -109,8 +109,7 @@ class Choice:
         self.tok, self.index, self.handle, self.echo, self.keep = tok, index, handle, echo, keep
         self.shown = 0  # generated tokens shown (all of them, or at most ``keep``)
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
-        self.text = TextStream(stop, tools=tools)
-        self.text.push(forced)  # a call marker: held for finish(), nothing is sent
+        self.text = TextStream(stop, tools=tools, forced=forced)
         self.scored = 0  # tokens whose logprobs were sent
         self.offset = 0  # characters of token text so far (completions' text_offset)
 
@@ -356,7 +355,7 @@ def create_app(engine: Engine, tok, model_name: str):
                 out, reason = c.text.text, c.finish_reason()
                 logprobs = c.logprobs(c.shown, chat)
                 if chat:
-                    content, calls = parse_tool_calls(out) if tools else (out, [])
+                    content, calls = c.text.reply()
                     message = {"role": "assistant", "content": content}
                     if calls:
                         message["tool_calls"], reason = calls, "tool_calls"
@@ -448,6 +447,10 @@ def create_app(engine: Engine, tok, model_name: str):
     async def chat_completions(req: ChatRequest):
         check_model(req)
         try:
+            tool_definitions(req.tools or [])
+        except FormatError as e:
+            raise APIError(400, str(e), param="tools") from None
+        try:
             forced = forced_reply(req.tool_choice, req.tools)
         except FormatError as e:
             raise APIError(400, str(e), param="tool_choice") from None
@@ -458,7 +461,8 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, str(e), param="messages") from None
         ids += tok.encode(forced, add_bos=False) if forced else []
         kw, stop = sampling(req, [ids])
-        return await run([ids], kw, stop, bool(req.tools), True, req, forced=forced)
+        tools = bool(req.tools) and req.tool_choice != "none"  # with "none" a call's markers stay text
+        return await run([ids], kw, stop, tools, True, req, forced=forced)
 
     return app
 

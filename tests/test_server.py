@@ -470,9 +470,13 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
     assert content == REPLY and "<|" not in content
     assert [(tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [("get_weather", {"days": 3})]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
-    # without tools the same output is plain text, markers included
+    # without tools (or with tool_choice "none") the same output is plain text, markers included
     plain = client.chat.completions.create(model="tool-model", messages=messages, max_tokens=40, temperature=0)
     assert plain.choices[0].message.content == REPLY + "<|action_start|><|plugin|>" + CALL + "<|action_end|>"
+    none = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice="none",
+                                          max_tokens=40, temperature=0)
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert not none.choices[0].message.tool_calls
 
 
 CITY = ' {"city":"Oslo"}}'  # the arguments the forced-call model writes after '"parameters":'
@@ -522,6 +526,10 @@ def test_tool_choice_forces_a_call(forced_server):
                 for tc in c.choices[0].delta.tool_calls]
     assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == \
         [("get_weather", {"city": "Oslo"})]
+    # stop strings are not looked for inside the call (the forced start has quotes and a newline)
+    stopped = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice=named,
+                                             max_tokens=40, temperature=0, stop=['"', "\n"])
+    assert [c.function.name for c in stopped.choices[0].message.tool_calls] == ["get_weather"]
     # "required": the marker ends the prompt; what follows is generate's continuation of that prompt
     required = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS,
                                               tool_choice="required", max_tokens=6, temperature=0)
@@ -530,7 +538,13 @@ def test_tool_choice_forces_a_call(forced_server):
     tokens = ij.generate_ids(model, [prompt + marker], max_new_tokens=6, stop_ids=tok.stop_ids)[0]
     shown = next((i for i, t in enumerate(tokens) if t in tok.stop_ids), len(tokens))  # the stop is not counted
     assert required.usage.completion_tokens == shown
-    assert required.choices[0].message.content == tok.decode(marker + tokens[:shown], skip_special_tokens=False)
+    # the continuation is not a call: the content is the model's own text, without the forced marker
+    assert required.choices[0].message.content == tok.decode(tokens[:shown], skip_special_tokens=False)
+    assert not required.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, stream=True,
+                                                 tool_choice="required", max_tokens=6, temperature=0))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        required.choices[0].message.content
     # "none": as if no tools were given
     none = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice="none",
                                           max_tokens=2, temperature=0)
@@ -543,6 +557,9 @@ def test_tool_choice_forces_a_call(forced_server):
         assert r.status_code == 400 and err["param"] == "tool_choice" and words in err["message"]
     r = post(server, "/v1/chat/completions", {"model": "tool-model", "messages": messages, "tool_choice": "required"})
     assert r.status_code == 400 and "needs tools" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {"model": "tool-model", "messages": messages, "tools": [{"type": "x"}],
+                                              "tool_choice": named})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
 
 
 def test_offline_batch_lines_take_tool_choice(forced_server, tmp_path):
@@ -595,6 +612,15 @@ def test_the_incremental_text_stream_handles_markers_split_anywhere():
         assert json.loads(calls[0]["function"]["arguments"]) == {"days": 3}
     stream = TextStream(stop=["moment"])
     assert "".join(stream.push(c) for c in "One moment.") == "One " and stream.stopped
+    # a forced call start: no stop string is looked for in it, and nothing of it is content
+    forced = "<|action_start|><|plugin|>\n" + '{"name": "get_weather", "parameters":'
+    for body, want in ((' {"days": 3}}<|action_end|>', ("", [{"days": 3}])), (" oops", (" oops", []))):
+        stream = TextStream(stop=['"', "\n"], tools=True, forced=forced)
+        sent = "".join(stream.push(c) for c in body)
+        rest, calls = stream.finish()
+        assert (sent + rest, [json.loads(c["function"]["arguments"]) for c in calls]) == want
+        content, calls = stream.reply()
+        assert (content, [json.loads(c["function"]["arguments"]) for c in calls]) == want
 
 
 def test_offline_batch_command_is_resumable(tiny, tmp_path):
