@@ -23,7 +23,7 @@ import os
 import time
 from pathlib import Path
 
-from .chat_format import FormatError, TextStream, forced_reply, to_internlm_messages
+from .chat_format import FormatError, TextStream, chat_prompt
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 
@@ -60,21 +60,14 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             given = [k for k in ("prompt", "messages", "prompt_ids") if k in item]
             if len(given) != 1:
                 raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
-            forced = ""
+            forced, tools = "", False
             try:
                 if "prompt" in item:
                     if not isinstance(item["prompt"], str) or not item["prompt"]:
                         raise BatchInputError(f"{where}: 'prompt' must be a non-empty string")
                     ids = tok.encode(item["prompt"])
                 elif "messages" in item:
-                    choice = item.get("tool_choice")
-                    try:
-                        forced = forced_reply(choice, item.get("tools"))
-                    except FormatError as e:
-                        raise BatchInputError(f"{where}: tool_choice: {e}") from None
-                    tools = item.get("tools") if choice != "none" else None
-                    ids = tok.encode_chat(to_internlm_messages(item["messages"], tools))
-                    ids += tok.encode(forced, add_bos=False) if forced else []
+                    ids, forced, tools = chat_prompt(tok, item["messages"], item.get("tools"), item.get("tool_choice"))
                 else:
                     ids = item["prompt_ids"]
                     if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
@@ -95,8 +88,7 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             except EngineError as e:
                 raise BatchInputError(f"{where}: {e}") from None
             out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                        "chat": "messages" in item, "forced": forced,
-                        "tools": bool(item.get("tools")) and item.get("tool_choice") != "none"})
+                        "chat": "messages" in item, "forced": forced, "tools": tools})
     return out
 
 

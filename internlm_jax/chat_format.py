@@ -21,7 +21,12 @@ CALL_START = ACTION_START + PLUGIN
 
 
 class FormatError(ValueError):
-    """A message list that cannot be rendered (the message names the message and field)."""
+    """A chat request that cannot be rendered: the message names the message and field, ``param`` the
+    request field at fault (``messages``, ``tools`` or ``tool_choice``)."""
+
+    def __init__(self, message: str, param: str = "messages"):
+        super().__init__(message)
+        self.param = param
 
 
 def tool_definitions(tools: Sequence[Mapping]) -> list[dict]:
@@ -30,9 +35,9 @@ def tool_definitions(tools: Sequence[Mapping]) -> list[dict]:
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, Mapping) else None
         if not isinstance(tool, Mapping) or tool.get("type", "function") != "function" or not isinstance(fn, Mapping):
-            raise FormatError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}")
+            raise FormatError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}", "tools")
         if not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise FormatError(f"tools[{i}].function.name must be a non-empty string")
+            raise FormatError(f"tools[{i}].function.name must be a non-empty string", "tools")
         out.append({k: fn[k] for k in ("name", "description", "parameters") if k in fn})
     return out
 
@@ -103,17 +108,30 @@ def forced_reply(tool_choice: Any, tools: Sequence[Mapping] | None) -> str:
         return ""
     names = [fn["name"] for fn in tool_definitions(tools or [])]
     if not names:
-        raise FormatError(f"tool_choice {tool_choice!r} needs tools")
+        raise FormatError(f"tool_choice {tool_choice!r} needs tools", "tool_choice")
     if tool_choice == "required":
         return CALL_START + "\n"
     fn = tool_choice.get("function") if isinstance(tool_choice, Mapping) else None
     if not isinstance(fn, Mapping) or tool_choice.get("type", "function") != "function" or \
             not isinstance(fn.get("name"), str):
         raise FormatError("tool_choice must be 'none', 'auto', 'required' or "
-                          "{'type': 'function', 'function': {'name': ...}}")
+                          "{'type': 'function', 'function': {'name': ...}}", "tool_choice")
     if fn["name"] not in names:
-        raise FormatError(f"tool_choice names {fn['name']!r}, which is not among the tools ({', '.join(names)})")
+        raise FormatError(f"tool_choice names {fn['name']!r}, which is not among the tools ({', '.join(names)})",
+                          "tool_choice")
     return CALL_START + "\n" + '{"name": ' + json.dumps(fn["name"], ensure_ascii=False) + ', "parameters":'
+
+
+def chat_prompt(tok, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
+                tool_choice: Any = None) -> tuple[list[int], str, bool]:
+    """A chat request's prompt ids, ending with the reply's start that ``tool_choice`` forces; that
+    forced start; and whether tool calls are parsed from the reply (tools given and ``tool_choice`` not
+    ``"none"``, which also leaves the tools out of the prompt). The server and the batch lines share it."""
+    tool_definitions(tools or [])  # checked even when "none" leaves them out
+    forced = forced_reply(tool_choice, tools)
+    calls = bool(tools) and tool_choice != "none"
+    ids = tok.encode_chat(to_internlm_messages(messages, tools if calls else None), add_generation_prompt=True)
+    return ids + (tok.encode(forced, add_bos=False) if forced else []), forced, calls
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
@@ -191,10 +209,8 @@ class TextStream:
         if self.in_call:
             content, calls = parse_tool_calls(self.text)
             if calls:
-                return self.text[self.sent:self.call_at] if not self.forced else "", calls
-            if self.forced:  # a forced call that did not parse: the model's own text
-                return self.text[len(self.forced):], []
-        return self.text[self.sent:], []
+                return self.text[self.sent:self.call_at], calls
+        return self.text[self.sent:], []  # a forced start was never to be sent: sent starts past it
 
     def reply(self) -> tuple[str, list[dict]]:
         """The whole content and the tool calls (a non-streamed reply), once generation ended."""

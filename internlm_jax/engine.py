@@ -359,10 +359,8 @@ class Engine:
                 row.prefilled += take
                 budget -= take
             if row.prefilled == len(prompt):
-                s = row.request.sampling
                 activate.append({"row": i, "prompt": prompt, "seed": row.request.seed,
-                                 "sampling": [s.temperature, s.top_k, s.top_p, s.repetition_penalty,
-                                              s.presence_penalty, s.frequency_penalty],
+                                 "sampling": list(dataclasses.astuple(row.request.sampling)),  # field order
                                  "base": len(prompt) - self.steps})
                 row.decoding = True
             if budget <= 0:
@@ -376,8 +374,7 @@ class Engine:
             f = RowSampling.features([self.rows[i].request.sampling for i in active])
             wanted = [self.rows[i].request.logprobs for i in active if self.rows[i].request.logprobs is not None]
             decode = {"rows": active, "steps": min(self.decode_chunk, 1 << (max(need, 1) - 1).bit_length()),
-                      "features": [f.temperature, f.top_k, f.top_p, f.repetition_penalty, f.presence_penalty,
-                                   f.frequency_penalty],
+                      "features": list(dataclasses.astuple(f)),
                       "logprobs": _computed(max(wanted, default=-1))}  # -1: no row asked, none computed
         return {"release": release, "prefill": prefill, "activate": activate, "decode": decode}
 

@@ -26,7 +26,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from .chat_format import FormatError, TextStream, forced_reply, to_internlm_messages, tool_definitions, usage
+from .chat_format import FormatError, TextStream, chat_prompt, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
 from .multihost import finish
 
@@ -447,21 +447,12 @@ def create_app(engine: Engine, tok, model_name: str):
     async def chat_completions(req: ChatRequest):
         check_model(req)
         try:
-            tool_definitions(req.tools or [])
+            ids, forced, tools = chat_prompt(tok, req.messages, req.tools, req.tool_choice)
         except FormatError as e:
-            raise APIError(400, str(e), param="tools") from None
-        try:
-            forced = forced_reply(req.tool_choice, req.tools)
-        except FormatError as e:
-            raise APIError(400, str(e), param="tool_choice") from None
-        try:
-            messages = to_internlm_messages(req.messages, req.tools if req.tool_choice != "none" else None)
-            ids = tok.encode_chat(messages, add_generation_prompt=True)
-        except (FormatError, ValueError, TypeError) as e:
+            raise APIError(400, str(e), param=e.param) from None
+        except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
-        ids += tok.encode(forced, add_bos=False) if forced else []
         kw, stop = sampling(req, [ids])
-        tools = bool(req.tools) and req.tool_choice != "none"  # with "none" a call's markers stay text
         return await run([ids], kw, stop, tools, True, req, forced=forced)
 
     return app
