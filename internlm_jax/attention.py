@@ -14,6 +14,7 @@ the query heads as ``[nKV, G]`` rather than by repeating K/V to ``nH`` heads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -126,51 +127,151 @@ def fold_partial(m, l, acc, o, lse, any_visible=None):
     return m_new, l, acc
 
 
-def blockwise_attention(q, k, v, valid, *, block: int, impl: str = "blockwise"):
+def blocks_backward(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: int, causal: bool = True,
+                        q_start=None):
+    """Flash-style gradients of blockwise attention of q over k, v, given the *final* log-sum-exp of every
+    query (shared by the one-device kernel and each ring step).
+
+    q, do [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; lse, delta (= rowsum(dO * O)) [B, nKV, G, Sq].
+    Outer scan over key blocks (dK, dV of a block accumulate over query blocks), inner scan over query
+    blocks; hidden blocks are skipped. Returns float32 (dq, dk, dv)."""
+    b, sq, nkv, g, d = q.shape
+    sk = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    bq, bk = min(block, sq), min(block, sk)
+    nq, nk = sq // bq, sk // bk
+    qs = q.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    dos = do.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
+    qis = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
+    qss = (q_idx if q_start is None else q_start).reshape(b, nq, bq).swapaxes(0, 1)
+    lses = lse.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+    deltas = delta.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
+
+    def per_k_block(dq, xs):
+        kb, vb, ki, ko = xs
+
+        def per_q_block(carry, ys):
+            dkb, dvb = carry
+            qb, dob, qi, qs0, lb_, db = ys
+            visible = visible_mask(qi, None if q_start is None else qs0, ki, ko, causal)
+            any_visible = block_has_work(qi, ki, ko, causal)
+
+            def grads(c):
+                dkb, dvb = c
+                s = jnp.einsum("bqngd,bknd->bngqk", qb, kb, preferred_element_type=jnp.float32) * scale
+                p = jnp.where(visible[:, None, None], jnp.exp(s - jnp.where(jnp.isinf(lb_), 0.0, lb_)[..., None]), 0.0)
+                dvb = dvb + jnp.einsum("bngqk,bqngd->bknd", p, dob)
+                dp = jnp.einsum("bqngd,bknd->bngqk", dob, vb.astype(jnp.float32))
+                ds = p * (dp - db[..., None]) * scale
+                dkb = dkb + jnp.einsum("bngqk,bqngd->bknd", ds, qb.astype(jnp.float32))
+                return (dkb, dvb), jnp.einsum("bngqk,bknd->bqngd", ds, kb.astype(jnp.float32))
+
+            def skip(c):
+                return c, jnp.zeros(qb.shape, jnp.float32)
+
+            return jax.lax.cond(any_visible, grads, skip, (dkb, dvb))
+
+        zero = jnp.zeros((b, bk, nkv, d), jnp.float32)
+        (dkb, dvb), dq_blocks = jax.lax.scan(per_q_block, (zero, zero), (qs, dos, qis, qss, lses, deltas))
+        return dq + dq_blocks, (dkb, dvb)
+
+    ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+    vs = v.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
+    kis = k_idx.reshape(b, nk, bk).swapaxes(0, 1)
+    kos = k_ok.reshape(b, nk, bk).swapaxes(0, 1)
+    dq, (dks, dvs) = jax.lax.scan(per_k_block, jnp.zeros((nq, b, bq, nkv, g, d), jnp.float32), (ks, vs, kis, kos))
+    dq = dq.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
+    return dq, dks.swapaxes(0, 1).reshape(b, sk, nkv, d), dvs.swapaxes(0, 1).reshape(b, sk, nkv, d)
+
+
+def blockwise_attention(q, k, v, valid, *, block: int, impl: str = "blockwise", q_start=None):
     """Causal attention of a whole sequence on one device, ``block`` queries x ``block`` keys at a time.
 
     q ``[B, S, nH, D]``, k/v ``[B, S, nKV, D]``, valid ``[B, S]`` (padding keys masked); S a multiple
-    of ``block``. The lower-triangular block pairs are one static list scanned in order (row by row),
-    so there is no per-block branch or host sync and no more than one block of scores exists at once:
-    memory is linear in S. ``impl``: "blockwise" (pure-JAX fold) or "xla"/"cudnn"
-    (``jax.nn.dot_product_attention`` per block). Rows with no visible key get zeros.
+    of ``block``. ``q_start`` (optional ``[B, S]``): where each token's packed document starts
+    (segment masking). The lower-triangular block pairs are one static list scanned in order (row by
+    row), so there is no per-block branch or host sync and no more than one block of scores exists at
+    once: memory is linear in S, for the gradient too (a custom VJP recomputes each block's
+    probabilities from the saved log-sum-exp, :func:`blocks_backward`, instead of keeping them).
+    ``impl``: "blockwise" (pure-JAX fold) or "xla"/"cudnn" (``jax.nn.dot_product_attention`` per
+    block). Rows with no visible key get zeros.
     """
+    b, s, nh, d = q.shape
+    if s % block:
+        raise ValueError(f"blockwise attention: length {s} is not a multiple of the block {block}")
+    idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    q_start = jnp.zeros((b, s), jnp.int32) if q_start is None else jnp.asarray(q_start, jnp.int32)  # one document
+    # as in ring attention: tie the index arrays to q, so that a layer scan's backward pass does not
+    # hoist every block's mask (computed from constants alone) out of the loop: stacked, that is
+    # quadratic in S
+    q, idx, valid, q_start = jax.lax.optimization_barrier((q, idx, jnp.asarray(valid, bool), q_start))
+    return _blockwise(q, k, v, idx, valid, q_start, block, impl)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _blockwise(q, k, v, idx, valid, q_start, block, impl):
+    return _blockwise_forward(q, k, v, idx, valid, q_start, block, impl)[0]
+
+
+def _blockwise_forward(q, k, v, idx, valid, q_start, block, impl):
+    """(output [B, S, nH, D], log-sum-exp [B, nKV, G, S]) along the static block schedule."""
     b, s, nh, d = q.shape
     nkv = k.shape[2]
     g = nh // nkv
-    if s % block:
-        raise ValueError(f"blockwise attention: length {s} is not a multiple of the block {block}")
     n = s // block
     rows, cols = np.tril_indices(n)  # row-major: for each query block, key blocks 0..i
     scale = 1.0 / math.sqrt(d)
-    idx = jnp.arange(s, dtype=jnp.int32)
     qb = q.reshape(b, n, block, nkv, g, d)
     kb, vb = k.reshape(b, n, block, nkv, d), v.reshape(b, n, block, nkv, d)
-    okb = valid.astype(bool).reshape(b, n, block)
-    idxb = jnp.broadcast_to(idx.reshape(1, n, block), (b, n, block))
+    okb = valid.reshape(b, n, block)
+    idxb = idx.reshape(b, n, block)
+    startb = q_start.reshape(b, n, block)
 
     def step(carry, ij):
-        out, m, l, acc = carry
+        out, lse, m, l, acc = carry
         i, j = ij
         fresh = j == 0  # first key block of a new query row
         m = jnp.where(fresh, NEG, m)
         l = jnp.where(fresh, 0.0, l)
         acc = jnp.where(fresh, 0.0, acc)
-        qi, ki = qb[:, i], idxb[:, i]
-        args = (qi, kb[:, j], vb[:, j], ki, None, idxb[:, j], okb[:, j], m, l, acc, scale, True)
+        args = (qb[:, i], kb[:, j], vb[:, j], idxb[:, i], startb[:, i], idxb[:, j], okb[:, j], m, l, acc, scale, True)
         m, l, acc = fold_block(*args) if impl == "blockwise" else fold_block_fused(*args, impl)
         o = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
+        row_lse = jnp.where(l == 0, NEG, m + jnp.log(jnp.where(l == 0, 1.0, l)))
         # written at every pair of the row; the row's last pair (j == i) leaves the final value
         out = jax.lax.dynamic_update_index_in_dim(out, o.astype(out.dtype), i, axis=1)
-        return (out, m, l, acc), None
+        lse = jax.lax.dynamic_update_index_in_dim(lse, row_lse, i, axis=0)
+        return (out, lse, m, l, acc), None
 
     out = jnp.zeros((b, n, block, nkv, g, d), q.dtype)
+    lse = jnp.full((n, b, nkv, g, block), NEG)
     m = jnp.full((b, nkv, g, block), NEG)
     l = jnp.zeros((b, nkv, g, block), jnp.float32)
     acc = jnp.zeros((b, block, nkv, g, d), jnp.float32)
     pairs = (jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32))
-    (out, *_), _ = jax.lax.scan(step, (out, m, l, acc), pairs)
-    return out.reshape(b, s, nh, d)
+    (out, lse, *_), _ = jax.lax.scan(step, (out, lse, m, l, acc), pairs)
+    lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, nkv, g, s)
+    return out.reshape(b, s, nh, d), lse
+
+
+def _blockwise_fwd(q, k, v, idx, valid, q_start, block, impl):
+    out, lse = _blockwise_forward(q, k, v, idx, valid, q_start, block, impl)
+    return out, (q, k, v, idx, valid, q_start, out, lse)
+
+
+def _blockwise_bwd(block, impl, res, d_out):
+    q, k, v, idx, valid, q_start, out, lse = res
+    b, s, nh, d = q.shape
+    nkv = k.shape[2]
+    g = nh // nkv
+    do = d_out.reshape(b, s, nkv, g, d).astype(jnp.float32)
+    delta = jnp.sum(do * out.reshape(b, s, nkv, g, d).astype(jnp.float32), -1).transpose(0, 2, 3, 1)
+    dq, dk, dv = blocks_backward(q.reshape(b, s, nkv, g, d), k, v, idx, idx, valid, do, lse, delta, block=block,
+                                 q_start=q_start)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def fused_attention(q, k, v, lengths, *, implementation: str):
@@ -210,7 +311,7 @@ def platform_of(mesh) -> str:
 def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False,
                  key_mask: bool = False) -> PrefillPlan:
     """The one rule for prefill attention (forward, prefill, training and the planner ask here).
-    ``segments``: packed documents (segment masking), which the one-device blockwise kernel does not take;
+    ``segments``: packed documents (segment masking), which the fused call does not take;
     ``key_mask``: an arbitrary attention mask (e.g. a caller's left padding), which the fused call does
     not take (the generator right-pads its rows for it instead).
 
@@ -230,7 +331,7 @@ def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False,
     if mesh is None and choice != "dense" and not segments and not key_mask and (
             (kernel == "cudnn" and (choice == "cudnn" or not short)) or (kernel == "xla" and short)):
         return PrefillPlan("fused", kernel)
-    if choice == "dense" or length <= settings.blockwise_from or (mesh is None and segments):
+    if choice == "dense" or length <= settings.blockwise_from:
         return PrefillPlan("dense", kernel)
     if mesh is not None:  # sharded over batch/heads: the ring code with one sequence shard
         return PrefillPlan("ring", kernel)

@@ -451,7 +451,8 @@ class InternLM2(nnx.Module):
             return lambda q, k, v: ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel,  # noqa: E731
                                                   q_start=q_start, block=block)
         if plan.path == "blockwise":
-            return lambda q, k, v: blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel)  # noqa: E731
+            return lambda q, k, v: blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel,  # noqa: E731
+                                                        q_start=q_start)
         if plan.path == "fused":  # right-padded rows: each row's real tokens come first
             lengths = jnp.sum(ok, axis=1, dtype=jnp.int32)
             return lambda q, k, v: fused_attention(q, k, v, lengths, implementation=plan.kernel)  # noqa: E731

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from .attention import NEG, block_has_work, fold_block, fold_block_fused, fold_partial, visible_mask
+from .attention import NEG, block_has_work, blocks_backward, fold_block, fold_block_fused, fold_partial
 
 BLOCK = 512  # queries/keys per block of the local blockwise attention
 
@@ -168,62 +168,6 @@ def splash_local_attention(q, k, v, q_idx, q_ok, k_idx, k_ok, m, l, acc, *, inte
     return jnp.concatenate(ms, -1), jnp.concatenate(ls, -1), jnp.concatenate(accs, 1)
 
 
-def local_attention_bwd(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: int, causal: bool = True,
-                        q_start=None):
-    """Gradients of the local (q, k, v) attention given the *final* log-sum-exp of every query.
-
-    q, do [B, Sq, nKV, G, D]; k, v [B, Sk, nKV, D]; lse, delta (= rowsum(dO * O)) [B, nKV, G, Sq].
-    Outer scan over key blocks (dK, dV of a block accumulate over query blocks), inner scan over query
-    blocks; hidden blocks are skipped. Returns float32 (dq, dk, dv)."""
-    b, sq, nkv, g, d = q.shape
-    sk = k.shape[1]
-    scale = 1.0 / math.sqrt(d)
-    bq, bk = min(block, sq), min(block, sk)
-    nq, nk = sq // bq, sk // bk
-    qs = q.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
-    dos = do.reshape(b, nq, bq, nkv, g, d).swapaxes(0, 1)
-    qis = q_idx.reshape(b, nq, bq).swapaxes(0, 1)
-    qss = (q_idx if q_start is None else q_start).reshape(b, nq, bq).swapaxes(0, 1)
-    lses = lse.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
-    deltas = delta.reshape(b, nkv, g, nq, bq).transpose(3, 0, 1, 2, 4)
-
-    def per_k_block(dq, xs):
-        kb, vb, ki, ko = xs
-
-        def per_q_block(carry, ys):
-            dkb, dvb = carry
-            qb, dob, qi, qs0, lb_, db = ys
-            visible = visible_mask(qi, None if q_start is None else qs0, ki, ko, causal)
-            any_visible = block_has_work(qi, ki, ko, causal)
-
-            def grads(c):
-                dkb, dvb = c
-                s = jnp.einsum("bqngd,bknd->bngqk", qb, kb, preferred_element_type=jnp.float32) * scale
-                p = jnp.where(visible[:, None, None], jnp.exp(s - jnp.where(jnp.isinf(lb_), 0.0, lb_)[..., None]), 0.0)
-                dvb = dvb + jnp.einsum("bngqk,bqngd->bknd", p, dob)
-                dp = jnp.einsum("bqngd,bknd->bngqk", dob, vb.astype(jnp.float32))
-                ds = p * (dp - db[..., None]) * scale
-                dkb = dkb + jnp.einsum("bngqk,bqngd->bknd", ds, qb.astype(jnp.float32))
-                return (dkb, dvb), jnp.einsum("bngqk,bknd->bqngd", ds, kb.astype(jnp.float32))
-
-            def skip(c):
-                return c, jnp.zeros(qb.shape, jnp.float32)
-
-            return jax.lax.cond(any_visible, grads, skip, (dkb, dvb))
-
-        zero = jnp.zeros((b, bk, nkv, d), jnp.float32)
-        (dkb, dvb), dq_blocks = jax.lax.scan(per_q_block, (zero, zero), (qs, dos, qis, qss, lses, deltas))
-        return dq + dq_blocks, (dkb, dvb)
-
-    ks = k.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
-    vs = v.reshape(b, nk, bk, nkv, d).swapaxes(0, 1)
-    kis = k_idx.reshape(b, nk, bk).swapaxes(0, 1)
-    kos = k_ok.reshape(b, nk, bk).swapaxes(0, 1)
-    dq, (dks, dvs) = jax.lax.scan(per_k_block, jnp.zeros((nq, b, bq, nkv, g, d), jnp.float32), (ks, vs, kis, kos))
-    dq = dq.swapaxes(0, 1).reshape(b, sq, nkv, g, d)
-    return dq, dks.swapaxes(0, 1).reshape(b, sk, nkv, d), dvs.swapaxes(0, 1).reshape(b, sk, nkv, d)
-
-
 def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
     """shard_map specs: batch over data/fsdp when it divides, heads over tensor when both counts do."""
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
@@ -290,7 +234,7 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
 
         def step(carry, _):
             dq, k, v, kv_idx, kv_ok, dk, dv = carry
-            dq_s, dk_s, dv_s = local_attention_bwd(qg, k, v, q_idx, kv_idx, kv_ok, do, lse, delta, block=block,
+            dq_s, dk_s, dv_s = blocks_backward(qg, k, v, q_idx, kv_idx, kv_ok, do, lse, delta, block=block,
                                                    causal=causal, q_start=starts)
             dq, dk, dv = dq + dq_s, dk + dk_s, dv + dv_s
             k, v, kv_idx, kv_ok, dk, dv = (jax.lax.ppermute(x, "sequence", perm) for x in (k, v, kv_idx, kv_ok, dk, dv))
