@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--hbm-gbps", type=float, default=3350.0, help="spec-sheet HBM bandwidth (H100 SXM)")
     ap.add_argument("--impls", nargs="*", default=["blockwise", "xla", "cudnn"])
     ap.add_argument("--weights", nargs="+", default=["sliced", "packed"], help="decode_weights values to time")
+    ap.add_argument("--decode-attention", nargs="+", default=["dense", "ragged"],
+                    help="decode_attention values to time (ragged: the Pallas Triton kernel on a GPU)")
     ap.add_argument("--long", type=int, default=0, help="also prefill + decode one prompt this long (1m shape)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
@@ -117,9 +119,11 @@ def main():
                         f"{flops / t / (args.peak_tflops * 1e12):.1%} of spec; {agree} |")
             print(rows[-1], flush=True)
     greedy = SamplingParams()
-    for b, weights in [(b, w) for b in args.batch for w in args.weights]:
+    first_tokens = {}  # (batch, weights) -> the first decode attention's tokens of its first chunk
+    for b, weights, dec in [(b, w, d) for b in args.batch for w in args.weights for d in args.decode_attention]:
         # the untimed prefill goes blockwise (dense scores of a batch-32 prompt run out of memory)
-        gen = Generator(model.configure(attention="auto", decode_weights=weights, blockwise_from=1))
+        gen = Generator(model.configure(attention="auto", decode_weights=weights, decode_attention=dec,
+                                        blockwise_from=1))
         k = model.settings.decode_chunk
         prompts = [list(np.random.RandomState(i).randint(3, cfg.vocab_size, args.decode_prompt)) for i in range(b)]
         ds, base = gen.start(gen.prepare(prompts), args.new)
@@ -129,6 +133,7 @@ def main():
         def chunk():  # the state is donated and handed back; (repeats + 1) x k steps fit in the cache
             state["ds"], tokens, _, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
                                                stop_ids=())
+            state.setdefault("first", tokens)
             return tokens
 
         def step():
@@ -139,11 +144,16 @@ def main():
         t_step = timed(step, repeats=min(10, args.new - (args.repeats + 1) * k - 1), name="step")
         c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
         roofline = (c.weights + c.cache) / hbm
-        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | chunk of {k} | "
+        tokens = np.asarray(state["first"])
+        ref = first_tokens.setdefault((b, weights), tokens)
+        agree = f"greedy tokens of chunk 1 vs {args.decode_attention[0]}: {np.mean(tokens == ref):.0%} equal"
+        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | {model.decode_attention(cache_len)} "
+                    f"attention, chunk of {k} | "
                     f"{t_loop * 1e3:.2f} ms/step | "
                     f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
                     f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s); "
-                    f"first calls (compile) chunk {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s |")
+                    f"first calls (compile) chunk {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s; "
+                    f"{agree} |")
         print(rows[-1], flush=True)
         state.clear()  # free this batch's cache before the next prefill
         del ds

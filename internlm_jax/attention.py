@@ -339,16 +339,20 @@ def prefill_plan(settings, *, length: int, mesh, dtype, segments: bool = False,
 
 
 def decode_plan(settings, *, head_dim: int, local_cache_len: int, mesh) -> str:
-    """The one rule for decode attention: "ragged" (the Pallas kernel reading only filled blocks) or "dense"."""
-    from .decode_kernel import supported
+    """The one rule for decode attention: "ragged" (a Pallas kernel reading only filled blocks: Mosaic on
+    TPU, Triton on GPU, the TPU kernel interpreted on CPU) or "dense". ``"auto"`` picks the kernel on TPU
+    only: the GPU kernel is checked in the Pallas interpreter and lowers to Triton, but has not yet been
+    timed against the dense step on a GPU."""
+    from .decode_kernel import supported_on
 
     choice = settings.decode_attention
     if choice == "dense":
         return "dense"
-    fits = supported(head_dim, local_cache_len)
+    platform = platform_of(mesh)
+    fits = supported_on(platform, head_dim, local_cache_len)
     if choice == "ragged":
         return "ragged" if fits else "dense"
-    return "ragged" if platform_of(mesh) == "tpu" and fits else "dense"
+    return "ragged" if platform == "tpu" and fits else "dense"
 
 
 def decode_weights(settings, mesh) -> str:

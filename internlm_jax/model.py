@@ -51,7 +51,7 @@ from .attention import (
 )
 from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
 from .config import InternLM2Config
-from .ring import pallas_interpret, sharded_decode_attention, write_decode
+from .ring import sharded_decode_attention, write_decode
 from .rope import apply_rope, rope_tables
 from .settings import EngineSettings, enable_compilation_cache
 from .sharding import constrain, named_sharding
@@ -594,10 +594,9 @@ class InternLM2(nnx.Module):
             if kind == "ragged":
                 from .decode_kernel import ragged_decode
 
-                interpret = pallas_interpret(jax.default_backend(), "ragged")
                 nkv = self.config.num_key_value_heads
                 return ragged_decode(q, heads_view(kc, nkv), heads_view(vc, nkv), valid,
-                                     interpret=interpret)[0].astype(q.dtype)
+                                     platform=jax.default_backend())[0].astype(q.dtype)
             return cached_attention(q, kc, vc, valid)
 
         x = self.embed(tokens[:, None])

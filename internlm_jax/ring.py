@@ -297,7 +297,7 @@ def sharded_decode_attention(q, k_cache, v_cache, valid, mesh: Mesh, impl: str =
     cspec = P(bspec, heads, "sequence", None)
     if impl not in ("dense", "ragged"):
         raise ValueError(f"unknown decode attention impl {impl!r}; use 'dense' or 'ragged'")
-    interpret = pallas_interpret(mesh.devices.flat[0].platform, impl) if impl == "ragged" else False
+    platform = mesh.devices.flat[0].platform
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(qspec, cspec, cspec, P(bspec, "sequence")),
                        out_specs=qspec, check_vma=False)
@@ -307,7 +307,7 @@ def sharded_decode_attention(q, k_cache, v_cache, valid, mesh: Mesh, impl: str =
         if impl == "ragged":
             from .decode_kernel import ragged_decode
 
-            o, lse = ragged_decode(q, k, v, ok, interpret=interpret)  # [lb, 1, lh, d], [lb, lkv, G]
+            o, lse = ragged_decode(q, k, v, ok, platform=platform)  # [lb, 1, lh, d], [lb, lkv, G]
             m = jax.lax.pmax(lse, "sequence")
             w = jnp.exp(lse - jnp.where(jnp.isinf(m), 0.0, m))  # this shard's share, 0 where it saw nothing
             l = jax.lax.psum(w, "sequence")

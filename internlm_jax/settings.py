@@ -29,7 +29,8 @@ class EngineSettings:
         ``"cudnn"`` / ``"splash"`` (Pallas TPU) pick the kernel (on one device ``"cudnn"``, and ``"xla"``
         up to ``blockwise_from``, run as one call over the whole sequence).
     decode_attention: ``"auto"`` (the ragged Pallas kernel on TPU where shapes allow, else dense),
-        ``"dense"`` (reads every cache slot) or ``"ragged"`` (reads only blocks holding valid slots).
+        ``"dense"`` (reads every cache slot) or ``"ragged"`` (reads only blocks holding valid slots:
+        the Mosaic kernel on TPU, the Triton kernel on GPU; dense where the shapes do not fit).
     decode_weights: how decode steps (and the generator's prefill) read each layer's weights.
         ``"per_layer"`` keeps one array per layer (made once per generator: a second copy of the layer
         weights, since on CPU any slice of the stacked arrays is copied before its matmul);

@@ -1,7 +1,9 @@
-"""The ragged decode kernel (Pallas TPU): numerics in the Pallas interpreter against dense attention,
-the library's decode steps through it, and its Mosaic compilation for TPU topologies."""
+"""The ragged decode kernels (Pallas TPU, and Pallas Triton for GPUs): numerics in the Pallas interpreter
+against dense attention, the library's decode steps through them, the Mosaic compilation for TPU
+topologies and the lowering of the GPU kernel to Triton."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from test_plan import needs_tpu_compiler
 
 import internlm_jax as ij
 from internlm_jax.attention import dense_attention
-from internlm_jax.decode_kernel import ragged_decode_attention, supported
+from internlm_jax.decode_kernel import ragged_decode_attention, ragged_decode_attention_gpu, supported, supported_on
 from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.ring import pallas_interpret
 from internlm_jax.sharding import named_sharding
@@ -110,6 +112,64 @@ def test_bad_shapes_and_platforms_are_refused_by_name():
     model = ij.InternLM2(CFG)
     with pytest.raises(ValueError, match="unknown decode_attention 'paged'"):
         model.configure(decode_attention="paged")
+
+
+@pytest.mark.parametrize("b,t,nkv,g,splits", [(3, 1024, 2, 3, 4), (2, 128, 1, 1, 0), (1, 512, 1, 20, 8)])
+def test_gpu_kernel_equals_dense_attention_in_float32(b, t, nkv, g, splits):
+    """The Triton kernel in the Pallas interpreter: left padding, a hole, an unwritten tail, split-K, more
+    query heads per KV head than one 16-row tile; blocks outside each sequence's valid range hold NaN."""
+    q, k, v, ok = _case(b, t, nkv, g, seed=t + g, block=64)
+    out, lse = ragged_decode_attention_gpu(jnp.asarray(q), _slots(k), _slots(v), jnp.asarray(ok), splits=splits,
+                                           interpret=True)
+    want, want_lse = _dense(q, k, v, ok)
+    assert np.isfinite(np.asarray(out)).all()
+    assert _rel(out, want) < 1e-5
+    assert np.abs(np.asarray(lse) - want_lse).max() < 1e-4
+
+
+def test_gpu_kernel_edge_cases_bfloat16_and_an_empty_sequence():
+    q, k, v, ok = _case(2, 256, 2, 4, seed=5, block=64)
+    ok[1] = False
+    k[1], v[1] = np.nan, np.nan
+    out, lse = ragged_decode_attention_gpu(jnp.asarray(q), _slots(k), _slots(v), jnp.asarray(ok), interpret=True)
+    assert (np.asarray(out)[1] == 0).all() and np.isneginf(np.asarray(lse)[1]).all()
+    bf = lambda x: jnp.asarray(np.nan_to_num(x), jnp.bfloat16)  # noqa: E731
+    out16, _ = ragged_decode_attention_gpu(bf(q), _slots(bf(k)), _slots(bf(v)), jnp.asarray(ok), interpret=True)
+    want, _ = _dense(*[np.asarray(bf(x), np.float32) for x in (q, k, v)], ok)
+    assert out16.dtype == jnp.float32 and _rel(np.asarray(out16)[0], want[0]) < 1e-2
+    with pytest.raises(ValueError, match="head_dim in 16..256"):
+        ragged_decode_attention_gpu(jnp.zeros((1, 1, 1, 96)), jnp.zeros((1, 1, 64, 96)), jnp.zeros((1, 1, 64, 96)),
+                                    jnp.ones((1, 64), bool), interpret=True)
+
+
+def test_gpu_kernel_lowers_to_triton_and_reads_the_cache_in_place():
+    """Lowered for CUDA from this CPU host (Pallas emits the Triton module here; compiling it needs a
+    GPU): one Triton call, and the cache buffers reach it without a transpose or copy."""
+    for dtype in (jnp.bfloat16, jnp.float32):
+        q = jax.ShapeDtypeStruct((2, 8, 4, 128), dtype)
+        cache = jax.ShapeDtypeStruct((2, 8, 4096, 128), dtype)
+        ok = jax.ShapeDtypeStruct((2, 4096), jnp.bool_)
+        lowered = jax.jit(ragged_decode_attention_gpu).trace(q, cache, cache, ok).lower(lowering_platforms=("cuda",))
+        text = lowered.as_text()
+        assert text.count("__gpu$xla.gpu.triton") == 1
+        assert re.search(r"xla\.gpu\.triton\([^)]*%arg1, %arg2", text)  # the cache arguments themselves
+
+
+def test_the_selector_takes_the_gpu_kernel_only_when_asked(monkeypatch):
+    """On a GPU, ``decode_attention="ragged"`` picks the Triton kernel where its shapes fit; ``"auto"``
+    stays dense there until the kernel is timed on a GPU; TPU's rule is unchanged."""
+    from internlm_jax import attention
+    from internlm_jax.settings import EngineSettings
+
+    assert supported_on("gpu", 128, 4096) and supported_on("gpu", 64, 48) and not supported_on("gpu", 96, 4096)
+    assert not supported_on("gpu", 128, 100) and not supported_on("rocm", 128, 4096)
+    for platform, choice, head_dim, want in (("gpu", "ragged", 128, "ragged"), ("gpu", "auto", 128, "dense"),
+                                             ("gpu", "ragged", 96, "dense"), ("tpu", "auto", 128, "ragged"),
+                                             ("cpu", "auto", 128, "dense")):
+        monkeypatch.setattr(attention, "platform_of", lambda mesh, p=platform: p)
+        got = attention.decode_plan(EngineSettings(decode_attention=choice), head_dim=head_dim, local_cache_len=4096,
+                                    mesh=None)
+        assert got == want, (platform, choice, head_dim)
 
 
 def _decode_logits(model, prompts, steps=3):
