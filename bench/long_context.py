@@ -6,6 +6,9 @@ The prefill is the one generation runs (`Generator.prefill`: ring attention when
 weights are allocated for the memory table. Simulated CPU devices:
 
     python bench/long_context.py --lengths 8192 32768 131072 --run 16384 32768
+
+``--train 4096 8192 16384`` adds the one-device training gradient (packed documents, segment ids) of the
+same model: its temporaries under ``attention="auto"`` (blockwise beyond ``blockwise_from``) and ``"dense"``.
 """
 
 import argparse
@@ -44,6 +47,21 @@ def prefill_memory(cfg, length, n, dtype="bfloat16"):
     return dict(args=m.argument_size_in_bytes, out=m.output_size_in_bytes, temp=m.temp_size_in_bytes, compile_s=secs)
 
 
+def train_memory(cfg, length, attention, dtype="bfloat16"):
+    """Temporaries of the compiled loss gradient of one packed row of ``length`` tokens on one device."""
+    from flax import nnx
+
+    model = ij.InternLM2.abstract(cfg, dtype=dtype).configure(attention=attention)
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((1, length), jnp.int32)
+
+    def loss(st, ids, seg):
+        return jnp.mean(nnx.merge(graphdef, st).final_hidden(ids, segment_ids=seg).astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss)).lower(state, tokens, tokens).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 def run_prefill(cfg, length, n):
     mesh = ij.make_mesh(sequence=n, fsdp=1)
     model = ij.InternLM2(cfg, mesh=mesh, dtype="bfloat16", seed=0)
@@ -65,8 +83,15 @@ def main():
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--run", type=int, nargs="*", default=[], help="lengths to really prefill on 8 devices")
+    ap.add_argument("--train", type=int, nargs="*", default=[], help="lengths of one-device packed gradients")
     args = ap.parse_args()
     cfg = bench_config(args.layers)
+    if args.train:
+        print("| tokens | one-device gradient temporaries: auto (blockwise) | dense |")
+        print("|---|---|---|")
+        for length in args.train:
+            auto, dense = (train_memory(cfg, length, a) / 2**30 for a in ("auto", "dense"))
+            print(f"| {length} | {auto:.2f} GiB | {dense:.2f} GiB |", flush=True)
     if args.lengths:
         print(f"jax {jax.__version__}; model {cfg.num_parameters() / 1e6:.0f}M params (bf16), "
           f"{cfg.num_hidden_layers} layers, "

@@ -1,7 +1,8 @@
 """Continuous batching on the generator's decode step: requests join and leave a running batch.
 
 The engine holds a fixed number of cache rows (``max_batch``) of ``max_len`` slots each, on the
-devices, in the one :class:`~internlm_jax.cache.KVCache` layout. Between decode chunks it
+devices, in the one :class:`~internlm_jax.cache.KVCache` layout (on a mesh with a ``sequence`` axis
+each row's slots are split over it, in order). Between decode chunks it
 
 1. admits waiting requests into free rows;
 2. prefills them **in chunks** (at most ``prefill_chunk`` prompt tokens between two decode chunks,
@@ -133,8 +134,6 @@ class Engine:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineError(f"{name} must be a positive integer, got {value!r}")
         self.gen = generator_for(model)
-        if self.gen.n > 1:
-            raise EngineError("the engine does not run on a mesh with a sequence axis yet; use tensor/fsdp/data")
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two

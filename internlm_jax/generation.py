@@ -370,7 +370,10 @@ class Generator:
         done = ds.done | jnp.isin(tok, stops)
         seen = ds.seen.at[jnp.arange(b), tok].set(True)
         counts = None if ds.counts is None else ds.counts.at[jnp.arange(b), tok].add(emitted.astype(jnp.int32))
-        owner, slot = (None, base + ds.step) if self.n == 1 else (ds.step % self.n, base + ds.step // self.n)
+        if self.n == 1 or ds.rows is not None:  # the engine's rows keep their slots in order on any mesh
+            owner, slot = None, base + ds.step
+        else:
+            owner, slot = ds.step % self.n, base + ds.step // self.n
         logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
         vec = lambda x, axes=("batch",): constrain(x, axes, self.mesh)  # noqa: E731 - the shardings put() gives
         positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)

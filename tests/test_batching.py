@@ -8,6 +8,7 @@ import pytest
 
 import internlm_jax as ij
 from internlm_jax.engine import Engine, EngineError, QueueFull
+from internlm_jax.generation import SamplingParams
 
 CFG = ij.InternLM2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
@@ -186,6 +187,33 @@ def test_on_a_tensor_parallel_mesh(model):
                                                                                  for x in b.top_logprobs]
     np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(b.prompt_token_logprobs, a.prompt_token_logprobs, atol=1e-5)
+
+
+def test_on_a_mesh_with_a_sequence_axis(model):
+    """The cache slots split over ``sequence`` (with tensor and fsdp): the same greedy tokens as a request
+    alone on one device; and where the batch is not sharded, the compiled prefill chunk and decode chunk
+    move no buffer holding more than a device's own slots (the cache stays split)."""
+    import re
+
+    prompts, budgets = prompts_and_lengths(6)
+    sharded = ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(sequence=2, tensor=2, fsdp=2))
+    engine = Engine(sharded, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP)
+    requests = [engine.submit(p, max_tokens=m) for p, m in zip(prompts[:4], budgets[:4])]
+    engine.run_until_done()
+    assert [r.tokens for r in requests] == [alone(model, p, m) for p, m in zip(prompts[:4], budgets[:4])]
+
+    split = Engine(ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(sequence=4, tensor=2)), max_batch=2, max_len=512,
+                   prefill_chunk=64, stop_ids=STOP)
+    gen, ds = split.gen, split.ds
+    assert ds.cache.keys[0].sharding.shard_shape(ds.cache.keys[0].shape)[2] == 128
+    texts = [split._extend.lower(gen.state, gen.layers, ds.cache, np.zeros(64, np.int32), np.arange(64, dtype=np.int32),
+                                 np.int32(0), np.int32(0), np.int32(10), np.int32(10), np.zeros(64, np.int32),
+                                 logprobs=-1, keys=512).compile().as_text(),
+             gen.chunk.lower(gen.state, gen.layers, ds, split.base, steps=4, sampling=SamplingParams(),
+                             stop_ids=tuple(STOP)).compile().as_text()]
+    moved = [m.group(1) for text in texts for m in re.finditer(
+        r"= \(?\w+\[([\d,]+)\][^\n]*? (?:all-gather|all-to-all|collective-permute)\(", text)]
+    assert moved and not [shape for shape in moved if any(int(n) > 128 for n in shape.split(","))], moved
 
 
 def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
