@@ -127,6 +127,13 @@ def fold_partial(m, l, acc, o, lse, any_visible=None):
     return m_new, l, acc
 
 
+def finish_online_softmax(m, l, acc):
+    """The normalised output (``acc / l``, ``[B, S, nKV, G, D]``) and log-sum-exp (``[B, nKV, G, S]``)
+    of online-softmax accumulators; a query that saw no key gets zeros and -inf."""
+    safe = jnp.where(l == 0, 1.0, l)
+    return acc / safe.transpose(0, 3, 1, 2)[..., None], jnp.where(l == 0, NEG, m + jnp.log(safe))
+
+
 def blocks_backward(q, k, v, q_idx, k_idx, k_ok, do, lse, delta, *, block: int, causal: bool = True,
                         q_start=None):
     """Flash-style gradients of blockwise attention of q over k, v, given the *final* log-sum-exp of every
@@ -236,8 +243,7 @@ def _blockwise_forward(q, k, v, idx, valid, q_start, block, impl):
         acc = jnp.where(fresh, 0.0, acc)
         args = (qb[:, i], kb[:, j], vb[:, j], idxb[:, i], startb[:, i], idxb[:, j], okb[:, j], m, l, acc, scale, True)
         m, l, acc = fold_block(*args) if impl == "blockwise" else fold_block_fused(*args, impl)
-        o = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
-        row_lse = jnp.where(l == 0, NEG, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+        o, row_lse = finish_online_softmax(m, l, acc)
         # written at every pair of the row; the row's last pair (j == i) leaves the final value
         out = jax.lax.dynamic_update_index_in_dim(out, o.astype(out.dtype), i, axis=1)
         lse = jax.lax.dynamic_update_index_in_dim(lse, row_lse, i, axis=0)

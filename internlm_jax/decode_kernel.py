@@ -45,6 +45,15 @@ def supported(head_dim: int, cache_len: int, block: int = BLOCK) -> bool:
     return head_dim % _LANES == 0 and cache_len % bt == 0 and bt % _LANES == 0
 
 
+def valid_range(ok):
+    """Each sequence's first and last valid slot of ``ok [B, T]`` (int32 ``[B]``; T and -1 where none is)."""
+    t = ok.shape[1]
+    has_any = jnp.any(ok, axis=1)
+    first = jnp.where(has_any, jnp.argmax(ok, axis=1), t)
+    last = jnp.where(has_any, t - 1 - jnp.argmax(ok[:, ::-1], axis=1), -1)
+    return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
 def _kernel(first_ref, last_ref, q_ref, k_ref, v_ref, ok_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc, *, scale: float):
     b, t = pl.program_id(0), pl.program_id(2)
 
@@ -96,11 +105,8 @@ def ragged_decode_attention(q, k_cache, v_cache, kv_ok, *, block: int = BLOCK, i
     bt = min(block, t)
     nt = t // bt
     ok = kv_ok.astype(bool)
-    has_any = jnp.any(ok, axis=1)
-    first = jnp.argmax(ok, axis=1) // bt
-    last = (t - 1 - jnp.argmax(ok[:, ::-1], axis=1)) // bt
-    first = jnp.where(has_any, first, nt).astype(jnp.int32)  # nothing valid: no block is folded
-    last = jnp.where(has_any, last, -1).astype(jnp.int32)
+    first, last = valid_range(ok)
+    first, last = first // bt, last // bt  # nothing valid: nt and -1, so no block is folded
 
     def block_of(i, first_ref, last_ref, bi):  # clamp to the valid range: repeated indices are not re-fetched
         return jnp.maximum(jnp.minimum(i, last_ref[bi]), jnp.minimum(first_ref[bi], nt - 1))
@@ -220,9 +226,7 @@ def ragged_decode_attention_gpu(q, k_cache, v_cache, kv_ok, *, splits: int = 0, 
     while splits * 2 <= min(want, blocks) and blocks % (splits * 2) == 0:
         splits *= 2
     ok = kv_ok.astype(bool)
-    has_any = jnp.any(ok, axis=1)
-    first = jnp.where(has_any, jnp.argmax(ok, axis=1), t).astype(jnp.int32)
-    last = jnp.where(has_any, t - 1 - jnp.argmax(ok[:, ::-1], axis=1), -1).astype(jnp.int32)
+    first, last = valid_range(ok)
     rows = jnp.zeros((b, nkv, r, d), q.dtype).at[:, :, :g].set(q)
     span = t // splits
     call = pl.pallas_call(

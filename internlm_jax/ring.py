@@ -23,7 +23,15 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from .attention import NEG, block_has_work, blocks_backward, fold_block, fold_block_fused, fold_partial
+from .attention import (
+    NEG,
+    block_has_work,
+    blocks_backward,
+    finish_online_softmax,
+    fold_block,
+    fold_block_fused,
+    fold_partial,
+)
 
 BLOCK = 512  # queries/keys per block of the local blockwise attention
 
@@ -216,8 +224,7 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
             return (m, l, acc, k, v, kv_idx, kv_ok), None
 
         (m, l, acc, *_), _ = jax.lax.scan(step, (m, l, acc, k, v, kv_idx, kv_ok), None, length=n)
-        out = acc / jnp.where(l == 0, 1.0, l).transpose(0, 3, 1, 2)[..., None]
-        lse = jnp.where(l == 0, NEG, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+        out, lse = finish_online_softmax(m, l, acc)
         return out.reshape(lb, ls, lh, d).astype(q.dtype), lse
 
     def backward(q, k, v, q_idx, kv_idx, kv_ok, q_start, out, lse, d_out):
