@@ -103,6 +103,32 @@ class KVCache:
                        jax.lax.with_sharding_constraint(self.valid, named_sharding(VALID_AXES, self.valid.shape, mesh)))
 
 
+def read_row(buf: jax.Array, row, span: int, mesh=None) -> jax.Array:
+    """Row ``row``'s first ``span`` slots of a 4-d layer buffer, ``[nKV, span, D]``.
+
+    Where the mesh splits the batch dim over ``n`` shards, a dynamic index of one row is what XLA's
+    partitioner turns into an all-gather of every row. Instead the batch dim is viewed as ``[n, B/n]``
+    (a free reshape: the shards are the leading part), each shard takes its candidate row by a local
+    index, and a masked sum over the ``n`` shards all-reduces one row. (Exact: the other shards' rows
+    are selected away, not multiplied by zero.)"""
+    buf = buf[:, :, :span]
+    split = () if mesh is None else sharding(buf.shape, mesh).spec[:1]
+    shards = math.prod(mesh.shape[a] for a in ((split[0],) if isinstance(split[0], str) else split[0])) \
+        if split and split[0] is not None else 1
+    if shards == 1:
+        return jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
+    local = buf.shape[0] // shards
+    candidates = jax.lax.dynamic_index_in_dim(buf.reshape(shards, local, *buf.shape[1:]), row % local, 1,
+                                              keepdims=False)  # [n, nKV, span, D], one row per shard
+    mine = (jnp.arange(shards) == row // local).reshape(-1, 1, 1, 1)
+    return jnp.where(mine, candidates, jnp.zeros((), buf.dtype)).sum(0, dtype=buf.dtype)
+
+
+def read_row_valid(valid: jax.Array, row) -> jax.Array:
+    """Row ``row`` of ``valid [B, T]`` (any of the selected row: no all-gather of the batch either)."""
+    return jnp.any((jnp.arange(valid.shape[0]) == row)[:, None] & valid, axis=0)
+
+
 def sharding(shape, mesh):
     """The NamedSharding of one layer buffer on ``mesh`` (None without a mesh)."""
     return None if mesh is None else named_sharding(AXES, shape, mesh)

@@ -49,7 +49,7 @@ from .attention import (
     prefill_plan,
     visible_mask,
 )
-from .cache import SLOT_AXIS, KVCache, heads_view, to_slots
+from .cache import SLOT_AXIS, KVCache, heads_view, read_row, read_row_valid, to_slots
 from .config import InternLM2Config
 from .ring import sharded_decode_attention, write_decode
 from .rope import apply_rope, rope_tables
@@ -628,7 +628,7 @@ class InternLM2(nnx.Module):
         real = jnp.arange(c) < count
         cols = start + jnp.arange(c)
         t = cache.length
-        row_valid = jax.lax.dynamic_index_in_dim(cache.valid, row, 0, keepdims=False)
+        row_valid = read_row_valid(cache.valid, row)
         row_valid = jnp.where(start == 0, False, row_valid)  # a new sequence: the row's old slots are gone
         row_valid = row_valid.at[cols].set(real, mode="drop")
         valid = jax.lax.dynamic_update_index_in_dim(cache.valid, row_valid, row, 0)
@@ -644,8 +644,8 @@ class InternLM2(nnx.Module):
                 buf = buf.at[rows[:, None], cols[None, :]].set(new.transpose(1, 0, 2), mode="drop")
                 mine = jax.lax.dynamic_slice_in_dim(buf, row * nkv, nkv, axis=0)  # [nKV, T, D]
             else:  # [B, nKV, T, D]
-                buf = buf.at[row, :, cols].set(new, mode="drop")
-                mine = jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
+                buf = buf.at[row, :, cols].set(new, mode="drop")  # local to the row's device
+                return buf, read_row(buf, row, span, mesh)[None]
             return buf, mine[None, :, :span]
 
         x = self.embed(tokens[None])

@@ -3,6 +3,9 @@
 The reference for every token is ``ij.generate_ids`` of the same prompt alone (itself checked against
 the official implementation in test_generation / test_reference)."""
 
+import math
+import re
+
 import numpy as np
 import pytest
 
@@ -187,14 +190,32 @@ def test_on_a_tensor_parallel_mesh(model):
                                                                                  for x in b.top_logprobs]
     np.testing.assert_allclose(b.token_logprobs, a.token_logprobs, atol=1e-5)
     np.testing.assert_allclose(b.prompt_token_logprobs, a.prompt_token_logprobs, atol=1e-5)
+    # the rows split over fsdp: a prefill chunk moves at most one row of the cache, not every row
+    wide = Engine(sharded, max_batch=4, max_len=512, prefill_chunk=64, stop_ids=STOP)
+    row = CFG.num_key_value_heads // 2 * 512 * CFG.head_dim  # one row's slots on one device
+    assert wide.ds.cache.keys[0].sharding.shard_shape(wide.ds.cache.keys[0].shape)[0] == 2
+    sizes = [math.prod(shape) for shape in collective_shapes(extend_text(wide))]
+    assert sizes and max(sizes) <= row, sizes
+
+
+def collective_shapes(hlo: str) -> list[tuple[int, ...]]:
+    """The result shapes of the gathers, all-reduces and permutes in compiled HLO text."""
+    ops = re.finditer(r"= \(?\w+\[([\d,]*)\][^\n]*? (?:all-gather|all-reduce|all-to-all|collective-permute)\(", hlo)
+    return [tuple(int(n) for n in m.group(1).split(",") if n) for m in ops]
+
+
+def extend_text(engine: Engine, size: int = 64) -> str:
+    """The compiled HLO of the engine's prefill chunk of ``size`` tokens (row 0, attending to every slot)."""
+    gen, ds = engine.gen, engine.ds
+    return engine._extend.lower(gen.state, gen.layers, ds.cache, np.zeros(size, np.int32),
+                                np.arange(size, dtype=np.int32), np.int32(0), np.int32(0), np.int32(10), np.int32(10),
+                                np.zeros(size, np.int32), logprobs=-1, keys=engine.max_len).compile().as_text()
 
 
 def test_on_a_mesh_with_a_sequence_axis(model):
     """The cache slots split over ``sequence`` (with tensor and fsdp): the same greedy tokens as a request
     alone on one device; and where the batch is not sharded, the compiled prefill chunk and decode chunk
     move no buffer holding more than a device's own slots (the cache stays split)."""
-    import re
-
     prompts, budgets = prompts_and_lengths(6)
     sharded = ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(sequence=2, tensor=2, fsdp=2))
     engine = Engine(sharded, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP)
@@ -206,14 +227,10 @@ def test_on_a_mesh_with_a_sequence_axis(model):
                    prefill_chunk=64, stop_ids=STOP)
     gen, ds = split.gen, split.ds
     assert ds.cache.keys[0].sharding.shard_shape(ds.cache.keys[0].shape)[2] == 128
-    texts = [split._extend.lower(gen.state, gen.layers, ds.cache, np.zeros(64, np.int32), np.arange(64, dtype=np.int32),
-                                 np.int32(0), np.int32(0), np.int32(10), np.int32(10), np.zeros(64, np.int32),
-                                 logprobs=-1, keys=512).compile().as_text(),
-             gen.chunk.lower(gen.state, gen.layers, ds, split.base, steps=4, sampling=SamplingParams(),
-                             stop_ids=tuple(STOP)).compile().as_text()]
-    moved = [m.group(1) for text in texts for m in re.finditer(
-        r"= \(?\w+\[([\d,]+)\][^\n]*? (?:all-gather|all-to-all|collective-permute)\(", text)]
-    assert moved and not [shape for shape in moved if any(int(n) > 128 for n in shape.split(","))], moved
+    texts = [extend_text(split), gen.chunk.lower(gen.state, gen.layers, ds, split.base, steps=4,
+                                                 sampling=SamplingParams(), stop_ids=tuple(STOP)).compile().as_text()]
+    moved = [shape for text in texts for shape in collective_shapes(text)]
+    assert moved and not [shape for shape in moved if any(n > 128 for n in shape)], moved
 
 
 def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
