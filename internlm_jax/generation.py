@@ -123,7 +123,7 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
         probs = jax.nn.softmax(sorted_logits, axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
         keep_sorted = before < jnp.float32(params.top_p)  # the most likely token always stays
-        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        keep = jax.vmap(lambda z, o, k: z.at[o].set(k))(jnp.zeros_like(keep_sorted), order, keep_sorted)
         logits = jnp.where(keep, logits, neg)
     return logits
 
@@ -192,7 +192,7 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
             probs = jax.nn.softmax(sorted_logits, axis=-1)
             before = jnp.cumsum(probs, axis=-1) - probs
             sorted_logits = jnp.where(before < col(rows.top_p), sorted_logits, neg)
-        scaled = jnp.full_like(scaled, neg).at[jnp.arange(scaled.shape[0])[:, None], order].set(sorted_logits)
+        scaled = jax.vmap(lambda z, o, x: z.at[o].set(x))(jnp.full_like(scaled, neg), order, sorted_logits)
     keys = jax.vmap(jax.random.fold_in)(rows.key, counter)
     drawn = argmax_tokens(scaled + jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], scaled.dtype))(keys))
     return jnp.where(t > 0, drawn, greedy)
@@ -368,8 +368,10 @@ class Generator:
         scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
         done = ds.done | jnp.isin(tok, stops)
-        seen = ds.seen.at[jnp.arange(b), tok].set(True)
-        counts = None if ds.counts is None else ds.counts.at[jnp.arange(b), tok].add(emitted.astype(jnp.int32))
+        # per-row scatters vmapped (the batch a batching dim): local to each device where the batch is split
+        seen = jax.vmap(lambda s, t: s.at[t].set(True))(ds.seen, tok)
+        counts = None if ds.counts is None else jax.vmap(lambda c, t, e: c.at[t].add(e))(
+            ds.counts, tok, emitted.astype(jnp.int32))
         if self.n == 1 or ds.rows is not None:  # the engine's rows keep their slots in order on any mesh
             owner, slot = None, base + ds.step
         else:

@@ -567,8 +567,10 @@ class InternLM2(nnx.Module):
         mesh, nh = self.mesh, self.config.num_attention_heads
         ones = jnp.ones((b, 1), bool)
         per_row = owner is None and jnp.ndim(slot) == 1
+        # per-row writes are vmapped scatters: the batch is a batching dim of the scatter, which a mesh
+        # that splits the batch applies locally (an index array over the batch gathered every row's update)
         if per_row:
-            valid = cache.valid.at[jnp.arange(b), slot].set(True, mode="drop")
+            valid = jax.vmap(lambda v, s: v.at[s].set(True, mode="drop"))(cache.valid, slot)
         elif owner is None:
             valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, ones, slot, axis=1)
         else:
@@ -582,8 +584,7 @@ class InternLM2(nnx.Module):
                 cols = jnp.repeat(slot, rows // b)
                 if buf.ndim == 3:
                     return buf.at[jnp.arange(rows), cols].set(new[:, 0], mode="drop")
-                heads = jnp.arange(new.shape[1])
-                return buf.at[jnp.arange(b)[:, None], heads[None], slot[:, None]].set(new[:, :, 0], mode="drop")
+                return jax.vmap(lambda r, n, s: r.at[:, s].set(n[:, 0], mode="drop"))(buf, new, slot)
             if owner is None:
                 return jax.lax.dynamic_update_slice_in_dim(buf, new, slot, axis=buf.ndim + SLOT_AXIS)
             return write_decode(buf, new, owner, slot, mesh, nh)

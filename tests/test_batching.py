@@ -6,6 +6,7 @@ the official implementation in test_generation / test_reference)."""
 import math
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -196,6 +197,23 @@ def test_on_a_tensor_parallel_mesh(model):
     assert wide.ds.cache.keys[0].sharding.shard_shape(wide.ds.cache.keys[0].shape)[0] == 2
     sizes = [math.prod(shape) for shape in collective_shapes(extend_text(wide))]
     assert sizes and max(sizes) <= row, sizes
+
+
+def test_data_parallel_rows_stay_on_their_devices(model):
+    """Rows split over ``data``: the same greedy tokens as alone; a decode chunk needs no collective at all
+    (each device writes and reads its own rows) and a prefill chunk all-reduces one row of the cache."""
+    prompts, budgets = prompts_and_lengths(6)
+    engine = Engine(ij.InternLM2(CFG, seed=0, mesh=ij.make_mesh(data=4, fsdp=1, devices=jax.devices()[:4])),
+                    max_batch=4, max_len=512, prefill_chunk=64, stop_ids=STOP)
+    requests = [engine.submit(p, max_tokens=m) for p, m in zip(prompts, budgets)]
+    engine.run_until_done()
+    assert [r.tokens for r in requests] == [alone(model, p, m) for p, m in zip(prompts, budgets)]
+    gen, ds = engine.gen, engine.ds
+    decode = gen.chunk.lower(gen.state, gen.layers, ds, engine.base, steps=4, sampling=SamplingParams(),
+                             stop_ids=tuple(STOP)).compile().as_text()
+    assert collective_shapes(decode) == []
+    row = CFG.num_key_value_heads * 512 * CFG.head_dim
+    assert max(math.prod(shape) for shape in collective_shapes(extend_text(engine))) <= row
 
 
 def collective_shapes(hlo: str) -> list[tuple[int, ...]]:
