@@ -357,7 +357,6 @@ class Generator:
         sampling (``ds.rows``, the engine's continuous batching) ``base`` is per row, ``sampling`` only
         says which filters are compiled in, and a stopped row's position no longer advances."""
         model = nnx.merge(self.graphdef, state)
-        b = ds.logits.shape[0]
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
         if ds.rows is None:
