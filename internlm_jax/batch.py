@@ -5,7 +5,8 @@
 Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as
 for the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens``,
 ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``presence_penalty``,
-``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0 to 20). Each output
+``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0 to 20), ``min_tokens``,
+``ignore_eos``. Each output
 line carries the ``id``, ``text`` (chat: also ``tool_calls``), ``prompt_tokens``,
 ``completion_tokens`` and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs``
 and ``top_logprobs``, ``[id, logprob]`` pairs), written in the order requests finish. Every input line
@@ -28,7 +29,7 @@ from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-           "frequency_penalty", "seed", "logprobs")
+           "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
 
 
 class BatchInputError(ValueError):

@@ -73,11 +73,15 @@ class QueueFull(RuntimeError):
 class Request:
     """One generation request and its progress. ``tokens`` grows as the engine produces them;
     ``finish_reason`` is ``"stop"`` (a stop id came; it is not in ``tokens``), ``"length"``
-    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final. With ``logprobs``
-    (``k >= 0``) each token also gets its log-probability in ``token_logprobs`` and the ``k`` most
-    likely ``(id, logprob)`` pairs in ``top_logprobs`` (see :class:`~internlm_jax.generation.TokenScores`);
-    these lists grow with ``tokens``. With ``prompt_logprobs`` the same is filled in during prefill for
-    prompt tokens 1.. in ``prompt_token_logprobs`` / ``prompt_top_logprobs`` (the first token has none)."""
+    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final.
+
+    ``min_tokens``: no stop id (the engine's or the request's) is sampled before that many tokens.
+    ``ignore_eos``: the engine's stop ids (``</s>``, ``<|im_end|>``) come out as ordinary tokens (the
+    request's own still stop it). With ``logprobs`` (``k >= 0``) each token also gets its
+    log-probability in ``token_logprobs`` and the ``k`` most likely ``(id, logprob)`` pairs in
+    ``top_logprobs`` (see :class:`~internlm_jax.generation.TokenScores`); these lists grow with
+    ``tokens``. With ``prompt_logprobs`` the same is filled in during prefill for prompt tokens 1.. in
+    ``prompt_token_logprobs`` / ``prompt_top_logprobs`` (the first token has none)."""
 
     prompt: list[int]
     max_tokens: int
@@ -86,6 +90,8 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
     id: int = dataclasses.field(default_factory=itertools.count().__next__)
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -189,7 +195,8 @@ class Engine:
     def check(self, prompt: Sequence[int], *, max_tokens: int, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
               frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] = (),
-              logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
+              logprobs: int | None = None, prompt_logprobs: int | None = None, min_tokens: int = 0,
+              ignore_eos: bool = False) -> Request:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
         if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
@@ -215,8 +222,12 @@ class Engine:
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
                 raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}")
+        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not 0 <= min_tokens <= max_tokens:
+            raise EngineError(f"min_tokens must be an integer from 0 to max_tokens ({max_tokens}), got {min_tokens!r}")
+        if not isinstance(ignore_eos, bool):
+            raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}")
         return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs,
-                       prompt_logprobs)
+                       prompt_logprobs, min_tokens, ignore_eos)
 
     @property
     def busy(self) -> bool:
@@ -314,7 +325,7 @@ class Engine:
             out_shardings=None if gen.mesh is None else named_sharding(axes, shape, gen.mesh))()
         rows = RowSampling(vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.ones(b, np.float32)),
                            vec(np.ones(b, np.float32)), keys((b,), ("batch",)), vec(np.zeros(b, np.float32)),
-                           vec(np.zeros(b, np.float32)))
+                           vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.zeros(b, bool)))
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
@@ -358,9 +369,13 @@ class Engine:
                 row.prefilled += take
                 budget -= take
             if row.prefilled == len(prompt):
-                activate.append({"row": i, "prompt": prompt, "seed": row.request.seed,
-                                 "sampling": list(dataclasses.astuple(row.request.sampling)),  # field order
-                                 "base": len(prompt) - self.steps})
+                request = row.request
+                banned = {*self.stop_ids, *request.stop_ids} if request.min_tokens else set()
+                activate.append({"row": i, "prompt": prompt, "seed": request.seed,
+                                 "sampling": list(dataclasses.astuple(request.sampling)),  # field order
+                                 "base": len(prompt) - self.steps, "ignore_eos": request.ignore_eos,
+                                 "min_position": len(prompt) + request.min_tokens,  # stop ids banned below
+                                 "ban": sorted(t for t in banned if 0 <= t < self.config.vocab_size)})
                 row.decoding = True
             if budget <= 0:
                 break
@@ -406,11 +421,17 @@ class Engine:
             if (presence or frequency) and self.ds.counts is None:  # counted from the first request that asks
                 counts = np.zeros((self.max_batch, self.config.vocab_size), np.int32)
                 self.ds = dataclasses.replace(self.ds, counts=self.gen.put(counts, ("batch", "act_vocab")))
+            if op["ban"] and self.ds.ban is None:  # likewise the banned ids, from the first min_tokens
+                ban = np.zeros((self.max_batch, self.config.vocab_size), bool)
+                self.ds = dataclasses.replace(self.ds, ban=self.gen.put(ban, ("batch", "act_vocab")))
+            banned = np.zeros(self.config.vocab_size, bool)
+            banned[op["ban"]] = True
             # the row's next slot is len(prompt): slot = base + (global step)
             self.ds, self.base = self._activate(self.ds, self.base, np.int32(op["row"]), last[op["row"]],
                                                 np.int32(len(op["prompt"])), seen, np.float32(t), np.int32(k),
                                                 np.float32(p), np.float32(r), np.float32(presence),
-                                                np.float32(frequency), np.uint32(op["seed"]), np.int32(op["base"]))
+                                                np.float32(frequency), np.uint32(op["seed"]), np.int32(op["base"]),
+                                                np.int32(op["min_position"]), np.bool_(op["ignore_eos"]), banned)
         decode = plan["decode"]
         if decode is None:
             return None, prompt_scores
@@ -444,7 +465,7 @@ class Engine:
                     reason = reason or "stop"
                     break
                 t = int(t)
-                if t in self.stop_ids or t in request.stop_ids:
+                if (t in self.stop_ids and not request.ignore_eos) or t in request.stop_ids:
                     reason = "stop"
                     break
                 new.append(t)
@@ -482,18 +503,20 @@ def _pairs(scores, at, k: int) -> list[tuple[int, float]]:
 
 
 def _activate(ds: DecodeState, base, row, logits, position, seen, temperature, top_k, top_p, penalty, presence,
-              frequency, seed, row_base):
+              frequency, seed, row_base, min_position, ignore_stop, banned):
     """Row ``row`` starts decoding: its first logits, position, tokens seen (none generated yet),
-    sampling values and key."""
+    sampling values, key, and the ids it may not sample below ``min_position``."""
     r = ds.rows
     key = jax.random.key(seed)
     set_ = lambda x, v: x.at[row].set(v)  # noqa: E731
     rows = RowSampling(set_(r.temperature, temperature), set_(r.top_k, top_k), set_(r.top_p, top_p),
                        set_(r.repetition_penalty, penalty), set_(r.key, key), set_(r.presence_penalty, presence),
-                       set_(r.frequency_penalty, frequency))
+                       set_(r.frequency_penalty, frequency), set_(r.min_position, min_position),
+                       set_(r.ignore_stop, ignore_stop))
     return (dataclasses.replace(ds, logits=set_(ds.logits, logits), positions=set_(ds.positions, position),
                                 seen=set_(ds.seen, seen), done=set_(ds.done, False), rows=rows,
-                                counts=None if ds.counts is None else set_(ds.counts, 0)),
+                                counts=None if ds.counts is None else set_(ds.counts, 0),
+                                ban=None if ds.ban is None else set_(ds.ban, banned)),
             set_(base, row_base))
 
 

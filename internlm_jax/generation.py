@@ -150,6 +150,8 @@ class RowSampling:
     key: jax.Array  # [B] PRNG keys
     presence_penalty: jax.Array  # float32, 0 = off
     frequency_penalty: jax.Array  # float32, 0 = off
+    min_position: jax.Array  # int32: the ids in ``DecodeState.ban`` are not sampled below it (min_tokens)
+    ignore_stop: jax.Array  # bool: the stop ids do not end the row (ignore_eos)
 
     @staticmethod
     def features(params: Sequence[SamplingParams]) -> SamplingParams:
@@ -242,7 +244,8 @@ class PreparedBatch:
 class DecodeState:
     """Everything a decode step carries: the next logits, the cache, each sequence's next position,
     the tokens seen (repetition penalty), which sequences stopped, the step number, the PRNG key, and
-    (only when presence/frequency penalties may apply) how often each token was generated."""
+    (only when presence/frequency penalties may apply) how often each token was generated, and (only
+    once a request sets ``min_tokens``) the ids each row may not sample yet."""
 
     logits: jax.Array  # [B, V] float32
     cache: KVCache
@@ -253,6 +256,7 @@ class DecodeState:
     key: jax.Array
     rows: RowSampling | None = None  # per-row sampling (continuous batching); None: ``sampling`` for all
     counts: jax.Array | None = None  # [B, V] int32, times each token was generated; None: not tracked
+    ban: jax.Array | None = None  # [B, V] bool, ids a row may not sample yet (min_tokens); None: none banned
 
 
 class Generator:
@@ -362,11 +366,15 @@ class Generator:
         if ds.rows is None:
             tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen, ds.counts)
         else:
-            tok = sample_rows(ds.logits, ds.rows, ds.positions, sampling, ds.seen, ds.counts)
+            logits = ds.logits
+            if ds.ban is not None:  # min_tokens: a row's stop ids are not sampled below its min_position
+                logits = jnp.where(ds.ban & (ds.positions < ds.rows.min_position)[:, None], -jnp.inf, logits)
+            tok = sample_rows(logits, ds.rows, ds.positions, sampling, ds.seen, ds.counts)
         tok = jnp.where(ds.done, pad, tok)
         scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
-        done = ds.done | jnp.isin(tok, stops)
+        stopped = jnp.isin(tok, stops) if ds.rows is None else jnp.isin(tok, stops) & ~ds.rows.ignore_stop
+        done = ds.done | stopped
         # per-row scatters vmapped (the batch a batching dim): local to each device where the batch is split
         seen = jax.vmap(lambda s, t: s.at[t].set(True))(ds.seen, tok)
         counts = None if ds.counts is None else jax.vmap(lambda c, t, e: c.at[t].add(e))(
@@ -380,7 +388,7 @@ class Generator:
         positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)
         new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(positions),
                           vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows,
-                          None if counts is None else vec(counts, ("batch", "act_vocab")))
+                          None if counts is None else vec(counts, ("batch", "act_vocab")), ds.ban)
         return new, tok, emitted, scores
 
     def _chunk(self, state, layers, ds: DecodeState, base, steps: int, sampling: SamplingParams,

@@ -7,11 +7,13 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a batch: 
 ending with ``data: [DONE]``), ``GET /health``. Parameters: ``max_tokens`` (or
 ``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or
-in ``stop``), ``seed``, ``tools`` (with ``tool_choice``), ``n`` (that many independent continuations,
-seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with ``top_logprobs``; completions: the number
-of alternatives), ``echo`` (completions: the prompt's text first, and with ``logprobs`` its tokens'
-logprobs). Every response carries ``usage`` (streams: in the last chunk, or with
-``stream_options.include_usage`` in a final chunk of its own, as OpenAI does).
+in ``stop``), ``seed``, ``min_tokens`` and ``ignore_eos`` (vLLM's: no stop id before ``min_tokens``
+tokens; the end-of-text ids as ordinary tokens), ``tools`` (with ``tool_choice``), ``n`` (that many
+independent continuations, seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with
+``top_logprobs``; completions: the number of alternatives), ``echo`` (completions: the prompt's
+text first, and with ``logprobs`` its tokens' logprobs). Every response carries ``usage`` (streams:
+in the last chunk, or with ``stream_options.include_usage`` in a final chunk of its own, as OpenAI
+does).
 Bad requests get a 4xx with OpenAI's error object naming the parameter; a full queue answers 429; a
 client that disconnects frees its slot; SIGTERM stops accepting, lets running requests finish, exits.
 """
@@ -48,6 +50,8 @@ class _Request(BaseModel):
     stop: StrictStr | list[Union[StrictStr, StrictInt]] | None = None
     stop_token_ids: list[StrictInt] | None = None
     seed: StrictInt | None = None
+    min_tokens: StrictInt = 0  # vLLM's extensions: no stop id before that many tokens
+    ignore_eos: StrictBool = False  # </s> and <|im_end|> do not end the reply
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: dict | None = None
@@ -244,6 +248,8 @@ def create_app(engine: Engine, tok, model_name: str):
                 raise APIError(400, f"{which} has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
                                f"the context of {engine.max_len} tokens", param="max_tokens",
                                code="context_length_exceeded")
+        if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
+            raise APIError(400, f"min_tokens must be from 0 to max_tokens, got {req.min_tokens}", param="min_tokens")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(req, name)
             if value is not None and not -2 <= value <= 2:
@@ -256,7 +262,7 @@ def create_app(engine: Engine, tok, model_name: str):
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
                   stop_ids=[s for s in stops if isinstance(s, int)] + list(req.stop_token_ids or []),
-                  logprobs=logprobs_wanted(req))
+                  logprobs=logprobs_wanted(req), min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
         if isinstance(req, CompletionRequest) and req.echo:
             kw["prompt_logprobs"] = kw["logprobs"]  # echo with logprobs scores the prompt too
         return kw, [s for s in stops if isinstance(s, str)]

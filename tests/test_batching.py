@@ -268,6 +268,49 @@ def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
     return out
 
 
+def masked_greedy(model, prompt, n, stop, banned=(), until=0):
+    """Greedy tokens, one plain forward of the whole sequence per token, with the ``banned`` ids' logits
+    at -inf while fewer than ``until`` tokens were made (vLLM's min_tokens); stops before a ``stop`` id."""
+    ids, out = list(prompt), []
+    width = len(prompt) + n
+    for _ in range(n):
+        logits = np.array(model(np.asarray([ids + [0] * (width - len(ids))], np.int32))[0, len(ids) - 1])
+        if len(out) < until:
+            logits[list(banned)] = -np.inf
+        t = int(np.argmax(logits))
+        if t in stop:
+            break
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def test_min_tokens_and_ignore_eos(model):
+    """min_tokens keeps the stop ids (the engine's and the request's) from being sampled for that many
+    tokens; ignore_eos lets the engine's stop ids through as ordinary tokens. Rows with and without
+    them share the batch; each equals a step-by-step reference."""
+    prompts, _ = prompts_and_lengths(2)
+    free = [masked_greedy(model, p, 24, stop=()) for p in prompts[:4]]
+    # a stop id each unrestricted reply meets early (its 3rd token), so that both settings change the tokens
+    early = [f[2] for f in free]
+    engine = Engine(model, max_batch=3, max_len=400, prefill_chunk=64, stop_ids=(early[0],))
+    cases = [(0, dict(min_tokens=10), masked_greedy(model, prompts[0], 24, (early[0],), (early[0],), 10)),
+             (1, dict(min_tokens=6, stop_ids=[early[1]]),
+              masked_greedy(model, prompts[1], 24, (early[0], early[1]), (early[0], early[1]), 6)),
+             (0, dict(ignore_eos=True), free[0]),
+             (2, dict(ignore_eos=True, stop_ids=[early[2]]), masked_greedy(model, prompts[2], 24, (early[2],))),
+             (3, {}, masked_greedy(model, prompts[3], 24, (early[0],)))]
+    assert all(want != free[i] for i, _, want in cases[:2]) and len(cases[0][2]) > 10
+    requests = [engine.submit(prompts[i], max_tokens=24, **kw) for i, kw, _ in cases]
+    engine.run_until_done()
+    assert [r.tokens for r in requests] == [want for _, _, want in cases]
+    assert [r.finish_reason for r in requests] == ["length" if len(w) == 24 else "stop" for _, _, w in cases]
+    with pytest.raises(EngineError, match="min_tokens must be an integer from 0 to max_tokens"):
+        engine.submit(prompts[0], max_tokens=4, min_tokens=5)
+    with pytest.raises(EngineError, match="ignore_eos"):
+        engine.submit(prompts[0], max_tokens=4, ignore_eos="yes")
+
+
 def test_presence_and_frequency_penalties_follow_the_reference(model):
     """generate (a left-padded batch) and the engine (rows of mixed settings, reused after a penalized
     request) equal a step-by-step reference; the penalties change the tokens, so the check can fail."""

@@ -142,6 +142,9 @@ def test_sampling_parameters_seed_and_stop(tiny):
     by_id = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=8, temperature=0,
                                       extra_body={"stop_token_ids": [ids[4]]})
     assert by_id.usage.completion_tokens == ids.index(ids[4]) and by_id.choices[0].finish_reason == "stop"
+    held = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=8, temperature=0,
+                                     extra_body={"stop_token_ids": [ids[4]], "min_tokens": 8})  # vLLM's extension
+    assert held.usage.completion_tokens == 8 and held.choices[0].finish_reason == "length"
 
 
 def model_logprobs(model, prompt, tokens):
@@ -310,6 +313,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, False, 400, "messages", "wizard"),
         ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
         ({**ok, "top_p": 0}, False, 400, None, "top_p"),
+        ({**ok, "min_tokens": 5}, False, 400, "min_tokens", "from 0 to max_tokens"),
+        ({**ok, "ignore_eos": "yes"}, False, 400, "ignore_eos", "boolean"),
     ]
     for body, raw, status, param, words in cases:
         r = post(server, "/v1/chat/completions", body, raw)
