@@ -4,7 +4,8 @@
 
 A random InternLM2-shaped model is written to a temporary HF folder; ``internlm-jax serve`` runs it in a
 subprocess and 64 requests (prompt and output lengths drawn with a fixed seed) are sent at once as
-streaming completions (prompt token ids, greedy). The same prompts then go through
+streaming completions (prompt token ids, greedy, ``ignore_eos``: each makes exactly its tokens, as the
+static batches do). The same prompts then go through
 ``ij.generate_ids`` in static batches of ``--max-batch`` in arrival order: every batch waits for its
 longest request. Printed as JSON: requests/s, output tokens/s (tokens each request asked for), TTFT and
 inter-token latency p50/p99 for both (server: the gap between stream chunks, each carrying up to one
@@ -78,7 +79,7 @@ async def through_server(url, prompts, outputs):
         t0 = time.perf_counter()
         stamps, tokens = [], 0
         body = {"model": "bench", "prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True,
-                "stop_token_ids": []}
+                "ignore_eos": True}  # every request makes exactly n tokens, as in the static batches
         async with client.stream("POST", url + "/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
