@@ -15,6 +15,14 @@ ratio the mix allows at most (decode steps of static batches over those of perfe
 The two are timed ``--repeats`` times, interleaved (server pass, static pass, server pass, ...; the idle
 server uses no CPU while the static pass runs), so a slow stretch of a shared machine hits both; the
 ratio is taken between the best pass of each, and the ratio of every pair is printed too.
+
+``--engine`` skips HTTP: the engine runs in this process on random weights of ``--preset`` (or the
+``--hidden``/``--layers`` shape) in ``--dtype``, against the same static batches, and also reports the
+share of the read roofline that decode reaches under load (the bytes each decode chunk must read, the
+weights and the running rows' filled cache, over its device time, against a large reduction timed in
+the same run). On a lent GPU:
+
+    python bench/serve.py --engine --preset internlm2_5-7b --dtype bfloat16 --max-batch 64
 """
 
 import argparse
@@ -102,6 +110,106 @@ async def through_server(url, prompts, outputs):
     return summary(wall, len(prompts), tokens, ttft, itl)
 
 
+class DecodeMeter:
+    """Wraps a generator's decode chunk: its device time, and the bytes its steps must read at least (the
+    weights but the embedding table, plus each running row's filled cache slots), for the share of the
+    read roofline that decode reaches under load."""
+
+    def __init__(self, gen, cfg, itemsize: int):
+        self.gen, self.chunk = gen, gen.chunk
+        self.weight_bytes = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size) * itemsize
+        self.slot_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * itemsize
+        self.seconds, self.bytes, self.steps = 0.0, 0, 0
+
+    def __call__(self, state, layers, ds, base, *, steps, **kw):
+        import jax
+
+        filled = np.asarray(ds.positions)[~np.asarray(ds.done)].astype(np.int64)  # running rows' slots so far
+        t = time.perf_counter()
+        out = jax.block_until_ready(self.chunk(state, layers, ds, base, steps=steps, **kw))
+        self.seconds += time.perf_counter() - t
+        self.steps += steps
+        self.bytes += steps * self.weight_bytes + self.slot_bytes * int(steps * filled.sum()
+                                                                         + len(filled) * steps * (steps - 1) // 2)
+        return out
+
+    def __enter__(self):
+        self.gen.chunk = self
+        return self
+
+    def __exit__(self, *exc):
+        self.gen.chunk = self.chunk
+
+
+def through_engine(engine, prompts, outputs):
+    """The same requests straight into the engine (no HTTP), all submitted at once."""
+    stamps = {}
+
+    def seen(request, new):
+        if new:
+            stamps.setdefault(request.id, []).append(time.perf_counter())
+
+    start = time.perf_counter()
+    requests = [engine.submit(p, max_tokens=n, ignore_eos=True, on_update=seen) for p, n in zip(prompts, outputs)]
+    engine.run_until_done()
+    wall = time.perf_counter() - start
+    times = [stamps.get(r.id, []) for r in requests]
+    itl = [b - a for s in times for a, b in zip(s, s[1:])]
+    return summary(wall, len(prompts), sum(len(r.tokens) for r in requests), [s[0] - start for s in times if s], itl)
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a large reduction on the default device (1 GiB on an accelerator, 256 MiB on a CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = (1 << 28) if jax.default_backend() == "cpu" else (1 << 30)
+    x = jnp.ones((n // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        total(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return x.nbytes / best
+
+
+def engine_main(args, prompts, outputs, cfg):
+    """``--engine``: the engine in this process on random weights (e.g. a released shape on a lent GPU)."""
+    import jax
+
+    import internlm_jax as ij
+    from internlm_jax.engine import Engine
+
+    model = ij.InternLM2(cfg, seed=0, dtype=args.dtype)
+    engine = Engine(model, max_batch=args.max_batch, max_len=args.max_prompt + args.max_output,
+                    max_queue=args.requests, prefill_chunk=args.prefill_chunk)
+    through_engine(engine, prompts[:args.max_batch], [16] * args.max_batch)  # compiles
+    ij.generate_ids(model, prompts[:args.max_batch], max_new_tokens=16, stop_ids=())
+    bandwidth = read_bandwidth()
+    passes, meters = [], []
+    for _ in range(args.repeats):
+        with DecodeMeter(engine.gen, cfg, np.dtype(model.dtype).itemsize) as meter:
+            served = through_engine(engine, prompts, outputs)
+        meters.append(meter)
+        passes.append((served, static_batches(model, prompts, outputs, args.max_batch)))
+    served = min((p[0] for p in passes), key=lambda r: r["wall_s"])
+    static = min((p[1] for p in passes), key=lambda r: r["wall_s"])
+    meter = min(meters, key=lambda m: m.seconds)
+    print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(), "device": str(jax.devices()[0]),
+                      "params": cfg.num_parameters(), "dtype": args.dtype, "requests": args.requests,
+                      "max_batch": args.max_batch, "outputs": args.outputs, "prefill_chunk": args.prefill_chunk,
+                      "prompt_tokens": sum(map(len, prompts)), "asked_output_tokens": sum(outputs),
+                      "continuous_engine": served, "static": static,
+                      "throughput_ratio": served["output_tokens_per_s"] / static["output_tokens_per_s"],
+                      "walls_s": [[s["wall_s"], t["wall_s"]] for s, t in passes],
+                      "ratio_bound_from_steps": step_bound(outputs, args.max_batch),
+                      "decode_under_load": {"steps": meter.steps, "seconds": meter.seconds,
+                                            "bytes_needed": meter.bytes, "read_bandwidth_Bps": bandwidth,
+                                            "roofline_share": meter.bytes / meter.seconds / bandwidth}}, indent=1))
+
+
 def static_batches(model, prompts, outputs, batch):
     import internlm_jax as ij
 
@@ -145,7 +253,20 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved server/static passes; the best of each")
     ap.add_argument("--tokenizer", default=str(SHARED) if SHARED.is_file() else None)
+    ap.add_argument("--engine", action="store_true",
+                    help="the engine in this process, no server: e.g. --preset internlm2_5-7b on a lent GPU")
+    ap.add_argument("--preset", help="with --engine: a released shape (random weights) instead of --hidden/--layers")
+    ap.add_argument("--dtype", default="float32", help="with --engine: parameter and cache dtype")
     args = ap.parse_args()
+    if args.engine:
+        import internlm_jax as ij
+
+        cfg = ij.InternLM2Config.preset(args.preset) if args.preset else ij.InternLM2Config(
+            vocab_size=92544, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+            num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096)
+        prompts, outputs = workload(args, cfg.vocab_size)
+        return engine_main(args, prompts, outputs, cfg)
     work = Path(tempfile.mkdtemp())
     folder = work / "bench"
     cfg = make_model(folder, args)
