@@ -63,7 +63,7 @@ def make_model(folder: Path, args):
         ij.Tokenizer.train(texts, tok_file, vocab_size=400)
     tok = ij.Tokenizer(tok_file)
     cfg = ij.InternLM2Config(vocab_size=tok.vocab_size, hidden_size=args.hidden,
-                             intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers,
+                             intermediate_size=args.hidden * 11 // 4, num_hidden_layers=args.layers or 4,
                              num_attention_heads=args.hidden // 64,
                              num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096)
     ij.InternLM2(cfg, seed=0).save_pretrained(folder, extra_files=[tok_file])
@@ -249,7 +249,7 @@ def main():
                     help="output length distribution between 16 and --max-output")
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, help="default 4; with --preset: fewer layers than the released shape")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved server/static passes; the best of each")
     ap.add_argument("--tokenizer", default=str(SHARED) if SHARED.is_file() else None)
@@ -263,8 +263,9 @@ def main():
 
         cfg = ij.InternLM2Config.preset(args.preset) if args.preset else ij.InternLM2Config(
             vocab_size=92544, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
-            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+            num_hidden_layers=args.layers or 4, num_attention_heads=args.hidden // 64,
             num_key_value_heads=max(1, args.hidden // 256), max_position_embeddings=4096)
+        cfg = cfg.replace(num_hidden_layers=args.layers) if args.preset and args.layers else cfg
         prompts, outputs = workload(args, cfg.vocab_size)
         return engine_main(args, prompts, outputs, cfg)
     work = Path(tempfile.mkdtemp())
