@@ -187,12 +187,12 @@ def _gpu_kernel(first_ref, last_ref, q_ref, k_ref, v_ref, ok_ref, acc_ref, m_ref
         at = pl.ds(pl.multiple_of(i * block, block), block)
         k, v = k_ref[at, :], v_ref[at, :]
         ok = ok_ref[at] != 0
-        s = pl.dot(q, k, trans_b=True, allow_tf32=not exact) * scale  # [rows, block] float32
+        s = plgpu.dot(q, k, trans_b=True, allow_tf32=not exact) * scale  # [rows, block] float32
         s = jnp.where(ok[None, :], s, _FLOOR)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         p = jnp.where(ok[None, :], jnp.exp(s - m_new[:, None]), 0.0)
         corr = jnp.exp(m - m_new)
-        pv = pl.dot(p.astype(v.dtype), v, allow_tf32=not exact)
+        pv = plgpu.dot(p.astype(v.dtype), v, allow_tf32=not exact)
         return acc * corr[:, None] + pv, m_new, corr * l + jnp.sum(p, axis=1)
 
     rows, d = q.shape
