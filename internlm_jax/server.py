@@ -248,6 +248,9 @@ def create_app(engine: Engine, tok, model_name: str):
                 raise APIError(400, f"{which} has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
                                f"the context of {engine.max_len} tokens", param="max_tokens",
                                code="context_length_exceeded")
+            if req.min_tokens > room:  # without max_tokens the reply may fill the context, not more
+                raise APIError(400, f"{which} has {len(prompt)} tokens; min_tokens={req.min_tokens} exceeds the "
+                               f"{room} left in the context of {engine.max_len} tokens", param="min_tokens")
         if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
             raise APIError(400, f"min_tokens must be from 0 to max_tokens, got {req.min_tokens}", param="min_tokens")
         for name in ("presence_penalty", "frequency_penalty"):

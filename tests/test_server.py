@@ -314,6 +314,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
         ({**ok, "top_p": 0}, False, 400, None, "top_p"),
         ({**ok, "min_tokens": 5}, False, 400, "min_tokens", "from 0 to max_tokens"),
+        ({"model": "tiny-chat", "messages": ok["messages"], "min_tokens": 1000}, False, 400, "min_tokens",
+         "left in the context"),
         ({**ok, "ignore_eos": "yes"}, False, 400, "ignore_eos", "boolean"),
     ]
     for body, raw, status, param, words in cases:
