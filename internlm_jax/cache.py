@@ -112,9 +112,9 @@ def read_row(buf: jax.Array, row, span: int, mesh=None) -> jax.Array:
     index, and a masked sum over the ``n`` shards all-reduces one row. (Exact: the other shards' rows
     are selected away, not multiplied by zero.)"""
     buf = buf[:, :, :span]
-    split = () if mesh is None else sharding(buf.shape, mesh).spec[:1]
-    shards = math.prod(mesh.shape[a] for a in ((split[0],) if isinstance(split[0], str) else split[0])) \
-        if split and split[0] is not None else 1
+    spec = () if mesh is None else sharding(buf.shape, mesh).spec
+    batch_axes = (spec[0] if spec else None) or ()  # the mesh axes splitting the batch dim
+    shards = math.prod(mesh.shape[a] for a in ((batch_axes,) if isinstance(batch_axes, str) else batch_axes))
     if shards == 1:
         return jax.lax.dynamic_index_in_dim(buf, row, 0, keepdims=False)
     local = buf.shape[0] // shards

@@ -373,7 +373,9 @@ class Generator:
         tok = jnp.where(ds.done, pad, tok)
         scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
-        stopped = jnp.isin(tok, stops) if ds.rows is None else jnp.isin(tok, stops) & ~ds.rows.ignore_stop
+        stopped = jnp.isin(tok, stops)
+        if ds.rows is not None:  # ignore_eos rows go on past the stop ids
+            stopped &= ~ds.rows.ignore_stop
         done = ds.done | stopped
         # per-row scatters vmapped (the batch a batching dim): local to each device where the batch is split
         seen = jax.vmap(lambda s, t: s.at[t].set(True))(ds.seen, tok)

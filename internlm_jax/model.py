@@ -643,11 +643,11 @@ class InternLM2(nnx.Module):
             if buf.ndim == 3:  # [B * nKV, T, D]
                 rows = row * nkv + jnp.arange(nkv)
                 buf = buf.at[rows[:, None], cols[None, :]].set(new.transpose(1, 0, 2), mode="drop")
-                mine = jax.lax.dynamic_slice_in_dim(buf, row * nkv, nkv, axis=0)  # [nKV, T, D]
+                mine = jax.lax.dynamic_slice_in_dim(buf, row * nkv, nkv, axis=0)[:, :span]  # [nKV, span, D]
             else:  # [B, nKV, T, D]
                 buf = buf.at[row, :, cols].set(new, mode="drop")  # local to the row's device
-                return buf, read_row(buf, row, span, mesh)[None]
-            return buf, mine[None, :, :span]
+                mine = read_row(buf, row, span, mesh)
+            return buf, mine[None]
 
         x = self.embed(tokens[None])
         cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
