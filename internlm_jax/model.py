@@ -98,10 +98,24 @@ def _project(x: jax.Array, w: jax.Array, mesh: Mesh | None, out_dtype=None) -> j
     return out.reshape(b, s, *w.shape[1:])
 
 
+# Up to this many rows, packed matmuls run as ``w_t @ rows.T`` (see _project_t).
+FEW_ROWS = 64
+
+
 def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
-    """``x [B, S, K]`` times an output-major weight ``w_t [N, K]`` -> ``[B, S, N]`` (the packed decode form)."""
+    """``x [B, S, K]`` times an output-major weight ``w_t [N, K]`` -> ``[B, S, N]`` (the packed decode form).
+
+    For 2..FEW_ROWS rows (batched decode) the weight is the left operand and the small ``[N, rows]``
+    result is transposed after: XLA:CPU's GEMM then streams the weight 1.5-1.8x faster than with the
+    rows on the left (BENCHMARKS.md, "Engine on CPU"). The barrier keeps XLA from folding the transpose
+    back into the dot, which would restore the slow form."""
     b, s, k = x.shape
-    out = jax.lax.dot_general(x.reshape(b * s, k), w_t, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+    rows = x.reshape(b * s, k)
+    contract = (((1,), (1,)), ((), ()))
+    if 1 < b * s <= FEW_ROWS:
+        out = jax.lax.optimization_barrier(jax.lax.dot_general(w_t, rows, contract, preferred_element_type=out_dtype)).T
+    else:
+        out = jax.lax.dot_general(rows, w_t, contract, preferred_element_type=out_dtype)
     return out.reshape(b, s, -1)
 
 
