@@ -251,36 +251,23 @@ def test_on_a_mesh_with_a_sequence_axis(model):
     assert moved and not [shape for shape in moved if any(n > 128 for n in shape)], moved
 
 
-def penalized_greedy(model, prompt, n, presence, frequency, stop=STOP):
-    """Greedy tokens with OpenAI's presence/frequency penalties, one plain forward of the whole sequence
-    per token and the penalty written out in float64 (the generated tokens only are counted)."""
+def reference_greedy(model, prompt, n, stop=STOP, *, presence=0.0, frequency=0.0, banned=(), until=0):
+    """Greedy tokens, one plain forward of the whole sequence per token, in float64: OpenAI's presence and
+    frequency penalties over the generated tokens, and the ``banned`` ids' logits at -inf while fewer than
+    ``until`` tokens were made (vLLM's min_tokens); stops before a ``stop`` id."""
     ids, out, counts = list(prompt), [], np.zeros(CFG.vocab_size)
     width = len(prompt) + n  # right-padded to one shape (one compile); causal: the padding is not seen
     for _ in range(n):
         logits = np.asarray(model(np.asarray([ids + [0] * (width - len(ids))], np.int32))[0, len(ids) - 1],
                             np.float64)
-        t = int(np.argmax(logits - frequency * counts - presence * (counts > 0)))
-        if t in stop:
-            break
-        out.append(t)
-        counts[t] += 1
-        ids.append(t)
-    return out
-
-
-def masked_greedy(model, prompt, n, stop, banned=(), until=0):
-    """Greedy tokens, one plain forward of the whole sequence per token, with the ``banned`` ids' logits
-    at -inf while fewer than ``until`` tokens were made (vLLM's min_tokens); stops before a ``stop`` id."""
-    ids, out = list(prompt), []
-    width = len(prompt) + n
-    for _ in range(n):
-        logits = np.array(model(np.asarray([ids + [0] * (width - len(ids))], np.int32))[0, len(ids) - 1])
+        logits = logits - frequency * counts - presence * (counts > 0)
         if len(out) < until:
             logits[list(banned)] = -np.inf
         t = int(np.argmax(logits))
         if t in stop:
             break
         out.append(t)
+        counts[t] += 1
         ids.append(t)
     return out
 
@@ -290,16 +277,17 @@ def test_min_tokens_and_ignore_eos(model):
     tokens; ignore_eos lets the engine's stop ids through as ordinary tokens. Rows with and without
     them share the batch; each equals a step-by-step reference."""
     prompts, _ = prompts_and_lengths(2)
-    free = [masked_greedy(model, p, 24, stop=()) for p in prompts[:4]]
+    free = [reference_greedy(model, p, 24, stop=()) for p in prompts[:4]]
     # a stop id each unrestricted reply meets early (its 3rd token), so that both settings change the tokens
     early = [f[2] for f in free]
     engine = Engine(model, max_batch=3, max_len=400, prefill_chunk=64, stop_ids=(early[0],))
-    cases = [(0, dict(min_tokens=10), masked_greedy(model, prompts[0], 24, (early[0],), (early[0],), 10)),
+    cases = [(0, dict(min_tokens=10),
+              reference_greedy(model, prompts[0], 24, (early[0],), banned=(early[0],), until=10)),
              (1, dict(min_tokens=6, stop_ids=[early[1]]),
-              masked_greedy(model, prompts[1], 24, (early[0], early[1]), (early[0], early[1]), 6)),
+              reference_greedy(model, prompts[1], 24, (early[0], early[1]), banned=(early[0], early[1]), until=6)),
              (0, dict(ignore_eos=True), free[0]),
-             (2, dict(ignore_eos=True, stop_ids=[early[2]]), masked_greedy(model, prompts[2], 24, (early[2],))),
-             (3, {}, masked_greedy(model, prompts[3], 24, (early[0],)))]
+             (2, dict(ignore_eos=True, stop_ids=[early[2]]), reference_greedy(model, prompts[2], 24, (early[2],))),
+             (3, {}, reference_greedy(model, prompts[3], 24, (early[0],)))]
     assert all(want != free[i] for i, _, want in cases[:2]) and len(cases[0][2]) > 10
     requests = [engine.submit(prompts[i], max_tokens=24, **kw) for i, kw, _ in cases]
     engine.run_until_done()
@@ -316,7 +304,7 @@ def test_presence_and_frequency_penalties_follow_the_reference(model):
     request) equal a step-by-step reference; the penalties change the tokens, so the check can fail."""
     prompts, _ = prompts_and_lengths(3)
     settings = [(0.0, 1.5), (1.0, 0.0), (0.5, 0.7), (0.0, 0.0), (-0.5, 0.3), (0.0, 1.5)]
-    want = [penalized_greedy(model, p, 16, pr, fr) for p, (pr, fr) in zip(prompts, settings)]
+    want = [reference_greedy(model, p, 16, presence=pr, frequency=fr) for p, (pr, fr) in zip(prompts, settings)]
     assert any(w != alone(model, p, 16) for w, p in zip(want, prompts))
     for (pr, fr), group in ((settings[0], [0, 5]), (settings[2], [2])):  # one setting per generate call
         got = ij.generate_ids(model, [prompts[i] for i in group], max_new_tokens=16, presence_penalty=pr,
