@@ -185,7 +185,12 @@ class InternLM2Config:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}")
+            hint = ""
+            name = str(path).split("/")[-1].lower()  # "internlm/internlm2_5-7b-chat" as on the HF hub
+            if not path.exists() and name in PRESETS:  # a released model's name, not a local folder
+                hint = (f"; {str(path)!r} names a released model: download its HF folder (nothing is fetched "
+                        f"from the network) or use InternLM2Config.preset({name!r}) for its shape")
+            raise FileNotFoundError(f"no config.json at {file}{hint}")
         try:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as e:

@@ -139,6 +139,16 @@ def test_missing_and_broken_files(tmp_path):
         InternLM2Config.from_pretrained(tmp_path)
 
 
+def test_a_released_name_is_not_fetched(tmp_path, monkeypatch):
+    """A hub name where a folder is expected says so and points to the preset, instead of a bare 'no file'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"names a released model.*preset\('internlm2_5-7b-chat-1m'\)"):
+        InternLM2Config.from_pretrained("internlm/internlm2_5-7b-chat-1m")
+    with pytest.raises(FileNotFoundError) as missing:
+        InternLM2Config.from_pretrained("no-such-model")
+    assert "released" not in str(missing.value)
+
+
 def test_replace_and_preset_errors():
     cfg = InternLM2Config.preset("internlm2_5-20b-chat")
     small = cfg.replace(num_hidden_layers=2)
