@@ -108,11 +108,19 @@ def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
     For 2..FEW_ROWS rows (batched decode) the weight is the left operand and the small ``[N, rows]``
     result is transposed after: XLA:CPU's GEMM then streams the weight 1.5-1.8x faster than with the
     rows on the left (BENCHMARKS.md, "Engine on CPU"). The barrier keeps XLA from folding the transpose
-    back into the dot, which would restore the slow form."""
+    back into the dot, which would restore the slow form.
+
+    One row with 16-bit weights is a float32 multiply-and-sum over the weight as stored: XLA:CPU has no
+    16-bit dot, and inside the decode loop it hoists a float32 copy of every weight out of the loop, so
+    each step streamed twice the bytes. The barrier keeps the conversion inside the step's fusion."""
     b, s, k = x.shape
     rows = x.reshape(b * s, k)
     contract = (((1,), (1,)), ((), ()))
-    if 1 < b * s <= FEW_ROWS:
+    if b * s == 1 and jnp.dtype(w_t.dtype).itemsize < 4:
+        w_t, rows = jax.lax.optimization_barrier((w_t, rows))
+        out = jnp.sum(w_t.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)[None]
+        out = out.astype(out_dtype or jnp.result_type(x.dtype, w_t.dtype))
+    elif 1 < b * s <= FEW_ROWS:
         out = jax.lax.optimization_barrier(jax.lax.dot_general(w_t, rows, contract, preferred_element_type=out_dtype)).T
     else:
         out = jax.lax.dot_general(rows, w_t, contract, preferred_element_type=out_dtype)
