@@ -363,9 +363,17 @@ class InternLM2(nnx.Module):
         return self.forward(input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                             output_hidden_states=output_hidden_states)
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.tok_embeddings[...], input_ids, axis=0).astype(self.dtype)
-        return constrain(x, ("batch", "seq", "act_embed"), self.mesh)
+    def embed(self, input_ids: jax.Array, differentiable: bool = True) -> jax.Array:
+        """Embedding rows for ``input_ids``. The inference paths pass ``differentiable=False``: a 16-bit
+        table is then gathered as integers, because for a float gather XLA:CPU converts the whole table
+        to float32 first (a vocab x hidden float32 temporary on every call)."""
+        table = self.tok_embeddings[...]
+        if differentiable or jnp.dtype(table.dtype).itemsize != 2:
+            x = jnp.take(table, input_ids, axis=0)
+        else:  # out-of-range ids read 0xFFFF, a NaN, as the float gather's fill
+            bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
+            x = jax.lax.bitcast_convert_type(bits, table.dtype)
+        return constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"), self.mesh)
 
     def head_weight(self) -> jax.Array:
         """The output layer's weight ``[H, V]`` (the embedding's transpose when tied), as stored."""
@@ -565,7 +573,7 @@ class InternLM2(nnx.Module):
             return attention(q, k, v), (k, v)
 
         cos, sin = rope_tables(self.config, positions, self.dtype)  # max(positions) + 1 over all shards
-        x = self.embed(input_ids)
+        x = self.embed(input_ids, differentiable=False)
         if layers is None:
             x, _, (keys, values) = self.run_layers(x, cos, sin, attend)
             return x, keys, values
@@ -622,7 +630,7 @@ class InternLM2(nnx.Module):
                                      platform=jax.default_backend())[0].astype(q.dtype)
             return cached_attention(q, kc, vc, valid)
 
-        x = self.embed(tokens[:, None])
+        x = self.embed(tokens[:, None], differentiable=False)
         cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(self.unrolled_layers(layers)):
@@ -671,7 +679,7 @@ class InternLM2(nnx.Module):
                 mine = read_row(buf, row, span, mesh)
             return buf, mine[None]
 
-        x = self.embed(tokens[None])
+        x = self.embed(tokens[None], differentiable=False)
         cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(self.unrolled_layers(layers)):

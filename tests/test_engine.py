@@ -372,6 +372,18 @@ def test_packed_one_row_decode_in_bfloat16_matches_the_dot_form():
     assert _rel(logits["packed"], logits["per_layer"]) < 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_inference_embedding_gather_equals_the_differentiable_one(dtype):
+    """The inference paths gather a 16-bit table as integers: the same rows bit for bit, NaN past the
+    vocabulary as the float gather gives."""
+    model = ij.InternLM2(CFG, seed=6, dtype=dtype, param_dtype=dtype)
+    ids = jnp.asarray([[0, 5, CFG.vocab_size - 1, CFG.vocab_size + 3]])
+    plain, bits = model.embed(ids), model.embed(ids, differentiable=False)
+    assert plain.dtype == bits.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(bits, np.float32))
+    assert np.isnan(np.asarray(bits[0, 3], np.float32)).all() and np.isfinite(np.asarray(bits[0, :3], np.float32)).all()
+
+
 def test_packed_decode_weights_need_a_model_without_a_mesh():
     mesh = ij.make_mesh(fsdp=2, devices=jax.devices()[:2])
     model = ij.InternLM2(CFG, mesh=mesh, seed=0).configure(decode_weights="packed")
