@@ -110,15 +110,19 @@ def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
     rows on the left (BENCHMARKS.md, "Engine on CPU"). The barrier keeps XLA from folding the transpose
     back into the dot, which would restore the slow form.
 
-    One row with 16-bit weights is a float32 multiply-and-sum over the weight as stored: XLA:CPU has no
-    16-bit dot, and inside the decode loop it hoists a float32 copy of every weight out of the loop, so
-    each step streamed twice the bytes. The barrier keeps the conversion inside the step's fusion."""
+    Up to FEW_ROWS rows with 16-bit weights are a float32 multiply-and-sum over the weight as stored:
+    XLA:CPU has no 16-bit dot, and for one it hoisted a float32 copy of every weight out of the decode
+    loop (twice the model's bytes in temporaries, and twice the bytes streamed per step). The barrier
+    keeps the conversion inside the step's fusion."""
     b, s, k = x.shape
     rows = x.reshape(b * s, k)
     contract = (((1,), (1,)), ((), ()))
-    if b * s == 1 and jnp.dtype(w_t.dtype).itemsize < 4:
+    if b * s <= FEW_ROWS and jnp.dtype(w_t.dtype).itemsize < 4:
         w_t, rows = jax.lax.optimization_barrier((w_t, rows))
-        out = jnp.sum(w_t.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)[None]
+        if b * s == 1:
+            out = jnp.sum(w_t.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)[None]
+        else:  # [N, rows, K] -> [N, rows]: each weight row is read once, for all the rows
+            out = jnp.sum(w_t.astype(jnp.float32)[:, None, :] * rows.astype(jnp.float32)[None], axis=-1).T
         out = out.astype(out_dtype or jnp.result_type(x.dtype, w_t.dtype))
     elif 1 < b * s <= FEW_ROWS:
         out = jax.lax.optimization_barrier(jax.lax.dot_general(w_t, rows, contract, preferred_element_type=out_dtype)).T
@@ -370,7 +374,9 @@ class InternLM2(nnx.Module):
         table = self.tok_embeddings[...]
         if differentiable or jnp.dtype(table.dtype).itemsize != 2:
             x = jnp.take(table, input_ids, axis=0)
-        else:  # out-of-range ids read 0xFFFF, a NaN, as the float gather's fill
+        else:  # out-of-range ids read 0xFFFF, a NaN, as the float gather's fill; the barrier (with the
+            # ids, which change every step) keeps XLA from hoisting an integer copy of the table out of a loop
+            table, input_ids = jax.lax.optimization_barrier((table, input_ids))
             bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
             x = jax.lax.bitcast_convert_type(bits, table.dtype)
         return constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"), self.mesh)

@@ -355,21 +355,22 @@ def test_every_decode_weight_form_gives_the_same_logits(bias, tied):
         assert tokens[form] == tokens["sliced"], form
 
 
-def test_packed_one_row_decode_in_bfloat16_matches_the_dot_form():
-    """One row with bfloat16 weights takes the packed form's float32 multiply-and-sum instead of a dot:
-    its decode logits stay within bfloat16 rounding of the per-layer (dot) form's, over several steps."""
+@pytest.mark.parametrize("prompts", [[[3, 4, 5, 6, 9]], [[3, 4, 5, 6, 9], [7, 8], [11] * 4]])
+def test_packed_decode_in_bfloat16_matches_the_dot_form(prompts):
+    """Few rows with bfloat16 weights take the packed form's float32 multiply-and-sum instead of a dot:
+    the decode logits stay within bfloat16 rounding of the per-layer (dot) form's, over several steps."""
     model = ij.InternLM2(CFG, seed=5, dtype="bfloat16", param_dtype="bfloat16")
     logits = {}
     for form in ("packed", "per_layer"):
         gen = generator_for(model.configure(decode_weights=form))
-        ds, base = gen.start(gen.prepare([[3, 4, 5, 6, 9]]), max_new_tokens=5)
+        ds, base = gen.start(gen.prepare(prompts), max_new_tokens=5)
         seen = []
         for _ in range(4):
             ds, *_ = gen.step(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=())
             assert ds.logits.dtype == jnp.float32
             seen.append(np.asarray(ds.logits))
         logits[form] = np.stack(seen)
-    assert _rel(logits["packed"], logits["per_layer"]) < 1e-3
+    assert _rel(logits["packed"], logits["per_layer"]) < 1e-2  # bfloat16 activations: eps 7.8e-3
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
