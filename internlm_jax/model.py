@@ -46,6 +46,7 @@ from .attention import (
     dense_attention,
     fused_attention,
     head_major_attention,
+    platform_of,
     prefill_plan,
     visible_mask,
 )
@@ -368,11 +369,11 @@ class InternLM2(nnx.Module):
                             output_hidden_states=output_hidden_states)
 
     def embed(self, input_ids: jax.Array, differentiable: bool = True) -> jax.Array:
-        """Embedding rows for ``input_ids``. The inference paths pass ``differentiable=False``: a 16-bit
-        table is then gathered as integers, because for a float gather XLA:CPU converts the whole table
-        to float32 first (a vocab x hidden float32 temporary on every call)."""
+        """Embedding rows for ``input_ids``. The inference paths pass ``differentiable=False``: on CPU a
+        16-bit table is then gathered as integers, because for a float gather XLA:CPU converts the whole
+        table to float32 first (a vocab x hidden float32 temporary on every call)."""
         table = self.tok_embeddings[...]
-        if differentiable or jnp.dtype(table.dtype).itemsize != 2:
+        if differentiable or jnp.dtype(table.dtype).itemsize != 2 or platform_of(self.mesh) != "cpu":
             x = jnp.take(table, input_ids, axis=0)
         else:  # out-of-range ids read 0xFFFF, a NaN, as the float gather's fill; the barrier (with the
             # ids, which change every step) keeps XLA from hoisting an integer copy of the table out of a loop
