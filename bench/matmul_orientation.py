@@ -11,11 +11,11 @@ from folding the transpose back into the dot). This times both on the matrices o
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from generate import best  # bench/ is on sys.path when this script runs
 
 CONTRACT = (((1,), (1,)), ((), ()))
 # name -> (N, K) of the packed decode form at hidden 1024, 16/4 heads of 64, MLP 2816, vocab 92544
@@ -32,13 +32,7 @@ def weight_left(rows, w_t):
 
 
 def best_seconds(fn, *args, repeats=7):
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    return best(lambda: fn(*args).block_until_ready(), repeats)
 
 
 def main():

@@ -186,7 +186,7 @@ class InternLM2Config:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             hint = ""
-            name = str(path).split("/")[-1].lower()  # "internlm/internlm2_5-7b-chat" as on the HF hub
+            name = _preset_key(str(path))
             if not path.exists() and name in PRESETS:  # a released model's name, not a local folder
                 hint = (f"; {str(path)!r} names a released model: download its HF folder (nothing is fetched "
                         f"from the network) or use InternLM2Config.preset({name!r}) for its shape")
@@ -223,7 +223,7 @@ class InternLM2Config:
     @classmethod
     def preset(cls, name: str) -> "InternLM2Config":
         """The architecture of a released model, e.g. ``"internlm2_5-7b-chat"``."""
-        key = name.split("/")[-1].lower()
+        key = _preset_key(name)
         if key not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
         return cls(**PRESETS[key])
@@ -231,6 +231,11 @@ class InternLM2Config:
     @staticmethod
     def preset_names() -> list[str]:
         return sorted(PRESETS)
+
+
+def _preset_key(name: str) -> str:
+    """A released model's preset key from its name, e.g. "internlm/internlm2_5-7b-chat" as on the HF hub."""
+    return name.split("/")[-1].lower()
 
 
 def _parse_rope_scaling(value: Any) -> RopeScaling | None:
