@@ -62,7 +62,7 @@ def _call_text(call: Mapping, i: int) -> str:
     fn = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
         raise FormatError(f"messages[{i}].tool_calls: each call needs function.name")
-    args = fn.get("arguments", "{}")
+    args = fn.get("arguments") or "{}"  # OpenAI accepts "" for a call without arguments
     try:
         params = json.loads(args) if isinstance(args, str) else args
     except json.JSONDecodeError:
@@ -83,8 +83,9 @@ def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] |
             out.append({"role": "system", "content": _content(msg, i)})
         elif role == "user":
             out.append({"role": "user", "content": _content(msg, i)})
-        elif role == "assistant":
-            text = _content(msg, i) + "".join(_call_text(c, i) for c in msg.get("tool_calls") or ())
+        elif role == "assistant":  # tool_calls, or the older API's single function_call
+            calls = msg.get("tool_calls") or ([{"function": msg["function_call"]}] if msg.get("function_call") else [])
+            text = _content(msg, i) + "".join(_call_text(c, i) for c in calls)
             out.append({"role": "assistant", "content": text})
         elif role in ("tool", "function", "environment"):
             out.append({"role": "environment", "content": _content(msg, i), "name": "plugin"})
@@ -135,7 +136,26 @@ def chat_prompt(tok, messages: Sequence[Mapping], tools: Sequence[Mapping] | Non
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse stays text."""
+    """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse stays text.
+    With calls, the content is the text around them, stripped."""
+    content, calls = _split_calls(text)
+    return content.strip() if calls else content, calls
+
+
+def _arguments(params: Any) -> str:
+    """A call's ``parameters`` as OpenAI's ``arguments`` string: JSON text that the model wrote as a
+    string is passed on as it is, not encoded a second time."""
+    if isinstance(params, str):
+        try:
+            json.loads(params)
+            return params
+        except json.JSONDecodeError:
+            pass
+    return json.dumps(params, ensure_ascii=False)
+
+
+def _split_calls(text: str) -> tuple[str, list[dict]]:
+    """(the text outside the calls, unstripped; the calls)."""
     content, calls, rest = [], [], text
     while CALL_START in rest:
         before, _, after = rest.partition(CALL_START)
@@ -149,9 +169,9 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
             continue
         content.append(before)
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": name, "arguments": json.dumps(params, ensure_ascii=False)}})
+                      "function": {"name": name, "arguments": _arguments(params)}})
     content.append(rest)
-    return "".join(content).strip() if calls else "".join(content), calls
+    return "".join(content), calls
 
 
 class TextStream:
@@ -207,9 +227,10 @@ class TextStream:
     def finish(self) -> tuple[str, list[dict]]:
         """The rest of the content (not yet returned by push) and the tool calls, once generation ended."""
         if self.in_call:
-            content, calls = parse_tool_calls(self.text)
-            if calls:
-                return self.text[self.sent:self.call_at], calls
+            content, calls = _split_calls(self.text)
+            if calls:  # the content around the calls, less what push returned (all before the first call)
+                rest = content[min(self.sent, self.call_at):]
+                return (rest.rstrip() if self.sent > len(self.forced) else rest.strip()), calls
         return self.text[self.sent:], []  # a forced start was never to be sent: sent starts past it
 
     def reply(self) -> tuple[str, list[dict]]:

@@ -190,11 +190,20 @@ def cmd_chat(args) -> None:
         messages.append(reply)
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF or Orbax checkpoint folder")
     p.add_argument("--tokenizer", help="tokenizer.model or folder (default: the model folder)")
     p.add_argument("--dtype", default=None,
                    help="float32, bfloat16 or float16 (default: float32 for HF, saved for Orbax)")
+    p.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    add_mesh_args(p)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The model flags and the sampling flags (serve takes the model flags only: each request brings its
+    own sampling parameters, with OpenAI's defaults)."""
+    _add_model_args(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -204,9 +213,6 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
-    p.add_argument("--devices", type=int, default=0, help="simulate N CPU devices (0 = use what is there)")
-    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
-    add_mesh_args(p)
 
 
 def _start_distributed(args) -> None:
@@ -347,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_args(gen)
     gen.set_defaults(func=cmd_generate)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)", parents=[common])
-    _add_generation_args(srv)
+    _add_model_args(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-batch", type=int, default=8, help="cache rows: requests decoded together")

@@ -62,7 +62,11 @@ HEARTBEAT_S = 1.0  # an idle multi-host leader sends an empty step this often
 
 
 class EngineError(ValueError):
-    """A request the engine cannot take (the message names the parameter)."""
+    """A request the engine cannot take; the message names the parameter, ``param`` is its name."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(RuntimeError):
@@ -200,32 +204,36 @@ class Engine:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
         if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
-            raise EngineError("the prompt must be a list of token ids")
+            raise EngineError("the prompt must be a list of token ids", "prompt")
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise EngineError("the prompt is empty")
+            raise EngineError("the prompt is empty", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
+                              "prompt")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-            raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
         if len(prompt) + max_tokens > self.max_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
-                              f"context of {self.max_len} tokens")
+                              f"context of {self.max_len} tokens", "max_tokens")
         try:
             sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty,
                                       frequency_penalty)
-        except ValueError as e:
-            raise EngineError(str(e)) from None
+        except ValueError as e:  # its message starts with the parameter's name
+            raise EngineError(str(e), str(e).split()[0]) from None
+        if sampling.top_k > self.config.vocab_size:  # keeps every token, as top_k = vocab does (and fits int32)
+            sampling = dataclasses.replace(sampling, top_k=self.config.vocab_size)
         if not isinstance(seed, int) or isinstance(seed, bool):
-            raise EngineError(f"seed must be an integer, got {seed!r}")
+            raise EngineError(f"seed must be an integer, got {seed!r}", "seed")
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
-                raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}")
+                raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}", name)
         if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not 0 <= min_tokens <= max_tokens:
-            raise EngineError(f"min_tokens must be an integer from 0 to max_tokens ({max_tokens}), got {min_tokens!r}")
+            raise EngineError(f"min_tokens must be an integer from 0 to max_tokens ({max_tokens}), got {min_tokens!r}",
+                              "min_tokens")
         if not isinstance(ignore_eos, bool):
-            raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}")
+            raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
         return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs,
                        prompt_logprobs, min_tokens, ignore_eos)
 

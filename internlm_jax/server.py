@@ -4,18 +4,21 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (one prompt or a batch: text or token ids),
 ``POST /v1/chat/completions`` (``stream: true`` gives server-sent events in OpenAI's chunk format,
-ending with ``data: [DONE]``), ``GET /health``. Parameters: ``max_tokens`` (or
-``max_completion_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
-``presence_penalty``, ``frequency_penalty``, ``stop`` (strings, and token ids in ``stop_token_ids`` or
-in ``stop``), ``seed``, ``min_tokens`` and ``ignore_eos`` (vLLM's: no stop id before ``min_tokens``
-tokens; the end-of-text ids as ordinary tokens), ``tools`` (with ``tool_choice``), ``n`` (that many
-independent continuations, seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with
-``top_logprobs``; completions: the number of alternatives), ``echo`` (completions: the prompt's
-text first, and with ``logprobs`` its tokens' logprobs). Every response carries ``usage`` (streams:
-in the last chunk, or with ``stream_options.include_usage`` in a final chunk of its own, as OpenAI
-does).
-Bad requests get a 4xx with OpenAI's error object naming the parameter; a full queue answers 429; a
-client that disconnects frees its slot; SIGTERM stops accepting, lets running requests finish, exits.
+ending with ``data: [DONE]``), ``GET /v1/models/{id}``, ``GET /health``. Parameters, with OpenAI's
+defaults (``null`` means the default): ``max_tokens`` (or ``max_completion_tokens``; without it a chat
+reply may fill the context and a completion gets 16 tokens), ``temperature``, ``top_p``, ``top_k``,
+``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``stop`` (strings, and token ids in
+``stop_token_ids`` or in ``stop``), ``seed``, ``min_tokens`` and ``ignore_eos`` (vLLM's: no stop id
+before ``min_tokens`` tokens; the end-of-text ids as ordinary tokens), ``tools`` (with ``tool_choice``),
+``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with
+``top_logprobs``; completions: the number of alternatives), ``echo`` (completions: the prompt's text
+first, and with ``logprobs`` its tokens' logprobs). Every response carries ``usage`` (streams: in the
+last chunk, or with ``stream_options.include_usage`` in a final chunk of its own, as OpenAI does).
+
+A reply ends with the token that completes a stop string: ``usage`` and logprobs count no further. Bad
+requests (and unknown paths) get a 4xx with OpenAI's error object naming the parameter; a full queue
+answers 429; a client that disconnects frees its slot; SIGTERM stops accepting, lets running requests
+finish, exits.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 import uuid
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from .chat_format import FormatError, TextStream, chat_prompt, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
@@ -55,6 +58,12 @@ class _Request(BaseModel):
     n: StrictInt = 1
     stream: StrictBool = False
     stream_options: dict | None = None
+
+    @field_validator("n", "stream", "min_tokens", "ignore_eos", "logprobs", "echo", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, value, info):
+        """``null`` means the default, as in OpenAI's API (clients send ``"n": null`` for an unset n)."""
+        return cls.model_fields[info.field_name].default if value is None else value
 
 
 class CompletionRequest(_Request):
@@ -174,6 +183,7 @@ def create_app(engine: Engine, tok, model_name: str):
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -190,6 +200,17 @@ def create_app(engine: Engine, tok, model_name: str):
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = f"{request.method} {request.url.path} is not an endpoint of this server"
+        elif e.status_code == 405:
+            message = f"{request.url.path} does not take {request.method}"
+        else:
+            message = str(e.detail)
+        return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
@@ -209,10 +230,19 @@ def create_app(engine: Engine, tok, model_name: str):
         return {"status": "ok", "running": running, "waiting": len(engine.waiting), "max_batch": engine.max_batch,
                 "counts": dict(engine.stats)}  # requests finished (by reason), tokens, steps since start
 
+    card = {"id": model_name, "object": "model", "created": 0, "owned_by": "internlm-jax",
+            "max_model_len": engine.max_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "internlm-jax", "max_model_len": engine.max_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model_card(name: str):
+        if name != model_name:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}", param="model",
+                           code="model_not_found")
+        return card
 
     def check_model(req: _Request):
         if req.model != model_name:
@@ -305,8 +335,10 @@ def create_app(engine: Engine, tok, model_name: str):
             for p, prompt in enumerate(prompts):
                 for j in range(req.n):
                     i = len(choices)
+                    room = engine.max_len - len(prompt)  # without max_tokens: chat to the context's end,
+                    # completions 16 tokens (the defaults of OpenAI's two APIs)
                     params = {**kw, "seed": kw["seed"] + j,
-                              "max_tokens": kw["max_tokens"] or engine.max_len - len(prompt)}
+                              "max_tokens": kw["max_tokens"] or (room if chat else min(16, room))}
                     handle = engine.submit(prompt, on_update=on_update(i), **params)
                     choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
                                           0 if scores_only(req) else None, forced))
@@ -315,7 +347,7 @@ def create_app(engine: Engine, tok, model_name: str):
                 c.handle.cancel()
             if isinstance(e, QueueFull):
                 raise APIError(429, f"the server is busy: {e}", kind="rate_limit_error", code="queue_full") from None
-            raise APIError(400, str(e)) from None
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
 
@@ -329,14 +361,20 @@ def create_app(engine: Engine, tok, model_name: str):
                     c = choices[index]
                     if c.keep is not None:
                         new = new[:max(0, c.keep - c.shown)]
-                    c.shown += len(new)
-                    delta = "".join(c.text.push(p) for p in map(c.decoder.push, new) if p)
+                    delta, used = "", 0
+                    for token in new:  # up to the token that completes a stop string: the reply ends there
+                        if c.text.stopped:
+                            break
+                        used += 1
+                        piece = c.decoder.push(token)
+                        delta += c.text.push(piece) if piece else ""
+                    c.shown += used
                     if finished:
                         delta += c.text.push(c.decoder.flush())
                         running -= 1
                     if c.text.stopped and not c.handle.finished.is_set():
                         c.handle.cancel()
-                    yield c, delta, len(new), finished
+                    yield c, delta, used, finished
             finally:
                 for c in choices:
                     c.handle.cancel()  # a no-op once finished; frees the slots when the client went away
@@ -365,7 +403,7 @@ def create_app(engine: Engine, tok, model_name: str):
                 logprobs = c.logprobs(c.shown, chat)
                 if chat:
                     content, calls = c.text.reply()
-                    message = {"role": "assistant", "content": content}
+                    message = {"role": "assistant", "content": content or (None if calls else "")}
                     if calls:
                         message["tool_calls"], reason = calls, "tool_calls"
                     body.append(choice(c, message=message, reason=reason, logprobs=logprobs))

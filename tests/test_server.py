@@ -138,6 +138,17 @@ def test_sampling_parameters_seed_and_stop(tiny):
     streamed = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=16, temperature=0,
                                          stop=stop, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == text[:text.index(stop)]
+    # the reply ends with the token that completes the stop string: usage and logprobs count no further
+    greedy_ids = ij.generate_ids(model, [tok.encode("The river")], max_new_tokens=16)[0]
+    upto = next(k for k in range(1, 17) if stop in tok.decode(greedy_ids[:k]))
+    scored = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=16, temperature=0,
+                                       stop=[stop], logprobs=1)
+    assert scored.usage.completion_tokens == upto and len(scored.choices[0].logprobs.tokens) == upto
+    streamed = list(client.completions.create(model="tiny-chat", prompt="The river", max_tokens=16, temperature=0,
+                                              stop=stop, logprobs=1, stream=True,
+                                              stream_options={"include_usage": True}))
+    assert streamed[-1].usage.completion_tokens == upto
+    assert sum(len(c.choices[0].logprobs.tokens) for c in streamed if c.choices and c.choices[0].logprobs) == upto
     ids = ij.generate_ids(model, [tok.encode("The river")], max_new_tokens=8)[0]
     by_id = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=8, temperature=0,
                                       extra_body={"stop_token_ids": [ids[4]]})
@@ -444,6 +455,38 @@ def test_sigterm_lets_running_requests_finish_then_exits(tmp_path, tiny):
         second.stop()
 
 
+def test_openai_defaults_nulls_and_other_paths(tiny):
+    """What OpenAI's API does where a request leaves things out: completions default to 16 tokens, null
+    means the default, an unknown path or method gets an error object, a model can be retrieved; a
+    top_k past the vocabulary keeps every token (and does not break the engine)."""
+    server, model, tok = tiny
+    client = server.client()
+    out = client.completions.create(model="tiny-chat", prompt="The river", temperature=0)
+    assert out.choices[0].text == greedy(model, tok, "The river", 16) and out.usage.completion_tokens <= 16
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+    nulls = post(server, "/v1/chat/completions", {**chat, "n": None, "stream": None, "logprobs": None,
+                                                   "top_logprobs": None, "stop": None, "seed": None})
+    assert nulls.status_code == 200 and nulls.json()["object"] == "chat.completion"
+    assert nulls.json()["choices"][0]["message"]["content"] == post(server, "/v1/chat/completions",
+                                                                    chat).json()["choices"][0]["message"]["content"]
+    r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "echo": None,
+                                         "logprobs": None, "n": None})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("POST", "/v1/models", 405)):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == status and path in r.json()["error"]["message"], r.text
+    assert client.models.retrieve("tiny-chat").id == "tiny-chat"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    sampled = dict(model="tiny-chat", prompt="The river", max_tokens=8, temperature=1.0, seed=3)
+    everything = client.completions.create(**sampled, extra_body={"top_k": 2**31})
+    assert everything.choices[0].text == client.completions.create(**sampled).choices[0].text
+    for field, value in (("temperature", -1), ("top_k", -2), ("repetition_penalty", 0), ("seed", 1.5)):
+        r = post(server, "/v1/chat/completions", {**chat, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 @pytest.fixture(scope="module")
 def tool_server(tmp_path_factory):
     """A model whose greedy answer to any chat prompt is ``REPLY`` then the tool call ``CALL``."""
@@ -522,7 +565,7 @@ def test_tool_choice_forces_a_call(forced_server):
     out = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice=named,
                                          max_tokens=40, temperature=0)
     calls = out.choices[0].message.tool_calls
-    assert out.choices[0].finish_reason == "tool_calls" and not out.choices[0].message.content
+    assert out.choices[0].finish_reason == "tool_calls" and out.choices[0].message.content is None  # as OpenAI's
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("get_weather", {"city": "Oslo"})]
     forced = tok.encode(forced_reply(named, TOOLS), add_bos=False)
     assert out.usage.prompt_tokens == len(prompt) + len(forced)
@@ -605,6 +648,14 @@ def test_tools_and_tool_results_are_rendered_in_the_plugin_format(tool_server):
                     '{"name": "get_weather", "parameters": {"days": 3}}<|action_end|><|im_end|>\n'
                     "<|im_start|>environment name=<|plugin|>\nsunny<|im_end|>\n"
                     "<|im_start|>assistant\n")
+    # the older API's function_call is the same call; empty arguments are no arguments
+    legacy = [*messages[:2], {"role": "assistant", "content": "One moment.", "function_call": call["function"]},
+              {"role": "function", "name": "get_weather", "content": "sunny"}]
+    assert tok.apply_chat_template(to_internlm_messages(legacy, TOOLS)) == text
+    bare = {"role": "assistant", "content": None,
+            "tool_calls": [{**call, "function": {"name": "now", "arguments": ""}}]}
+    assert to_internlm_messages([bare])[0]["content"] == \
+        '<|action_start|><|plugin|>\n{"name": "now", "parameters": {}}<|action_end|>'
 
 
 def test_the_incremental_text_stream_handles_markers_split_anywhere():
@@ -617,6 +668,14 @@ def test_the_incremental_text_stream_handles_markers_split_anywhere():
         rest, calls = stream.finish()
         assert sent + rest == REPLY and len(calls) == 1
         assert json.loads(calls[0]["function"]["arguments"]) == {"days": 3}
+    # text after a call is content too, streamed or not; parameters written as a JSON string pass as they are
+    after = "Sure" + "<|action_start|><|plugin|>\n" + '{"name": "f", "parameters": "{\\"x\\": 1}"}<|action_end|> then'
+    for size in (1, 3, 7):
+        stream = TextStream(tools=True)
+        sent = "".join(stream.push(after[i:i + size]) for i in range(0, len(after), size))
+        rest, calls = stream.finish()
+        assert sent + rest == stream.reply()[0] == "Sure then"
+        assert [c["function"]["arguments"] for c in calls] == ['{"x": 1}']
     stream = TextStream(stop=["moment"])
     assert "".join(stream.push(c) for c in "One moment.") == "One " and stream.stopped
     # a forced call start: no stop string is looked for in it, and nothing of it is content
