@@ -36,7 +36,8 @@ def _tokenizer_files(folder: Path) -> list[Path]:
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
                 progress: bool | None = None) -> Path:
-    """Convert an HF InternLM2 folder into an Orbax checkpoint folder (config and tokenizer copied).
+    """Convert an HF InternLM2 folder into an Orbax checkpoint folder (config, tokenizer and the *.py remote
+    code copied; the remote code travels with the config, see :mod:`internlm_jax.config`).
 
     ``dtype`` (float32, bfloat16, float16) defaults to the dtype of the source's embedding.
     """

@@ -7,7 +7,7 @@ Layout of a checkpoint folder::
     orbax/embed/                    an Orbax (StandardCheckpointer) item: {"tok_embeddings"}
     orbax/layer_00000/ ...          one item per decoder layer: that layer's row of every stacked param
     orbax/final/                    {"norm": {"weight"}, "output"}
-    tokenizer files, when given
+    tokenizer files, when given, and the *.py remote code of the source folder (InternLM2Config.save)
 
 One item per layer is what makes conversion stream: a layer is produced, saved and dropped before
 the next, so neither direction ever holds the model (a 20B model does not fit a 24 GB host).
@@ -97,7 +97,7 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
 
     checksums: dict[str, str] = {}
     names: list[str] = []
-    with atomic_directory(dst, overwrite=overwrite, needed_bytes=total_bytes) as tmp:
+    with atomic_directory(dst, overwrite=overwrite, needed_bytes=total_bytes) as tmp:  # absolute, as Orbax needs
         (tmp / "orbax").mkdir()
         ckptr = ocp.StandardCheckpointer()
         with progress_bar(total_bytes, "writing orbax", progress) as bar:
@@ -156,7 +156,7 @@ def iter_items(path: str | os.PathLike, targets: Callable[[str], dict] | None = 
     """Restore the items in order: numpy on the host, or into ``targets(name)`` (abstract, sharded)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     meta = read_metadata(path)
     ckptr = ocp.StandardCheckpointer()
     for name in meta["items"]:

@@ -7,7 +7,14 @@ released files are handled here and nowhere else:
 * a missing ``bias`` key means True (the class default);
 * ``rope_scaling`` is null, ``{"type": "linear"|"dynamic", "factor": f}``, or (as written by
   transformers 5) a dict without a type or with ``rope_type: "default"``, which means no scaling;
+* transformers 5 saves ``rope_parameters`` (``rope_type``, ``factor``, ``rope_theta``) and may drop
+  ``rope_scaling`` and the top-level ``rope_theta``: it is read where those are missing or null;
 * ``head_dim`` is never stored: it is ``hidden_size // num_attention_heads``.
+
+A config read from a checkpoint folder also holds that folder's ``*.py`` files (the remote code that
+its ``auto_map`` names: configuration_, modeling_, tokenization_internlm2*.py) and writes them next to
+every ``config.json`` it saves, so that HF and Orbax folders written from it (conversion in both
+directions, ``save_pretrained``, training checkpoints) load with ``trust_remote_code=True``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, bias=True, rope_theta=10000.0)
 MODEL_TYPE = "internlm2"
 ARCHITECTURE = "InternLM2ForCausalLM"
+NOT_IN_JSON = ("extra", "remote_code")  # fields that are not keys of config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +75,8 @@ class InternLM2Config:
     # Keys of config.json that the model does not use (auto_map, torch_dtype, ...), kept so that
     # writing the config back loses nothing.
     extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False, compare=False)
+    # (file name, bytes) of the source folder's *.py files, written back by save() (see the module docstring).
+    remote_code: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), hash=False, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -139,10 +149,7 @@ class InternLM2Config:
         if rs is not None:
             if not isinstance(rs, RopeScaling):
                 raise ValueError(f"config field 'rope_scaling' must be null or a dict, got {rs!r}")
-            if rs.type not in ROPE_TYPES:
-                raise ValueError(f"config field 'rope_scaling.type' must be one of {ROPE_TYPES}, got {rs.type!r}")
-            if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor >= 1.0:
-                raise ValueError(f"config field 'rope_scaling.factor' must be a number >= 1, got {rs.factor!r}")
+            _check_rope_scaling(rs, "rope_scaling")
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -156,7 +163,7 @@ class InternLM2Config:
             raise ValueError(
                 f"{source}: not an InternLM2 config (model_type={model_type!r}, architectures={archs!r}); "
                 f"expected model_type {MODEL_TYPE!r}")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        fields = {f.name for f in dataclasses.fields(cls)} - set(NOT_IN_JSON)
         kwargs: dict[str, Any] = {}
         extra = {}
         for key, value in data.items():
@@ -173,8 +180,16 @@ class InternLM2Config:
             if isinstance(kwargs.get(key), list):  # some configs list several ids; keep the first
                 extra[f"{key}_list"] = kwargs[key]
                 kwargs[key] = kwargs[key][0]
+        rope = data.get("rope_parameters")
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"{source}: config field 'rope_parameters' must be null or a dict, got {rope!r}")
+        if data.get("rope_theta") is None and rope and rope.get("rope_theta") is not None:
+            kwargs["rope_theta"] = rope["rope_theta"]
         try:
-            kwargs["rope_scaling"] = _parse_rope_scaling(data.get("rope_scaling"))
+            if data.get("rope_scaling") is None and rope is not None:
+                kwargs["rope_scaling"] = _parse_rope_scaling(rope, "rope_parameters")
+            else:
+                kwargs["rope_scaling"] = _parse_rope_scaling(data.get("rope_scaling"))
             return cls(**kwargs, extra=tuple(extra.items()))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
@@ -195,7 +210,10 @@ class InternLM2Config:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{file}: not valid JSON ({e})") from None
-        return cls.from_dict(data, source=str(file))
+        cfg = cls.from_dict(data, source=str(file))
+        if not path.is_dir():
+            return cfg
+        return cfg.replace(remote_code=tuple((f.name, f.read_bytes()) for f in sorted(path.glob("*.py"))))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` form (including the keys the model does not use)."""
@@ -207,7 +225,7 @@ class InternLM2Config:
                 extra[key] = listed
         out.update({k: v for k, v in extra.items() if k not in ("architectures", "model_type")})
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in NOT_IN_JSON:
                 continue
             value = getattr(self, f.name)
             if f.name in extra:
@@ -216,7 +234,10 @@ class InternLM2Config:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` into folder ``path`` (atomically); returns the file written."""
+        """Write ``config.json`` and the remote code files into folder ``path`` (each atomically);
+        returns the config file written."""
+        for name, code in self.remote_code:
+            atomic_write(Path(path) / name, code)
         return atomic_write(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     # ----------------------------------------------------------------------------------------
@@ -238,20 +259,29 @@ def _preset_key(name: str) -> str:
     return name.split("/")[-1].lower()
 
 
-def _parse_rope_scaling(value: Any) -> RopeScaling | None:
+def _parse_rope_scaling(value: Any, field: str = "rope_scaling") -> RopeScaling | None:
+    """``value`` of config field ``field`` (rope_scaling, or transformers 5's rope_parameters)."""
     if value is None or isinstance(value, RopeScaling):
         return value
     if not isinstance(value, dict):
-        raise ValueError(f"config field 'rope_scaling' must be null or a dict, got {value!r}")
+        raise ValueError(f"config field {field!r} must be null or a dict, got {value!r}")
     kind = value.get("type", value.get("rope_type"))
     if kind in (None, "default"):
         return None
     if "factor" not in value:
-        raise ValueError(f"config field 'rope_scaling' has type {kind!r} but no 'factor': {value!r}")
+        raise ValueError(f"config field {field!r} has type {kind!r} but no 'factor': {value!r}")
     factor = value["factor"]
     if isinstance(factor, int) and not isinstance(factor, bool):
         factor = float(factor)
-    return RopeScaling(type=kind, factor=factor)
+    return _check_rope_scaling(RopeScaling(type=kind, factor=factor), field)
+
+
+def _check_rope_scaling(rs: RopeScaling, field: str) -> RopeScaling:
+    if rs.type not in ROPE_TYPES:
+        raise ValueError(f"config field '{field}.type' must be one of {ROPE_TYPES}, got {rs.type!r}")
+    if isinstance(rs.factor, bool) or not isinstance(rs.factor, (int, float)) or not rs.factor >= 1.0:
+        raise ValueError(f"config field '{field}.factor' must be a number >= 1, got {rs.factor!r}")
+    return rs
 
 
 def _arch(h, i, layers, heads, max_pos, theta, scaling):

@@ -322,7 +322,10 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        cfg.replace(extra=dict(cfg.extra, torch_dtype=str(dtype))).save(tmp)
+        extra = dict(cfg.extra, torch_dtype=str(dtype))
+        if "dtype" in extra:  # transformers 5's name for torch_dtype
+            extra["dtype"] = str(dtype)
+        cfg.replace(extra=extra).save(tmp)
         for extra in extra_files:
             shutil.copy2(extra, tmp / Path(extra).name)
     return folder

@@ -3,14 +3,15 @@
 Why not ``torch.load``?  A ``.bin`` checkpoint is a pickle, and unpickling
 runs whatever callables the file names, so loading an untrusted checkpoint
 with plain ``pickle`` (or old ``torch.load``) is arbitrary code execution.
-This module parses the zip-based format torch writes by default since 1.6
-with a restricted unpickler that only resolves a short allow-list of globals
-to inert stand-ins defined here; nothing from torch or any other module is
-ever imported or called.  Tensor bytes are not read while unpickling: each
+This module parses the zip-based format torch writes by default since 1.6,
+and the legacy format before it (see :class:`_LegacyFile`), with a restricted
+unpickler that only resolves a short allow-list of globals to inert
+stand-ins defined here; nothing from torch or any other module is ever
+imported or called.  Tensor bytes are not read while unpickling: each
 tensor becomes a :class:`LazyTensor` that reads exactly its own byte range
 when ``load()`` is called, so peak memory stays near the largest tensor.
 
-Layout of such an archive (``<archive>`` is an arbitrary folder name)::
+Layout of a zip archive (``<archive>`` is an arbitrary folder name)::
 
     <archive>/data.pkl          pickled state dict; storages are persistent ids
     <archive>/data/<key>        raw storage bytes (stored, not compressed)
@@ -53,7 +54,7 @@ __all__ = [
 
 
 class TorchCheckpointError(ValueError):
-    """A file could not be read as a zip-based PyTorch state dict."""
+    """A file could not be read as a PyTorch state dict."""
 
 
 class UnsafePickleError(TorchCheckpointError):
@@ -181,7 +182,7 @@ class _StorageRef(_Inert):
 
     __slots__ = ("archive", "key", "dtype", "numel", "untyped")
 
-    def __init__(self, archive: "_Archive", key: str, dtype: np.dtype, numel: int, untyped: bool):
+    def __init__(self, archive: "_Source", key: str, dtype: np.dtype, numel: int, untyped: bool):
         for k, v in (("archive", archive), ("key", key), ("dtype", dtype), ("numel", numel), ("untyped", untyped)):
             object.__setattr__(self, k, v)
 
@@ -290,10 +291,10 @@ _ALLOWED = _build_allowlist()
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals, to our own stand-ins."""
 
-    def __init__(self, data: bytes, archive: "_Archive"):
-        super().__init__(io.BytesIO(data))
+    def __init__(self, file: Any, archive: "_Source"):
+        super().__init__(file)
         self._archive = archive
-        self._storages: dict[str, _StorageRef] = {}
+        self.storages: dict[str, _StorageRef] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -305,9 +306,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> _StorageRef:
-        if not isinstance(pid, tuple) or len(pid) != 5:
+        if not isinstance(pid, tuple) or len(pid) != self._archive.pid_length:
             raise TorchCheckpointError(f"unexpected persistent id {pid!r}")
-        typename, storage_type, key, _location, numel = pid
+        typename, storage_type, key, _location, numel, *view = pid
+        if view and view[0] is not None:  # legacy view_metadata: storage views, not written since torch 1.x
+            raise TorchCheckpointError(f"storage views are not supported (persistent id {pid!r})")
         if isinstance(typename, bytes):
             typename = typename.decode("ascii")
         if isinstance(key, bytes):
@@ -316,11 +319,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise TorchCheckpointError(f"unexpected persistent id {pid!r}")
         if not isinstance(key, str) or type(numel) is not int or numel < 0:
             raise TorchCheckpointError(f"unexpected persistent id {pid!r}")
-        ref = self._storages.get(key)
+        ref = self.storages.get(key)
         if ref is None:
             ref = _StorageRef(self._archive, key, storage_type.dtype, numel, storage_type.untyped)
             self._archive.check_storage(ref)
-            self._storages[key] = ref
+            self.storages[key] = ref
         elif ref.dtype != storage_type.dtype or ref.numel != numel:
             raise TorchCheckpointError(f"storage {key!r} is referenced with inconsistent types/sizes")
         return ref
@@ -330,53 +333,83 @@ class _RestrictedUnpickler(pickle.Unpickler):
 # Archive access
 # --------------------------------------------------------------------------
 
-# torch.save(..., _use_new_zipfile_serialization=False) starts with this pickle.
-_LEGACY_MAGIC = b"\x80\x02\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19."
+# The first pickle of a legacy torch.save file, and the version pickled after it.
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PROTOCOL_VERSION = 1001
 _LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
 
 
-class _Archive:
-    """Owns the file handle and member lookup; shared by all LazyTensors."""
+def _open_source(path: str | os.PathLike) -> "_Source":
+    """The zip archive or legacy file at ``path``, told apart by their first bytes as torch.load does."""
+    path = os.fspath(path)
+    fh = open(path, "rb")
+    try:
+        head = fh.read(4)
+        fh.seek(0)
+        if head.startswith(b"PK"):
+            return _Archive(path, fh)
+        if head.startswith(b"\x80"):  # a pickle PROTO opcode: the legacy format
+            return _LegacyFile(path, fh)
+        raise TorchCheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+                                   "legacy torch.save file; empty, truncated or corrupt?)")
+    except BaseException:
+        fh.close()
+        raise
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+
+class _Source:
+    """An open checkpoint file shared by all its LazyTensors: one handle, one lock, positioned reads.
+
+    Subclasses say where each storage's bytes are (``check_storage``, ``read_member_range``) and
+    unpickle the state dict (``load_object``)."""
+
+    byteorder = "little"
+    pid_length = 5  # fields of a storage's persistent id
+    pickle_name = "data.pkl"
+
+    def __init__(self, path: str, fh: io.BufferedReader):
+        self.path = path
         self._lock = threading.Lock()
-        self._fh: io.BufferedReader | None = None
-        self._zip: zipfile.ZipFile | None = None
-        self._data_start: dict[str, int] = {}
-        self._fh = open(self.path, "rb")
-        try:
-            self._stat = os.fstat(self._fh.fileno())
-            self._open_zip()
-            self.prefix = self._find_prefix()
-            self.byteorder = self._read_byteorder()
-            self.infos = {i.filename: i for i in self._zip.infolist()}
-        except BaseException:
+        self._fh: io.BufferedReader | None = fh
+        self._stat = os.fstat(fh.fileno())
+
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
+
+    def __del__(self) -> None:
+        # LazyTensors keep the file alive; close the handle with the last one.
+        if getattr(self, "_fh", None) is not None:
             self.close()
-            raise
 
-    # -- opening -----------------------------------------------------------
+    def _readinto_at(self, offset: int, out: memoryview) -> None:
+        self._fh.seek(offset)
+        _read_exact(self._fh, out, self.path, "file")
 
-    def _open_zip(self) -> None:
-        head = self._fh.read(len(_LEGACY_MAGIC))
-        self._fh.seek(0)
+    def _check_open(self) -> None:
+        if self._fh is None:
+            raise TorchCheckpointError(f"{self.path}: checkpoint is closed")
+
+
+class _Archive(_Source):
+    """A zip archive (torch >= 1.6): storages are members, read in place when stored uncompressed."""
+
+    def __init__(self, path: str, fh: io.BufferedReader):
+        super().__init__(path, fh)
+        self._data_start: dict[str, int] = {}
         try:
-            self._zip = zipfile.ZipFile(self._fh)
+            self._zip = zipfile.ZipFile(fh)
         except (zipfile.BadZipFile, EOFError, OSError, struct.error, ValueError) as e:
-            # Legacy torch files (and any raw pickle) start with a PROTO opcode.
-            if head.startswith(_LEGACY_MAGIC) or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
-                raise TorchCheckpointError(
-                    f"{self.path}: legacy (non-zip) torch serialization format is not supported; "
-                    "re-save with torch>=1.6 (default zip serialization) or convert to safetensors"
-                ) from None
-            if head.startswith(b"PK"):
-                raise TorchCheckpointError(
-                    f"{self.path}: corrupt or truncated zip archive ({e})"
-                ) from None
-            raise TorchCheckpointError(
-                f"{self.path}: not a zip-based PyTorch checkpoint (truncated/corrupt file, or a legacy "
-                "pre-1.6 torch format: re-save with torch>=1.6 or convert to safetensors)"
-            ) from None
+            raise TorchCheckpointError(f"{path}: corrupt or truncated zip archive ({e})") from None
+        self.prefix = self._find_prefix()
+        self.byteorder = self._read_byteorder()
+        self.infos = {i.filename: i for i in self._zip.infolist()}
 
     def _find_prefix(self) -> str:
         names = self._zip.namelist()
@@ -403,11 +436,12 @@ class _Archive:
             raise TorchCheckpointError(f"{self.path}: unknown byteorder record {order!r}")
         return order
 
-    def read_pickle(self) -> bytes:
+    def load_object(self) -> Any:
         try:
-            return self._zip.read(f"{self.prefix}/data.pkl")
+            data = self._zip.read(f"{self.prefix}/data.pkl")
         except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
             raise TorchCheckpointError(f"{self.path}: cannot read data.pkl ({e})") from None
+        return _RestrictedUnpickler(io.BytesIO(data), self).load()
 
     def check_storage(self, ref: _StorageRef) -> None:
         info = self.infos.get(self.member(ref.key))
@@ -422,25 +456,12 @@ class _Archive:
     def member(self, key: str) -> str:
         return f"{self.prefix}/data/{key}"
 
-    # -- reading -----------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._fh is None
-
     def close(self) -> None:
         with self._lock:
-            if self._zip is not None:
+            if getattr(self, "_zip", None) is not None:
                 self._zip.close()
                 self._zip = None
-            if self._fh is not None:
-                self._fh.close()
-                self._fh = None
-
-    def __del__(self) -> None:
-        # LazyTensors keep the archive alive; close the handle with the last one.
-        if getattr(self, "_fh", None) is not None:
-            self.close()
+        super().close()
 
     def read_member_range(self, key: str, start: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[start, start+len(out))`` of storage ``key``."""
@@ -449,8 +470,7 @@ class _Archive:
         if start + len(out) > info.file_size:
             raise TorchCheckpointError(f"{self.path}: read past the end of {name!r}")
         with self._lock:
-            if self._fh is None:
-                raise TorchCheckpointError(f"{self.path}: checkpoint is closed")
+            self._check_open()
             if info.compress_type == zipfile.ZIP_STORED:
                 self._readinto_at(self._stored_data_start(info) + start, out)
             else:  # not written by torch, but cheap to tolerate
@@ -473,9 +493,76 @@ class _Archive:
             self._data_start[info.filename] = start
         return start
 
-    def _readinto_at(self, offset: int, out: memoryview) -> None:
-        self._fh.seek(offset)
-        _read_exact(self._fh, out, self.path, "file")
+
+class _LegacyFile(_Source):
+    """A legacy file (``torch.save(..., _use_new_zipfile_serialization=False)``): pickles of the magic
+    number, the protocol version and a sys_info dict; the state dict pickle, whose persistent ids are
+    ``('storage', storage_type, key, location, numel, view_metadata)``; a pickled list of storage keys;
+    then per key, in that order, an 8-byte little-endian element count and the raw little-endian bytes.
+
+    The storages are laid out back to back, so their offsets follow from the counts: opening reads
+    the pickles and one 8-byte count per storage, and a tensor's ``load()`` reads only its own bytes,
+    exactly as for a zip archive. Every pickle goes through the same restricted unpickler.
+    """
+
+    pid_length = 6
+    pickle_name = "the pickled state dict"
+
+    def __init__(self, path: str, fh: io.BufferedReader):
+        super().__init__(path, fh)
+        self._start: dict[str, int] = {}
+        self._nbytes: dict[str, int] = {}
+
+    def _unpickle(self, what: str, expected: Any = None) -> Any:
+        value = _RestrictedUnpickler(self._fh, self).load()
+        if expected is not None and value != expected:
+            raise TorchCheckpointError(f"{self.path}: not a torch.save file ({what} is {value!r}, "
+                                       f"expected {expected!r})")
+        return value
+
+    def load_object(self) -> Any:
+        self._unpickle("the magic number", _LEGACY_MAGIC_NUMBER)
+        self._unpickle("the legacy protocol version", _LEGACY_PROTOCOL_VERSION)
+        if not isinstance(self._unpickle("sys_info"), dict):
+            raise TorchCheckpointError(f"{self.path}: legacy torch.save file without its sys_info dict")
+        unpickler = _RestrictedUnpickler(self._fh, self)
+        obj = unpickler.load()
+        keys = self._unpickle("the storage key list")
+        self._locate(keys, unpickler.storages, self._fh.tell())
+        return obj
+
+    def _locate(self, keys: Any, storages: dict[str, _StorageRef], offset: int) -> None:
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise TorchCheckpointError(f"{self.path}: the storage key list is not a list of strings")
+        missing = sorted(set(storages) - set(keys))
+        if missing:
+            raise TorchCheckpointError(f"{self.path}: storage {missing[0]!r} is referenced but not stored")
+        count = bytearray(8)
+        for key in keys:
+            ref = storages.get(key)
+            if ref is None:
+                raise TorchCheckpointError(f"{self.path}: stored storage {key!r} is not referenced by any tensor")
+            if offset + 8 + ref.nbytes > self._stat.st_size:
+                raise TorchCheckpointError(f"{self.path}: storage {key!r} extends past the end of the file "
+                                           "(truncated?)")
+            self._readinto_at(offset, memoryview(count))
+            (numel,) = struct.unpack("<q", count)
+            if numel != ref.numel:
+                raise TorchCheckpointError(f"{self.path}: storage {key!r} holds {numel} elements, "
+                                           f"its tensors expect {ref.numel}")
+            self._start[key], self._nbytes[key] = offset + 8, ref.nbytes
+            offset += 8 + ref.nbytes
+
+    def check_storage(self, ref: _StorageRef) -> None:
+        pass  # the storages' offsets are known only after the key list that follows the state dict
+
+    def read_member_range(self, key: str, start: int, out: memoryview) -> None:
+        """Fill ``out`` with bytes ``[start, start+len(out))`` of storage ``key``."""
+        if start + len(out) > self._nbytes[key]:
+            raise TorchCheckpointError(f"{self.path}: read past the end of storage {key!r}")
+        with self._lock:
+            self._check_open()
+            self._readinto_at(self._start[key] + start, out)
 
 
 def _read_exact(f: Any, out: memoryview, path: str, what: str) -> None:
@@ -563,7 +650,7 @@ class TorchCheckpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._archive = _Archive(self.path)
+        self._archive = _open_source(self.path)
         try:
             self.tensors: dict[str, LazyTensor] = self._parse()
         except BaseException:
@@ -571,15 +658,15 @@ class TorchCheckpoint:
             raise
 
     def _parse(self) -> dict[str, LazyTensor]:
-        data = self._archive.read_pickle()
         try:
-            obj = _RestrictedUnpickler(data, self._archive).load()
+            obj = self._archive.load_object()
         except TorchCheckpointError as e:
             if str(e).startswith(self.path):
                 raise
             raise type(e)(f"{self.path}: {e}") from None
         except Exception as e:  # malformed pickle, wrong stand-in arguments, ...
-            raise TorchCheckpointError(f"{self.path}: cannot unpickle data.pkl ({type(e).__name__}: {e})") from None
+            raise TorchCheckpointError(
+                f"{self.path}: cannot unpickle {self._archive.pickle_name} ({type(e).__name__}: {e})") from None
         return _as_state_dict(obj, self.path)
 
     def __getitem__(self, name: str) -> LazyTensor:

@@ -24,7 +24,8 @@ def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "saf
                         dtype: str = "float32", shards: int = 1) -> Path:
     """Write ``state`` (HF names, numpy) the way HF tooling does, with torch's own writers.
 
-    layout: "safetensors" (one file or ``shards`` files + index) or "bin" (torch.save, same sharding).
+    layout: "safetensors" (one file or ``shards`` files + index), "bin" (torch.save, same sharding) or
+    "legacy_bin" (torch.save's legacy, non-zip format).
     """
     import safetensors.torch as st
     import torch
@@ -48,7 +49,7 @@ def write_hf_checkpoint(folder: Path, cfg: dict, state: dict, layout: str = "saf
         if ext == "safetensors":
             st.save_file(part, str(folder / file), metadata={"format": "pt"})
         else:
-            torch.save(part, folder / file)
+            torch.save(part, folder / file, _use_new_zipfile_serialization=layout != "legacy_bin")
         weight_map.update({n: file for n in group})
     if shards > 1:
         index = "model.safetensors.index.json" if ext == "safetensors" else "pytorch_model.bin.index.json"

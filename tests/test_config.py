@@ -97,6 +97,49 @@ def test_rope_scaling_linear_and_transformers5_key():
     assert InternLM2Config.from_dict(data).rope_scaling == RopeScaling("dynamic", 2.0)
 
 
+# How transformers 5.25's PretrainedConfig.save_pretrained writes a config whose class sets rope_theta and
+# rope_scaling (as the official configuration_internlm2.py does): no rope_scaling key, "dtype" instead
+# of "torch_dtype", rope_parameters carrying the type, factor and theta. Classes that leave rope_theta to
+# the base class (e.g. LlamaConfig) drop the top-level rope_theta too.
+def _transformers5(rope_type: str, factor: float | None, theta: float, top_level_theta: bool) -> dict:
+    data = {k: v for k, v in dict(BASE, **RELEASED["internlm2_5-7b-chat-1m"]).items()
+            if k not in ("rope_scaling", "rope_theta", "torch_dtype")}
+    params = {"rope_theta": theta, "rope_type": rope_type}
+    if factor is not None:
+        params.update(factor=factor, type=rope_type)
+    data.update(dtype="bfloat16", rope_parameters=params, transformers_version="5.25.0")
+    if top_level_theta:
+        data["rope_theta"] = theta
+    return data
+
+
+@pytest.mark.parametrize("top_level_theta", [True, False])
+@pytest.mark.parametrize("rope_type,factor", [("dynamic", 2.5), ("linear", 3.0), ("default", None)])
+def test_transformers5_rope_parameters(tmp_path, rope_type, factor, top_level_theta):
+    data = _transformers5(rope_type, factor, 5e7, top_level_theta)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    cfg = InternLM2Config.from_pretrained(tmp_path)
+    assert cfg.rope_theta == data["rope_parameters"]["rope_theta"]
+    assert cfg.rope_scaling == (None if factor is None else RopeScaling(rope_type, factor))
+    assert InternLM2Config.from_pretrained(cfg.save(tmp_path / "back")) == cfg
+
+
+def test_top_level_rope_keys_win_over_rope_parameters():
+    data = dict(_transformers5("dynamic", 2.5, 5e7, False), rope_theta=1e6,
+                rope_scaling={"type": "linear", "factor": 4.0})
+    cfg = InternLM2Config.from_dict(data)
+    assert (cfg.rope_theta, cfg.rope_scaling) == (1e6, RopeScaling("linear", 4.0))
+
+
+@pytest.mark.parametrize("params,match", [({"rope_type": "yarn", "factor": 2.0}, "'rope_parameters.type'"),
+                                          ({"rope_type": "dynamic"}, "'rope_parameters' has type 'dynamic'"),
+                                          ("dynamic", "'rope_parameters' must be null or a dict")])
+def test_bad_rope_parameters_name_the_field(params, match):
+    data = dict(_transformers5("default", None, 5e7, True), rope_parameters=params)
+    with pytest.raises(ValueError, match=match):
+        InternLM2Config.from_dict(data)
+
+
 def test_tie_word_embeddings_honoured():
     data = dict(BASE, **RELEASED["internlm2-1_8b"], )
     data["tie_word_embeddings"] = True

@@ -80,6 +80,69 @@ def test_dtype_conversion_recorded(tmp_path):
     assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back32", "--dtype", "float32") == 0
 
 
+def test_dtype_conversion_updates_transformers5_dtype_key(tmp_path):
+    src = write_hf_checkpoint(tmp_path / "hf", dict(CFG, dtype="bfloat16"), STATE, dtype="bfloat16")
+    assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back", "--dtype", "float32") == 0
+    written = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "float32"
+    import safetensors.numpy
+
+    assert {a.dtype for a in safetensors.numpy.load_file(tmp_path / "back" / "model.safetensors").values()} == {
+        np.dtype(np.float32)}
+
+
+# A stand-in for the official configuration_internlm2.py: enough for transformers to resolve auto_map.
+REMOTE_CONFIG_CODE = """from transformers import PretrainedConfig
+
+
+class InternLM2Config(PretrainedConfig):
+    model_type = "internlm2"
+
+    def __init__(self, hidden_size=4096, **kwargs):
+        self.hidden_size = hidden_size
+        super().__init__(**kwargs)
+"""
+AUTO_MAP = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
+
+
+def _remote_config_classes(tmp_path, *folders) -> list[str]:
+    """What transformers' AutoConfig(trust_remote_code=True) makes of each folder (a fresh process, so its
+    dynamic-module cache stays under tmp_path)."""
+    code = ("import sys; from transformers import AutoConfig\n"
+            "for f in sys.argv[1:]:\n"
+            "    c = AutoConfig.from_pretrained(f, trust_remote_code=True)\n"
+            "    print(type(c).__module__.split('.')[-1], c.hidden_size)")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, folders)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_remote_code_travels_with_the_config(tmp_path):
+    src = write_hf_checkpoint(tmp_path / "hf", dict(CFG, auto_map=AUTO_MAP), STATE)
+    code = {"configuration_internlm2.py": REMOTE_CONFIG_CODE.encode(), "modeling_internlm2.py": b"# modeling\n",
+            "tokenization_internlm2_fast.py": b"# tokenizer\n"}
+    for name, data in code.items():
+        (src / name).write_bytes(data)
+    assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back") == 0
+    InternLM2.from_pretrained(src).save_pretrained(tmp_path / "saved")
+    for folder in ("ox", "back", "saved"):
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).glob("*.py")} == code, folder
+        assert json.loads((tmp_path / folder / "config.json").read_text())["auto_map"] == AUTO_MAP
+    folders = (src, tmp_path / "back", tmp_path / "saved")
+    assert _remote_config_classes(tmp_path, *folders) == [f"configuration_internlm2 {CFG['hidden_size']}"] * 3
+    # a folder without remote code gets none, and no auto_map is invented
+    plain = write_hf_checkpoint(tmp_path / "plain", CFG, STATE)
+    assert _convert("hf-to-orbax", plain, tmp_path / "plain_ox") == 0
+    assert _convert("orbax-to-hf", tmp_path / "plain_ox", tmp_path / "plain_back") == 0
+    assert not list((tmp_path / "plain_back").glob("*.py"))
+    assert "auto_map" not in json.loads((tmp_path / "plain_back" / "config.json").read_text())
+
+
 @pytest.mark.parametrize("axes", [dict(devices=1), dict(tensor=2, fsdp=4), dict(data=2, tensor=4, fsdp=1)],
                          ids=["1dev", "tensor2xfsdp4", "data2xtensor4"])
 def test_orbax_restore_equals_hf_loading(tmp_path_factory, hf_bf16, axes):
@@ -225,3 +288,15 @@ def test_progress_bar_and_quiet_mode(tmp_path, capsys, hf_bf16):
     out = capsys.readouterr()
     assert out.err == "" and out.out == ""
     assert (tmp_path / "a" / "tokenizer.model").read_bytes() == b"tokenizer bytes"
+
+
+def test_relative_paths(tmp_path, monkeypatch):
+    """Orbax wants absolute paths; relative ones from the CLI and from_pretrained are made absolute."""
+    write_hf_checkpoint(tmp_path / "hf", CFG, STATE)
+    monkeypatch.chdir(tmp_path)
+    assert _convert("hf-to-orbax", "hf", "ox") == 0
+    assert _convert("orbax-to-hf", "ox", "back") == 0
+    want = np.asarray(InternLM2.from_pretrained(tmp_path / "hf")(IDS))
+    InternLM2.from_pretrained("back").save("saved")
+    for folder in ("ox", "back", "saved"):
+        np.testing.assert_array_equal(np.asarray(InternLM2.from_pretrained(folder)(IDS)), want)

@@ -21,7 +21,8 @@ IDS = np.random.RandomState(0).randint(0, CFG["vocab_size"], (2, 20))
 EXPECTED = ref.forward(STATE, CFG, IDS)["logits"]
 
 
-@pytest.mark.parametrize("layout,shards", [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2)])
+@pytest.mark.parametrize("layout,shards", [("safetensors", 1), ("safetensors", 3), ("bin", 1), ("bin", 2),
+                                           ("legacy_bin", 2)])
 def test_layouts_load_to_the_same_model(tmp_path, layout, shards):
     folder = write_hf_checkpoint(tmp_path / "ckpt", CFG, STATE, layout=layout, shards=shards)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}

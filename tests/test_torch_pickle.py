@@ -54,9 +54,13 @@ def assert_bit_exact(lazy: LazyTensor, ref: "torch.Tensor") -> np.ndarray:
     return arr
 
 
-def save(obj, path, **kw) -> str:
-    torch.save(obj, path, **kw)
+def save(obj, path, zip_format: bool = True) -> str:
+    """torch.save in the zip format (default) or the legacy (non-zip) format."""
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
     return str(path)
+
+
+FORMATS = pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 
 
 def check_against_torch_load(path: str) -> dict:
@@ -82,8 +86,9 @@ def _random_tensor(dtype, shape, gen):
     return torch.randint(info.min, info.max, shape, generator=gen, dtype=torch.int64).to(dtype)
 
 
+@FORMATS
 @pytest.mark.parametrize("dtype", list(NP_DTYPE), ids=lambda d: str(d).split(".")[-1])
-def test_dtypes_and_shapes_bit_exact(tmp_path, dtype):
+def test_dtypes_and_shapes_bit_exact(tmp_path, dtype, zip_format):
     gen = torch.Generator().manual_seed(0)
     sd = {
         "scalar": _random_tensor(dtype, (), gen),
@@ -93,7 +98,7 @@ def test_dtypes_and_shapes_bit_exact(tmp_path, dtype):
     }
     if dtype.is_floating_point:  # special values must survive bit-exactly
         sd["special"] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40]).to(dtype)
-    path = save(sd, tmp_path / "pytorch_model.bin")
+    path = save(sd, tmp_path / "pytorch_model.bin", zip_format)
     tensors = check_against_torch_load(path)
     assert tensors["scalar"].shape == ()
     assert tensors["empty"].load().shape == (0, 3)
@@ -111,7 +116,8 @@ def test_bfloat16_bits(tmp_path):
     np.testing.assert_array_equal(arr.view(np.uint16), t.view(torch.int16).numpy().view(np.uint16))
 
 
-def test_shared_storage_slices_and_views(tmp_path):
+@FORMATS
+def test_shared_storage_slices_and_views(tmp_path, zip_format):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
     sd = collections.OrderedDict(
         [
@@ -122,7 +128,7 @@ def test_shared_storage_slices_and_views(tmp_path):
             ("expanded", base[3, :1].expand(5, 1)),  # stride 0
         ]
     )
-    path = save(sd, tmp_path / "shared.bin")
+    path = save(sd, tmp_path / "shared.bin", zip_format)
     with TorchCheckpoint(path) as ck:
         assert len({t.storage_key for t in ck.tensors.values()}) == 1
         assert ck["rows"].storage_offset == 6
@@ -131,17 +137,19 @@ def test_shared_storage_slices_and_views(tmp_path):
     check_against_torch_load(path)
 
 
-def test_slice_saved_alone(tmp_path):
+@FORMATS
+def test_slice_saved_alone(tmp_path, zip_format):
     base = torch.randn(100, 8)
     part = base[40:43]
-    path = save({"part": part}, tmp_path / "part.bin")
+    path = save({"part": part}, tmp_path / "part.bin", zip_format)
     lazy = open_torch_checkpoint(path)["part"]
     assert lazy.storage_offset == 40 * 8
     assert_bit_exact(lazy, part)
     check_against_torch_load(path)
 
 
-def test_non_contiguous_tensors(tmp_path):
+@FORMATS
+def test_non_contiguous_tensors(tmp_path, zip_format):
     gen = torch.Generator().manual_seed(1)
     sd = {
         "t2d": torch.randn(3, 5, generator=gen).t(),
@@ -151,7 +159,7 @@ def test_non_contiguous_tensors(tmp_path):
     }
     for t in sd.values():
         assert not t.is_contiguous()
-    path = save(sd, tmp_path / "views.bin")
+    path = save(sd, tmp_path / "views.bin", zip_format)
     check_against_torch_load(path)
 
 
@@ -162,7 +170,8 @@ def test_ordered_dict_order_preserved(tmp_path):
     assert list(open_torch_checkpoint(path)) == names
 
 
-def test_module_state_dict(tmp_path):
+@FORMATS
+def test_module_state_dict(tmp_path, zip_format):
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Embedding(11, 4),
@@ -172,12 +181,12 @@ def test_module_state_dict(tmp_path):
     )
     sd = model.state_dict()
     assert hasattr(sd, "_metadata")  # pickled via BUILD; must be tolerated
-    path = save(sd, tmp_path / "pytorch_model.bin")
+    path = save(sd, tmp_path / "pytorch_model.bin", zip_format)
     tensors = check_against_torch_load(path)
     assert tensors["3.num_batches_tracked"].dtype == np.int64
 
     model_bf16 = model.to(torch.bfloat16)
-    path = save(model_bf16.state_dict(), tmp_path / "bf16_model.bin")
+    path = save(model_bf16.state_dict(), tmp_path / "bf16_model.bin", zip_format)
     check_against_torch_load(path)
 
 
@@ -385,9 +394,10 @@ def test_empty_file(tmp_path):
         open_torch_checkpoint(path)
 
 
+@FORMATS
 @pytest.mark.parametrize("keep", [0.5, 0.99])
-def test_truncated_checkpoint(tmp_path, keep):
-    full = save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "full.bin")
+def test_truncated_checkpoint(tmp_path, keep, zip_format):
+    full = save({"w": torch.randn(64, 64), "b": torch.randn(64)}, tmp_path / "full.bin", zip_format)
     with open(full, "rb") as f:
         data = f.read()
     path = tmp_path / "truncated.bin"
@@ -396,10 +406,67 @@ def test_truncated_checkpoint(tmp_path, keep):
         open_torch_checkpoint(path)
 
 
-def test_legacy_format(tmp_path):
-    path = save({"w": torch.ones(2)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
-    with pytest.raises(ValueError, match=r"legacy\.bin.*(re-save|safetensors)"):
+def _legacy_file(path, main_pickle: bytes, keys: list, magic=0x1950A86A20F9469CFC6C) -> None:
+    """A legacy torch.save layout around a hand-made state dict pickle (no storage data)."""
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    head = b"".join(pickle.dumps(v, protocol=2) for v in (magic, 1001, sys_info))
+    path.write_bytes(head + main_pickle + pickle.dumps(keys, protocol=2))
+
+
+def test_legacy_layout_is_what_torch_writes(tmp_path):
+    """The hand-made layout of _legacy_file matches torch's own (so the tests below test real files)."""
+    path = save({}, tmp_path / "empty_legacy.bin", zip_format=False)
+    _legacy_file(tmp_path / "made.bin", pickle.dumps({}, protocol=2), [])
+    assert (tmp_path / "made.bin").read_bytes() == open(path, "rb").read()
+    assert torch.load(tmp_path / "made.bin", weights_only=True) == {} == open_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize("where", ["first pickle", "state dict"])
+def test_legacy_malicious_pickle_is_refused(tmp_path, where):
+    marker = tmp_path / "pwned"
+    evil = _global_call_pickle("builtins", "eval", f"open({str(marker)!r}, 'w').close()")
+    path = tmp_path / "legacy_evil.bin"
+    if where == "first pickle":
+        path.write_bytes(evil)
+    else:
+        _legacy_file(path, evil, [])
+    with pytest.raises(UnsafePickleError, match=r"legacy_evil\.bin.*'builtins\.eval'"):
         open_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_legacy_bad_files_name_the_problem(tmp_path):
+    plain = tmp_path / "plain_pickle.bin"
+    plain.write_bytes(pickle.dumps({"w": 1}, protocol=2))
+    with pytest.raises(ValueError, match=r"plain_pickle\.bin.*not a torch\.save file.*magic number"):
+        open_torch_checkpoint(plain)
+    path = save({"w": torch.ones(8)}, tmp_path / "count.bin", zip_format=False)
+    data = open(path, "rb").read()
+    count = struct.pack("<q", 8)
+    assert data.count(count) == 1 and data.index(count) == len(data) - 8 - 32
+    (tmp_path / "count.bin").write_bytes(data.replace(count, struct.pack("<q", 7)))
+    with pytest.raises(ValueError, match=r"count\.bin.*holds 7 elements, its tensors expect 8"):
+        open_torch_checkpoint(path)
+    real = save({"w": torch.ones(2)}, tmp_path / "real.bin")
+    with zipfile.ZipFile(real) as z:
+        state_dict_pickle = z.read("real/data.pkl")
+    _legacy_file(tmp_path / "unstored.bin", state_dict_pickle, [])  # zip-style persistent ids, no storages
+    with pytest.raises(ValueError, match=r"unstored\.bin.*unexpected persistent id"):
+        open_torch_checkpoint(tmp_path / "unstored.bin")
+
+
+def test_legacy_loading_one_tensor_reads_only_its_bytes(tmp_path, read_spy):
+    gen = torch.Generator().manual_seed(3)
+    sd = {"big0": torch.randn(256, 256, generator=gen), "small": torch.randn(7, generator=gen).half(),
+          "big1": torch.randn(256, 256, generator=gen).bfloat16()[100:110]}
+    path = save(sd, tmp_path / "lazy_legacy.bin", zip_format=False)
+    with TorchCheckpoint(path) as ck:
+        assert read_spy == [(o, 8) for o, _ in read_spy] and len(read_spy) == 3  # one element count per storage
+        for name in sd:
+            read_spy.clear()
+            assert_bit_exact(ck[name], sd[name])
+            assert [n for _, n in read_spy] == [ck[name].nbytes]
+    check_against_torch_load(path)
 
 
 def test_zip_without_data_pkl(tmp_path):
@@ -432,13 +499,13 @@ def test_storage_member_too_short(tmp_path):
 def read_spy(monkeypatch):
     """Records every (file offset, length) read through the archive's read path."""
     calls = []
-    orig = torch_pickle._Archive._readinto_at
+    orig = torch_pickle._Source._readinto_at
 
     def spy(self, offset, out):
         calls.append((offset, len(out)))
         return orig(self, offset, out)
 
-    monkeypatch.setattr(torch_pickle._Archive, "_readinto_at", spy)
+    monkeypatch.setattr(torch_pickle._Source, "_readinto_at", spy)
     return calls
 
 
