@@ -88,6 +88,20 @@ def _cast(p: nnx.Param, dtype) -> jax.Array:
     return p[...].astype(dtype)
 
 
+def _float32_when_used(w: jax.Array, x: jax.Array) -> jax.Array:
+    """A 16-bit weight as float32, computed only once the activation ``x`` it multiplies exists.
+
+    XLA:CPU has no 16-bit dot: it multiplies float32 copies. Left to itself, in the unrolled prefill it
+    made every layer's copies at the start of the program, so all of them were live at once: twice the
+    model's bytes in temporaries (517 MiB for a 128-token prefill of the 650 MB bf16 bench model, 26 MiB
+    with this; BENCHMARKS.md). Adding a zero that XLA cannot prove is zero (made from ``x``; barriers are
+    gone by the time XLA schedules) ties each copy to its layer, and it is freed after the matmul. The
+    values are unchanged."""
+    x0 = jax.lax.stop_gradient(x.reshape(-1)[0]).astype(jnp.float32)
+    zero = jnp.where(jnp.isfinite(x0), x0, 0.0) * 0.0
+    return w.astype(jnp.float32) + zero
+
+
 def _project(x: jax.Array, w: jax.Array, mesh: Mesh | None, out_dtype=None) -> jax.Array:
     """``x [B, S, K] @ w [K, ...]``, as one plain 2-D matmul over the flattened tokens (with the batch
     and sequence dims kept apart XLA:CPU transposed activations for the weight gradients), unless the
@@ -114,7 +128,8 @@ def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
     Up to FEW_ROWS rows with 16-bit weights are a float32 multiply-and-sum over the weight as stored:
     XLA:CPU has no 16-bit dot, and for one it hoisted a float32 copy of every weight out of the decode
     loop (twice the model's bytes in temporaries, and twice the bytes streamed per step). The barrier
-    keeps the conversion inside the step's fusion."""
+    keeps the conversion inside the step's fusion. More rows (prefill) with 16-bit weights multiply
+    copies made by :func:`_float32_when_used`."""
     b, s, k = x.shape
     rows = x.reshape(b * s, k)
     contract = (((1,), (1,)), ((), ()))
@@ -127,6 +142,9 @@ def _project_t(x: jax.Array, w_t: jax.Array, out_dtype=None) -> jax.Array:
         out = out.astype(out_dtype or jnp.result_type(x.dtype, w_t.dtype))
     elif 1 < b * s <= FEW_ROWS:
         out = jax.lax.optimization_barrier(jax.lax.dot_general(w_t, rows, contract, preferred_element_type=out_dtype)).T
+    elif jnp.dtype(w_t.dtype).itemsize == 2 and platform_of(None) == "cpu":  # packed: one device, no mesh
+        out = jax.lax.dot_general(rows.astype(jnp.float32), _float32_when_used(w_t, rows), contract)
+        out = out.astype(out_dtype or jnp.result_type(x.dtype, w_t.dtype))
     else:
         out = jax.lax.dot_general(rows, w_t, contract, preferred_element_type=out_dtype)
     return out.reshape(b, s, -1)

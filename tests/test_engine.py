@@ -12,6 +12,7 @@ import internlm_jax as ij
 from internlm_jax.attention import PrefillPlan, blockwise_attention, dense_attention, prefill_plan
 from internlm_jax.cache import KVCache, heads_view
 from internlm_jax.generation import SamplingParams, generator_for
+from internlm_jax.model import FEW_ROWS
 from internlm_jax.settings import EngineSettings
 
 CFG = ij.InternLM2Config(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -371,6 +372,29 @@ def test_packed_decode_in_bfloat16_matches_the_dot_form(prompts):
             seen.append(np.asarray(ds.logits))
         logits[form] = np.stack(seen)
     assert _rel(logits["packed"], logits["per_layer"]) < 1e-2  # bfloat16 activations: eps 7.8e-3
+
+
+def test_packed_prefill_in_bfloat16_matches_the_dot_form():
+    """Past FEW_ROWS rows the packed form multiplies float32 copies of 16-bit weights that it makes
+    itself (tied to the layer's input so that XLA:CPU cannot make them all at the start): the prefill
+    of a prompt longer than that, and the engine's prefill chunks, give the per-layer (dot) form's
+    logits within bfloat16 rounding."""
+    model = ij.InternLM2(CFG, seed=7, dtype="bfloat16", param_dtype="bfloat16")
+    prompt = [int(t) for t in np.random.RandomState(7).randint(0, CFG.vocab_size, 150)]
+    assert len(prompt) > FEW_ROWS
+    first = {}
+    for form in ("packed", "per_layer"):
+        gen = generator_for(model.configure(decode_weights=form))
+        ds, _ = gen.start(gen.prepare([prompt]), max_new_tokens=2)
+        first[form] = np.asarray(ds.logits)
+    assert _rel(first["packed"], first["per_layer"]) < 1e-2  # bfloat16 activations: eps 7.8e-3
+    engine = ij.Engine(model.configure(decode_weights="packed"), max_batch=1, max_len=256, prefill_chunk=128)
+    request = engine.submit(prompt, max_tokens=1, logprobs=0)
+    engine.run_until_done([request])
+    ref = first["per_layer"][0].astype(np.float64)
+    ref = ref - ref.max() - np.log(np.exp(ref - ref.max()).sum())  # log-softmax of the dot form's logits
+    assert abs(request.token_logprobs[0] - ref[request.tokens[0]]) < 0.05
+    assert ref.max() - ref[request.tokens[0]] < 0.05  # greedy: the best token, up to bfloat16 rounding
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
