@@ -310,10 +310,13 @@ def cmd_plan(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # --debug before or after the subcommand: the top level owns the flag (default False); the
+    # subcommands' copy leaves it unset unless given (an action shared through parents=[...] would
+    # carry the top level's default into every subcommand and reset a --debug given first)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0], parents=[common])
-    p.set_defaults(debug=False)
+    p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="HF checkpoint folders <-> Orbax checkpoints (streaming)")
     csub = convert.add_subparsers(dest="direction", required=True)

@@ -1,5 +1,6 @@
 """The offline demo and the examples run end to end (in fresh processes, as a user runs them)."""
 
+import pytest
 from hf_fixtures import run_python as _run
 
 
@@ -23,6 +24,19 @@ def test_cli_errors_are_one_line():
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and "cannot be split" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path, capsys):
+    from internlm_jax.cli import main
+
+    bad = tmp_path / "run.yaml"
+    bad.write_text("optim: {lr: fast}\n")
+    for argv in (["--debug", "train", "--config", str(bad)], ["train", "--config", str(bad), "--debug"]):
+        with pytest.raises(ValueError, match="optim.lr"):
+            main(argv)
+    assert main(["train", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "optim.lr" in err
 
 
 def test_example_load_and_inspect():

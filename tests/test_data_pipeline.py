@@ -101,7 +101,7 @@ def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
         tokenize_corpus(model, [str(tmp_path / "nothing*.jsonl")], tmp_path / "o", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: the line at byte 17 is not a JSON object with a 'text' field"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: the line at byte 17: not a JSON object with a 'text' field"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
     bad.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
     with pytest.raises(ValueError, match="byte 17 is not UTF-8"):
@@ -115,6 +115,32 @@ def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
     assert main(["data", "tokenize", "--tokenizer", str(base), "--input", str(base / "a.txt"),
                  "--output", str(tmp_path / "cli"), "--workers", "2", "--chunk-mb", "0.001", "--quiet"]) == 0
     assert json.loads((tmp_path / "cli" / "index.json").read_text())["documents"] == 250
+
+
+def test_raw_text_read_in_memory_names_a_line_that_is_not_utf8(corpus, tmp_path):
+    _, tok, _ = corpus
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("fine ünïcode\n".encode() + b"caf\xe9\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: not UTF-8 text"):
+        PackedDataset([str(bad)], tok, 4)
+
+
+def test_token_ids_outside_the_vocabulary_are_named_as_batches_are_read(tmp_path):
+    ids = np.random.RandomState(0).randint(3, 300, 4000).astype(np.uint32)
+    ids[1234] = 70000
+    path = tmp_path / "t.bin"
+    ids.tofile(path)
+    ds = PackedDataset([str(path)], None, 16, bin_dtype="uint32", vocab_size=400)
+    bad_window = 1234 // 16
+    step = next(t for t in range(ds.num_windows) if bad_window in {ds.window_at(t * 4 + r) for r in range(4)})
+    for t in range(step):  # batches without the id read as usual
+        ds.batch(t, 4)
+    with pytest.raises(ValueError, match=r"t.bin: token 1234 is id 70000, outside the model's vocabulary "
+                                         r"\(vocab_size 400\)"):
+        ds.batch(step, 4)
+    with pytest.raises(ValueError, match=r"t.bin: token 1234 is id 70000"):  # through the grain loader too
+        list(ds.loader(4, step + 1))
+    assert len(PackedDataset([str(path)], None, 16, bin_dtype="uint32", vocab_size=70001).batch(step, 4).inputs) == 4
 
 
 def test_chat_data_tokenizes_with_its_loss_mask(tmp_path):

@@ -11,6 +11,7 @@ import internlm_jax as ij
 from internlm_jax.chat_format import to_internlm_messages
 from internlm_jax.training import TrainConfig, train
 from internlm_jax.training.data import PackedDataset
+from internlm_jax.training.tokenize import tokenize_corpus
 
 CONVERSATIONS = [
     [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is JAX?"},
@@ -66,6 +67,30 @@ def test_the_loss_mask_is_exactly_the_assistant_replies(data):
     b = ds.batch(0, 2)
     np.testing.assert_array_equal(b.weight[0], ds.trained_targets(ds.window_at(0)))
     assert 0 < b.weight.mean() < 1
+
+
+def test_tools_are_rendered_as_the_plugin_system_message_and_never_trained(data, tmp_path):
+    _, tok, _ = data
+    tools = [{"type": "function", "function": {"name": "weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object", "properties": {"city": {}}}}}]
+    conv = CONVERSATIONS[2]
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps({"messages": conv, "tools": tools}) + "\n")
+    ds = PackedDataset([str(path)], tok, seq_len=16, fmt="chat")
+    n = len(ds.stream)
+    tokens, trained = ds.stream.tokens(0, n), ds.stream.trained(0, n)
+    text = tok.decode(tokens.tolist())
+    # FACTS.md: the tools as a second system message, a JSON list of name, description, parameters
+    plugin = ("<|im_start|>system name=<|plugin|>\n" + json.dumps([tools[0]["function"]]) + "<|im_end|>\n"
+              "<|im_start|>user\nWeather in Paris?")
+    assert plugin in text
+    want = ["Let me look.<|action_start|><|plugin|>\n" + json.dumps({"name": "weather", "parameters": {}})
+            + "<|action_end|><|im_end|>", "It is sunny.<|im_end|>"]
+    assert [tok.decode(tokens[a:b].tolist()) for a, b in spans(trained)] == want
+    tokenize_corpus(tok.model_file, [str(path)], tmp_path / "tok", fmt="chat", progress=False)
+    folder = PackedDataset([str(tmp_path / "tok")], tok, seq_len=16, fmt="chat").stream  # the same, tokenized once
+    np.testing.assert_array_equal(folder.tokens(0, n), tokens)
+    np.testing.assert_array_equal(folder.trained(0, n), trained)
 
 
 def test_bad_chat_lines_are_named(data, tmp_path):

@@ -93,6 +93,50 @@ def test_sharded_step_equals_single_device(tmp_path, axes):
         np.testing.assert_allclose(np.asarray(b.get_value()), np.asarray(a.get_value()), atol=1e-5, err_msg=str(path))
 
 
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Micro-batches weigh by their trained tokens: grad_accum k steps exactly like one batch, also when
+    one micro-batch trains on nothing (chat prompts) and with z-loss."""
+    import optax
+
+    model = ij.InternLM2.from_pretrained(write_hf_checkpoint(tmp_path, CFG, STATE))
+    graphdef, params = nnx.split(model)
+    batch = _batch(seed=3, b=4, segments=True)
+    weight = np.ones((4, 16), np.float32)
+    weight[:2] = 0  # micro-batch 0 of 2: no trained targets
+    weight[2, :11] = 0  # the rest: 5 + 16 of them, unevenly split
+    batch["weight"] = jnp.asarray(weight)
+    tx = optax.sgd(1.0)  # the update is the gradient itself
+    results = {}
+    for k in (1, 2, 4):
+        step = jax.jit(make_train_step(graphdef, tx, grad_accum=k, segments=True, z_loss=1e-3,
+                                       schedule=optax.constant_schedule(1.0)))
+        new, _, m = step(params, tx.init(params), batch, 0)
+        results[k] = jax.device_get(m), {str(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(new)}
+    metrics, updated = results[1]
+    for k in (2, 4):
+        for name in ("loss", "ce", "grad_norm"):
+            np.testing.assert_allclose(results[k][0][name], metrics[name], rtol=2e-6, err_msg=f"{k}: {name}")
+        for path, value in updated.items():
+            np.testing.assert_allclose(results[k][1][path], value, rtol=1e-5, atol=1e-7, err_msg=f"{k}: {path}")
+
+
+def test_learning_rate_schedule_matches_transformers():
+    torch = pytest.importorskip("torch")
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    for warmup in (0, 3):
+        _, schedule = make_optimizer(OptimSection(lr=1e-2, warmup_steps=warmup, min_lr_ratio=0.1), 12)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+        hf = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, 12, min_lr_rate=0.1)
+        want = []
+        for _ in range(12):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            hf.step()
+        np.testing.assert_allclose([float(schedule(t)) for t in range(12)], want, rtol=1e-6, atol=1e-12)
+        assert (want[0] == 1e-2) == (warmup == 0)  # no warmup: the first update is at the peak lr
+
+
 def _write_config(tmp_path, tokenizer, corpus, steps=40, every=10, extra=None):
     overrides = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                  "num_key_value_heads": 2}
@@ -193,7 +237,8 @@ def test_killed_run_resumes_exactly(tmp_path, small_tokenizer):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout
     a, b = _losses(whole / "metrics.jsonl"), _losses(killed / "metrics.jsonl")
-    assert sorted(b) == list(range(1, 31))
+    lines = (killed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 31))  # the redone steps logged once
     assert [b[s] for s in range(1, 31)] == [a[s] for s in range(1, 31)]  # bit-identical losses
 
 
@@ -223,9 +268,9 @@ def test_data_order_is_deterministic_resumable_and_shared(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="unknown key 'lr'"):
+    with pytest.raises(ValueError, match="^config: lr: unknown key$"):
         TrainConfig.from_dict({"lr": 1})
-    with pytest.raises(ValueError, match="optim: unknown key 'learning_rate'"):
+    with pytest.raises(ValueError, match="^config: optim.learning_rate: unknown key$"):
         TrainConfig.from_dict({"optim": {"learning_rate": 1}})
     cfg = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b", "checkpoint": "x"}, "data": {"train": ["a"]}})
     with pytest.raises(ValueError, match="exactly one"):
@@ -248,15 +293,123 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
              "data: {seq_len: 0}": "data.seq_len: Input should be greater than or equal to 1",
              "model: {dtype: fp8}": "model.dtype: Input should be 'float32', 'bfloat16' or 'float16'",
              "mesh: {tensor: 0}": "mesh.tensor",
-             "log: {every: [1]}": "log.every"}
+             "log: {every: [1]}": "log.every",
+             "steps: true": "steps: expected a number (got True)",
+             "optim: {lr: .inf}": "optim.lr: Input should be a finite number",
+             "optim: {warmup_steps: false}": "optim.warmup_steps: expected a number",
+             "log: {peak_tflops: .nan}": "log.peak_tflops: Input should be a finite number",
+             "model: {overrides: {hidden_sise: 64}}": "model.overrides.hidden_sise: unknown key",
+             "model: {overrides: {num_hidden_layers: two}}": "model.overrides.num_hidden_layers: Input should be "
+                                                              "a valid integer",
+             "model: {overrides: {vocab_size: true}}": "model.overrides.vocab_size: expected a number"}
     for text, words in cases.items():
         with pytest.raises(ValueError, match=re.escape(words)):
             TrainConfig.from_dict(yaml.safe_load(text))
+    cfg = TrainConfig.from_dict(yaml.safe_load("model: {preset: internlm2-1_8b, overrides: {rope_theta: 5e7, "
+                                               "rope_scaling: {type: linear, factor: 2}}}\ndata: {train: [x]}"))
+    arch = cfg.architecture()  # overrides are read like every other number, then checked by InternLM2Config
+    assert arch.rope_theta == 5e7 and isinstance(arch.rope_theta, float) and arch.rope_scaling.type == "linear"
+    from internlm_jax.training import train
+
+    missing = str(tmp_path / "missing.txt")  # the config is refused before any data is looked at
+    for model, words in [({"preset": "internlm2-1_8b", "overrides": {"num_attention_heads": 5}},
+                          "model.overrides: config field 'hidden_size' (2048) must be divisible"),
+                         ({"checkpoint": str(tmp_path), "overrides": {"num_hidden_layers": 1}},
+                          "model.overrides: only a preset takes overrides")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            train(TrainConfig.from_dict({"model": model, "data": {"train": [missing]}}))
+    with pytest.raises(ValueError, match="tokenizer: demo .* set checkpoint.dir"):
+        train(TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b"}, "tokenizer": "demo",
+                                     "data": {"train": [missing]}}))
     bad = tmp_path / "run.yaml"
     bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\noptim: {lr: fast}\n")
     assert main(["train", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "optim.lr" in err and "run.yaml" in err and "Traceback" not in err
+
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 400}
+
+
+def _token_run(tmp_path, **changes):
+    """A config training a tiny model on a token file (no tokenizer); ``changes``: ``section__key`` or
+    ``key`` values."""
+    tokens = tmp_path / "tokens.npy"
+    if not tokens.exists():
+        ids = np.random.RandomState(0).randint(3, 400, 4000).astype(np.int32)
+        ids[::50] = 2  # </s>
+        np.save(tokens, ids)
+    cfg = {"model": {"preset": "internlm2_5-7b", "dtype": "float32", "param_dtype": "float32", "overrides": TINY},
+           "data": {"train": [str(tokens)], "seq_len": 16, "batch_size": 4},
+           "optim": {"lr": 1e-2, "warmup_steps": 1},
+           "checkpoint": {"dir": str(tmp_path / "ckpt"), "every": 1, "async_save": False},
+           "log": {"every": 1, "peak_tflops": 1.0}, "steps": 2}
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            cfg[section] = {**cfg[section], field: value}
+        else:
+            cfg[section] = value
+    return TrainConfig.from_dict(cfg)
+
+
+def test_resuming_with_other_data_or_architecture_is_refused_before_anything_changes(tmp_path):
+    from internlm_jax.training import train
+
+    train(_token_run(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    saved = {f: (ckpt / f).read_bytes() for f in ("config.json", "run_settings.json")}
+    other = tmp_path / "other.npy"
+    np.save(other, np.load(tmp_path / "tokens.npy")[::-1])
+    refused = {"data__batch_size": (8, "data.batch_size: 4 in the checkpoints, 8 now"),
+               "data__seq_len": (8, "data.seq_len: 16 in the checkpoints, 8 now"),
+               "data__train": ([str(other)], "data.train: ["),
+               "seed": (1, "seed: 0 in the checkpoints, 1 now"),
+               "model__overrides": ({**TINY, "hidden_size": 64}, "architecture.hidden_size: 32 in the checkpoints, "
+                                                                  "64 now")}
+    for key, (value, words) in refused.items():
+        with pytest.raises(ValueError, match=re.escape(words)):
+            train(_token_run(tmp_path, steps=3, **{key: value}))
+        assert {f: (ckpt / f).read_bytes() for f in saved} == saved  # nothing rewritten by a refused resume
+    # longer, with another micro-batching and learning rate: allowed
+    history = train(_token_run(tmp_path, steps=3, optim={"lr": 5e-3, "warmup_steps": 1, "grad_accum": 2}))
+    assert [r["step"] for r in history] == [3]
+    assert json.loads((ckpt / "config.json").read_text())["hidden_size"] == 32
+
+
+def test_a_restarted_run_drops_the_logged_steps_it_will_redo(tmp_path):
+    from internlm_jax.training.loop import Metrics
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    Metrics(_token_run(tmp_path, log={"jsonl": str(log)}), start=3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_eval_runs_every_eval_every_steps_whatever_the_logging(tmp_path):
+    from internlm_jax.training import train
+
+    history = train(_token_run(tmp_path, steps=4, eval_every=2, export_hf=str(tmp_path / "hf"),
+                               data__eval=str(tmp_path / "tokens.npy"), data__segment_masking=False,
+                               log={"every": 1000, "peak_tflops": 1.0}))
+    assert [(r["step"], "loss" in r, "eval_ppl" in r) for r in history] == [(2, False, True), (4, True, True)]
+    # the last perplexity, from the exported model's logits on every window of the eval file
+    model = ij.InternLM2.from_pretrained(tmp_path / "hf")
+    data = PackedDataset([str(tmp_path / "tokens.npy")], None, 16)
+    windows = np.stack([data.window(i)[0] for i in range(data.num_windows)])
+    logits = np.asarray(model(windows[:, :-1]), np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = logz - np.take_along_axis(logits, windows[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(history[-1]["eval_ppl"], np.exp(ce.mean()), rtol=1e-4)
+
+
+def test_token_ids_must_fit_the_model(tmp_path, small_tokenizer):
+    from internlm_jax.training import train
+
+    with pytest.raises(ValueError, match=r"small_tokenizer.model has \d+ token ids, more than the model's vocab_size "
+                                         r"100"):
+        train(_token_run(tmp_path, tokenizer=str(small_tokenizer), model__overrides={**TINY, "vocab_size": 100}))
 
 
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):

@@ -2,30 +2,55 @@
 
 Every key has a type and, where it matters, a range; unknown keys are errors. Numbers written the way
 people write them (``lr: 3e-4``, which PyYAML reads as a string) are parsed as numbers; anything that
-is not a number there, or is out of range, is a one-line error naming the field path
-(``optim.lr: ...``). The CLI (``internlm-jax train --config``) and the Python API
-(:meth:`TrainConfig.from_dict`) share these models.
+is not a number there (true/false included), is not finite, or is out of range, is a one-line error
+naming the field path (``optim.lr: ...``, ``optim.foo: unknown key``). ``model.overrides`` is checked
+the same way against the fields of :class:`~internlm_jax.config.InternLM2Config`. The CLI
+(``internlm-jax train --config``) and the Python API (:meth:`TrainConfig.from_dict`) share these models.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+
+from ..config import NOT_IN_JSON, InternLM2Config
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 LOSS_CHUNK = 2048  # vocabulary columns per chunk of the fused loss (fastest of 512..4096 on CPU)
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def numbers_are_not_booleans(cls, value, info: ValidationInfo):
+        """pydantic reads ``true`` as 1 for a number; in a config that is always a mistake."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(value, bool) and {int, float} & {annotation, *typing.get_args(annotation)}:
+            raise ValueError("expected a number")
+        return value
+
+
+def _override_fields() -> dict[str, tuple]:
+    """Each config.json field of InternLM2Config, optional, typed as in the dataclass (rope_scaling as
+    the dict config.json holds): what ``model.overrides`` may change on a preset."""
+    hints = typing.get_type_hints(InternLM2Config)
+    return {f.name: (dict | None if f.name == "rope_scaling" else hints[f.name], None)
+            for f in dataclasses.fields(InternLM2Config) if f.name not in NOT_IN_JSON}
+
+
+Overrides = create_model("Overrides", __base__=Section, **_override_fields())
 
 
 class ModelSection(Section):
     preset: str | None = None  # a released architecture, randomly initialised
     checkpoint: str | None = None  # an HF or Orbax folder to continue from
-    overrides: dict[str, Any] = Field(default_factory=dict)  # config changes for a preset (e.g. layers)
+    overrides: Overrides = Field(default_factory=Overrides)  # config changes for a preset (e.g. layers)
     dtype: Dtype = "bfloat16"  # compute
     param_dtype: Dtype = "float32"  # master weights and optimizer state
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
@@ -146,9 +171,24 @@ class TrainConfig(Section):
         self.log.jsonl, self.log.tensorboard = rel(self.log.jsonl), rel(self.log.tensorboard)
         self.export_hf = rel(self.export_hf)
 
+    def architecture(self) -> InternLM2Config:
+        """The model's architecture: the preset with its overrides, or the checkpoint's config.json."""
+        m = self.model
+        if m.checkpoint:
+            return InternLM2Config.from_pretrained(m.checkpoint)
+        try:
+            return InternLM2Config.preset(m.preset).replace(**m.overrides.model_dump(exclude_unset=True))
+        except ValueError as e:
+            raise ValueError(f"model.overrides: {e}") from None
+
     def validate(self) -> None:
+        """Checks across fields, before anything is loaded (the architecture included)."""
         if (self.model.preset is None) == (self.model.checkpoint is None):
             raise ValueError("model: give exactly one of 'preset' (random init) or 'checkpoint' (HF or Orbax folder)")
+        if self.model.checkpoint and self.model.overrides.model_fields_set:
+            raise ValueError("model.overrides: only a preset takes overrides (a checkpoint brings its config.json)")
+        if self.eval_every and not self.data.eval:
+            raise ValueError("eval_every: set data.eval (the held-out file to evaluate on)")
         if not self.data.train:
             raise ValueError("data.train: no training files given")
         for name in ("seq_len", "batch_size"):
@@ -159,16 +199,17 @@ class TrainConfig(Section):
                              f"data.batch_size ({self.data.batch_size})")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        self.architecture()
 
 
 def describe(error: ValidationError) -> str:
     """The first problem of a validation error as one line: ``field.path: message (got value)``."""
     first = error.errors()[0]
     path = ".".join(str(x) for x in first["loc"]) or "config"
+    more = f"; {error.error_count() - 1} more problem(s)" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        *parent, key = first["loc"]
-        return (".".join(map(str, parent)) + ": " if parent else "") + f"unknown key {key!r}"
+        return f"{path}: unknown key{more}"
     got = first.get("input")
     shown = "" if first["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
-    more = f"; {error.error_count() - 1} more problem(s)" if error.error_count() > 1 else ""
-    return f"{path}: {first['msg']}{shown}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{path}: {message}{shown}{more}"

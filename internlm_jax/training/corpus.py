@@ -155,11 +155,12 @@ class MappedArray:
 @dataclass
 class Piece:
     """A contiguous run of whole documents: ``starts`` marks where each begins (None: a ``</s>`` ends
-    one), ``trained`` which tokens the loss predicts (None: all)."""
+    one), ``trained`` which tokens the loss predicts (None: all), ``source`` the file it came from."""
 
     tokens: np.ndarray
     starts: np.ndarray | None = None
     trained: np.ndarray | None = None
+    source: str = ""
 
 
 def open_tokenized(folder: str | Path) -> tuple[list[Piece], dict]:
@@ -185,7 +186,7 @@ def open_tokenized(folder: str | Path) -> tuple[list[Piece], dict]:
         if len(tokens) != shard["tokens"] or len(starts) != shard["documents"]:
             raise ValueError(f"{files['tokens']}: {len(tokens)} tokens / {len(starts)} documents, the index says "
                              f"{shard['tokens']} / {shard['documents']}")
-        pieces.append(Piece(tokens, starts, trained))
+        pieces.append(Piece(tokens, starts, trained, str(files["tokens"])))
     return pieces, index
 
 
@@ -202,16 +203,17 @@ def open_token_file(path: str | Path, bin_dtype: str | None = None) -> Piece:
         tokens = MappedArray(path, bin_dtype)
     if tokens.dtype.kind not in "iu":
         raise ValueError(f"{path}: token ids must be integers, got {tokens.dtype}")
-    return Piece(tokens)
+    return Piece(tokens, source=str(path))
 
 
 class TokenStream:
     """Pieces back to back, read by range: ``tokens(a, b)``, their document ids, their trained mask.
-    A piece always starts a new document."""
+    A piece always starts a new document. With ``vocab_size``, every range of ids read is checked
+    against it (a min and max of what is read anyway: nothing else of the corpus is scanned)."""
 
-    def __init__(self, pieces: list[Piece], eos_id: int = EOS_ID):
+    def __init__(self, pieces: list[Piece], eos_id: int = EOS_ID, vocab_size: int | None = None):
         self.pieces = [p for p in pieces if len(p.tokens)]
-        self.eos_id = eos_id
+        self.eos_id, self.vocab_size = eos_id, vocab_size
         self.bounds = np.cumsum([0] + [len(p.tokens) for p in self.pieces])
         self.has_trained = any(p.trained is not None for p in self.pieces)
 
@@ -227,7 +229,15 @@ class TokenStream:
             k += 1
 
     def tokens(self, a: int, b: int) -> np.ndarray:
-        return np.concatenate([p.tokens[lo:hi] for p, lo, hi in self._parts(a, b)]).astype(np.int32)
+        parts = []
+        for p, lo, hi in self._parts(a, b):
+            ids = p.tokens[lo:hi]
+            if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                at = int(np.flatnonzero((ids < 0) | (ids >= self.vocab_size))[0])
+                raise ValueError(f"{p.source or 'training data'}: token {lo + at} is id {ids[at]}, outside the "
+                                 f"model's vocabulary (vocab_size {self.vocab_size})")
+            parts.append(ids)
+        return np.concatenate(parts).astype(np.int32)
 
     def segments(self, a: int, b: int) -> np.ndarray:
         """int32 document ids of positions ``a..b-1``, counted from 0 at ``a``."""

@@ -50,12 +50,13 @@ def text_document(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_bos=True) + [tokenizer.eos_id]
 
 
-def chat_document(tokenizer, messages, where: str) -> tuple[list[int], list[int]]:
-    """A conversation's tokens and which of them are trained (1: an assistant reply or its end)."""
+def chat_document(tokenizer, messages, where: str, tools=None) -> tuple[list[int], list[int]]:
+    """A conversation's tokens and which of them are trained (1: an assistant reply or its end).
+    ``tools`` (OpenAI function definitions) become the plugin system message, as the server renders them."""
     from ..chat_format import FormatError, to_internlm_messages
 
     try:
-        msgs = to_internlm_messages(messages)
+        msgs = to_internlm_messages(messages, tools)
         tokens = tokenizer.encode_chat(msgs, add_generation_prompt=False)
         trained = [0] * len(tokens)
         end = tokenizer.special_tokens["<|im_end|>"]
@@ -74,6 +75,39 @@ def chat_document(tokenizer, messages, where: str) -> tuple[list[int], list[int]
     return tokens, trained
 
 
+def line_document(tokenizer, line: str, where: str, *, plain: bool, fmt: str = "text",
+                  text_key: str = "text") -> tuple[list[int], list[int] | None] | None:
+    """One line of a raw file as ``(tokens, trained or None)``; None for a blank line. ``plain``: a .txt
+    line (the document itself); else a JSON object (``text_key``; chat: ``messages`` and ``tools``).
+    Shared by the in-memory reader and ``internlm-jax data tokenize``, so both make the same tokens."""
+    if not line.strip():
+        return None
+    if plain:
+        return text_document(tokenizer, line.rstrip("\r\n")), None
+    key = "messages" if fmt == "chat" else text_key
+    try:
+        record = json.loads(line)
+        value = record[key]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        what = "a 'messages' list" if fmt == "chat" else f"a {key!r} field"
+        raise ValueError(f"{where}: not a JSON object with {what}") from None
+    if fmt == "chat":
+        return chat_document(tokenizer, value, where, record.get("tools"))
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} is not a string")
+    return text_document(tokenizer, value), None
+
+
+def text_lines(path: Path):
+    """``(line number, text)`` of each line of a UTF-8 file; other bytes are a ValueError naming the line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not UTF-8 text") from None
+
+
 def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "text") -> Piece:
     """One raw text file (.txt, .jsonl; chat .jsonl), tokenized in memory: for small corpora (tokenize
     a large one first with ``internlm-jax data tokenize``)."""
@@ -85,31 +119,17 @@ def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "tex
         print(f"{file}: {file.stat().st_size / 1e9:.1f} GB of text is tokenized in memory by every process at "
               f"every start; `internlm-jax data tokenize` it once instead", file=sys.stderr)
     docs, trained = [], []
-    with open(file, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if file.suffix != ".jsonl":
-                if line.strip():
-                    docs.append(text_document(tokenizer, line.rstrip("\r\n")))
-                continue
-            if not line.strip():
-                continue
-            key = "messages" if fmt == "chat" else text_key
-            try:
-                value = json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                what = "a 'messages' list" if fmt == "chat" else f"a {key!r} field"
-                raise ValueError(f"{file}:{n}: not a JSON object with {what}") from None
-            if fmt == "chat":
-                t, m = chat_document(tokenizer, value, f"{file}:{n}")
-                docs.append(t)
-                trained.append(m)
-            else:
-                if not isinstance(value, str):
-                    raise ValueError(f"{file}:{n}: {key!r} is not a string")
-                docs.append(text_document(tokenizer, value))
+    for n, line in text_lines(file):
+        doc = line_document(tokenizer, line, f"{file}:{n}", plain=file.suffix != ".jsonl", fmt=fmt,
+                            text_key=text_key)
+        if doc is not None:
+            docs.append(doc[0])
+            trained.append(doc[1])
     if not docs:
         raise ValueError(f"{file}: no {'conversations' if fmt == 'chat' else 'documents'}")
-    return pack_documents(docs, trained if fmt == "chat" else None, np.int32)
+    piece = pack_documents(docs, trained if fmt == "chat" else None, np.int32)
+    piece.source = str(file)
+    return piece
 
 
 def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
@@ -137,18 +157,19 @@ def _collate(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Batch:
 
 
 class PackedDataset:
-    """Windows of ``seq_len + 1`` tokens over the documents of ``files``, back to back.
+    """Windows of ``seq_len + 1`` tokens over the documents of ``files``, back to back; with
+    ``vocab_size`` (the model's), every window read is checked to hold only ids below it.
 
     Global batch ``t`` holds windows ``order[t * B : (t + 1) * B]``, where ``order`` is grain's seeded
     index shuffle, reshuffled each epoch (no permutation array is kept); process ``p`` of ``P`` reads
     only its rows ``[p B / P, (p + 1) B / P)`` of each batch."""
 
     def __init__(self, files: list[str], tokenizer, seq_len: int, *, text_key: str = "text", seed: int = 0,
-                 fmt: str = "text", bin_dtype: str | None = None):
+                 fmt: str = "text", bin_dtype: str | None = None, vocab_size: int | None = None):
         import grain
 
         pieces = [p for f in files for p in open_source(f, tokenizer, text_key, fmt, bin_dtype)]
-        self.stream = TokenStream(pieces, tokenizer.eos_id if tokenizer is not None else EOS_ID)
+        self.stream = TokenStream(pieces, tokenizer.eos_id if tokenizer is not None else EOS_ID, vocab_size)
         self.seq_len, self.seed = seq_len, seed
         self.num_windows = (len(self.stream) - 1) // seq_len
         if self.num_windows < 1:

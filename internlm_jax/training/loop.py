@@ -1,4 +1,11 @@
-"""The training loop: model and data set-up, sharded jitted steps, Orbax checkpoints, metrics, eval."""
+"""The training loop: model and data set-up, sharded jitted steps, Orbax checkpoints, metrics, eval.
+
+A checkpoint folder is resumed automatically. It holds ``config.json`` (the architecture, for
+``internlm-jax convert train-to-hf``) and ``run_settings.json`` (:func:`run_settings`: what a resumed run
+must share with the checkpoints); both are written at the first start and after each successful
+restore, never before. ``steps`` may grow on resume: a run can be continued for longer (its cosine
+schedule then stretches from the resume point).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +19,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..config import InternLM2Config
+from ..files import atomic_write
 from ..model import InternLM2
 from ..sharding import make_mesh, named_sharding
-from .config import TrainConfig
-from .data import Batch, PackedDataset
+from .config import Overrides, TrainConfig
+from .data import Batch, PackedDataset, text_lines
 from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step
+
+SETTINGS = "run_settings.json"  # in checkpoint.dir: see run_settings
 
 
 def build_model(cfg: TrainConfig, mesh) -> InternLM2:
@@ -25,8 +34,7 @@ def build_model(cfg: TrainConfig, mesh) -> InternLM2:
     if m.checkpoint:
         model = InternLM2.from_pretrained(m.checkpoint, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype)
     else:
-        arch = InternLM2Config.preset(m.preset).replace(**m.overrides)
-        model = InternLM2(arch, mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, seed=cfg.seed)
+        model = InternLM2(cfg.architecture(), mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, seed=cfg.seed)
     model.configure(remat=m.remat)
     return model
 
@@ -48,11 +56,12 @@ def measure_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> fl
 class Metrics:
     """stdout, JSONL and (when installed) TensorBoard, from process 0."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, start: int = 0):
         self.main = jax.process_index() == 0
         self.jsonl = Path(cfg.log.jsonl) if cfg.log.jsonl and self.main else None
         if self.jsonl:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            self.drop_records_after(start)
         self.tb = None
         if cfg.log.tensorboard and self.main:
             try:
@@ -65,6 +74,17 @@ class Metrics:
                     print("tensorboard logging skipped: install tensorboardX", file=sys.stderr)
             if SummaryWriter is not None:
                 self.tb = SummaryWriter(cfg.log.tensorboard)
+
+    def drop_records_after(self, step: int) -> None:
+        """Rewrite the JSONL log (atomically) without its records past ``step``, the step this run starts
+        from: a resumed run writes those steps again. A line cut short by a kill is dropped too."""
+        if not self.jsonl.is_file():
+            return
+        lines = self.jsonl.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _record_step(line) <= step]
+        if kept != lines:
+            atomic_write(self.jsonl, "".join(kept))
+            print(f"{self.jsonl}: dropped {len(lines) - len(kept)} line(s) past step {step}", file=sys.stderr)
 
     def write(self, record: dict) -> None:
         if not self.main:
@@ -82,6 +102,14 @@ class Metrics:
     def close(self):
         if self.tb:
             self.tb.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not a whole record."""
+    try:
+        return json.loads(line)["step"] if line.endswith("\n") else math.inf
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _global_batch(batch: Batch, mesh, global_rows: int) -> dict:
@@ -146,6 +174,40 @@ def _restore(mgr, step: int, params, opt_state, loader):
     return params, opt_state
 
 
+def run_settings(cfg: TrainConfig, arch) -> dict:
+    """What a resumed run must share with its checkpoints: what decides batch ``t`` (the sources and how
+    they are read, seq_len, batch_size, seed, tokenizer) and the architecture. Free to change: ``steps``
+    (see the module docstring), the optimizer's hyper-parameters, ``grad_accum`` (token-weighted, so the
+    same step), the mesh, dtypes, eval, logging and checkpointing cadence."""
+    d = cfg.data
+    absolute = lambda p: p if p in (None, "demo") else str(Path(p).absolute())  # noqa: E731
+    return {"data.train": [absolute(p) for p in d.train], "data.format": d.format, "data.text_key": d.text_key,
+            "data.bin_dtype": d.bin_dtype, "data.seq_len": d.seq_len, "data.batch_size": d.batch_size,
+            "seed": cfg.seed, "tokenizer": absolute(cfg.tokenizer),
+            **{f"architecture.{k}": v for k, v in arch.to_dict().items() if k in Overrides.model_fields}}
+
+
+def check_resume(folder: str, settings: dict) -> None:
+    """Refuse to resume the checkpoints in ``folder`` with settings other than those they were made with."""
+    file = Path(folder) / SETTINGS
+    if not file.is_file():
+        if jax.process_index() == 0:
+            print(f"{folder}: no {SETTINGS} (an older run): resuming without checking its settings", file=sys.stderr)
+        return
+    saved = json.loads(file.read_text())
+    for key, new in json.loads(json.dumps(settings)).items():  # as JSON has them (tuples are lists)
+        if key in saved and saved[key] != new:
+            raise ValueError(f"{folder}: cannot resume with a different {key}: {saved[key]!r} in the checkpoints, "
+                             f"{new!r} now (restore it, or use a new checkpoint.dir)")
+
+
+def record_run(folder: str, arch, settings: dict) -> None:
+    """``config.json`` (for ``convert train-to-hf``) and the run's settings, each written atomically."""
+    if jax.process_index() == 0:
+        arch.save(folder)
+        atomic_write(Path(folder) / SETTINGS, json.dumps(settings, indent=1) + "\n")
+
+
 def load_tokenizer(cfg: TrainConfig):
     """The configured tokenizer; ``tokenizer: demo`` trains a small SentencePiece model on the training
     text files (offline examples; a real checkpoint brings its own tokenizer.model) and keeps it beside
@@ -156,6 +218,9 @@ def load_tokenizer(cfg: TrainConfig):
         return None
     if cfg.tokenizer != "demo":
         return Tokenizer.from_pretrained(cfg.tokenizer)
+    if not cfg.checkpoint.dir:
+        raise ValueError("tokenizer: demo is trained once and kept beside the checkpoints, so that a resumed run "
+                         "tokenizes the same way: set checkpoint.dir (or a real tokenizer.model)")
     path = Path(cfg.checkpoint.dir).parent / "demo_tokenizer.model"
     if path.is_file():
         return Tokenizer(path)
@@ -163,21 +228,43 @@ def load_tokenizer(cfg: TrainConfig):
     for file in cfg.data.train:
         if not file.endswith(".txt"):
             raise ValueError(f"tokenizer: demo trains on plain .txt files; {file} is not one (set a real tokenizer)")
-        texts += Path(file).read_text(encoding="utf-8").splitlines()
+        texts += [line.rstrip("\r\n") for _, line in text_lines(Path(file))]
     print(f"tokenizer: demo: trained a small SentencePiece model on the training text -> {path}", file=sys.stderr)
     return Tokenizer.train(texts, path)
+
+
+def evaluate(eval_fn, params, eval_data: PackedDataset, mesh, batch_size: int) -> float:
+    """Perplexity on every window of the eval data."""
+    proc, nproc = jax.process_index(), jax.process_count()
+    sums = [jax.device_get(eval_fn(params, _global_batch(_rows(b, proc, nproc), mesh, batch_size)))
+            for b in eval_data.eval_batches(batch_size)]
+    total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
+    return math.exp(total / count) if count else float("nan")
 
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the metric records of this process."""
     cfg.validate()
+    arch = cfg.architecture()
+    mgr = _checkpoint_manager(cfg)
+    resume_at = mgr.latest_step() if mgr is not None else None
+    settings = run_settings(cfg, arch)
+    if resume_at is not None:
+        try:
+            check_resume(cfg.checkpoint.dir, settings)
+        except ValueError:
+            mgr.close()
+            raise
     mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
+    if tok is not None and tok.vocab_size > arch.vocab_size:
+        raise ValueError(f"tokenizer: {tok.model_file} has {tok.vocab_size} token ids, more than the model's "
+                         f"vocab_size {arch.vocab_size}")
     d = cfg.data
     data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed, fmt=d.format,
-                         bin_dtype=d.bin_dtype)
+                         bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size)
     eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key, fmt=d.format,
-                              bin_dtype=d.bin_dtype) if d.eval else None
+                              bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size) if d.eval else None
     proc, nproc = jax.process_index(), jax.process_count()
     loader = iter(data.loader(d.batch_size, cfg.steps, proc, nproc, threads=d.loader_threads, prefetch=d.prefetch))
     model = build_model(cfg, mesh)
@@ -188,15 +275,14 @@ def train(cfg: TrainConfig) -> list[dict]:
                                       z_loss=cfg.optim.z_loss, schedule=schedule, loss_chunk=cfg.model.loss_chunk),
                       donate_argnums=(0, 1))
     eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking, loss_chunk=cfg.model.loss_chunk))
-    mgr = _checkpoint_manager(cfg)
-    if mgr is not None and jax.process_index() == 0:
-        model.config.save(cfg.checkpoint.dir)  # so `internlm-jax convert train-to-hf` knows the architecture
     start = 0
-    if mgr is not None and mgr.latest_step() is not None:
-        start = mgr.latest_step()
+    if resume_at is not None:
+        start = resume_at
         params, opt_state = _restore(mgr, start, params, opt_state, loader)
         print(f"resumed from {cfg.checkpoint.dir} at step {start}", flush=True)
-    metrics = Metrics(cfg)
+    if mgr is not None:
+        record_run(cfg.checkpoint.dir, model.config, settings)
+    metrics = Metrics(cfg, start)
     flops_per_token = model.config.train_flops_per_token(d.seq_len)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
     history = []
@@ -205,19 +291,21 @@ def train(cfg: TrainConfig) -> list[dict]:
         batch = _global_batch(next(loader), mesh, d.batch_size)
         params, opt_state, m = step_fn(params, opt_state, batch, step)
         done = step + 1
+        record = {}
         if done % cfg.log.every == 0 or done == cfg.steps:
             m = jax.device_get(m)
             now = time.perf_counter()
             tokens_per_s = cfg.log.every * d.batch_size * d.seq_len / (now - t_last)
             t_last = now
-            record = {"step": done, "loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
+            record = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * flops_per_token / peak}
-            if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
-                sums = [jax.device_get(eval_fn(params, _global_batch(_rows(b, proc, nproc), mesh, d.batch_size)))
-                        for b in eval_data.eval_batches(d.batch_size)]
-                total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
-                record["eval_ppl"] = math.exp(total / count) if count else float("nan")
+        if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
+            t_eval = time.perf_counter()
+            record["eval_ppl"] = evaluate(eval_fn, params, eval_data, mesh, d.batch_size)
+            t_last += time.perf_counter() - t_eval  # the throughput counts training time only
+        if record:
+            record = {"step": done, **record}
             metrics.write(record)
             history.append(record)
         if mgr is not None:

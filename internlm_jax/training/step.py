@@ -2,7 +2,9 @@
 
 Parameters are the model's ``nnx.State`` (a pytree of arrays) in ``param_dtype`` (float32 master
 weights); the forward casts them to the compute dtype. Gradient accumulation scans
-over micro-batches inside the one compiled step.
+over micro-batches inside the one compiled step; each micro-batch's summed token losses are divided by
+the whole batch's count of trained tokens, so the accumulated loss and gradient are those of the whole
+batch at once, however the trained tokens fall into micro-batches (chat data: some have none).
 """
 
 from __future__ import annotations
@@ -21,8 +23,12 @@ DECAYED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
 def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
-    """AdamW with linear warmup and cosine decay, global-norm clipping, and a weight-decay mask."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1),
+    """AdamW with linear warmup and cosine decay, global-norm clipping, and a weight-decay mask.
+
+    The schedule is optax's (and HF's ``get_cosine_with_min_lr_schedule_with_warmup``): update ``t``
+    (from 0) uses ``lr * t / warmup_steps`` during warmup, so the first one is at lr 0 when there is a
+    warmup and at the peak lr when ``warmup_steps`` is 0."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps,
                                                   max(total_steps, cfg.warmup_steps + 1),
                                                   end_value=cfg.lr * cfg.min_lr_ratio)
 
@@ -55,20 +61,27 @@ def init_optimizer_state(tx: optax.GradientTransformation, params, mesh):
     return jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params)
 
 
-def loss_fn(params, graphdef, batch, *, segments: bool, z_loss: float, loss_chunk: int = LOSS_CHUNK):
-    """Mean next-token cross-entropy (float32) over unmasked targets, plus optional z-loss.
+def trained_tokens(batch, segments: bool) -> jax.Array:
+    """float32 ``[B, S]``: 1 on the targets the loss covers."""
+    return batch["weight"] * (batch["loss_mask"] if segments else 1.0)
+
+
+def loss_fn(params, graphdef, batch, *, segments: bool, z_loss: float, loss_chunk: int = LOSS_CHUNK,
+            tokens: jax.Array | None = None):
+    """Next-token cross-entropy (float32) plus optional z-loss, summed over the trained targets and
+    divided by ``tokens`` (default: this batch's count of them, i.e. the mean); returns
+    ``(loss, (summed cross-entropy, trained targets))``.
 
     ``loss_chunk``: vocabulary columns per chunk of the fused output layer and loss
     (:mod:`internlm_jax.training.loss`); 0 builds the logits whole."""
     model = nnx.merge(graphdef, params)
     hidden = model.final_hidden(batch["inputs"], segment_ids=batch["segment_ids"] if segments else None)
     ce_tokens, logz = token_losses(model, hidden, batch["targets"], loss_chunk)
-    mask = batch["weight"] * (batch["loss_mask"] if segments else 1.0)
-    count = jnp.maximum(mask.sum(), 1.0)
+    mask = trained_tokens(batch, segments)
+    tokens = jnp.maximum(mask.sum(), 1.0) if tokens is None else tokens
     ce_sum = (ce_tokens * mask).sum()
-    ce = ce_sum / count
-    total = ce + (z_loss * (logz ** 2 * mask).sum() / count if z_loss else 0.0)
-    return total, (ce, ce_sum, mask.sum())
+    total = ce_sum + (z_loss * (logz ** 2 * mask).sum() if z_loss else 0.0)
+    return total / tokens, (ce_sum, mask.sum())
 
 
 def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: float, schedule,
@@ -76,21 +89,21 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
     """``step(params, opt_state, batch, step_number) -> (params, opt_state, metrics)``, to be jitted."""
 
     def train_step(params, opt_state, batch, step_number):
+        tokens = jnp.maximum(trained_tokens(batch, segments).sum(), 1.0)  # of the whole batch
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, mb):
             g_sum, loss_sum, ce_sum = carry
-            (loss, (ce, _, _)), g = grad_fn(params, graphdef, mb, segments=segments, z_loss=z_loss,
-                                            loss_chunk=loss_chunk)
+            (loss, (ce, _)), g = grad_fn(params, graphdef, mb, segments=segments, z_loss=z_loss,
+                                         loss_chunk=loss_chunk, tokens=tokens)
             return (jax.tree.map(jnp.add, g_sum, g), loss_sum + loss, ce_sum + ce), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
-        grads = jax.tree.map(lambda g: g / grad_accum, grads)
+        (grads, loss, ce_sum), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss / grad_accum, "ce": ce / grad_accum,
+        metrics = {"loss": loss, "ce": ce_sum / tokens,
                    "grad_norm": (optax.tree.norm(grads) if hasattr(optax, "tree") and hasattr(optax.tree, "norm")
                                  else optax.global_norm(grads)),
                    "lr": schedule(step_number)}
@@ -102,6 +115,6 @@ def make_train_step(graphdef, tx, *, grad_accum: int, segments: bool, z_loss: fl
 def make_eval_step(graphdef, *, segments: bool, loss_chunk: int = LOSS_CHUNK):
     """``(params, batch) -> (sum of token losses, number of tokens)``."""
     def eval_step(params, batch):
-        _, (_, ce_sum, count) = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0, loss_chunk=loss_chunk)
+        _, (ce_sum, count) = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0, loss_chunk=loss_chunk)
         return ce_sum, count
     return eval_step

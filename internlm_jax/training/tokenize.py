@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..files import atomic_write, check_destination, progress_bar, replace_directory
 from .corpus import INDEX, pack_documents, read_shard_meta, staging_folder, token_dtype, write_index, write_shard
-from .data import chat_document, text_document
+from .data import line_document
 
 SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}
 
@@ -77,24 +77,10 @@ def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_ke
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"{where} is not UTF-8 text") from None
-        if not line.strip():
-            continue
-        if path.suffix == ".txt":
-            docs.append(text_document(tokenizer, line.rstrip("\r\n")))
-            continue
-        key = "messages" if fmt == "chat" else text_key
-        try:
-            value = json.loads(line)[key]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{where} is not a JSON object with a {key!r} field") from None
-        if fmt == "chat":
-            tokens, mask = chat_document(tokenizer, value, where)
-            docs.append(tokens)
-            trained.append(mask)
-        elif isinstance(value, str):
-            docs.append(text_document(tokenizer, value))
-        else:
-            raise ValueError(f"{where}: {key!r} is not a string")
+        doc = line_document(tokenizer, line, where, plain=path.suffix == ".txt", fmt=fmt, text_key=text_key)
+        if doc is not None:
+            docs.append(doc[0])
+            trained.append(doc[1])
     piece = pack_documents(docs, trained if fmt == "chat" else None, token_dtype(tokenizer.vocab_size))
     return write_shard(Path(folder), name, piece.tokens, piece.starts, piece.trained)
 
