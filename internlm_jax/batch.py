@@ -2,15 +2,15 @@
 
     internlm-jax generate --model DIR --input prompts.jsonl --output out.jsonl
 
-Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as
-for the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens``,
-``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``presence_penalty``,
-``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0 to 20), ``min_tokens``,
-``ignore_eos``. Each output
-line carries the ``id``, ``text`` (chat: also ``tool_calls``), ``prompt_tokens``,
-``completion_tokens`` and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs``
-and ``top_logprobs``, ``[id, logprob]`` pairs), written in the order requests finish. Every input line
-is checked before anything runs.
+Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as for
+the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens`` (or
+``max_new_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0
+to 20), ``min_tokens``, ``ignore_eos``. Each output line carries the ``id``, ``text`` (chat: also
+``tool_calls``), ``prompt_tokens``, ``completion_tokens`` (up to the token that completed a stop string)
+and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs`` and ``top_logprobs``,
+``[id, logprob]`` pairs), written in the order requests finish. Every input line is checked before
+anything runs.
 
 A rerun skips the ids already in the output. Lines are appended whole, one ``write`` each, as their
 requests finish, so a killed run loses no finished line; a torn last line (a kill mid-write) is cut
@@ -24,9 +24,10 @@ import os
 import time
 from pathlib import Path
 
-from .chat_format import FormatError, TextStream, chat_prompt
+from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
+from .generation import DEFAULT_NEW_TOKENS
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
@@ -77,9 +78,13 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
                 if isinstance(e, BatchInputError):
                     raise
                 raise BatchInputError(f"{where}: {e}") from None
-            kw = dict(defaults)
+            kw = {k: v for k, v in defaults.items() if k != "stop"}
+            if "max_new_tokens" in item and "max_tokens" not in item:  # the CLI's and generate()'s name
+                item["max_tokens"] = item["max_new_tokens"]
             kw.update({k: item[k] for k in OPTIONS if k in item})
-            stop = item.get("stop") or []
+            if kw.get("max_tokens") is None:  # as generate(): the default, or what fits in the context
+                kw["max_tokens"] = max(1, min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids)))
+            stop = item.get("stop", defaults.get("stop")) or []
             stop = [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
                 raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")
@@ -89,7 +94,7 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             except EngineError as e:
                 raise BatchInputError(f"{where}: {e}") from None
             out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                        "chat": "messages" in item, "forced": forced, "tools": tools})
+                        "chat": "messages" in item, "forced": forced, "tools": tools, "shown": 0})
     return out
 
 
@@ -131,11 +136,8 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
                     text = TextStream(item["stop"], tools=item["tools"], forced=item["forced"])
                     decoder = tok.stream_decoder(skip_special_tokens=False)
 
-                    def follow(request, new, text=text, decoder=decoder):  # incremental, as the server does
-                        for piece in map(decoder.push, new):
-                            text.push(piece)
-                        if request.finished.is_set():
-                            text.push(decoder.flush())
+                    def follow(request, new, item=item, text=text, decoder=decoder):  # as the server does
+                        item["shown"] += feed_tokens(text, decoder, new, request.finished.is_set())[1]
 
                     try:
                         handle = engine.submit(item["ids"], on_update=follow, **item["kw"])
@@ -149,7 +151,7 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
                     if not handle.finished.is_set():
                         handle.cancel()
                     os.write(fd, (json.dumps(_result(handle, item, text), ensure_ascii=False) + "\n").encode())
-                    tokens += len(handle.tokens)
+                    tokens += item["shown"]
                     bar.update(1)
                     bar.set_postfix_str(f"{tokens / max(time.perf_counter() - start, 1e-9):.1f} tok/s")
         os.fsync(fd)
@@ -165,11 +167,12 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
 def _result(handle, item, stream: TextStream) -> dict:
     text, calls = stream.reply()
     reason = "stop" if stream.stopped else handle.finish_reason
+    n = item["shown"]  # up to the token that completed a stop string
     out = {"id": item["id"], "text": text, "prompt_tokens": len(item["ids"]),
-           "completion_tokens": len(handle.tokens), "finish_reason": reason}
+           "completion_tokens": n, "finish_reason": reason}
     if handle.logprobs is not None:  # the model's log-probabilities of every generated token
-        out.update(token_ids=handle.tokens, token_logprobs=handle.token_logprobs,
-                   top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs])
+        out.update(token_ids=handle.tokens[:n], token_logprobs=handle.token_logprobs[:n],
+                   top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs[:n]])
     if calls:
         out["tool_calls"], out["finish_reason"] = calls, "tool_calls"
     return out

@@ -241,6 +241,23 @@ class TextStream:
         return content, calls
 
 
+def feed_tokens(text: TextStream, decoder, tokens, finished: bool = False) -> tuple[str, int]:
+    """Push generated ``tokens`` through a tokenizer's stream ``decoder`` into ``text``, up to the token
+    that completes a stop string (a reply ends there); with ``finished`` also the decoder's held bytes.
+    Returns the text safe to send now and how many of ``tokens`` were taken."""
+    out, used = [], 0
+    for token in tokens:
+        if text.stopped:
+            break
+        used += 1
+        piece = decoder.push(token)
+        if piece:
+            out.append(text.push(piece))
+    if finished and not text.stopped:
+        out.append(text.push(decoder.flush()))
+    return "".join(out), used
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}

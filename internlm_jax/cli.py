@@ -103,7 +103,7 @@ def _load_for_generation(args):
 
 
 def _sampling_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return dict(max_new_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
                 frequency_penalty=args.frequency_penalty, seed=args.seed, truncate=args.truncate)
 
@@ -132,7 +132,7 @@ def cmd_generate(args) -> None:
             engine.follow()
             finish()
             return
-        defaults = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        defaults = dict(max_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                         seed=args.seed)
@@ -204,7 +204,10 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     """The model flags and the sampling flags (serve takes the model flags only: each request brings its
     own sampling parameters, with OpenAI's defaults)."""
     _add_model_args(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 128 (chat: 512), or as many as fit in the context")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the reply before this text (repeatable; with --input, per line: 'stop')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

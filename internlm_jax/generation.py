@@ -29,6 +29,7 @@ from .arrays import row_sharding
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
+from .chat_format import TextStream, feed_tokens
 from .ring import padded_length
 from .sharding import constrain, named_sharding
 
@@ -92,6 +93,13 @@ def categorical_tokens(key: jax.Array, logits: jax.Array) -> jax.Array:
     return argmax_tokens(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
+def categorical_rows(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row ``b`` from ``softmax(logits[b])`` with key ``keys[b]``: a row's token depends on
+    its key and logits only, not on the other rows of the batch."""
+    noise = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[1:], logits.dtype))(keys)
+    return argmax_tokens(logits + noise)
+
+
 def count_penalties(logits: jax.Array, counts: jax.Array, presence, frequency) -> jax.Array:
     """OpenAI's presence and frequency penalties: ``logits - frequency * counts - presence * (counts > 0)``
     (``counts``: times each token was generated; the penalties broadcast against the logits)."""
@@ -129,12 +137,15 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None,
-                  counts: jax.Array | None = None) -> jax.Array:
-    """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw."""
+                  counts: jax.Array | None = None, counter: jax.Array | None = None) -> jax.Array:
+    """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw;
+    with ``counter`` ``[B]`` row ``b`` draws with ``fold_in(key, counter[b])`` (as the engine's rows do)."""
     logits = process_logits(logits, params, seen, counts)
     if params.temperature == 0:
         return argmax_tokens(logits)
-    return categorical_tokens(key, logits)
+    if counter is None:
+        return categorical_tokens(key, logits)
+    return categorical_rows(jax.vmap(lambda c: jax.random.fold_in(key, c))(counter), logits)
 
 
 @jax.tree_util.register_dataclass
@@ -195,8 +206,7 @@ def sample_rows(logits: jax.Array, rows: RowSampling, counter: jax.Array, featur
             before = jnp.cumsum(probs, axis=-1) - probs
             sorted_logits = jnp.where(before < col(rows.top_p), sorted_logits, neg)
         scaled = jax.vmap(lambda z, o, x: z.at[o].set(x))(jnp.full_like(scaled, neg), order, sorted_logits)
-    keys = jax.vmap(jax.random.fold_in)(rows.key, counter)
-    drawn = argmax_tokens(scaled + jax.vmap(lambda k: jax.random.gumbel(k, scaled.shape[1:], scaled.dtype))(keys))
+    drawn = categorical_rows(jax.vmap(jax.random.fold_in)(rows.key, counter), scaled)
     return jnp.where(t > 0, drawn, greedy)
 
 
@@ -364,7 +374,9 @@ class Generator:
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
         if ds.rows is None:
-            tok = sample_tokens(ds.logits, jax.random.fold_in(ds.key, ds.step), sampling, ds.seen, ds.counts)
+            # each row draws with the seed's key folded with its own position, as an engine request with
+            # that seed does: a prompt samples the same tokens wherever it sits in the batch
+            tok = sample_tokens(ds.logits, ds.key, sampling, ds.seen, ds.counts, counter=ds.positions)
         else:
             logits = ds.logits
             if ds.ban is not None:  # min_tokens: a row's stop ids are not sampled below its min_position
@@ -541,7 +553,23 @@ def model_limit(cfg) -> int:
     return int(cfg.max_position_embeddings * factor)
 
 
-def _encode_prompts(tok, prompts, add_bos: bool) -> list[list[int]]:
+DEFAULT_NEW_TOKENS = 128  # generate / stream without max_new_tokens (chat: 512), capped to what fits
+
+
+def _as_batch(prompts) -> tuple[list, bool]:
+    """``(prompts as a list, whether one prompt was given)``: a string, a flat list of token ids or a
+    1-D array is one prompt."""
+    if isinstance(prompts, str):
+        return [prompts], True
+    if isinstance(prompts, np.ndarray | jax.Array):
+        return ([prompts], True) if prompts.ndim == 1 else (list(prompts), False)
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompts):
+        return [prompts], True
+    return prompts, False
+
+
+def _encode_prompts(tok, prompts, add_bos: bool, vocab_size: int) -> list[list[int]]:
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str):
@@ -550,15 +578,25 @@ def _encode_prompts(tok, prompts, add_bos: bool) -> list[list[int]]:
             if tok is None:
                 raise ValueError("a tokenizer is needed for text prompts (or pass token id lists)")
             ids = tok.encode(p, add_bos=add_bos)
+        elif isinstance(p, int | np.integer):
+            raise ValueError(f"prompt {i} is a single integer; prompts are token id lists (for one prompt: [ids])")
         else:
             ids = [int(t) for t in p]
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
         if not ids:
             raise ValueError(f"prompt {i} is empty")
         out.append(ids)
     return out
 
 
-def _check_lengths(prompts: list[list[int]], max_new_tokens: int, limit: int, truncate: bool) -> list[list[int]]:
+def _check_lengths(prompts: list[list[int]], max_new_tokens: int | None, limit: int, truncate: bool,
+                   default: int = DEFAULT_NEW_TOKENS) -> tuple[list[list[int]], int]:
+    """The prompts (cut from the left with ``truncate``) and the number of new tokens. Without
+    ``max_new_tokens``, ``default`` tokens, or as many as fit after the longest prompt."""
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(default, limit - max(map(len, prompts))))
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     room = limit - max_new_tokens
@@ -572,17 +610,44 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int, limit: int, tr
                                  f"max_length={limit} (pass truncate=True to keep its last {room} tokens)")
             p = p[len(p) - room:]
         out.append(p)
-    return out
+    return out, max_new_tokens
 
 
-def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
-                 frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] = (2, 92542),
-                 max_length: int | None = None, truncate: bool = False) -> list[list[int]]:
-    """Token ids in, new token ids out (each list ends at and includes its stop id, if one came)."""
+def _check_seed(seed) -> int:
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return int(seed) % (1 << 32)  # as the engine takes it: the same seed draws the same tokens there
+
+
+def _stop_strings(stop) -> list[str]:
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return [s for s in stop if s]
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> str:
+    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:at]
+
+
+def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int = 0,
+                 stop_ids: Sequence[int] = (2, 92542), max_length: int | None = None,
+                 truncate: bool = False) -> list[list[int]]:
+    """Token id lists in, new token ids out (each list ends at and includes its stop id, if one came).
+
+    ``max_new_tokens`` defaults to 128, or what fits after the longest prompt within ``max_length``
+    (default: the model's context). A sampled prompt draws the same tokens wherever it sits in the
+    batch, and the same as an :class:`~internlm_jax.Engine` request with the same ``seed``."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
-    prompts = _encode_prompts(None, prompts, add_bos=False)
-    prompts = _check_lengths(prompts, max_new_tokens, max_length or model_limit(model.config), truncate)
+    seed = _check_seed(seed)
+    if len(prompts) == 0:
+        return []
+    prompts = _encode_prompts(None, prompts, add_bos=False, vocab_size=model.config.vocab_size)
+    prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, max_length or model_limit(model.config),
+                                             truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
@@ -593,53 +658,71 @@ def _strip_stop(ids: list[int], stop_ids) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
-def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_new_tokens: int = 128,
-             add_bos: bool = True, stop_ids: Sequence[int] | None = None, skip_special_tokens: bool = False,
-             **kwargs) -> list[str] | str:
+def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_new_tokens: int | None = None,
+             add_bos: bool = True, stop_ids: Sequence[int] | None = None, stop: str | Sequence[str] | None = None,
+             skip_special_tokens: bool = False, **kwargs) -> list[str] | str:
     """Generate text for one prompt or a batch (prompts of different lengths are left-padded).
 
+    A prompt is a string or a list of token ids; one prompt gives a string, a list of them a list.
     Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty`` (see :class:`SamplingParams`), ``seed``.
     Each sequence stops at its own stop id (default: the tokenizer's, ``</s>`` and ``<|im_end|>``)
-    or after ``max_new_tokens``; the stop token is not part of the text.
+    or after ``max_new_tokens`` (see :func:`generate_ids`); the stop token is not part of the text.
+    ``stop`` strings cut the text before the first one that appears.
     """
-    single = isinstance(prompts, str)
-    batch = [prompts] if single else list(prompts)
+    batch, single = _as_batch(prompts)
+    stop = _stop_strings(stop)
     stop_ids = tuple(stop_ids if stop_ids is not None else (tok.stop_ids if tok is not None else (2, 92542)))
-    ids = _encode_prompts(tok, batch, add_bos)
+    ids = _encode_prompts(tok, batch, add_bos, model.config.vocab_size)
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **kwargs)
-    texts = [tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens) for o in out]
+    texts = [_cut_at_stop(tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens), stop)
+             for o in out]
     return texts[0] if single else texts
 
 
-def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
+def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | None = None, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
            frequency_penalty: float = 0.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
-           add_bos: bool = True, skip_special_tokens: bool = False, max_length: int | None = None,
-           truncate: bool = False) -> Iterator[str]:
-    """Yield text pieces as tokens are produced (the decode step driven one token per call)."""
+           stop: str | Sequence[str] | None = None, add_bos: bool = True, skip_special_tokens: bool = False,
+           max_length: int | None = None, truncate: bool = False, default_new_tokens: int = DEFAULT_NEW_TOKENS
+           ) -> Iterator[str]:
+    """Yield text pieces as tokens are produced (the decode step driven one token per call); the same
+    text as :func:`generate` for one prompt. Arguments are checked here, before the first piece is asked
+    for. Without ``max_new_tokens``, ``default_new_tokens`` or as many as fit."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
+    seed, stop = _check_seed(seed), _stop_strings(stop)
     stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
-    prompts = _check_lengths(_encode_prompts(tok, [prompt], add_bos), max_new_tokens,
-                             max_length or model_limit(model.config), truncate)
+    batch, single = _as_batch(prompt)
+    if not single:
+        raise ValueError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
+    prompts, max_new_tokens = _check_lengths(_encode_prompts(tok, batch[:1], add_bos, model.config.vocab_size),
+                                             max_new_tokens, max_length or model_limit(model.config), truncate,
+                                             default_new_tokens)
+    return _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop, skip_special_tokens)
+
+
+def _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop, skip_special_tokens):
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)
+    text = TextStream(stop)  # holds back what may still become a stop string
     layers = gen.layers
     for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call
         ds, token, _, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
         t = int(token[0])
         if t in stop_ids:
             break
-        piece = decoder.push(t)
+        piece, _ = feed_tokens(text, decoder, [t])
         if piece:
             yield piece
-    tail = decoder.flush()
+        if text.stopped:
+            return
+    tail, _ = feed_tokens(text, decoder, [], finished=True)
     if tail:
         yield tail
 
 
-def chat(model, tok, messages: list[dict], *, max_new_tokens: int = 512, stream_to=None, **kwargs) -> dict:
+def chat(model, tok, messages: list[dict], *, max_new_tokens: int | None = None, stream_to=None, **kwargs) -> dict:
     """One assistant turn for ``messages`` (InternLM2 chat template); returns the assistant message.
 
     Special tokens are kept in the content, so tool calls (``<|action_start|><|plugin|>...<|action_end|>``)
@@ -648,7 +731,8 @@ def chat(model, tok, messages: list[dict], *, max_new_tokens: int = 512, stream_
     """
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
     pieces = []
-    for piece in stream(model, tok, prompt, max_new_tokens=max_new_tokens, add_bos=False, **kwargs):
+    for piece in stream(model, tok, prompt, max_new_tokens=max_new_tokens, add_bos=False, default_new_tokens=512,
+                        **kwargs):
         pieces.append(piece)
         if stream_to is not None:
             stream_to(piece)

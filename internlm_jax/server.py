@@ -31,7 +31,7 @@ from typing import Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from .chat_format import FormatError, TextStream, chat_prompt, usage
+from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
 from .multihost import finish
 
@@ -361,16 +361,9 @@ def create_app(engine: Engine, tok, model_name: str):
                     c = choices[index]
                     if c.keep is not None:
                         new = new[:max(0, c.keep - c.shown)]
-                    delta, used = "", 0
-                    for token in new:  # up to the token that completes a stop string: the reply ends there
-                        if c.text.stopped:
-                            break
-                        used += 1
-                        piece = c.decoder.push(token)
-                        delta += c.text.push(piece) if piece else ""
+                    delta, used = feed_tokens(c.text, c.decoder, new, finished)
                     c.shown += used
                     if finished:
-                        delta += c.text.push(c.decoder.flush())
                         running -= 1
                     if c.text.stopped and not c.handle.finished.is_set():
                         c.handle.cancel()

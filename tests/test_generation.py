@@ -155,6 +155,34 @@ def test_sampling_reproducible_and_greedy_limits(model):
     assert ij.generate_ids(model, PROMPTS, temperature=0.7, top_p=1e-6, seed=3, **kw) == greedy
 
 
+def test_a_sampled_prompt_draws_the_same_tokens_anywhere_in_the_batch_and_in_the_engine(model):
+    """Each row draws with the seed's key folded with its own position: a prompt's sampled tokens do not
+    depend on the rows around it, and equal an engine request with the same seed."""
+    kw = dict(max_new_tokens=8, stop_ids=(), temperature=1.0, top_p=0.95, seed=5)
+    alone = ij.generate_ids(model, [PROMPTS[1]], **kw)[0]
+    assert alone != ij.generate_ids(model, [PROMPTS[1]], **{**kw, "seed": 6})[0]
+    assert ij.generate_ids(model, [PROMPTS[0], PROMPTS[1]], **kw)[1] == alone
+    assert ij.generate_ids(model, [PROMPTS[1], PROMPTS[1]], **kw) == [alone, alone]
+    engine = ij.Engine(model, max_batch=2, max_len=32, stop_ids=())
+    request = engine.submit(PROMPTS[1], max_tokens=8, temperature=1.0, top_p=0.95, seed=5)
+    engine.run_until_done([request])
+    assert request.tokens == alone
+
+
+def test_defaults_fit_the_context_and_ids_are_checked(model):
+    # the context is 32 (16 positions x dynamic factor 2): without max_new_tokens, what fits
+    out = ij.generate_ids(model, [PROMPTS[0]], stop_ids=())[0]
+    assert out == ij.generate_ids(model, [PROMPTS[0]], max_new_tokens=32 - len(PROMPTS[0]), stop_ids=())[0]
+    assert ij.generate_ids(model, []) == []
+    for bad, words in (([[5, -1]], "token id -1 is outside"), ([[5, 96]], "token id 96 is outside"),
+                       ([5, 6], "single integer")):
+        with pytest.raises(ValueError, match=words):
+            ij.generate_ids(model, bad, max_new_tokens=2)
+    for seed in (None, 1.5, True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            ij.generate_ids(model, PROMPTS, max_new_tokens=2, seed=seed)
+
+
 def test_logit_processing_matches_hf_warpers():
     torch = pytest.importorskip("torch")
     from transformers import (

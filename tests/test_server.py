@@ -689,6 +689,32 @@ def test_the_incremental_text_stream_handles_markers_split_anywhere():
         assert (content, [json.loads(c["function"]["arguments"]) for c in calls]) == want
 
 
+def test_offline_batch_lines_end_at_a_stop_string_and_take_generates_names(tiny, tmp_path):
+    """A line cut by a stop string counts (and scores) its tokens up to the one that completed it, as the
+    server does; ``max_new_tokens`` is generate()'s name for ``max_tokens``; no max_tokens: what fits."""
+    from internlm_jax.batch import run_batch
+
+    _, model, tok = tiny
+    ids = tok.encode("The river")
+    greedy_ids = strip_stop(ij.generate_ids(model, [ids], max_new_tokens=16, stop_ids=tok.stop_ids)[0], tok)
+    text = tok.decode(greedy_ids)
+    stop = text[5:8]
+    upto = next(k for k in range(1, len(greedy_ids) + 1) if stop in tok.decode(greedy_ids[:k]))
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "cut", "prompt": "The river", "max_tokens": 16, "stop": stop, "logprobs": 0})
+                   + "\n" + json.dumps({"id": "alias", "prompt": "The river", "max_new_tokens": 5}) + "\n"
+                   + json.dumps({"id": "fits", "prompt_ids": [5] * 250}) + "\n")
+    engine = ij.Engine(model, max_batch=2, max_len=256, stop_ids=tok.stop_ids)
+    run_batch(engine, tok, src, out, progress=False)
+    by_id = {x["id"]: x for x in map(json.loads, out.read_text().splitlines())}
+    cut = by_id["cut"]
+    assert cut["text"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    assert cut["completion_tokens"] == upto and cut["token_ids"] == greedy_ids[:upto]
+    assert len(cut["token_logprobs"]) == upto
+    assert by_id["alias"]["text"] == greedy(model, tok, "The river", 5)
+    assert by_id["fits"]["completion_tokens"] <= 6 and by_id["fits"]["prompt_tokens"] == 250
+
+
 def test_offline_batch_command_is_resumable(tiny, tmp_path):
     server, model, tok = tiny
     folder = Path(server.proc.args[server.proc.args.index("--model") + 1])

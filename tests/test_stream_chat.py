@@ -60,6 +60,34 @@ def test_empty_prompt_errors(setup):
         list(ij.stream(model, tok, ""))
 
 
+def test_stop_strings_prompt_forms_defaults_and_eager_checks(setup):
+    """``stop`` cuts generate, stream and chat alike; a flat id list or 1-D array is one prompt; without
+    max_new_tokens the reply gets what fits in the context (chat's default 512 is past this model's 256);
+    stream checks its arguments when called, not at the first piece."""
+    import numpy as np
+
+    tok, model, _ = setup
+    assert ij.generate(model, tok, "Hi\n", max_new_tokens=40, stop="InternLM") == "My name is "
+    assert ij.generate(model, tok, ["Hi\n"], max_new_tokens=40, stop=["zzz", "name"]) == ["My "]
+    assert "".join(ij.stream(model, tok, "Hi\n", max_new_tokens=40, stop=["InternLM"])) == "My name is "
+    messages = [{"role": "user", "content": "你好"}]
+    assert ij.chat(model, tok, messages, stop="InternLM")["content"] == "My name is "
+    assert ij.chat(model, tok, messages)["content"] == EXPECTED  # no max_new_tokens: what fits
+    ids = tok.encode("Hi\n")  # with its BOS, as the text prompt gets one
+    assert ij.generate(model, tok, ids, max_new_tokens=40) == EXPECTED
+    assert ij.generate(model, tok, np.asarray(ids), max_new_tokens=40) == EXPECTED
+    assert ij.generate(model, tok, [ids, "Hi\n"], max_new_tokens=40) == [EXPECTED, EXPECTED]
+    assert ij.generate(model, tok, [], max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ij.stream(model, tok, "Hi\n", max_new_tokens=0)
+    with pytest.raises(ValueError, match="seed"):
+        ij.stream(model, tok, "Hi\n", seed=1.5)
+    with pytest.raises(ValueError, match="one prompt"):
+        ij.stream(model, tok, ["Hi\n", "Hello\n"])
+    with pytest.raises(ValueError, match="token id 100000 is outside the vocabulary"):
+        ij.generate(model, tok, [[1, 100000]], max_new_tokens=2)
+
+
 def _cli(args, stdin=""):
     return _run(["-m", "internlm_jax", *args], stdin)
 
@@ -73,6 +101,8 @@ def test_cli_generate_and_chat(setup):
     done = _cli(["chat", "--model", str(folder), "--quiet", "--max-new-tokens", "40"], stdin="你好\nagain\n")
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == EXPECTED + "\n" + EXPECTED + "\n"
+    done = _cli(["generate", "--model", str(folder), "--prompt", "Hi\n", "--stop", "InternLM", "--quiet"])
+    assert done.returncode == 0 and done.stdout == "My name is \n", done.stderr[-2000:]  # no --max-new-tokens
     done = _cli(["generate", "--model", str(folder), "--prompt", "x", "--top-p", "2", "--quiet"])
     assert done.returncode == 1 and "top_p must be in (0, 1]" in done.stderr and "Traceback" not in done.stderr
 
