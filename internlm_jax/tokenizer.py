@@ -101,9 +101,8 @@ class Tokenizer:
                 f"{path} is a directory; pass the tokenizer.model file or use Tokenizer.from_pretrained"
             )
         proto = path.read_bytes()
-        sp = spm.SentencePieceProcessor()
         try:
-            sp.LoadFromSerializedProto(proto)
+            sp = _processor(proto)
         except Exception as exc:  # sentencepiece raises RuntimeError/OSError on bad protos
             raise ValueError(f"{path} is not a valid sentencepiece model: {exc}") from exc
         if sp.get_piece_size() <= 0:
@@ -172,9 +171,7 @@ class Tokenizer:
         return {"proto": self._proto, "model_file": self.model_file}
 
     def __setstate__(self, state):
-        sp = spm.SentencePieceProcessor()
-        sp.LoadFromSerializedProto(state["proto"])
-        self._init(sp, state["proto"], state["model_file"])
+        self._init(_processor(state["proto"]), state["proto"], state["model_file"])
 
     def __repr__(self) -> str:
         return f"Tokenizer(model_file={self.model_file!r}, vocab_size={self._vocab_size})"
@@ -450,3 +447,16 @@ class StreamDecoder:
         out = self._emit_until(len(self._window))
         self._reset()
         return out
+
+
+def _processor(proto: bytes) -> spm.SentencePieceProcessor:
+    """A processor for the model bytes ``proto``. InternLM2's model has a "\\0" byte piece, and
+    sentencepiece warns on every load that it treats it as unused (the reference loads the same file and
+    does the same); warnings are held back during the load."""
+    sp = spm.SentencePieceProcessor()
+    spm.set_min_log_level(2)
+    try:
+        sp.LoadFromSerializedProto(proto)
+    finally:
+        spm.set_min_log_level(0)  # sentencepiece's default
+    return sp
