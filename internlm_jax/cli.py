@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="a preset (see `presets`) or a checkpoint folder")
     pl.add_argument("--topology", help="a TPU slice, e.g. v5e:4x4, v5p:2x2x4, v6e-8 (needs jax[tpu]); "
                                        "default: the local devices")
-    pl.add_argument("--context", type=int, required=True, help="prompt tokens (and training sequence length)")
+    pl.add_argument("--context", type=int, help="prompt tokens (and training sequence length); "
+                                                "default: the model's max_position_embeddings")
     pl.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     pl.add_argument("--max-new-tokens", type=int, default=256, help="decode room in the KV cache (default 256)")
     pl.add_argument("--dtype", default="bfloat16", help="compute / cache dtype (default bfloat16)")
@@ -413,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--attention", choices=["blockwise", "splash", "xla", "cudnn"],
                     help="attention inside ring steps (default: the model's, blockwise)")
     pl.add_argument("--decode", choices=["dense", "ragged"],
-                    help="decode-step attention: ragged = the Pallas TPU kernel (default: dense)")
+                    help="decode-step attention: ragged = the Pallas TPU kernel (default: the model's "
+                         "setting, which picks ragged on TPU where the shapes allow, else dense)")
     pl.add_argument("--no-suggest", action="store_true", help="do not search for a mesh that fits")
     pl.add_argument("--max-tries", type=int, default=6, help="most candidate meshes compiled (default 6)")
     pl.add_argument("--devices", type=int, default=0, help="without --topology: simulate N CPU devices")

@@ -613,6 +613,14 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int | None, limit: 
     return out, max_new_tokens
 
 
+def _max_length(model, max_length) -> int:
+    if max_length is None:
+        return model_limit(model.config)
+    if not isinstance(max_length, int | np.integer) or isinstance(max_length, bool) or max_length < 2:
+        raise ValueError(f"max_length must be an integer of at least 2 (prompt + new tokens), got {max_length!r}")
+    return int(max_length)
+
+
 def _check_seed(seed) -> int:
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
@@ -646,8 +654,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     if len(prompts) == 0:
         return []
     prompts = _encode_prompts(None, prompts, add_bos=False, vocab_size=model.config.vocab_size)
-    prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, max_length or model_limit(model.config),
-                                             truncate)
+    prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, _max_length(model, max_length), truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
@@ -696,7 +703,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
     if not single:
         raise ValueError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
     prompts, max_new_tokens = _check_lengths(_encode_prompts(tok, batch[:1], add_bos, model.config.vocab_size),
-                                             max_new_tokens, max_length or model_limit(model.config), truncate,
+                                             max_new_tokens, _max_length(model, max_length), truncate,
                                              default_new_tokens)
     return _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop, skip_special_tokens)
 

@@ -495,23 +495,28 @@ def _model_config(model: str | InternLM2Config) -> tuple[str, InternLM2Config]:
         return "custom", model
     if os.path.isdir(model):
         return os.path.basename(os.path.normpath(model)), InternLM2Config.from_pretrained(model)
+    if os.sep in model and not model.startswith("internlm/"):  # meant as a folder, not a preset name
+        raise FileNotFoundError(f"{model}: no such checkpoint folder")
     return model, InternLM2Config.preset(model)
 
 
-def plan(model: str | InternLM2Config, topology: str | None = None, *, context: int, batch: int = 1,
+def plan(model: str | InternLM2Config, topology: str | None = None, *, context: int | None = None, batch: int = 1,
          mesh: dict | None = None, max_new_tokens: int = 256, dtype="bfloat16",
          programs: Sequence[str] = PROGRAMS, remat: str = "full", attention_impl: str | None = None,
          decode_impl: str | None = None, suggest: bool = True, max_tries: int = 6, progress=None) -> Plan:
     """Compile ``programs`` for ``model`` (a preset name, a checkpoint folder or a config) on a TPU
     ``topology`` (``"v5e:4x4"``, ``"v5p-8"``; None = the local devices) and report per-device memory,
-    fit and roofline time. ``mesh``: axis sizes (data/fsdp/tensor/sequence; default: a guess).
-    When it does not fit and ``suggest``, candidate meshes are compiled (at most ``max_tries``)
-    until one fits."""
+    fit and roofline time. ``context`` defaults to the model's ``max_position_embeddings``. ``mesh``:
+    axis sizes (data/fsdp/tensor/sequence; default: a guess). When it does not fit and ``suggest``,
+    candidate meshes are compiled (at most ``max_tries``) until one fits."""
     from .sharding import make_mesh
 
     name, cfg = _model_config(model)
+    context = cfg.max_position_embeddings if context is None else context
     if context < 1 or batch < 1:
         raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
+    if topology is not None and not topology.strip():
+        raise ValueError("topology is empty; give a TPU slice such as v5e:2x4, or leave it out for the local devices")
     if topology:
         devices, chip = tpu_devices(topology)
         target = f"{topology} ({len(devices)} x {devices[0].device_kind}, " \

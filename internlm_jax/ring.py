@@ -32,6 +32,7 @@ from .attention import (
     fold_block_fused,
     fold_partial,
 )
+from .sharding import logical_to_spec
 
 BLOCK = 512  # queries/keys per block of the local blockwise attention
 
@@ -177,14 +178,13 @@ def splash_local_attention(q, k, v, q_idx, q_ok, k_idx, k_ok, m, l, acc, *, inte
 
 
 def _specs(mesh: Mesh, batch: int, nh: int, nkv: int):
-    """shard_map specs: batch over data/fsdp when it divides, heads over tensor when both counts do."""
-    batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
-    if batch % math.prod(mesh.shape[a] for a in batch_axes):
-        batch_axes = ()
+    """shard_map specs: the batch split as the sharding rules split it everywhere else (each of data,
+    fsdp that divides; so the cache and activations need no regathering), heads over tensor when both
+    counts divide."""
+    spec = logical_to_spec(("batch",), (batch,), mesh)
     t = mesh.shape["tensor"]
     heads = "tensor" if t > 1 and nh % t == 0 and nkv % t == 0 else None
-    bspec = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
-    return bspec, heads
+    return (spec[0] if len(spec) else None), heads
 
 
 def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BLOCK, causal: bool = True,

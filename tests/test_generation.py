@@ -181,6 +181,9 @@ def test_defaults_fit_the_context_and_ids_are_checked(model):
     for seed in (None, 1.5, True):
         with pytest.raises(ValueError, match="seed must be an integer"):
             ij.generate_ids(model, PROMPTS, max_new_tokens=2, seed=seed)
+    for max_length in (0, True, 2.5):
+        with pytest.raises(ValueError, match="max_length must be an integer"):
+            ij.generate_ids(model, PROMPTS, max_new_tokens=2, max_length=max_length)
 
 
 def test_logit_processing_matches_hf_warpers():

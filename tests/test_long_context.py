@@ -145,6 +145,28 @@ def test_long_inputs_without_a_sequence_axis_go_blockwise(tmp_path):
     assert ij.generate_ids(model, PROMPTS, **kw) == ij.generate_ids(dense, PROMPTS, **kw)
 
 
+def test_a_batch_split_over_data_only_keeps_its_cache_in_place(tmp_path):
+    """Batch 2 on data=2 x fsdp=2 x sequence=2: the cache rows split over data alone (2 does not divide
+    data x fsdp), and the sequence-sharded decode attention splits its batch the same way, so a decode
+    step moves no cache buffer between devices (it used to all-gather every layer's keys and values);
+    the tokens equal one device's."""
+    import re
+
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(data=2, fsdp=2, sequence=2))
+    prompts = PROMPTS[:2]
+    kw = dict(max_new_tokens=6, stop_ids=(), max_length=64)
+    assert ij.generate_ids(model, prompts, **kw) == ij.generate_ids(ij.InternLM2.from_pretrained(folder), prompts, **kw)
+    gen = generator_for(model)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens=6)
+    local = ds.cache.keys[0].sharding.shard_shape(ds.cache.keys[0].shape)  # [1, nKV, slots / 2, D]
+    assert local[0] == 1
+    hlo = gen.step.lower(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=()).compile().as_text()
+    shapes = [tuple(int(n) for n in m.group(1).split(",") if n) for m in re.finditer(
+        r"= \(?\w+\[([\d,]*)\][^\n]*? (?:all-gather|all-to-all|collective-permute)\(", hlo)]
+    assert not [shape for shape in shapes if shape[-2:] == tuple(local[-2:])], shapes
+
+
 def test_decode_tokens_fill_the_shards_evenly(tmp_path):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     model = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=4, fsdp=2))

@@ -198,3 +198,12 @@ def test_plan_example_runs():
     r = run_python(["examples/plan_tpu_slice.py", "--context", "4096"])
     assert r.returncode == 0, r.stderr
     assert "internlm2-chat-1_8b on v5e:2x4 (8 x TPU v5 lite" in r.stdout and "fits: yes" in r.stdout
+
+
+def test_plan_defaults_to_the_models_context_and_names_bad_targets():
+    p = plan(CFG, None, mesh=dict(fsdp=1), programs=["prefill"], max_new_tokens=4, dtype="float32", suggest=False)
+    assert p.context == CFG.max_position_embeddings and p.programs[0].name == "prefill"
+    with pytest.raises(ValueError, match="topology is empty"):
+        plan(CFG, "  ", context=16)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        plan("/no/such/folder", None, context=16)
