@@ -496,18 +496,25 @@ class InternLM2(nnx.Module):
         return decode_plan(self.settings, head_dim=self.config.head_dim,
                            local_cache_len=cache_len // self.sequence_parallel, mesh=self.mesh)
 
-    def attention_for(self, plan, index, ok, q_start=None):
+    def attention_for(self, plan, index, ok, q_start=None, length=None):
         """``attend(q, k, v) -> o`` along ``plan`` for a laid-out sequence: ``index [B, S]`` each token's
-        causal index, ``ok [B, S]`` the real tokens, ``q_start`` where each token's packed document starts."""
+        causal index, ``ok [B, S]`` the real tokens, ``q_start`` where each token's packed document starts;
+        ``length`` (the sequence before any padding the layout adds): queries that see no key get the
+        reference's output for them (see :func:`_blind_rows_as_reference`)."""
         mesh, block = self.mesh, self.settings.block
-        if plan.path == "ring":
-            from .ring import ring_attention
+        if plan.path in ("ring", "blockwise"):
+            if plan.path == "ring":
+                from .ring import ring_attention
 
-            return lambda q, k, v: ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel,  # noqa: E731
-                                                  q_start=q_start, block=block)
-        if plan.path == "blockwise":
-            return lambda q, k, v: blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel,  # noqa: E731
-                                                        q_start=q_start)
+                def attend(q, k, v):
+                    return ring_attention(q, k, v, index, index, ok, mesh, impl=plan.kernel, q_start=q_start,
+                                          block=block)
+            else:
+                def attend(q, k, v):
+                    return blockwise_attention(q, k, v, ok, block=block, impl=plan.kernel, q_start=q_start)
+            if length is None or q_start is not None:
+                return attend
+            return _blind_rows_as_reference(attend, index, ok, length)
         if plan.path == "fused":  # right-padded rows: each row's real tokens come first
             lengths = jnp.sum(ok, axis=1, dtype=jnp.int32)
             return lambda q, k, v: fused_attention(q, k, v, lengths, implementation=plan.kernel)  # noqa: E731
@@ -569,7 +576,7 @@ class InternLM2(nnx.Module):
             if order is not None:
                 index, ids_p, pos_p, ok_p = index[:, order], ids_p[:, order], pos_p[:, order], ok_p[:, order]
                 start_p = None if start_p is None else start_p[:, order]
-        attention = self.attention_for(plan, index, ok_p, start_p)
+        attention = self.attention_for(plan, index, ok_p, start_p, length=s)
 
         def attend(q, k, v):
             return attention(q, k, v), None
@@ -724,6 +731,24 @@ class InternLM2(nnx.Module):
             last = jax.lax.dynamic_index_in_dim(x[0], count - 1, 0, keepdims=True)
             logits = self.logits(self.norm(last[None]), layers)[0, 0]
         return logits, KVCache(tuple(keys), tuple(values), valid)
+
+
+def _blind_rows_as_reference(attend, index, ok, length: int):
+    """``attend`` with the reference's output for queries that see no key (those before a row's first
+    real token: left padding). The reference's additive mask gives them a uniform distribution over all
+    ``length`` keys, so their output is the mean of those values, as dense attention computes it; the
+    online softmax alone would give zeros. Padding the layout added (``index >= length``) is left out."""
+    first = jnp.min(jnp.where(ok, index, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    blind = index < first  # [B, S]
+    weights = (index < length).astype(jnp.float32) / length  # [B, S]
+
+    def with_reference_rows(q, k, v):
+        out = attend(q, k, v)
+        mean = jnp.einsum("bs,bsnd->bnd", weights, v.astype(jnp.float32))  # [B, nKV, D]
+        mean = jnp.repeat(mean, q.shape[2] // v.shape[2], axis=1)[:, None].astype(out.dtype)  # [B, 1, nH, D]
+        return jnp.where(blind[:, :, None, None], mean, out)
+
+    return with_reference_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))

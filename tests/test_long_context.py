@@ -145,6 +145,31 @@ def test_long_inputs_without_a_sequence_axis_go_blockwise(tmp_path):
     assert ij.generate_ids(model, PROMPTS, **kw) == ij.generate_ids(dense, PROMPTS, **kw)
 
 
+def test_left_padding_rows_equal_the_reference_on_the_ring_and_blockwise_paths(tmp_path):
+    """Every row of the logits, padding included, equals the reference's: its additive mask gives a query
+    that sees no key a uniform distribution over the keys, which dense attention copies and the ring and
+    one-device blockwise paths now give too (they gave zeros); the gradients agree with dense ones."""
+    folder = write_hf_checkpoint(tmp_path, CFG, STATE)
+    ids = np.random.RandomState(0).randint(3, CFG["vocab_size"], (2, 21))
+    mask = np.ones((2, 21), np.int64)
+    mask[1, :7] = 0
+    pos = ref.positions_from_mask(mask)
+    want = ref.forward(STATE, CFG, ids, position_ids=pos, attention_mask=mask)["logits"]
+    ring = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=4, fsdp=2))
+    blockwise = ij.InternLM2.from_pretrained(folder).configure(blockwise_from=8, block=8)
+    dense = ij.InternLM2.from_pretrained(folder)
+    for model in (ring, blockwise, dense):
+        got = np.asarray(model(ids, positions=pos, attention_mask=mask))
+        np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+
+    def loss(model, ids):
+        return jnp.sum(jnp.tanh(model.forward(ids, positions=jnp.asarray(pos), attention_mask=jnp.asarray(mask))))
+
+    grads = [nnx.grad(loss)(model, jnp.asarray(ids)) for model in (blockwise, dense)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * (np.abs(np.asarray(b)).max() + 1e-6))
+
+
 def test_a_batch_split_over_data_only_keeps_its_cache_in_place(tmp_path):
     """Batch 2 on data=2 x fsdp=2 x sequence=2: the cache rows split over data alone (2 does not divide
     data x fsdp), and the sequence-sharded decode attention splits its batch the same way, so a decode
