@@ -105,28 +105,34 @@ def train_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, step: int | N
     ``internlm-jax train``; the latest step unless ``step``) as an HF folder.
 
     Unlike the two streaming directions above, this restores the whole parameter tree on the host
-    first (training checkpoints hold stacked parameters), so it needs memory for the model."""
+    first (training checkpoints hold stacked parameters), so it needs memory for the model. The
+    targets are whole arrays on this process's CPU device, not the shardings the run saved, so a
+    checkpoint from any mesh or number of processes converts in one plain process."""
     import jax
-    import jax.numpy as jnp
     import orbax.checkpoint as ocp
     from flax import nnx
+    from jax.sharding import SingleDeviceSharding
 
     from internlm_jax.model import InternLM2
 
     src = Path(src)
     cfg = InternLM2Config.from_pretrained(src)
-    mgr = ocp.CheckpointManager(src.absolute(), options=ocp.CheckpointManagerOptions(read_only=True))
+    mgr = ocp.CheckpointManager(src.absolute(), options=ocp.CheckpointManagerOptions(read_only=True),
+                                item_handlers={"params": ocp.StandardCheckpointHandler()})
     steps = mgr.all_steps()
     if not steps:
         raise OrbaxCheckpointError(f"{src}: no training checkpoint steps found")
     step = max(steps) if step is None else step
     if step not in steps:
         raise OrbaxCheckpointError(f"{src}: no step {step} (have {sorted(steps)})")
-    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
-    saved = np.asarray(restored["tok_embeddings"]).dtype
+    host = SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                          mgr.item_metadata(step)["params"])
+    restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    saved = restored["tok_embeddings"].dtype
     model = InternLM2.abstract(cfg, param_dtype=saved)
     state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, restored))
+    nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model.save_pretrained(dst, dtype=dtype or saved, shard_size=shard_size, overwrite=overwrite,
                                  extra_files=_tokenizer_files(src), progress=progress)

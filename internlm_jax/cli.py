@@ -145,12 +145,16 @@ def cmd_generate(args) -> None:
               f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s) -> {args.output}", file=sys.stderr)
         return
 
+    import jax
+
+    leader = jax.process_index() == 0  # many hosts: every process runs the same steps, process 0 prints
     if args.no_stream:
-        print(generate(model, tok, args.prompt, **_sampling_kwargs(args)))
+        text = generate(model, tok, args.prompt, **_sampling_kwargs(args))
+        print(text) if leader else None
         return
     for piece in stream(model, tok, args.prompt, **_sampling_kwargs(args)):
-        print(piece, end="", flush=True)
-    print()
+        print(piece, end="", flush=True) if leader else None
+    print() if leader else None
 
 
 def model_context(model) -> int:
@@ -443,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         what = " ".join(x for x in (args.command, getattr(args, "direction", None)) if x)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"internlm-jax {what}: error: {message}", file=sys.stderr)
+        print(f"internlm-jax {what}: error: {message}", file=sys.stderr, flush=True)
+        jax = sys.modules.get("jax")
+        if jax is not None and jax.process_count() > 1:  # a multi-host job: leaving it together would
+            os._exit(1)  # wait on processes that may be gone (jax.distributed.shutdown hangs, then aborts)
         return 1
     return 0
 

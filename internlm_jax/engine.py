@@ -47,7 +47,7 @@ from .generation import (
     model_limit,
     token_scores,
 )
-from .multihost import StepChannel
+from .multihost import StepChannel, abort
 from .sharding import named_sharding
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
@@ -307,8 +307,8 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # never leave clients hanging: fail what is running, keep serving
-                if self.multihost:
-                    raise  # the processes may disagree now: stop (followers time out)
+                if self.multihost:  # the processes may disagree now: stop (the followers time out)
+                    abort(f"engine step failed on process 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 self.stats["errors"] += 1
                 for row in self.rows:
                     if row is not None:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .arrays import row_sharding
+from .arrays import row_sharding, to_host
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
@@ -434,10 +434,10 @@ class Generator:
             out.append(tokens)
             ok.append(emitted)
             made += steps
-            if made < max_new_tokens and bool(np.all(np.asarray(ds.done))):
+            if made < max_new_tokens and bool(np.all(to_host(ds.done))):
                 break
-        tokens = np.concatenate([np.asarray(t) for t in out], axis=1)[:, :max_new_tokens]
-        emitted = np.concatenate([np.asarray(e) for e in ok], axis=1)[:, :max_new_tokens]
+        tokens = np.concatenate([to_host(t) for t in out], axis=1)[:, :max_new_tokens]
+        emitted = np.concatenate([to_host(e) for e in ok], axis=1)[:, :max_new_tokens]
         return tokens, emitted.sum(axis=1), ds
 
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
@@ -461,6 +461,12 @@ class Generator:
             return jax.device_put(x, sharding)
         host = np.asarray(x)  # a mesh over many processes: each gives its own shards of the same value
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    def key(self, seed: int) -> jax.Array:
+        """The PRNG key of ``seed``, made on the devices (replicated like the programs' outputs): a key
+        cannot be put from the host onto a mesh that spans processes."""
+        sharding = None if self.mesh is None else named_sharding((), (), self.mesh)
+        return jax.jit(jax.random.key, out_shardings=sharding)(np.uint32(seed))
 
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the
@@ -495,7 +501,7 @@ class Generator:
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
         ds = DecodeState(logits, cache, self.put((batch.positions[:, -1] + 1).astype(np.int32), ("batch",)),
                          self.put(seen, ("batch", "act_vocab")), self.put(np.zeros(b, bool), ("batch",)),
-                         self.put(np.int32(0), ()), self.put(jax.random.key(seed), ()), None,
+                         self.put(np.int32(0), ()), self.key(seed), None,
                          self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
                          if counts else None)
         return ds, self.put(np.int32(base), ())
@@ -716,7 +722,7 @@ def _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop,
     layers = gen.layers
     for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call
         ds, token, _, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
-        t = int(token[0])
+        t = int(to_host(token)[0])
         if t in stop_ids:
             break
         piece, _ = feed_tokens(text, decoder, [t])

@@ -25,11 +25,12 @@ from typing import Callable, Iterable
 import jax
 import ml_dtypes
 import numpy as np
+from jax.experimental import multihost_utils
 
 from . import weights
 from .arrays import canonical_dtype, flat_params, get_row, row_sharding, set_row, sharding_of, stacked_buffers, to_host
 from .config import InternLM2Config
-from .files import atomic_directory, progress_bar
+from .files import atomic_directory, check_destination, progress_bar
 
 
 class CheckpointError(ValueError):
@@ -298,6 +299,10 @@ def plan_shards(tensors: list[weights.HFTensor], dtype: np.dtype, limit: int) ->
     return shards
 
 
+def hf_bytes(tensors: list[weights.HFTensor], dtype: np.dtype) -> int:
+    return sum(math.prod(t.shape) for t in tensors) * np.dtype(dtype).itemsize
+
+
 def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Callable[[weights.HFTensor], np.ndarray],
                     *, dtype, shard_size: int | str = "5GB", overwrite: bool = False,
                     extra_files: Iterable[str | os.PathLike] = (), progress: bool | None = None) -> Path:
@@ -307,7 +312,7 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     folder = Path(folder).absolute()
     dtype = np.dtype(dtype)
     tensors = weights.hf_tensors(cfg)
-    total = sum(math.prod(t.shape) for t in tensors) * dtype.itemsize
+    total = hf_bytes(tensors, dtype)
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
     with atomic_directory(folder, overwrite=overwrite, needed_bytes=total) as tmp:
@@ -334,16 +339,55 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
 def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
                        overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
                        progress: bool | None = None) -> Path:
-    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json)."""
+    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json).
+
+    A model whose parameters span several processes (a multi-host mesh) is saved by calling this
+    from every process: each tensor is gathered with all of them (a collective), only process 0
+    writes, and every process returns once the folder is in place or raises if process 0 failed.
+    """
     cfg = model.config
     params = flat_params(model)
+    dtype = canonical_dtype(dtype or model.param_dtype)
+    tensors = weights.hf_tensors(cfg)
+    produced = []
 
     def produce(t: weights.HFTensor) -> np.ndarray:
         parts = {}
         for path in t.targets:
             value = params[path].get_value()
             parts[path] = to_host(value if t.layer is None else get_row(value, t.layer))
+        produced.append(t.name)
         return weights.from_params(t, parts, cfg)
 
-    return write_hf_folder(folder, cfg, produce, dtype=canonical_dtype(dtype or model.param_dtype),
-                           shard_size=shard_size, overwrite=overwrite, extra_files=extra_files, progress=progress)
+    def write() -> Path:
+        return write_hf_folder(folder, cfg, produce, dtype=dtype, shard_size=shard_size, overwrite=overwrite,
+                               extra_files=extra_files, progress=progress)
+
+    if all(getattr(p.get_value(), "is_fully_addressable", True) for p in params.values()):
+        return write()
+
+    def agree(ok: bool) -> bool:  # every process learns process 0's outcome (a collective)
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+
+    if jax.process_index() != 0:
+        if not agree(True):
+            raise OSError(f"process 0 could not start writing {folder} (its error says why)")
+        for t in tensors:  # the order write_hf_folder produces them in, so the gathers pair up
+            produce(t)
+        if not agree(True):
+            raise OSError(f"process 0 failed to finish writing {folder} (its error says why)")
+        return Path(folder).absolute()
+    try:
+        check_destination(Path(folder).absolute(), overwrite, hf_bytes(tensors, dtype))
+    except OSError:
+        agree(False)
+        raise
+    agree(True)
+    try:
+        out = write()
+    except BaseException:
+        if len(produced) == len(tensors):  # the others wait in the last agreement, not in a gather
+            agree(False)
+        raise
+    agree(True)
+    return out

@@ -361,7 +361,8 @@ class InternLM2(nnx.Module):
         return checkpoint.save_checkpoint(self, folder, **kwargs)
 
     def save_pretrained(self, folder: str | os.PathLike, **kwargs) -> "os.PathLike":
-        """Write an HF InternLM2 folder (see :func:`internlm_jax.hf_checkpoint.save_hf_checkpoint`)."""
+        """Write an HF InternLM2 folder (see :func:`internlm_jax.hf_checkpoint.save_hf_checkpoint`). On a mesh
+        spanning several hosts call it from every process: all gather, process 0 alone writes."""
         return hf_checkpoint.save_hf_checkpoint(self, folder, **kwargs)
 
     def num_parameters(self) -> int:

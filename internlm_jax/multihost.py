@@ -4,8 +4,8 @@ Serving and batch inference decide each engine step on process 0 (which owns the
 output file); every process must then run the same compiled programs with the same inputs. A step
 is plain data (JSON), broadcast over the job's own collectives
 (``multihost_utils.broadcast_one_to_all``): first its length, then its bytes padded to a power of two
-(a few compiled shapes). A broadcast that does not complete within ``timeout_s`` (a process died or
-hangs) ends this process with an error instead of waiting forever; an idle process 0 sends empty
+(a few compiled shapes). A broadcast that fails or does not complete within ``timeout_s`` (a process
+died or hangs) ends this process with an error instead of waiting forever; an idle process 0 sends empty
 steps every second, so a silent one is noticed.
 """
 
@@ -40,6 +40,14 @@ def finish() -> None:
         jax.distributed.shutdown()
 
 
+def abort(message: str) -> None:
+    """End this process of a multi-host job at once with one line on stderr (exit code 3): once a
+    process died or the processes disagree, no collective can complete, and waiting (or
+    ``jax.distributed.shutdown``) would only hang."""
+    print(f"internlm-jax: {message}; exiting", file=sys.stderr, flush=True)
+    os._exit(3)
+
+
 class StepChannel:
     """``send`` on process 0, ``receive`` everywhere else, in the same order."""
 
@@ -50,15 +58,16 @@ class StepChannel:
         from jax.experimental import multihost_utils
 
         def give_up():
-            print(f"internlm-jax: no {what} from the other processes in {self.timeout_s:.0f} s; "
-                  "a process died or hangs, exiting", file=sys.stderr, flush=True)
-            os._exit(3)
+            abort(f"no {what} from the other processes in {self.timeout_s:.0f} s; a process died or hangs")
 
         timer = threading.Timer(self.timeout_s, give_up)
         timer.daemon = True
         timer.start()
         try:
             return np.asarray(multihost_utils.broadcast_one_to_all(array))
+        except Exception as e:  # a peer went away: the collective failed instead of hanging
+            abort(f"the {what} could not be exchanged with the other processes ({str(e).splitlines()[0][:200]}); "
+                  "a process died")
         finally:
             timer.cancel()
 

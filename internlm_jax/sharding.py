@@ -68,7 +68,12 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
     total = math.prod(sizes.values())
     if total != len(devices):
         if total < len(devices) and not free:
-            devices = devices[:total]  # explicitly asked for a smaller mesh
+            available, devices = len(devices), devices[:total]  # explicitly asked for a smaller mesh
+            left_out = {d.process_index for d in jax.devices()} - {d.process_index for d in devices}
+            if left_out:  # those processes would hold no part of the arrays and fail far from here
+                raise ValueError(f"mesh {sizes} uses {total} of the {available} devices, leaving out processes "
+                                 f"{sorted(left_out)}: on {jax.process_count()} processes the mesh must span "
+                                 f"all {jax.device_count()} devices (use -1 for one axis)")
         else:
             raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available")
     shape = tuple(sizes[a] for a in MESH_AXES)

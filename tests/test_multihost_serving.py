@@ -68,6 +68,33 @@ def test_batch_command_on_two_processes_writes_each_line_once(folder, tmp_path):
         assert line["text"] == ij.generate(model, tok, [p], max_new_tokens=7 + i)[0]
 
 
+def test_generate_prompt_on_two_processes_prints_the_single_process_text_once(folder):
+    """``generate --prompt`` on a mesh spanning two processes (its PRNG key made on the devices, tokens
+    gathered from both): process 0 prints what one process prints, process 1 prints nothing."""
+    model, tok = ij.InternLM2.from_pretrained(folder), ij.Tokenizer.from_pretrained(folder)
+    want = ij.generate(model, tok, "The river", max_new_tokens=8, temperature=0.8, seed=4)
+    for extra in ([], ["--no-stream"]):
+        procs = launch(["generate", "--model", str(folder), "--prompt", "The river", "--max-new-tokens", "8",
+                        "--temperature", "0.8", "--seed", "4", *extra], free_port())
+        logs = finish(procs)
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+        printed = ["".join(line + "\n" for line in log.splitlines() if "[Gloo]" not in line) for log in logs]
+        assert printed == [want + "\n", ""], printed
+
+
+def test_a_mesh_that_leaves_a_process_out_is_refused_on_every_process(folder):
+    env = user_env()
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--prompt",
+                               "x", "--devices", "4", "--tensor", "2", "--fsdp", "1", "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--quiet"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = finish(procs)
+    assert [p.returncode for p in procs] == [1, 1], logs
+    assert all("leaving out processes [1]" in log and "must span all 8 devices" in log for log in logs), logs
+
+
 def test_serve_on_two_processes_answers_like_one(folder):
     model, tok = ij.InternLM2.from_pretrained(folder), ij.Tokenizer.from_pretrained(folder)
     port = free_port()

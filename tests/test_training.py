@@ -412,10 +412,33 @@ def test_token_ids_must_fit_the_model(tmp_path, small_tokenizer):
         train(_token_run(tmp_path, tokenizer=str(small_tokenizer), model__overrides={**TINY, "vocab_size": 100}))
 
 
+def _hf_tensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of an HF folder, read by the safetensors package (not by the library)."""
+    from safetensors.numpy import load_file
+
+    return {k: v for f in sorted(Path(folder).glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def test_a_sharded_training_checkpoint_converts_in_a_one_device_process(tmp_path):
+    """A run on an 8-device fsdp mesh (this process) saves sharded checkpoints; ``convert train-to-hf`` in a
+    fresh process with one device restores them onto host arrays, giving the weights the run exported."""
+    from internlm_jax.training import train
+
+    train(_token_run(tmp_path, export_hf=str(tmp_path / "hf")))
+    done = subprocess.run([sys.executable, "-m", "internlm_jax", "convert", "train-to-hf", str(tmp_path / "ckpt"),
+                           str(tmp_path / "hf2"), "--quiet"], env=user_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported, converted = _hf_tensors(tmp_path / "hf"), _hf_tensors(tmp_path / "hf2")
+    assert len(jax.devices()) == 8 and sorted(converted) == sorted(exported)
+    assert all(np.array_equal(converted[n], exported[n]) for n in exported)
+
+
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     """Two local processes (gloo) with 4 CPU devices each train a few steps from an HF checkpoint on
     a data x fsdp mesh spanning both, are stopped, and resume from their checkpoint (each process's
-    data-loader position saved beside it); the losses equal one process with 8 devices."""
+    data-loader position saved beside it); the losses and the HF export equal one process with 8 devices,
+    and the two-process checkpoint converts to HF in a plain one-device process."""
     import socket
 
     corpus = tmp_path / "corpus.txt"
@@ -431,7 +454,8 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
             "model": {"checkpoint": str(ckpt), "dtype": "float32", "param_dtype": "float32"},
             "optim": {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.0, "min_lr_ratio": 1.0},  # lr: not of steps
             "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1},
-            "checkpoint": {"dir": str(d / "ckpt") if name == "two" else None, "every": 2}})
+            "checkpoint": {"dir": str(d / "ckpt") if name == "two" else None, "every": 2},
+            "export_hf": str(d / "hf")})
     env = user_env()
     base = [sys.executable, "-m", "internlm_jax.training", "--config"]
     one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
@@ -460,6 +484,22 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+    # export_hf: both processes gathered, process 0 wrote; the weights and logits are the one-process run's
+    one, two = (_hf_tensors(tmp_path / name / "hf") for name in ("one", "two"))
+    assert sorted(one) == sorted(two) == sorted(ref.random_state(cfg, 3))  # the source's tensor names
+    for name in one:
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    ids = np.random.RandomState(1).randint(0, cfg["vocab_size"], (2, 16))
+    np.testing.assert_allclose(*(np.asarray(ij.InternLM2.from_pretrained(tmp_path / name / "hf")(ids))
+                                 for name in ("two", "one")), rtol=1e-4, atol=1e-4)
+    assert not [p.name for p in (tmp_path / "two").iterdir() if ".tmp-" in p.name]
+    # the two-process checkpoint converts in a plain one-device process, to the exported weights
+    done = subprocess.run([sys.executable, "-m", "internlm_jax", "convert", "train-to-hf",
+                           str(tmp_path / "two" / "ckpt"), str(tmp_path / "two_hf"), "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    converted = _hf_tensors(tmp_path / "two_hf")
+    assert sorted(converted) == sorted(two) and all(np.array_equal(converted[n], two[n]) for n in two)
 
 
 def test_walkthrough_example(tmp_path):

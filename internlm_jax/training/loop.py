@@ -315,6 +315,6 @@ def train(cfg: TrainConfig) -> list[dict]:
         mgr.close()
     metrics.close()
     nnx.update(model, params)
-    if cfg.export_hf and proc == 0:
+    if cfg.export_hf:  # every process gathers, process 0 writes (see save_pretrained)
         model.save_pretrained(cfg.export_hf, overwrite=True, dtype=cfg.model.param_dtype)
     return history
