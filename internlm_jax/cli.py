@@ -102,6 +102,16 @@ def _load_for_generation(args):
     return model, tok
 
 
+def _check_sampling(args) -> None:
+    """The sampling flags, checked before the model loads (minutes for a large one)."""
+    from .generation import SamplingParams
+
+    SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.presence_penalty,
+                   args.frequency_penalty)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+
+
 def _sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
@@ -115,6 +125,7 @@ def cmd_generate(args) -> None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
     if args.input is not None and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input} does not exist")
+    _check_sampling(args)
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
     from .generation import generate, stream
 
@@ -174,6 +185,7 @@ def cmd_serve(args) -> None:
 
 
 def cmd_chat(args) -> None:
+    _check_sampling(args)
     model, tok = _load_for_generation(args)
     from .generation import chat
 
