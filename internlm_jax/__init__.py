@@ -33,6 +33,8 @@ _EXPORTS = {
     "SamplingParams": "generation",
     "Generator": "generation",
     "Engine": "engine",
+    "EngineError": "engine",
+    "QueueFull": "engine",
 }
 
 

@@ -14,8 +14,13 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 PARAM_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+SHORT_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "f16": "float16", "fp32": "float32", "f32": "float32"}
+
+
 def canonical_dtype(dtype: Any) -> jnp.dtype:
-    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.float32`` ... -> a numpy dtype; ValueError otherwise."""
+    """``"bfloat16"`` / ``"bf16"`` / ``jnp.bfloat16`` / ``np.float32`` ... -> a numpy dtype; ValueError otherwise."""
+    if isinstance(dtype, str):
+        dtype = SHORT_DTYPE_NAMES.get(dtype.lower(), dtype)
     try:
         dt = jnp.dtype(dtype)
     except TypeError:

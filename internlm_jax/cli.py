@@ -94,6 +94,8 @@ def cmd_demo(args) -> None:
 
 def _load_for_generation(args):
     _start_distributed(args)
+    if hasattr(args, "temperature"):  # generate and chat: their sampling flags, before the model loads
+        _check_sampling(args)
     from . import InternLM2, Tokenizer, make_mesh
 
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
@@ -125,7 +127,6 @@ def cmd_generate(args) -> None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
     if args.input is not None and not os.path.isfile(args.input):
         raise FileNotFoundError(f"--input {args.input} does not exist")
-    _check_sampling(args)
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
     from .generation import generate, stream
 
@@ -185,7 +186,6 @@ def cmd_serve(args) -> None:
 
 
 def cmd_chat(args) -> None:
-    _check_sampling(args)
     model, tok = _load_for_generation(args)
     from .generation import chat
 

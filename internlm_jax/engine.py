@@ -129,16 +129,19 @@ class _Row:
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
-    ``max_batch`` cache rows of ``max_len`` slots: a request needs ``len(prompt) + max_tokens <=
-    max_len``. ``prefill_chunk`` bounds the prompt tokens processed between two decode chunks of
-    ``decode_chunk`` steps (shorter than generate's: a finished request's row waits at most that long);
+    ``max_batch`` cache rows of ``max_len`` slots (default 2048, or the model's context if shorter): a
+    request needs ``len(prompt) + max_tokens <= max_len``. ``prefill_chunk`` bounds the prompt tokens
+    processed between two decode chunks of ``decode_chunk`` steps (shorter than generate's: a finished
+    request's row waits at most that long);
     ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
     request (default: ``</s>`` and ``<|im_end|>``); a request may add its own.
     """
 
-    def __init__(self, model, *, max_batch: int = 8, max_len: int = 2048, prefill_chunk: int = 512,
+    def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
                  max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542),
                  step_timeout_s: float = 600.0):
+        self.model_limit = model_limit(model.config)
+        max_len = min(2048, self.model_limit) if max_len is None else max_len
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -149,7 +152,6 @@ class Engine:
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
         self.decode_chunk = decode_chunk
         self.stop_ids = tuple(int(s) for s in stop_ids)
-        self.model_limit = model_limit(model.config)
         if max_len > self.model_limit:
             raise EngineError(f"max_len={max_len} exceeds the model's context ({self.model_limit} tokens)")
         self.waiting: collections.deque[Request] = collections.deque()
@@ -190,6 +192,8 @@ class Engine:
         request = self.check(prompt, **params)
         request.on_update = on_update
         with self.lock:
+            if self._stopping:
+                raise EngineError("the engine is stopped; start() it again to take requests")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue={self.max_queue})")
             self.waiting.append(request)
@@ -203,9 +207,14 @@ class Engine:
               ignore_eos: bool = False) -> Request:
         """The :class:`Request` these parameters make, not queued; :class:`EngineError` names the
         parameter that is wrong."""
-        if isinstance(prompt, (str, bytes)) or not all(isinstance(t, (int, np.integer)) for t in prompt):
+        if isinstance(prompt, jax.Array | np.ndarray):  # a 1-D array of ids
+            prompt = np.asarray(prompt).tolist() if np.asarray(prompt).ndim == 1 else None
+        if prompt is None or isinstance(prompt, (str, bytes)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
             raise EngineError("the prompt must be a list of token ids", "prompt")
         prompt = [int(t) for t in prompt]
+        if isinstance(max_tokens, np.integer):
+            max_tokens = int(max_tokens)
         if not prompt:
             raise EngineError("the prompt is empty", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
@@ -264,8 +273,11 @@ class Engine:
             self._execute(plan)
 
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
-        """Drive :meth:`step` on this thread until nothing is waiting or running."""
+        """Drive :meth:`step` on this thread until nothing is waiting or running (and ``requests``, which
+        must have been submitted here, are finished)."""
         while self.busy or any(not r.finished.is_set() for r in requests):
+            if not self.busy:
+                raise EngineError("run_until_done was given requests that were never submitted to this engine")
             self.step()
 
     def close(self) -> None:

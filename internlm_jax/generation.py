@@ -603,6 +603,8 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int | None, limit: 
     ``max_new_tokens``, ``default`` tokens, or as many as fit after the longest prompt."""
     if max_new_tokens is None:
         max_new_tokens = max(1, min(default, limit - max(map(len, prompts))))
+    if isinstance(max_new_tokens, np.integer):
+        max_new_tokens = int(max_new_tokens)
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     room = limit - max_new_tokens

@@ -381,6 +381,9 @@ class InternLM2(nnx.Module):
         """
         if not _is_traced(input_ids):
             input_ids = _check_ids(input_ids, self.config.vocab_size)
+            positions = _check_per_token("positions", positions, input_ids.shape)
+            attention_mask = _check_per_token("attention_mask", attention_mask, input_ids.shape)
+            segment_ids = _check_per_token("segment_ids", segment_ids, input_ids.shape)
             graphdef, state = nnx.split(self)
             return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states,
                                 segment_ids)
@@ -391,7 +394,7 @@ class InternLM2(nnx.Module):
         """Embedding rows for ``input_ids``. The inference paths pass ``differentiable=False``: on CPU a
         16-bit table is then gathered as integers, because for a float gather XLA:CPU converts the whole
         table to float32 first (a vocab x hidden float32 temporary on every call)."""
-        table = self.tok_embeddings[...]
+        table, input_ids = self.tok_embeddings[...], jnp.asarray(input_ids)
         if differentiable or jnp.dtype(table.dtype).itemsize != 2 or platform_of(self.mesh) != "cpu":
             x = jnp.take(table, input_ids, axis=0)
         else:  # out-of-range ids read 0xFFFF, a NaN, as the float gather's fill; the barrier (with the
@@ -532,7 +535,8 @@ class InternLM2(nnx.Module):
         attention is blockwise ring attention: the tokens are padded (:func:`ring.padded_length`) and
         laid out zigzag, and the results are put back in order.
         """
-        x, emb, per_layer = self._trunk(input_ids, positions, attention_mask, segment_ids, output_hidden_states)
+        x, emb, per_layer = self._trunk(jnp.asarray(input_ids), positions, attention_mask, segment_ids,
+                                        output_hidden_states)
         logits = self.logits(x)
         if not output_hidden_states:
             return logits
@@ -766,6 +770,23 @@ def _is_traced(x) -> bool:
     except ImportError:  # moved in some JAX versions
         from jax._src.core import Tracer
     return isinstance(x, Tracer)
+
+
+def _check_per_token(name: str, value, shape: tuple[int, int]):
+    """``positions`` / ``attention_mask`` / ``segment_ids``: ``[B, S]`` (positions also ``[1, S]``);
+    an attention mask holds 1 for tokens and 0 for padding (an additive mask of 0 / -inf is refused: read
+    as booleans it would be the opposite)."""
+    if value is None or _is_traced(value):
+        return value
+    arr = np.asarray(value)
+    rows = (1, shape[0]) if name == "positions" else (shape[0],)
+    if arr.ndim != 2 or arr.shape[1] != shape[1] or arr.shape[0] not in rows:
+        allowed = f" (or [1, {shape[1]}])" if name == "positions" else ""
+        raise ValueError(f"{name} must have shape {list(shape)}{allowed} like input_ids, got {list(arr.shape)}")
+    if name == "attention_mask" and arr.dtype != bool and not np.isin(arr, (0, 1)).all():
+        raise ValueError("attention_mask must hold 1 for tokens and 0 for padding; got other values (an "
+                         "additive mask of 0 / -inf? pass (mask == 0) instead)")
+    return value if isinstance(value, jax.Array) else jnp.asarray(arr)
 
 
 def _check_ids(input_ids, vocab_size: int) -> jax.Array:

@@ -211,6 +211,11 @@ class Tokenizer:
         pad = self._sp.pad_id()
         return pad if pad >= 0 else self.eos_id
 
+    # HF's names for the same ids
+    bos_token_id = property(lambda self: self.bos_id, doc="HF's name for :attr:`bos_id`.")
+    eos_token_id = property(lambda self: self.eos_id, doc="HF's name for :attr:`eos_id`.")
+    pad_token_id = property(lambda self: self.pad_id, doc="HF's name for :attr:`pad_id`.")
+
     @property
     def special_tokens(self) -> dict[str, int]:
         """Special-token string -> id; these strings are split out before SentencePiece."""
@@ -262,12 +267,15 @@ class Tokenizer:
         return idx
 
     # ------------------------------------------------------------------ encode
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    def encode(self, text: str, add_bos: bool = True, *, add_special_tokens: bool | None = None) -> list[int]:
         """Encode text, turning special-token strings into their ids.
 
         With ``add_bos`` a BOS is prepended unless the text already starts with ``<s>``,
         so chat prompts rendered with a leading ``<s>`` never get two. EOS is never added.
+        ``add_special_tokens`` is HF's name for ``add_bos`` (it wins when given).
         """
+        if add_special_tokens is not None:
+            add_bos = add_special_tokens
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         ids = self._encode_plain_and_special(text)
@@ -311,6 +319,8 @@ class Tokenizer:
         out: list[str] = []
         run: list[int] = []
         special = self._special_by_id
+        if not isinstance(ids, Iterable):  # one id, as HF's decode takes it
+            ids = [operator.index(ids)]
         for raw in ids:
             idx = self._check_id(raw)
             name = special.get(idx)
@@ -332,14 +342,17 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> str:
-        """Render messages in the InternLM2 chat format.
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
+                            tokenize: bool = False) -> str | list[int]:
+        """Render messages in the InternLM2 chat format (with ``tokenize``: its ids, :meth:`encode_chat`).
 
         ``<s>`` then ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, and
         ``<|im_start|>assistant\\n`` when ``add_generation_prompt`` (to make the model answer).
         A message's optional ``name`` goes into the header (``environment name=<|plugin|>``
         for tool results); ``plugin``/``interpreter`` become their special tokens.
         """
+        if tokenize:
+            return self.encode_chat(messages, add_generation_prompt)
         if isinstance(messages, Mapping) or isinstance(messages, (str, bytes)):
             raise TypeError("messages must be a sequence of {'role': ..., 'content': ...} mappings")
         pieces = ["<s>"]

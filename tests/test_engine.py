@@ -415,3 +415,22 @@ def test_packed_decode_weights_need_a_model_without_a_mesh():
     with pytest.raises(ValueError, match="decode_weights='packed' is for a model without a mesh"):
         ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=2)
     assert generator_for(model.configure(decode_weights="auto")).weights_form == "per_layer"
+
+
+def test_engine_defaults_and_misuse():
+    """max_len defaults to what the model allows (2048 at most); array prompts and numpy counts are taken;
+    a stopped engine refuses requests, and run_until_done refuses requests it never got, instead of
+    waiting forever."""
+    model = ij.InternLM2(CFG, seed=0)
+    engine = ij.Engine(model, stop_ids=())
+    assert engine.max_len == min(2048, CFG.max_position_embeddings)
+    request = engine.submit(jnp.asarray([3, 4, 5]), max_tokens=np.int64(3))
+    engine.run_until_done([request])
+    assert request.tokens == ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=3, stop_ids=())[0]
+    engine.start()
+    engine.stop()
+    with pytest.raises(ij.EngineError, match="stopped"):
+        engine.submit([3, 4], max_tokens=2)
+    stranger = ij.Engine(model, stop_ids=()).check([3, 4], max_tokens=2)
+    with pytest.raises(ij.EngineError, match="never submitted"):
+        ij.Engine(model, stop_ids=()).run_until_done([stranger])

@@ -137,3 +137,22 @@ def test_input_validation(case):
         model(np.array([1, 2, 3]))
     with pytest.raises(ValueError, match="empty"):
         model(np.zeros((1, 0), np.int32))
+
+
+def test_call_forms_and_bad_shapes_are_named(tmp_path):
+    """Lists work in forward and embed; short dtype names are accepted; positions, masks and segment ids
+    of the wrong shape, and an additive (0 / -inf) mask, are refused naming the argument."""
+    cfg = tiny_config()
+    state = ref.random_state(cfg, 2)
+    model = InternLM2.from_pretrained(write_hf_checkpoint(tmp_path, cfg, state))
+    ids = [[5, 6, 7, 8]]
+    np.testing.assert_allclose(np.asarray(model.forward(ids)), ref.forward(state, cfg, np.asarray(ids))["logits"],
+                               atol=1e-5)
+    assert model.embed(ids).shape == (1, 4, cfg["hidden_size"])
+    assert InternLM2(InternLM2Config.from_dict(cfg), dtype="bf16").dtype == jnp.bfloat16
+    for kw, words in ((dict(positions=[0, 1, 2, 3]), "positions must have shape"),
+                      (dict(attention_mask=[[1, 1, 1]]), "attention_mask must have shape"),
+                      (dict(segment_ids=[[0, 0], [1, 1]]), "segment_ids must have shape"),
+                      (dict(attention_mask=np.array([[0.0, -np.inf, 0.0, 0.0]])), "additive")):
+        with pytest.raises(ValueError, match=words):
+            model(ids, **kw)

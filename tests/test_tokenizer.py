@@ -459,3 +459,14 @@ def test_pickle(tok):
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode(CHAT_VECTOR_TEXT) == CHAT_VECTOR_IDS
     assert clone.special_tokens == tok.special_tokens
+
+
+def test_hf_spellings_of_the_same_calls(tok, sp):
+    """HF's names and call forms give what the native ones give."""
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+    assert tok.encode(FOX, add_special_tokens=False) == FOX_IDS == tok.encode(FOX, add_bos=False)
+    assert tok.decode(FOX_IDS[0]) == sp.decode([FOX_IDS[0]]) and tok.decode(np.int64(FOX_IDS[0])) == tok.decode(
+        FOX_IDS[:1])
+    messages = [{"role": "user", "content": "你好"}]
+    assert tok.apply_chat_template(messages, tokenize=True) == CHAT_VECTOR_IDS
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == CHAT_VECTOR_TEXT
