@@ -176,6 +176,23 @@ class Choice:
                 "refusal": None}
 
 
+class JSONBodies:
+    """ASGI middleware: a POST body is read as JSON whatever its content type. ``curl -d '{...}'`` sends
+    ``application/x-www-form-urlencoded``; FastAPI would refuse that body as not an object. (Plain ASGI,
+    not Starlette's BaseHTTPMiddleware, so streams and disconnects pass through untouched.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST":
+            kind = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if kind != b"application/json":
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)
+
+
 def create_app(engine: Engine, tok, model_name: str):
     """The FastAPI app serving ``engine`` under ``model_name``; the engine loop runs while the app does."""
     import contextlib
@@ -196,6 +213,7 @@ def create_app(engine: Engine, tok, model_name: str):
                 finish()  # the followers were told to stop: leave the job with them
 
     app = FastAPI(title="internlm-jax", lifespan=lifespan)
+    app.add_middleware(JSONBodies)
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):

@@ -472,6 +472,10 @@ def test_openai_defaults_nulls_and_other_paths(tiny):
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "echo": None,
                                          "logprobs": None, "n": None})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    for headers in ({"content-type": "application/x-www-form-urlencoded"}, {}):  # curl -d '{...}', no type
+        r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(chat), headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == \
+            nulls.json()["choices"][0]["message"]["content"], r.text
     for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
                                  ("POST", "/v1/models", 405)):
         r = httpx.request(method, server.url + path)
