@@ -241,7 +241,8 @@ def _start_distributed(args) -> None:
     if coordinator or environment:
         from .multihost import initialize
 
-        initialize(coordinator, args.num_processes, args.process_id, from_environment=environment)
+        initialize(coordinator, args.num_processes, args.process_id, from_environment=environment,
+                   timeout_s=getattr(args, "init_timeout", 300))
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -251,6 +252,8 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
     g.add_argument("--num-processes", type=int, default=1)
     g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                   help="how long to wait for every process to join (default 300)")
 
 
 def cmd_train(args) -> None:

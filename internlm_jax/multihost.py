@@ -19,16 +19,18 @@ import threading
 import numpy as np
 
 
-def initialize(coordinator: str | None, num_processes: int, process_id: int, from_environment: bool = False):
-    """``jax.distributed.initialize`` for the CLI (gloo collectives on CPU; GPU/TPU unaffected)."""
+def initialize(coordinator: str | None, num_processes: int, process_id: int, from_environment: bool = False,
+               timeout_s: int = 300):
+    """``jax.distributed.initialize`` for the CLI (gloo collectives on CPU; GPU/TPU unaffected); every
+    process must join within ``timeout_s`` seconds."""
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=300)
+                                   process_id=process_id, initialization_timeout=timeout_s)
     elif from_environment:
-        jax.distributed.initialize()
+        jax.distributed.initialize(initialization_timeout=timeout_s)
 
 
 def finish() -> None:
