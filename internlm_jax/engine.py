@@ -45,6 +45,7 @@ from .generation import (
     bucket_length,
     generator_for,
     model_limit,
+    seed_value,
     token_scores,
 )
 from .multihost import StepChannel, abort
@@ -233,8 +234,10 @@ class Engine:
             raise EngineError(str(e), str(e).split()[0]) from None
         if sampling.top_k > self.config.vocab_size:  # keeps every token, as top_k = vocab does (and fits int32)
             sampling = dataclasses.replace(sampling, top_k=self.config.vocab_size)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise EngineError(f"seed must be an integer, got {seed!r}", "seed")
+        try:
+            seed = seed_value(seed)
+        except ValueError as e:
+            raise EngineError(str(e), "seed") from None
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
                 raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}", name)
@@ -243,7 +246,7 @@ class Engine:
                               "min_tokens")
         if not isinstance(ignore_eos, bool):
             raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
-        return Request(prompt, max_tokens, sampling, seed % (1 << 32), frozenset(int(s) for s in stop_ids), logprobs,
+        return Request(prompt, max_tokens, sampling, seed, frozenset(int(s) for s in stop_ids), logprobs,
                        prompt_logprobs, min_tokens, ignore_eos)
 
     @property
@@ -340,16 +343,16 @@ class Engine:
                         tuple(buf() for _ in range(cfg.num_hidden_layers)),
                         gen.put(np.zeros((b, t), bool), VALID_AXES))
         vec = lambda x: gen.put(x, ("batch",))  # noqa: E731
-        keys = lambda shape, axes: jax.jit(  # noqa: E731 - made on the devices (host keys cannot span processes)
-            lambda: jax.random.split(jax.random.key(0), shape) if shape else jax.random.key(0),
-            out_shardings=None if gen.mesh is None else named_sharding(axes, shape, gen.mesh))()
+        row_keys = jax.jit(  # made on the devices (host keys cannot span processes)
+            lambda: jax.random.split(jax.random.key(0), b),
+            out_shardings=None if gen.mesh is None else named_sharding(("batch",), (b,), gen.mesh))()
         rows = RowSampling(vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.ones(b, np.float32)),
-                           vec(np.ones(b, np.float32)), keys((b,), ("batch",)), vec(np.zeros(b, np.float32)),
+                           vec(np.ones(b, np.float32)), row_keys, vec(np.zeros(b, np.float32)),
                            vec(np.zeros(b, np.float32)), vec(np.zeros(b, np.int32)), vec(np.zeros(b, bool)))
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
-                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), keys((), ()), rows)
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), gen.key(0), rows)
         return ds, vec(np.full(b, IDLE, np.int32))
 
     def _plan(self) -> dict:

@@ -629,10 +629,12 @@ def _max_length(model, max_length) -> int:
     return int(max_length)
 
 
-def _check_seed(seed) -> int:
+def seed_value(seed) -> int:
+    """The 32-bit PRNG seed of a request's ``seed`` (any integer); ValueError for anything else. One rule
+    for generate and the engine, so the same seed draws the same tokens in both."""
     if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return int(seed) % (1 << 32)  # as the engine takes it: the same seed draws the same tokens there
+    return int(seed) % (1 << 32)
 
 
 def _stop_strings(stop) -> list[str]:
@@ -640,11 +642,6 @@ def _stop_strings(stop) -> list[str]:
     if not all(isinstance(s, str) for s in stop):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
     return [s for s in stop if s]
-
-
-def _cut_at_stop(text: str, stop: list[str]) -> str:
-    at = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:at]
 
 
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
@@ -658,7 +655,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     (default: the model's context). A sampled prompt draws the same tokens wherever it sits in the
     batch, and the same as an :class:`~internlm_jax.Engine` request with the same ``seed``."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
-    seed = _check_seed(seed)
+    seed = seed_value(seed)
     if len(prompts) == 0:
         return []
     prompts = _encode_prompts(None, prompts, add_bos=False, vocab_size=model.config.vocab_size)
@@ -667,6 +664,11 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
+
+
+def _stopped(stream: TextStream, text: str) -> str:
+    stream.push(text)
+    return stream.text
 
 
 def _strip_stop(ids: list[int], stop_ids) -> list[int]:
@@ -690,8 +692,9 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     stop_ids = tuple(stop_ids if stop_ids is not None else (tok.stop_ids if tok is not None else (2, 92542)))
     ids = _encode_prompts(tok, batch, add_bos, model.config.vocab_size)
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **kwargs)
-    texts = [_cut_at_stop(tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens), stop)
-             for o in out]
+    texts = [tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens) for o in out]
+    if stop:  # cut before the first stop string, by the rule the streams use
+        texts = [_stopped(TextStream(stop), text) for text in texts]
     return texts[0] if single else texts
 
 
@@ -705,7 +708,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
     text as :func:`generate` for one prompt. Arguments are checked here, before the first piece is asked
     for. Without ``max_new_tokens``, ``default_new_tokens`` or as many as fit."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
-    seed, stop = _check_seed(seed), _stop_strings(stop)
+    seed, stop = seed_value(seed), _stop_strings(stop)
     stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
     batch, single = _as_batch(prompt)
     if not single:
