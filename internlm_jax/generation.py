@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .arrays import row_sharding, to_host
+from .arrays import back_with_huge_pages, row_sharding, to_host
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
@@ -306,6 +306,8 @@ class Generator:
             self._layers = None  # free the old copies first
             want = jax.tree.map(lambda x: x.sharding, self.abstract_layers()) if self.mesh is not None else None
             self._layers = jax.jit(self._decode_weights, out_shardings=want)(self.state)
+            if self.settings.huge_pages and self.mesh is None:
+                back_with_huge_pages(jax.block_until_ready(self._layers))
             self._layers_of = ident
         return self._layers
 

@@ -41,6 +41,9 @@ class EngineSettings:
         packed on CPU without a mesh, per_layer on a CPU mesh, sliced elsewhere.
     decode_chunk: decode steps per compiled loop call (stop ids are checked on the host between
         chunks; a fixed trip count keeps the GPU loop free of a host round trip per token).
+    huge_pages: on a Linux CPU, back the decode weights with 2 MiB pages once they are made
+        (:func:`~internlm_jax.arrays.back_with_huge_pages`; a batch-1 decode step streams them about 5%
+        faster). Off: ``model.configure(huge_pages=False)``.
     remat: activation checkpointing of each layer in training.
     blockwise_from: inputs longer than this take blockwise attention. block: its block size.
     """
@@ -49,6 +52,7 @@ class EngineSettings:
     decode_attention: str = "auto"
     decode_weights: str = "auto"
     decode_chunk: int = 16
+    huge_pages: bool = True
     remat: str = "none"
     blockwise_from: int = 4096
     block: int = 512
@@ -63,6 +67,8 @@ class EngineSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.huge_pages, bool):
+            raise ValueError(f"huge_pages must be True or False, got {self.huge_pages!r}")
         if self.block % 8:
             raise ValueError(f"block must be a multiple of 8, got {self.block}")
 

@@ -434,3 +434,36 @@ def test_engine_defaults_and_misuse():
     stranger = ij.Engine(model, stop_ids=()).check([3, 4], max_tokens=2)
     with pytest.raises(ij.EngineError, match="never submitted"):
         ij.Engine(model, stop_ids=()).run_until_done([stranger])
+
+
+def _huge_kb(address: int) -> int:
+    """AnonHugePages (kB) of the mapping holding ``address``, as the kernel accounts it."""
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= address < hi:
+                for field in lines[i + 1:]:
+                    if field.startswith("AnonHugePages:"):
+                        return int(field.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="huge pages are a Linux feature")
+def test_decode_weights_are_backed_by_huge_pages_on_linux():
+    from internlm_jax.arrays import back_with_huge_pages
+
+    probe = jnp.ones((3 << 20,), jnp.float32) + 0  # 12 MiB: holds an aligned 2 MiB range whatever its start
+    if back_with_huge_pages(probe) == 0:
+        pytest.skip("this kernel refuses MADV_COLLAPSE (Linux < 6.1 or THP disabled)")
+    cfg = CFG.replace(vocab_size=8192, hidden_size=256, intermediate_size=512)  # output layer: 8 MiB in f32
+    on, off = ij.InternLM2(cfg, seed=1), ij.InternLM2(cfg, seed=1)
+    off.configure(huge_pages=False)
+    head = max(jax.tree.leaves(generator_for(on).layers), key=lambda x: x.nbytes)
+    assert head.nbytes >= 8 << 20
+    assert _huge_kb(head.unsafe_buffer_pointer() + head.nbytes // 2) >= 2048
+    prompts = [[5, 9, 30, 7], [11, 3]]
+    assert ij.generate_ids(on, prompts, max_new_tokens=6) == ij.generate_ids(off, prompts, max_new_tokens=6)
+    with pytest.raises(ValueError, match="huge_pages must be True or False"):
+        EngineSettings(huge_pages="yes")
