@@ -4,8 +4,11 @@
   list of function definitions (name, description, parameters);
 * an assistant message's ``tool_calls`` become ``<|action_start|><|plugin|>\\n{"name": ..., "parameters":
   {...}}<|action_end|>`` after its content; ``role: "tool"`` messages go back in as
-  ``environment name=<|plugin|>`` messages;
-* model output is split back into content and tool calls (:func:`parse_tool_calls`), and
+  ``environment name=<|plugin|>`` messages; messages in InternLM's own agent format keep their channel
+  (``system`` or ``environment`` with ``name`` ``"plugin"`` or ``"interpreter"``), so SFT data of
+  code-interpreter turns renders as the reference does;
+* model output is split back into content and tool calls (:func:`parse_tool_calls`; a code-interpreter
+  call, ``<|action_start|><|interpreter|>``, is no OpenAI tool call and stays in the content), and
   :class:`TextStream` does it incrementally for streaming, holding back any text that may still turn
   into a marker or a stop string, so markers split over pieces are recognised.
 """
@@ -16,7 +19,7 @@ import json
 import uuid
 from typing import Any, Mapping, Sequence
 
-ACTION_START, ACTION_END, PLUGIN = "<|action_start|>", "<|action_end|>", "<|plugin|>"
+ACTION_START, ACTION_END, PLUGIN, INTERPRETER = "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"
 CALL_START = ACTION_START + PLUGIN
 
 
@@ -79,16 +82,20 @@ def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] |
         if not isinstance(msg, Mapping):
             raise FormatError(f"messages[{i}] must be an object with 'role' and 'content'")
         role = msg.get("role")
+        # InternLM's own agent messages name their channel: system/environment name=plugin|interpreter
+        channel = {"plugin": "plugin", "interpreter": "interpreter", PLUGIN: "plugin",
+                   INTERPRETER: "interpreter"}.get(msg.get("name"))
         if role in ("system", "developer"):
-            out.append({"role": "system", "content": _content(msg, i)})
+            out.append({"role": "system", "content": _content(msg, i), **({"name": channel} if channel else {})})
         elif role == "user":
             out.append({"role": "user", "content": _content(msg, i)})
         elif role == "assistant":  # tool_calls, or the older API's single function_call
             calls = msg.get("tool_calls") or ([{"function": msg["function_call"]}] if msg.get("function_call") else [])
             text = _content(msg, i) + "".join(_call_text(c, i) for c in calls)
             out.append({"role": "assistant", "content": text})
-        elif role in ("tool", "function", "environment"):
-            out.append({"role": "environment", "content": _content(msg, i), "name": "plugin"})
+        elif role in ("tool", "function", "environment"):  # a tool's or function's name is the function's
+            name = channel if role == "environment" and channel else "plugin"
+            out.append({"role": "environment", "content": _content(msg, i), "name": name})
         else:
             raise FormatError(f"messages[{i}].role must be system, user, assistant or tool, got {role!r}")
     if tools:
@@ -136,42 +143,46 @@ def chat_prompt(tok, messages: Sequence[Mapping], tools: Sequence[Mapping] | Non
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
-    """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse stays text.
-    With calls, the content is the text around them, stripped."""
-    content, calls = _split_calls(text)
-    return content.strip() if calls else content, calls
+    """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse, or that has no
+    string ``name`` or no object ``parameters``, stays text. With calls, the content is the text around
+    them less the whitespace before each call and at the end (and at the start when the reply opens with
+    a call): the rule :class:`TextStream` streams by, so streamed and whole replies agree."""
+    return _split_calls(text)
 
 
-def _arguments(params: Any) -> str:
-    """A call's ``parameters`` as OpenAI's ``arguments`` string: JSON text that the model wrote as a
-    string is passed on as it is, not encoded a second time."""
+def _arguments(params: Any) -> str | None:
+    """A call's ``parameters`` as OpenAI's ``arguments`` string (a JSON object): JSON text that the model
+    wrote as a string is passed on as it is, not encoded a second time. None when they are no object."""
     if isinstance(params, str):
         try:
-            json.loads(params)
-            return params
+            return params if isinstance(json.loads(params), dict) else None
         except json.JSONDecodeError:
-            pass
-    return json.dumps(params, ensure_ascii=False)
+            return None
+    return json.dumps(params, ensure_ascii=False) if isinstance(params, Mapping) else None
 
 
 def _split_calls(text: str) -> tuple[str, list[dict]]:
-    """(the text outside the calls, unstripped; the calls)."""
+    """(the content, the calls) by :func:`parse_tool_calls`' rule."""
     content, calls, rest = [], [], text
     while CALL_START in rest:
         before, _, after = rest.partition(CALL_START)
         body, found, rest = after.partition(ACTION_END)
         try:
             call = json.loads(body.strip())
-            name = call["name"]
-            params = call.get("parameters", call.get("arguments", {}))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            name, args = call["name"], _arguments(call.get("parameters", call.get("arguments", {})))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            name = args = None
+        if not isinstance(name, str) or not name or args is None:
             content.append(before + CALL_START + body + found)
             continue
-        content.append(before)
+        content.append(before.rstrip())
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": name, "arguments": _arguments(params)}})
+                      "function": {"name": name, "arguments": args}})
+    if not calls:
+        return text, []
     content.append(rest)
-    return "".join(content), calls
+    out = "".join(content).rstrip()
+    return (out.lstrip() if not text.partition(CALL_START)[0].strip() else out), calls
 
 
 class TextStream:
@@ -194,13 +205,17 @@ class TextStream:
         self.in_call, self.call_at = bool(forced), 0
 
     def _hold(self) -> int:
-        """How many trailing characters could still be the start of a marker."""
+        """How many trailing characters could still be the start of a marker, with tools also the
+        whitespace before them (a reply drops the whitespace before a call)."""
         hold = 0
         for m in self.markers:
             for n in range(min(len(m) - 1, len(self.text)), 0, -1):
                 if self.text.endswith(m[:n]):
                     hold = max(hold, n)
                     break
+        if CALL_START in self.markers:
+            head = self.text[:len(self.text) - hold]
+            hold += len(head) - len(head.rstrip())
         return hold
 
     def push(self, piece: str) -> str:
@@ -216,8 +231,8 @@ class TextStream:
                 at = self.text.find(CALL_START, max(0, self.sent - len(CALL_START)))
                 if at >= 0:
                     self.in_call, self.call_at = True, at
-        if self.in_call:
-            safe = self.call_at
+        if self.in_call:  # up to the call, less the whitespace before it
+            safe = len(self.text[:self.call_at].rstrip())
         else:
             safe = len(self.text) if self.stopped else len(self.text) - self._hold()
         out = self.text[self.sent:max(safe, self.sent)]
@@ -229,8 +244,7 @@ class TextStream:
         if self.in_call:
             content, calls = _split_calls(self.text)
             if calls:  # the content around the calls, less what push returned (all before the first call)
-                rest = content[min(self.sent, self.call_at):]
-                return (rest.rstrip() if self.sent > len(self.forced) else rest.strip()), calls
+                return content[min(self.sent, self.call_at):], calls
         return self.text[self.sent:], []  # a forced start was never to be sent: sent starts past it
 
     def reply(self) -> tuple[str, list[dict]]:

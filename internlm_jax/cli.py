@@ -223,7 +223,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: 128 (chat: 512), or as many as fit in the context")
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="end the reply before this text (repeatable; with --input, per line: 'stop')")
+                   help="end the reply before this text (repeatable; generate --input: per line, 'stop')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -360,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo on a tiny random model (no download)", parents=[common])
     demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8; 0 = as found)")
     demo.add_argument("--tokenizer", help="a tokenizer.model (or HF folder) to encode --prompt with")
-    demo.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
+                      help="text run through the model (default: a pangram)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     add_mesh_args(demo)
     demo.set_defaults(func=cmd_demo, tensor=2)
     gen = sub.add_parser("generate", help="generate text from a prompt (streamed), or a JSONL file of requests "
@@ -427,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-new-tokens", type=int, default=256, help="decode room in the KV cache (default 256)")
     pl.add_argument("--dtype", default="bfloat16", help="compute / cache dtype (default bfloat16)")
     pl.add_argument("--programs", default="prefill,decode_step,decode_loop,train_step",
-                    help="comma-separated subset (default: all four)")
+                    help="comma-separated subset of prefill, decode_step, decode_loop, train_step (default: all)")
     pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],
                     help="activation checkpointing of the train step (default full)")
     pl.add_argument("--attention", choices=["blockwise", "splash", "xla", "cudnn"],

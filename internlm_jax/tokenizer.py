@@ -342,9 +342,10 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = True, *,
-                            tokenize: bool = False) -> str | list[int]:
-        """Render messages in the InternLM2 chat format (with ``tokenize``: its ids, :meth:`encode_chat`).
+    def apply_chat_template(self, messages: Sequence[Mapping], add_generation_prompt: bool = False, *,
+                            tokenize: bool = True) -> str | list[int]:
+        """Messages in the InternLM2 chat format: their ids, or with ``tokenize=False`` the text. The
+        defaults are HF's (ids, no generation prompt); :meth:`encode_chat` defaults to the prompt.
 
         ``<s>`` then ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, and
         ``<|im_start|>assistant\\n`` when ``add_generation_prompt`` (to make the model answer).
@@ -385,7 +386,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: Sequence[Mapping], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of :meth:`apply_chat_template` (exactly one BOS, from its ``<s>``)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tokenize=False), add_bos=False)
 
 
 class StreamDecoder:

@@ -643,7 +643,7 @@ def test_tools_and_tool_results_are_rendered_in_the_plugin_format(tool_server):
     messages = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": "One moment.", "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
-    text = tok.apply_chat_template(to_internlm_messages(messages, TOOLS))
+    text = tok.apply_chat_template(to_internlm_messages(messages, TOOLS), add_generation_prompt=True, tokenize=False)
     tools_json = json.dumps([TOOLS[0]["function"]], ensure_ascii=False)
     assert text == ("<s><|im_start|>system\nYou are helpful.<|im_end|>\n"
                     f"<|im_start|>system name=<|plugin|>\n{tools_json}<|im_end|>\n"
@@ -655,7 +655,8 @@ def test_tools_and_tool_results_are_rendered_in_the_plugin_format(tool_server):
     # the older API's function_call is the same call; empty arguments are no arguments
     legacy = [*messages[:2], {"role": "assistant", "content": "One moment.", "function_call": call["function"]},
               {"role": "function", "name": "get_weather", "content": "sunny"}]
-    assert tok.apply_chat_template(to_internlm_messages(legacy, TOOLS)) == text
+    assert tok.apply_chat_template(to_internlm_messages(legacy, TOOLS), add_generation_prompt=True,
+                                   tokenize=False) == text
     bare = {"role": "assistant", "content": None,
             "tool_calls": [{**call, "function": {"name": "now", "arguments": ""}}]}
     assert to_internlm_messages([bare])[0]["content"] == \
@@ -691,6 +692,49 @@ def test_the_incremental_text_stream_handles_markers_split_anywhere():
         assert (sent + rest, [json.loads(c["function"]["arguments"]) for c in calls]) == want
         content, calls = stream.reply()
         assert (content, [json.loads(c["function"]["arguments"]) for c in calls]) == want
+
+
+def test_streamed_and_whole_replies_agree_on_the_content_around_calls():
+    """Whitespace before a call (and at the end) is not content, streamed or not; a reply that opens with
+    a call has no leading whitespace; a call without a string name or object parameters stays text."""
+    from internlm_jax.chat_format import TextStream, parse_tool_calls
+
+    call = "<|action_start|><|plugin|>\n" + '{"name": "f", "parameters": {"x": 1}}' + "<|action_end|>"
+    cases = {"Sure.\n\n" + call: "Sure.", "  lead " + call: "  lead", call + " then": "then",
+             "\n" + call + "\n": "", "a" + call + "\n\n" + call + " b": "a b",
+             "Sure.\n\n" + call + "\nDone.": "Sure.\nDone."}
+    for text, want in cases.items():
+        assert parse_tool_calls(text)[0] == want
+        for size in (1, 2, 5):
+            stream = TextStream(tools=True)
+            sent = "".join(stream.push(text[i:i + size]) for i in range(0, len(text), size))
+            rest, calls = stream.finish()
+            assert (sent + rest, stream.reply()[0]) == (want, want), (text, size)
+            assert calls and all(json.loads(c["function"]["arguments"]) == {"x": 1} for c in calls)
+    # without a call, trailing whitespace held back for a possible call is still sent in the end
+    stream = TextStream(tools=True)
+    assert stream.push("Hi \n") == "Hi" and stream.finish() == (" \n", [])
+    for body in ('{"name": 7, "parameters": {}}', '{"name": "f", "parameters": [1, 2]}',
+                 '{"name": "f", "parameters": "[1, 2]"}', '{"name": "", "parameters": {}}', '[1]'):
+        text = "x" + "<|action_start|><|plugin|>\n" + body + "<|action_end|>"
+        assert parse_tool_calls(text) == (text, []), body
+
+
+def test_interpreter_and_plugin_channels_keep_their_names():
+    """InternLM's agent format (FACTS: tool use): system and environment messages name their channel;
+    ``tool``/``function`` results are plugin results."""
+    from internlm_jax.chat_format import to_internlm_messages
+
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "system", "name": "interpreter", "content": "You can run Python."},
+                {"role": "user", "content": "2**10?"},
+                {"role": "assistant", "content": "<|action_start|><|interpreter|>\nprint(2**10)<|action_end|>"},
+                {"role": "environment", "name": "interpreter", "content": "1024"},
+                {"role": "environment", "name": "<|plugin|>", "content": "ok"},
+                {"role": "tool", "name": "interpreter", "content": "sunny"}]
+    got = [(m["role"], m.get("name")) for m in to_internlm_messages(messages)]
+    assert got == [("system", None), ("system", "interpreter"), ("user", None), ("assistant", None),
+                   ("environment", "interpreter"), ("environment", "plugin"), ("environment", "plugin")]
 
 
 def test_offline_batch_lines_end_at_a_stop_string_and_take_generates_names(tiny, tmp_path):

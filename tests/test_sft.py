@@ -61,7 +61,7 @@ def test_the_loss_mask_is_exactly_the_assistant_replies(data):
         assert got == want
         # the document is the conversation as the chat template renders it; the rest is what the model reads
         assert tok.decode(tokens.tolist()) == tok.apply_chat_template(to_internlm_messages(conv),
-                                                                      add_generation_prompt=False)
+                                                                      add_generation_prompt=False, tokenize=False)
         prompt_text = tok.decode(tokens[trained == 0].tolist())
         assert all(m["content"] in prompt_text for m in conv if m["role"] != "assistant")
     b = ds.batch(0, 2)

@@ -352,7 +352,7 @@ def test_chat_template_system_user(tok, sp):
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Hi"},
     ]
-    text = tok.apply_chat_template(messages)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == (
         "<s><|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -369,9 +369,9 @@ def test_chat_template_system_user(tok, sp):
 
 def test_chat_template_matches_facts_vector(tok):
     messages = [{"role": "user", "content": "你好"}]
-    assert tok.apply_chat_template(messages) == CHAT_VECTOR_TEXT
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == CHAT_VECTOR_TEXT
     assert tok.encode_chat(messages) == CHAT_VECTOR_IDS
-    no_prompt = tok.apply_chat_template(messages, add_generation_prompt=False)
+    no_prompt = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
     assert no_prompt == "<s><|im_start|>user\n你好<|im_end|>\n"
     assert tok.encode_chat(messages, add_generation_prompt=False) == CHAT_VECTOR_IDS[:7]
 
@@ -385,7 +385,7 @@ def test_chat_template_tool_call_and_environment(tok, sp):
         {"role": "environment", "name": "interpreter", "content": "42"},
         {"role": "user", "name": "alice", "content": "thanks"},
     ]
-    text = tok.apply_chat_template(messages, add_generation_prompt=True)
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert '<|im_start|>environment name=<|plugin|>\n{"result": 42}<|im_end|>\n' in text
     assert "<|im_start|>environment name=<|interpreter|>\n42<|im_end|>\n" in text
     assert "<|im_start|>user name=alice\nthanks<|im_end|>\n" in text
@@ -409,7 +409,7 @@ def test_chat_template_tool_call_and_environment(tok, sp):
 )
 def test_chat_template_errors(tok, messages, match):
     with pytest.raises(ValueError, match=match):
-        tok.apply_chat_template(messages)
+        tok.apply_chat_template(messages, tokenize=False)
     with pytest.raises(ValueError, match=match):
         tok.encode_chat(messages)
 
@@ -468,5 +468,7 @@ def test_hf_spellings_of_the_same_calls(tok, sp):
     assert tok.decode(FOX_IDS[0]) == sp.decode([FOX_IDS[0]]) and tok.decode(np.int64(FOX_IDS[0])) == tok.decode(
         FOX_IDS[:1])
     messages = [{"role": "user", "content": "你好"}]
-    assert tok.apply_chat_template(messages, tokenize=True) == CHAT_VECTOR_IDS
+    # HF's defaults: ids, without the generation prompt
+    assert tok.apply_chat_template(messages) == CHAT_VECTOR_IDS[:7]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True) == CHAT_VECTOR_IDS
     assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == CHAT_VECTOR_TEXT
