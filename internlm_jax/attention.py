@@ -62,6 +62,46 @@ def head_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     return out.astype(q.dtype)
 
 
+def row_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, k_ok: jax.Array, *,
+                        block: int | None) -> jax.Array:
+    """A prefill chunk's attention over its cache row, in the cache's layout: q ``[1, nKV, G, C, D]``,
+    k/v ``[1, nKV, T, D]`` (the row's first T slots), ``q_slots [C]`` the chunk's slots, ``k_ok [T]`` the
+    valid slots; causal by slot. Returns ``[1, nKV, G, C, D]`` in q's dtype.
+
+    ``block=None``: dense, [C, T] scores. Otherwise key blocks of ``block`` slots folded with an online
+    softmax (float32), one block of scores at a time: a chunk late in a 200K-token prompt would
+    otherwise hold [C, 200K] float32 scores per head (32 GiB at the 7B-1M shape). A query that sees no
+    key gets zeros (the dense form: the mean of the values); a chunk's queries always see themselves."""
+    t = k.shape[2]
+    if block is None or block >= t:
+        return head_major_attention(q, k, v, k_ok[None, :] & (jnp.arange(t)[None, :] <= q_slots[:, None])[None])
+    scale = jnp.float32(1.0 / math.sqrt(q.shape[-1]))
+    n_blocks = -(-t // block)
+
+    def fold(carry, j):
+        m, l, acc = carry
+        # the last block is moved back to end at T; slots an earlier block covered are masked
+        start = jnp.minimum(j * block, t - block)
+        slots = start + jnp.arange(block)
+        kb = jax.lax.dynamic_slice_in_dim(k, start, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(v, start, block, axis=2)
+        ok = (slots >= j * block) & jax.lax.dynamic_slice_in_dim(k_ok, start, block)
+        visible = ok[None, :] & (slots[None, :] <= q_slots[:, None])  # [C, block]
+        s = jnp.einsum("bngcd,bntd->bngct", q, kb, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(visible, s, NEG)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
+        p = jnp.exp(s - m_safe[..., None])
+        correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+        pv = jnp.einsum("bngct,bntd->bngcd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
+        return (m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv), None
+
+    stats = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
+    init = (stats, jnp.zeros_like(stats), jnp.zeros(q.shape, jnp.float32))
+    (_, l, acc), _ = jax.lax.scan(fold, init, jnp.arange(n_blocks))
+    return (acc / jnp.where(l == 0, 1.0, l)[..., None]).astype(q.dtype)
+
+
 def visible_mask(q_idx, q_start, k_idx, k_ok, causal: bool):
     """[B, Sq, Sk]: padding masked; causal by global index; with q_start, only the query's own
     segment (packed documents are contiguous, so "same segment" is "index >= the segment start")."""

@@ -45,9 +45,9 @@ from .attention import (
     decode_plan,
     dense_attention,
     fused_attention,
-    head_major_attention,
     platform_of,
     prefill_plan,
+    row_chunk_attention,
     visible_mask,
 )
 from .cache import SLOT_AXIS, KVCache, heads_view, read_row, read_row_valid, to_slots
@@ -701,7 +701,6 @@ class InternLM2(nnx.Module):
         row_valid = row_valid.at[cols].set(real, mode="drop")
         valid = jax.lax.dynamic_update_index_in_dim(cache.valid, row_valid, row, 0)
         span = t if keys is None else min(keys, t)
-        visible = row_valid[None, :span] & (jnp.arange(span)[None, :] <= cols[:, None])  # [C, span]
 
         def write_and_read(buf, new):
             """Write [C, nKV, D] into the row's slots; return (buffer, the row's first ``span`` slots
@@ -719,13 +718,16 @@ class InternLM2(nnx.Module):
         x = self.embed(tokens[None], differentiable=False)
         cos, sin = rope_tables(self.config, positions[None], self.dtype, seq_len=seq_len)
         keys, values = list(cache.keys), list(cache.values)
+        # the selector's rule: [C, span] scores while span is short, key blocks beyond
+        dense = self.prefill_plan(span, key_mask=True).path == "dense"
         for i, layer in enumerate(self.unrolled_layers(layers)):
             def attend(q, k, v, i=i):
                 kc, k_row = write_and_read(keys[i], k[0])
                 vc, v_row = write_and_read(values[i], v[0])
                 b, _, nh, d = q.shape  # the row is read where it lies: head-major, no transpose
                 qh = q.reshape(b, c, nkv, nh // nkv, d).transpose(0, 2, 3, 1, 4)
-                o = head_major_attention(qh, k_row.astype(q.dtype), v_row.astype(q.dtype), visible[None])
+                o = row_chunk_attention(qh, k_row.astype(q.dtype), v_row.astype(q.dtype), cols, row_valid[:span],
+                                        block=None if dense else self.settings.block)
                 return o.transpose(0, 3, 1, 2, 4).reshape(b, c, nh, d), (kc, vc)
 
             with jax.named_scope(f"layer_{i}"):

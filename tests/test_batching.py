@@ -7,10 +7,13 @@ import math
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import internlm_jax as ij
+from internlm_jax.cache import KVCache
 from internlm_jax.engine import Engine, EngineError, QueueFull
 from internlm_jax.generation import SamplingParams
 
@@ -320,3 +323,31 @@ def test_presence_and_frequency_penalties_follow_the_reference(model):
         engine.submit(prompts[0], max_tokens=4, frequency_penalty=2.5)
     with pytest.raises(ValueError, match="presence_penalty"):
         ij.generate_ids(model, [prompts[0]], max_new_tokens=4, presence_penalty="high")
+
+
+def test_a_chunk_attends_over_long_rows_in_key_blocks(model):
+    """Past ``blockwise_from`` slots a prefill chunk folds key blocks (one block of scores at a time; the
+    last block not a divisor of the row): its prompt scores equal the dense [C, span] form's, and the
+    greedy tokens equal generate's; the compiled chunk's scratch no longer grows with C x span."""
+    rng = np.random.RandomState(3)
+    prompt, runs = list(rng.randint(3, 128, 300)), {}
+    for name, settings in (("dense", {}), ("blocks", {"blockwise_from": 32, "block": 24})):
+        m = ij.InternLM2(CFG, seed=0).configure(**settings)
+        engine = Engine(m, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=STOP)
+        request = engine.submit(prompt, max_tokens=12, prompt_logprobs=0)
+        engine.run_until_done([request])
+        runs[name] = (np.asarray(request.prompt_token_logprobs), request.tokens)
+    got, want = runs["blocks"][0], runs["dense"][0]
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want))
+    assert runs["blocks"][1] == runs["dense"][1] == alone(model, prompt, 12)
+
+    def scratch(settings):  # a 512-token chunk at the end of an 8192-slot row
+        graphdef, state = nnx.split(ij.InternLM2(CFG, seed=0).configure(**settings))
+        chunk = jax.jit(lambda state, cache, tokens, positions: nnx.merge(graphdef, state).forward_extend(
+            tokens, positions, cache, 0, 7680, 512, 8192, keys=8192))
+        ids = jax.ShapeDtypeStruct((512,), jnp.int32)
+        compiled = chunk.lower(state, KVCache.abstract(CFG, 1, 8192, jnp.float32), ids, ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    scores = 4 * 512 * 8192 * 4  # one [C, span] float32 score matrix per head
+    assert scratch({"attention": "dense"}) >= scores > 4 * scratch({})  # default: blocks past 4096 slots
