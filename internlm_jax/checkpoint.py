@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Iterator
 import jax
 import numpy as np
 
+from . import weights
 from .arrays import (
     flat_params,
     flatten,
@@ -41,13 +42,15 @@ from .arrays import (
     to_host,
 )
 from .config import InternLM2Config
-from .files import atomic_directory, progress_bar
+from .files import absolute, atomic_directory, deferred_interrupts, progress_bar
 
 FORMAT = "internlm-jax-orbax"
 LAYOUT_VERSION = 1
 META_FILE = "internlm_jax_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json", "added_tokens.json")
+# Files every checkpoint folder (HF or ours) holds: --overwrite replaces only folders with one of them.
+CHECKPOINT_MARKERS = ("config.json", META_FILE)
 
 
 class OrbaxCheckpointError(ValueError):
@@ -97,15 +100,16 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
 
     checksums: dict[str, str] = {}
     names: list[str] = []
-    with atomic_directory(dst, overwrite=overwrite, needed_bytes=total_bytes) as tmp:  # absolute, as Orbax needs
+    with atomic_directory(dst, overwrite=overwrite, needed_bytes=total_bytes,
+                          markers=CHECKPOINT_MARKERS) as tmp:  # absolute, as Orbax needs
         (tmp / "orbax").mkdir()
-        ckptr = ocp.StandardCheckpointer()
-        with progress_bar(total_bytes, "writing orbax", progress) as bar:
+        with ocp.StandardCheckpointer() as ckptr, progress_bar(total_bytes, "writing orbax", progress) as bar:
             for name, arrays in items:
                 host = {path: np.asarray(a) for path, a in arrays.items()}
                 checksums.update({f"{name}/{path}": sha256(a) for path, a in host.items()})
-                ckptr.save(tmp / "orbax" / name, nest(host))
-                ckptr.wait_until_finished()  # one item in flight: memory stays at one layer
+                with deferred_interrupts():  # interrupted, Orbax's threads would write on into a removed folder
+                    ckptr.save(tmp / "orbax" / name, nest(host))
+                    ckptr.wait_until_finished()  # one item in flight: memory stays at one layer
                 names.append(name)
                 bar.update(sum(a.nbytes for a in host.values()))
                 bar.set_postfix_str(f"{len(checksums)} tensors, {len(names)} items")
@@ -115,7 +119,7 @@ def write_checkpoint(dst: str | os.PathLike, cfg: InternLM2Config, items: Iterab
         meta = {"format": FORMAT, "layout_version": LAYOUT_VERSION, "dtype": str(np.dtype(dtype)),
                 "source": source, "items": names, "num_hidden_layers": cfg.num_hidden_layers, "sha256": checksums}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    return Path(dst).absolute()
+    return absolute(dst)
 
 
 def model_items(model) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
@@ -152,20 +156,43 @@ def check_items(path: Path, meta: dict, cfg: InternLM2Config) -> None:
             raise OrbaxCheckpointError(f"{path}: item orbax/{name} is missing")
 
 
+def item_shapes(cfg: InternLM2Config) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{item: {array key: shape}}`` that config.json implies (a layer item holds one row of each
+    stacked parameter), derived from the HF map of :mod:`internlm_jax.weights` without allocating."""
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for t in weights.hf_tensors(cfg):
+        parts = jax.eval_shape(lambda a, t=t: weights.to_params(t, a, cfg), jax.ShapeDtypeStruct(t.shape, np.float32))
+        for p, part in parts.items():
+            shapes.setdefault(item_name(t.layer, p), {})[p[len("layers."):] if t.layer is not None else p] = part.shape
+    return shapes
+
+
+def check_item(path: Path, name: str, arrays: dict, want: dict[str, tuple[int, ...]]) -> None:
+    """Raise unless a restored item holds exactly the arrays, of the shapes, that config.json implies."""
+    extra, missing = sorted(set(arrays) - set(want)), sorted(set(want) - set(arrays))
+    if extra or missing:
+        raise OrbaxCheckpointError(f"{path}: item orbax/{name} holds {sorted(arrays)} but config.json implies "
+                                   f"{sorted(want)} (unexpected: {extra or 'none'}, missing: {missing or 'none'})")
+    for key, shape in want.items():
+        if tuple(arrays[key].shape) != shape:
+            raise OrbaxCheckpointError(f"{path}: array {key!r} of item orbax/{name} has shape "
+                                       f"{tuple(arrays[key].shape)} but config.json implies {shape}")
+
+
 def iter_items(path: str | os.PathLike, targets: Callable[[str], dict] | None = None) -> Iterator[tuple[str, dict]]:
     """Restore the items in order: numpy on the host, or into ``targets(name)`` (abstract, sharded)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()  # Orbax refuses relative paths
     meta = read_metadata(path)
-    ckptr = ocp.StandardCheckpointer()
-    for name in meta["items"]:
-        item = path / "orbax" / name
-        try:
-            restored = ckptr.restore(item, nest(targets(name))) if targets else ckptr.restore(item)
-        except Exception as e:  # orbax raises many types; say which item
-            raise OrbaxCheckpointError(f"{item}: cannot restore ({type(e).__name__}: {e})") from None
-        yield name, flatten(restored)
+    with ocp.StandardCheckpointer() as ckptr:  # closed however the iteration ends
+        for name in meta["items"]:
+            item = path / "orbax" / name
+            try:
+                restored = ckptr.restore(item, nest(targets(name))) if targets else ckptr.restore(item)
+            except Exception as e:  # orbax raises many types; say which item
+                raise OrbaxCheckpointError(f"{item}: cannot restore ({type(e).__name__}: {e})") from None
+            yield name, flatten(restored)
 
 
 def saved_dtype(path: str | os.PathLike) -> np.dtype:

@@ -10,6 +10,8 @@ saves it as an HF folder, loads it back sharded over (simulated) devices and run
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import sys
 import tempfile
@@ -289,19 +291,58 @@ def cmd_presets(args) -> None:
               f"theta={c.rope_theta:g} rope_scaling={c.rope_scaling}")
 
 
+def _ignore(*args) -> None:
+    pass
+
+
+def _silence_libraries() -> None:
+    """Orbax logs through absl, and tensorstore's threads and coroutines report a failure again as
+    unraisable exceptions (``Event loop is closed``), also at exit: our one-line error says it all."""
+    import logging
+    import threading
+
+    sys.unraisablehook = threading.excepthook = _ignore
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _conversion_run(quiet: bool):
+    """While a conversion runs: SIGTERM cleans up the temporary output as Ctrl-C does, and when
+    ``quiet`` (no --debug) the libraries' own reports stay off stderr. All restored afterwards."""
+    import logging
+    import signal
+    import threading
+
+    saved = sys.unraisablehook, threading.excepthook, logging.getLogger("absl").level
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    if quiet:
+        _silence_libraries()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook, threading.excepthook = saved[:2]
+        logging.getLogger("absl").setLevel(saved[2])
+
+
 def cmd_convert(args) -> None:
     from conversion.convert import hf_to_orbax, orbax_to_hf, train_to_hf
 
     t = time.perf_counter()
     progress = not args.quiet
-    if args.direction == "hf-to-orbax":
-        out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
-    elif args.direction == "train-to-hf":
-        out = train_to_hf(args.src, args.dst, step=args.step, dtype=args.dtype, shard_size=args.shard_size,
-                          overwrite=args.overwrite, progress=progress)
-    else:
-        out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
-                          overwrite=args.overwrite, progress=progress)
+    with _conversion_run(quiet=not args.debug):
+        if args.direction == "hf-to-orbax":
+            out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)
+        elif args.direction == "train-to-hf":
+            out = train_to_hf(args.src, args.dst, step=args.step, dtype=args.dtype, shard_size=args.shard_size,
+                              overwrite=args.overwrite, progress=progress)
+        else:
+            out = orbax_to_hf(args.src, args.dst, dtype=args.dtype, shard_size=args.shard_size,
+                              overwrite=args.overwrite, progress=progress)
     if not args.quiet:
         size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f}s")
@@ -331,6 +372,16 @@ def cmd_plan(args) -> None:
         print(result.table())
 
 
+def _shard_size(text: str) -> int:
+    """--shard-size, checked while parsing so a bad one fails before any work."""
+    from .hf_checkpoint import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --debug before or after the subcommand: the top level owns the flag (default False); the
     # subcommands' copy leaves it unset unless given (an action shared through parents=[...] would
@@ -346,14 +397,21 @@ def build_parser() -> argparse.ArgumentParser:
                             ("orbax-to-hf", "an Orbax checkpoint -> an HF folder the official code loads"),
                             ("train-to-hf", "a training run's checkpoint folder -> an HF folder")):
         c = csub.add_parser(direction, help=text, parents=[common])
-        c.add_argument("src")
-        c.add_argument("dst")
+        source, target = direction.split("-to-")
+        c.add_argument("src", help={"hf": "the HF folder to read (config.json and the weights)",
+                                    "orbax": "the Orbax checkpoint folder to read",
+                                    "train": "the training run's checkpoint folder"}[source])
+        c.add_argument("dst", help=f"the {'Orbax checkpoint' if target == 'orbax' else 'HF'} folder to write; "
+                                   "it may not be or contain SRC")
         c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                       help="convert the weights on the way (default: keep the source dtype)")
-        c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+                       help="convert the weights on the way (default: keep the source dtype; required "
+                            "when the source mixes dtypes)")
+        c.add_argument("--overwrite", action="store_true",
+                       help="replace DST if it exists (only a checkpoint folder: one with config.json)")
         c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         if direction != "hf-to-orbax":
-            c.add_argument("--shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+            c.add_argument("--shard-size", default="5GB", type=_shard_size,
+                           help="largest safetensors file: 5GB, 500MB, 2GiB or bytes (default 5GB)")
         if direction == "train-to-hf":
             c.add_argument("--step", type=int, help="which saved step (default: the latest)")
         c.set_defaults(func=cmd_convert)
@@ -464,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         what = " ".join(x for x in (args.command, getattr(args, "direction", None)) if x)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"internlm-jax {what}: error: {message}", file=sys.stderr, flush=True)
+        atexit.register(_silence_libraries)  # they may report the failure again while the interpreter exits
         jax = sys.modules.get("jax")
         if jax is not None and jax.process_count() > 1:  # a multi-host job: leaving it together would
             os._exit(1)  # wait on processes that may be gone (jax.distributed.shutdown hangs, then aborts)

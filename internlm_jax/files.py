@@ -11,18 +11,44 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 
-def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0) -> None:
-    """Refuse an existing, non-empty destination (unless ``overwrite``) and a disk without room."""
-    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
-    parent = dst.parent
-    parent.mkdir(parents=True, exist_ok=True)
+def absolute(path: str | os.PathLike) -> Path:
+    """``~`` expanded, made absolute and ``..`` folded, so that ``dst.parent`` and ``dst.name`` are real."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sources: Iterable[Path] = (),
+                      markers: Iterable[str] = ()) -> None:
+    """Refuse a destination whose writing would lose data, and a disk without room.
+
+    Refused: an existing, non-empty ``dst`` unless ``overwrite``; a ``dst`` that is, or contains, one of
+    the ``sources`` being read (replacing it would delete the input); with ``markers`` (file names that
+    every folder of the kind written holds), a non-empty folder holding none of them, even with
+    ``overwrite``, so that ``--overwrite .`` cannot wipe a home folder.
+    """
+    where = dst.parent.resolve() / dst.name  # a symlink at dst is replaced, not followed
+    for src in sources:
+        if where == src.resolve() or where in src.resolve().parents:
+            raise ValueError(f"destination {dst} {'is' if where == src.resolve() else 'contains'} the source "
+                             f"{src}: writing it would delete the source; choose another destination")
+    real_dir = dst.is_dir() and not dst.is_symlink()
+    if any(dst.iterdir()) if real_dir else dst.exists() or dst.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
+        markers = list(markers)
+        if real_dir and markers and not any((dst / name).exists() for name in markers):
+            raise FileExistsError(f"{dst} is a non-empty folder that is not a checkpoint (it has no "
+                                  f"{' or '.join(markers)}); refusing to replace it, even with --overwrite")
+    parent = next(p for p in dst.parents if p.exists() or p.is_symlink())  # the nearest that exists
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot create {dst}: {parent} is a file, not a folder")
     free = shutil.disk_usage(parent).free
     needed = int(needed_bytes * 1.05) + (1 << 20)
     if needed_bytes and free < needed:
@@ -31,11 +57,12 @@ def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0) -> None
 
 
 @contextlib.contextmanager
-def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_bytes: int = 0) -> Iterator[Path]:
+def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_bytes: int = 0,
+                     markers: Iterable[str] = ()) -> Iterator[Path]:
     """``with atomic_directory(dst) as tmp:`` fill ``tmp``; on success it becomes ``dst``, on any
-    error (or Ctrl-C) it is removed and ``dst`` is left as it was."""
-    dst = Path(dst).absolute()
-    check_destination(dst, overwrite, needed_bytes)
+    error (or Ctrl-C) it is removed and ``dst`` is left as it was (see :func:`check_destination`)."""
+    dst = absolute(dst)
+    check_destination(dst, overwrite, needed_bytes, markers=markers)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
@@ -46,13 +73,36 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_
         raise
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them. For writers whose background
+    threads (Orbax, tensorstore) keep writing after the caller is interrupted: files that appear
+    after the cleanup removed the temporary output would be left behind."""
+    if threading.current_thread() is not threading.main_thread():  # only it can set handlers
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        if received:
+            signal.raise_signal(received[0])  # to the handler restored: KeyboardInterrupt for Ctrl-C
+
+
 def replace_directory(src: Path, dst: Path) -> None:
     """Move the complete folder ``src`` to ``dst``; an old ``dst`` is removed only once ``src`` is there."""
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(dst, old)
         os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a file, or a symlink (whose target is not ours to delete)
+            old.unlink()
     else:
         os.replace(src, dst)
 

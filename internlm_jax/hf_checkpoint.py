@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -29,8 +30,9 @@ from jax.experimental import multihost_utils
 
 from . import weights
 from .arrays import canonical_dtype, flat_params, get_row, row_sharding, set_row, sharding_of, stacked_buffers, to_host
+from .checkpoint import CHECKPOINT_MARKERS
 from .config import InternLM2Config
-from .files import atomic_directory, check_destination, progress_bar
+from .files import absolute, atomic_directory, check_destination, progress_bar
 
 
 class CheckpointError(ValueError):
@@ -64,8 +66,19 @@ class TensorRef:
 # --- safetensors ---------------------------------------------------------------------------------
 
 
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def refuse_lfs_pointer(path: Path) -> None:
+    """A clone made without git-lfs holds small text pointers where the weights should be: say so."""
+    with open(path, "rb") as f:
+        if f.read(len(LFS_POINTER)) == LFS_POINTER:
+            raise CheckpointError(f"{path}: a git-LFS pointer, not the weights (run git lfs pull)")
+
+
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
     """(header dict, byte offset of the data) after checking the header against the file size."""
+    refuse_lfs_pointer(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -170,6 +183,7 @@ def open_hf_tensors(folder: str | os.PathLike) -> dict[str, TensorRef]:
 def _open_torch(path: Path) -> dict[str, TensorRef]:
     from .torch_pickle import TorchCheckpoint
 
+    refuse_lfs_pointer(path)
     ckpt = TorchCheckpoint(path)
     return {name: TensorRef(name, path, tuple(t.shape), np.dtype(t.dtype), t.load) for name, t in ckpt.tensors.items()}
 
@@ -177,8 +191,15 @@ def _open_torch(path: Path) -> dict[str, TensorRef]:
 def _open_indexed(index: Path, opener) -> dict[str, TensorRef]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: not a valid index file ({e!r})") from None
+    if isinstance(weight_map, dict):
+        problem = next((f"{k!r} maps to {v!r}" for k, v in weight_map.items() if not isinstance(v, str)), None)
+    else:
+        problem = f"got a {type(weight_map).__name__}"
+    if problem:
+        raise CheckpointError(f"{index}: not a valid index file (weight_map must map tensor names to file names; "
+                              f"{problem})")
     opened = {}
     for file in sorted(set(weight_map.values())):
         path = index.parent / file
@@ -219,7 +240,7 @@ def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: st
         raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} "
                               f"(config.json: {cfg.num_hidden_layers} layers, bias={cfg.bias}, "
                               f"tie_word_embeddings={cfg.tie_word_embeddings})")
-    unexpected = [n for n in refs if n not in names and not weights.IGNORED_HF_TENSORS.match(n)]
+    unexpected = [n for n in refs if n not in names and not weights.is_ignored(n, refs[n].shape, cfg)]
     if unexpected:
         ref = refs[unexpected[0]]
         raise CheckpointError(f"{ref.file}: unexpected tensor {ref.name!r} of shape {ref.shape} "
@@ -273,16 +294,18 @@ def load_params(model, refs: dict[str, TensorRef], *, where: str, progress: bool
 # --- writing -------------------------------------------------------------------------------------
 
 
+SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+              "T": 10**12, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
 def parse_size(size: int | str) -> int:
-    """``"5GB"`` / ``"500MB"`` / ``1000`` -> bytes (decimal units, as HF uses)."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
-                       ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
+    """``"5GB"`` / ``"5G"`` / ``"500MB"`` / ``"2GiB"`` / ``1000`` -> bytes (decimal units, as HF uses); > 0."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([a-zA-Z]*)\s*", str(size))
+    unit = SIZE_UNITS.get(match[2].upper()) if match else None
+    nbytes = int(float(match[1]) * unit) if unit else 0
+    if nbytes <= 0:
+        raise ValueError(f"shard size {size!r} is not a positive size (e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    return nbytes
 
 
 def plan_shards(tensors: list[weights.HFTensor], dtype: np.dtype, limit: int) -> list[list[weights.HFTensor]]:
@@ -309,13 +332,13 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     """Write an HF InternLM2 folder whose tensors come from ``produce(tensor)``, one at a time, in
     checkpoint order. Written into a temporary sibling and renamed when complete, so an interrupted
     save leaves no folder that looks like a checkpoint."""
-    folder = Path(folder).absolute()
+    folder = absolute(folder)
     dtype = np.dtype(dtype)
     tensors = weights.hf_tensors(cfg)
     total = hf_bytes(tensors, dtype)
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
-    with atomic_directory(folder, overwrite=overwrite, needed_bytes=total) as tmp:
+    with atomic_directory(folder, overwrite=overwrite, needed_bytes=total, markers=CHECKPOINT_MARKERS) as tmp:
         with progress_bar(total, "writing hf", progress, postfix=f"0/{len(tensors)} tensors") as bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
@@ -376,9 +399,9 @@ def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_si
             produce(t)
         if not agree(True):
             raise OSError(f"process 0 failed to finish writing {folder} (its error says why)")
-        return Path(folder).absolute()
+        return absolute(folder)
     try:
-        check_destination(Path(folder).absolute(), overwrite, hf_bytes(tensors, dtype))
+        check_destination(absolute(folder), overwrite, hf_bytes(tensors, dtype), markers=CHECKPOINT_MARKERS)
     except OSError:
         agree(False)
         raise

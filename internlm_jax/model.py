@@ -325,19 +325,21 @@ class InternLM2(nnx.Module):
     # --- loading --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
-                        param_dtype: DTypeLike = None, progress: bool | None = None) -> "InternLM2":
+                        param_dtype: DTypeLike = None, progress: bool | None = None,
+                        verify: bool = False) -> "InternLM2":
         """Load a checkpoint folder into the shardings of ``mesh``.
 
         An HF folder (``model.safetensors``, sharded safetensors with an index, or
         ``pytorch_model*.bin``, read without executing pickled code) is read tensor by tensor;
         ``dtype`` defaults to float32. An Orbax folder written by :meth:`save` or the converter is
-        restored with each process reading only its shards; ``dtype`` defaults to the saved one.
+        restored with each process reading only its shards; ``dtype`` defaults to the saved one, and
+        ``verify`` re-checks each array against its recorded sha256 (a host copy of each: slower).
         """
         config = InternLM2Config.from_pretrained(path)
         if checkpoint.is_orbax_checkpoint(path):
             saved = checkpoint.saved_dtype(path)
             model = cls.abstract(config, mesh=mesh, dtype=dtype or saved, param_dtype=param_dtype or dtype or saved)
-            checkpoint.restore_params(model, path, progress=progress)
+            checkpoint.restore_params(model, path, progress=progress, verify=verify)
         else:
             refs = hf_checkpoint.open_hf_tensors(path)
             model = cls.abstract(config, mesh=mesh, dtype=dtype, param_dtype=param_dtype)

@@ -37,6 +37,14 @@ from .config import InternLM2Config
 IGNORED_HF_TENSORS = re.compile(r"^model\.layers\.\d+\.attention\.rotary_emb\.inv_freq$")
 
 
+def is_ignored(name: str, shape: tuple[int, ...], cfg: InternLM2Config) -> bool:
+    """A tensor a checkpoint may carry that holds nothing of ours: an old rotary buffer (derived from
+    the config), or the output matrix of a tied model (``torch.save(state_dict())`` keeps it; it is the
+    embedding, and transformers ties it back on load)."""
+    tied_output = cfg.tie_word_embeddings and name == "output.weight" and shape == (cfg.vocab_size, cfg.hidden_size)
+    return tied_output or bool(IGNORED_HF_TENSORS.match(name))
+
+
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
     """One tensor of an HF checkpoint: its name, shape, layer, and the parameters it becomes."""

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,27 +179,40 @@ def test_save_from_python_on_one_mesh_restore_on_another(tmp_path):
         model.save(tmp_path / "ck")
 
 
-def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
+def _interrupt_conversion(tmp_path: Path, sig: signal.Signals) -> tuple[Path, subprocess.Popen, bytes]:
+    """Convert a 40-layer model to tmp_path/out in a subprocess and send ``sig`` while layers are written."""
     cfg = tiny_config(num_hidden_layers=40)
     src = write_hf_checkpoint(tmp_path / "hf", cfg, ref.random_state(cfg, seed=0))
-    dst = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "conversion", "hf-to-orbax", str(src), str(dst), "--quiet"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "conversion", "hf-to-orbax", str(src), str(tmp_path / "out"),
+                             "--quiet"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline:  # wait until layer items are being written, then kill
+    while time.time() < deadline:  # wait until layer items are being written
         partial = list(tmp_path.glob(".out.tmp-*/orbax/layer_0000*"))
         if partial or proc.poll() is not None:
             break
         time.sleep(0.005)
     assert partial, "the conversion ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    return src, proc, proc.communicate(timeout=120)[1]
+
+
+def test_killed_conversion_leaves_nothing_that_loads(tmp_path):
+    src, _, _ = _interrupt_conversion(tmp_path, signal.SIGKILL)
+    dst = tmp_path / "out"
     assert not dst.exists()
     with pytest.raises((FileNotFoundError, ValueError)):
         InternLM2.from_pretrained(dst)
     assert _convert("hf-to-orbax", src, dst) == 0  # a rerun is not blocked by the leftover temporary
     assert InternLM2.from_pretrained(dst).config.num_hidden_layers == 40
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_conversion_cleans_up(tmp_path, sig):
+    """SIGTERM (a job scheduler's kill) removes the temporary output as Ctrl-C does."""
+    _, proc, err = _interrupt_conversion(tmp_path, sig)
+    assert proc.returncode == 130 and b"interrupted" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
 def _one_line_error(capsys, *args) -> str:
@@ -270,6 +284,7 @@ def test_existing_destination_needs_overwrite_and_disk_space_is_checked(tmp_path
     (dst / "keep.txt").write_text("user data")
     assert "already exists" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, dst)
     assert (dst / "keep.txt").read_text() == "user data"
+    (dst / "config.json").write_text("{}")  # an old checkpoint: --overwrite replaces it
     assert _convert("hf-to-orbax", hf_bf16, dst, "--overwrite") == 0
     assert (dst / META_FILE).exists() and not (dst / "keep.txt").exists()
     import shutil
@@ -300,3 +315,154 @@ def test_relative_paths(tmp_path, monkeypatch):
     InternLM2.from_pretrained("back").save("saved")
     for folder in ("ox", "back", "saved"):
         np.testing.assert_array_equal(np.asarray(InternLM2.from_pretrained(folder)(IDS)), want)
+
+
+def test_destination_that_would_delete_the_source_is_refused(tmp_path, capsys, hf_bf16):
+    import shutil
+
+    src = tmp_path / "models" / "hf"
+    shutil.copytree(hf_bf16, src)
+    before = _tree_digest(tmp_path)
+    for direction in ("hf-to-orbax", "orbax-to-hf", "train-to-hf"):
+        for dst, relation in ((src, "is"), (src.parent, "contains")):
+            err = _one_line_error(capsys, direction, src, dst, "--overwrite")
+            assert f"destination {dst} {relation} the source {src}" in err, err
+    assert _tree_digest(tmp_path) == before
+    assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
+    assert "is the source" in _one_line_error(capsys, "orbax-to-hf", tmp_path / "ox", tmp_path / "ox", "--overwrite")
+    assert (tmp_path / "ox" / META_FILE).is_file()
+
+
+def test_overwrite_replaces_only_checkpoint_folders(tmp_path, capsys, hf_bf16, monkeypatch):
+    """--overwrite of a user's folder (``--overwrite .`` in a home folder) is refused; an empty one is fine."""
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "todo.txt").write_text("user data")
+    monkeypatch.chdir(home)
+    err = _one_line_error(capsys, "hf-to-orbax", hf_bf16, ".", "--overwrite")
+    assert f"{home} is a non-empty folder that is not a checkpoint" in err
+    assert (home / "notes" / "todo.txt").read_text() == "user data"
+    assert "not a checkpoint" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, home / "notes", "--overwrite")
+    (home / "empty").mkdir()
+    assert _convert("hf-to-orbax", hf_bf16, home / "empty", "--overwrite") == 0
+    assert _convert("orbax-to-hf", home / "empty", home / "empty", "--overwrite") == 1  # still the source
+    assert _convert("orbax-to-hf", home / "empty", home / "hf", "--overwrite") == 0
+    assert _convert("hf-to-orbax", hf_bf16, home / "hf", "--overwrite") == 0  # an HF folder is a checkpoint
+    assert (home / "hf" / META_FILE).is_file()
+
+
+def test_overwriting_a_file_or_a_symlink_leaves_nothing_behind(tmp_path, hf_bf16):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "user.txt").write_text("user data")
+    (tmp_path / "link").symlink_to(target)
+    for name in ("file", "link"):
+        assert _convert("hf-to-orbax", hf_bf16, tmp_path / name, "--overwrite") == 0
+        assert (tmp_path / name / META_FILE).is_file() and not (tmp_path / name).is_symlink()
+    assert (target / "user.txt").read_text() == "user data"  # the link is replaced, its target kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "target"]
+
+
+def test_destination_under_a_file_and_home_relative_paths(tmp_path, capsys, hf_bf16, monkeypatch):
+    from conversion.convert import hf_to_orbax
+
+    (tmp_path / "afile").write_text("x")
+    err = _one_line_error(capsys, "hf-to-orbax", hf_bf16, tmp_path / "afile" / "sub" / "ox")
+    assert f"cannot create {tmp_path / 'afile' / 'sub' / 'ox'}: {tmp_path / 'afile'} is a file, not a folder" in err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(hf_bf16)
+    import shutil
+
+    shutil.copytree(hf_bf16, tmp_path / "hf")
+    assert hf_to_orbax("~/hf", "~/ox", progress=False) == tmp_path / "ox"
+    assert _convert("orbax-to-hf", "~/ox", "~/back") == 0
+    assert (tmp_path / "back" / "model.safetensors").is_file() and not (hf_bf16 / "~").exists()
+
+
+def test_mixed_or_float64_source_needs_dtype(tmp_path, capsys):
+    import safetensors.torch as st
+    import torch
+
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(CFG))
+    tensors = {k: torch.from_numpy(v).to(torch.float32 if "norm" in k else torch.bfloat16) for k, v in STATE.items()}
+    st.save_file(tensors, str(src / "model.safetensors"))
+    err = _one_line_error(capsys, "hf-to-orbax", src, tmp_path / "ox")
+    assert "mixes dtypes ('model.tok_embeddings.weight' is bfloat16, 'model.layers.0.attention_norm.weight' is " \
+           "float32); pass --dtype" in err
+    assert not (tmp_path / "ox").exists()
+    assert _convert("hf-to-orbax", src, tmp_path / "ox", "--dtype", "float32") == 0
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back") == 0
+    back = st.load_file(tmp_path / "back" / "model.safetensors")
+    assert all(torch.equal(back[k], t.float()) for k, t in tensors.items())  # bfloat16 -> float32 is exact
+    f64 = write_hf_checkpoint(tmp_path / "f64", CFG, STATE, dtype="float64")
+    err = _one_line_error(capsys, "hf-to-orbax", f64, tmp_path / "ox64")
+    assert "the source weights are float64; pass --dtype float32|bfloat16|float16" in err
+
+
+def _broken_orbax(tmp_path, hf_bf16) -> Path:
+    import shutil
+
+    ox = tmp_path / "ox"
+    assert _convert("hf-to-orbax", hf_bf16, ox) == 0
+    shutil.rmtree(ox / "orbax" / "layer_00001" / "ocdbt.process_0")
+    return ox
+
+
+def test_cli_errors_are_one_line_on_stderr_whatever_the_libraries_print(tmp_path, hf_bf16):
+    """Orbax (absl logs) and tensorstore (coroutines reporting at exit) write around our error: the CLI
+    keeps stderr to its one line."""
+    ox = _broken_orbax(tmp_path, hf_bf16)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    for args in (["orbax-to-hf", ox, tmp_path / "out"], ["train-to-hf", hf_bf16, tmp_path / "out"]):
+        done = subprocess.run([sys.executable, "-m", "internlm_jax", "convert", *map(str, args), "--quiet"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"internlm-jax convert {args[0]}: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_orbax_items_are_checked_against_the_config(tmp_path, capsys, hf_bf16):
+    ox = tmp_path / "ox"
+    assert _convert("hf-to-orbax", hf_bf16, ox) == 0
+    cfg = json.loads((ox / "config.json").read_text())
+    (ox / "config.json").write_text(json.dumps(dict(cfg, num_attention_heads=3, num_key_value_heads=1)))
+    err = _one_line_error(capsys, "orbax-to-hf", ox, tmp_path / "o1")
+    assert re.search(r"array 'attention\.(bk|bq|bv|wk|wq|wv|wo)' of item orbax/layer_00000 has shape \(.*\) but "
+                     r"config\.json implies", err), err
+    (ox / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=True)))
+    err = _one_line_error(capsys, "orbax-to-hf", ox, tmp_path / "o2")
+    assert "item orbax/final holds ['norm.weight', 'output'] but config.json implies ['norm.weight'] " \
+           "(unexpected: ['output'], missing: none)" in err
+    assert not any(p.name.startswith(("o1", "o2", ".o")) for p in tmp_path.iterdir())
+
+
+def test_from_pretrained_can_verify_checksums(tmp_path, hf_bf16):
+    from internlm_jax.checkpoint import OrbaxCheckpointError
+
+    ox = tmp_path / "ox"
+    assert _convert("hf-to-orbax", hf_bf16, ox) == 0
+    meta = json.loads((ox / META_FILE).read_text())
+    meta["sha256"]["final/norm.weight"] = "0" * 64
+    (ox / META_FILE).write_text(json.dumps(meta))
+    InternLM2.from_pretrained(ox)  # not checked by default: it needs a host copy of every array
+    with pytest.raises(OrbaxCheckpointError, match="checksum mismatch for final/norm.weight"):
+        InternLM2.from_pretrained(ox, verify=True)
+
+
+def test_shard_size_accepts_units_and_refuses_the_rest(tmp_path, capsys, hf_bf16):
+    from internlm_jax.hf_checkpoint import parse_size
+
+    assert [parse_size(s) for s in ("5G", "5GB", "1.5GB", "10KB", "2GiB", "500m", 7)] == [
+        5 * 10**9, 5 * 10**9, 15 * 10**8, 10**4, 2 * 2**30, 5 * 10**8, 7]
+    for bad in ("abc", "0", "-1", "5XB", ""):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", "orbax-to-hf", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--shard-size", bad])
+        assert e.value.code == 2
+        assert "argument --shard-size: shard size" in capsys.readouterr().err
+    assert _convert("hf-to-orbax", hf_bf16, tmp_path / "ox") == 0
+    assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "hf", "--shard-size", "20K") == 0
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1

@@ -185,3 +185,38 @@ def test_open_hf_tensors_reads_headers_only(tmp_path):
     ref_w = refs["model.layers.0.attention.wqkv.weight"]
     assert ref_w.shape == STATE["model.layers.0.attention.wqkv.weight"].shape and ref_w.dtype == np.float16
     np.testing.assert_array_equal(ref_w.load(), STATE["model.layers.0.attention.wqkv.weight"].astype(np.float16))
+
+
+def test_index_whose_weight_map_is_not_a_dict_of_file_names(tmp_path):
+    folder = write_hf_checkpoint(tmp_path / "s", CFG, STATE, shards=2)
+    for weight_map, problem in ((["model-00001-of-00002.safetensors"], "got a list"),
+                                ({"model.norm.weight": 3}, "'model.norm.weight' maps to 3")):
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        with pytest.raises(CheckpointError) as e:
+            InternLM2.from_pretrained(folder)
+        assert str(e.value) == (f"{folder / 'model.safetensors.index.json'}: not a valid index file (weight_map "
+                                f"must map tensor names to file names; {problem})")
+
+
+def test_tied_checkpoint_that_also_stores_the_output_matrix_loads(tmp_path):
+    """torch.save(model.state_dict()) of a tied model keeps output.weight (the embedding): transformers
+    loads it, and so do we; an output matrix of another shape is still refused."""
+    cfg = dict(CFG, tie_word_embeddings=True)
+    state = {k: v for k, v in STATE.items() if k != "output.weight"}
+    want = ref.forward(state, cfg, IDS)["logits"]
+    copy = dict(state, **{"output.weight": state["model.tok_embeddings.weight"]})
+    folder = write_hf_checkpoint(tmp_path / "tied", cfg, copy, layout="bin")
+    np.testing.assert_allclose(np.asarray(InternLM2.from_pretrained(folder)(IDS)), want, atol=1e-4)
+    bad = dict(state, **{"output.weight": np.zeros((3, cfg["hidden_size"]), np.float32)})
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'output\.weight' of shape \(3, 48\)"):
+        InternLM2.from_pretrained(write_hf_checkpoint(tmp_path / "bad", cfg, bad))
+
+
+@pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin"])
+def test_git_lfs_pointer_instead_of_weights(tmp_path, file):
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CFG))
+    (folder / file).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345\n")
+    with pytest.raises(CheckpointError, match=rf"{file}: a git-LFS pointer, not the weights \(run git lfs pull\)"):
+        InternLM2.from_pretrained(folder)
