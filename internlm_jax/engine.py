@@ -14,9 +14,9 @@ each row's slots are split over it, in order). Between decode chunks it
 4. hands each request its new tokens, and frees the row of a finished one at once.
 
 A request's tokens do not depend on what else runs: its prefill sees only its row, its row's slots
-start at 0 whatever the other rows hold, and a row's draws use its own key and positions. (One
-exception, as for any batch: under dynamic NTK rope past ``max_position_embeddings`` the base follows
-the longest running sequence, as in the reference's batched decoding.)
+start at 0 whatever the other rows hold, a row's draws use its own key and positions, and under
+dynamic NTK rope its decode base follows its own position (a static batch of ``generate``, like the
+reference's batched decoding, shares the longest sequence's).
 
 Drive it with :meth:`Engine.step` from one thread (scripts, the offline batch command) or
 :meth:`Engine.start` a background thread (the server); :meth:`Engine.submit` is thread-safe.
@@ -130,8 +130,9 @@ class _Row:
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
-    ``max_batch`` cache rows of ``max_len`` slots (default 2048, or the model's context if shorter): a
-    request needs ``len(prompt) + max_tokens <= max_len``. ``prefill_chunk`` bounds the prompt tokens
+    ``max_batch`` cache rows of ``max_len`` slots (default 2048, or the model's context if shorter; a
+    longer one, past the context, is taken on purpose as ``generate``'s ``max_length`` is): a request
+    needs ``len(prompt) + max_tokens <= max_len``. ``prefill_chunk`` bounds the prompt tokens
     processed between two decode chunks of ``decode_chunk`` steps (shorter than generate's: a finished
     request's row waits at most that long);
     ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
@@ -153,8 +154,6 @@ class Engine:
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
         self.decode_chunk = decode_chunk
         self.stop_ids = tuple(int(s) for s in stop_ids)
-        if max_len > self.model_limit:
-            raise EngineError(f"max_len={max_len} exceeds the model's context ({self.model_limit} tokens)")
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row | None] = [None] * max_batch
         self.lock = threading.Lock()
@@ -226,7 +225,7 @@ class Engine:
             raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
         if len(prompt) + max_tokens > self.max_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
-                              f"context of {self.max_len} tokens", "max_tokens")
+                              f"context of {self.max_len} tokens (the engine's max_len)", "max_tokens")
         try:
             sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty,
                                       frequency_penalty)

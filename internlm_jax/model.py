@@ -670,7 +670,10 @@ class InternLM2(nnx.Module):
             return cached_attention(q, kc, vc, valid)
 
         x = self.embed(tokens[:, None], differentiable=False)
-        cos, sin = rope_tables(self.config, positions[:, None], self.dtype)
+        # per-row slots are independent requests: under dynamic NTK each row's base follows its own
+        # position, as the request alone would have it; a static batch shares the longest row's
+        cos, sin = rope_tables(self.config, positions[:, None], self.dtype,
+                               seq_len=positions[:, None] + 1 if per_row else None)
         keys, values = list(cache.keys), list(cache.values)
         for i, layer in enumerate(self.unrolled_layers(layers)):
             def attend(q, k, v, i=i):

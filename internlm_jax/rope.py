@@ -40,11 +40,14 @@ def rope_tables(cfg: InternLM2Config, positions: jax.Array, dtype=jnp.float32,
     """cos, sin of shape ``positions.shape + (D,)`` in ``dtype``.
 
     ``seq_len`` (the length the dynamic NTK base is computed from) defaults to
-    ``max(positions) + 1`` over every sequence of the batch, as in the reference.
+    ``max(positions) + 1`` over every sequence of the batch, as in the reference. An array of
+    ``positions``' shape gives each position its own base (continuous batching: each row's base as it
+    would be alone).
     """
     if seq_len is None:
         seq_len = jnp.max(positions) + 1
-    inv_freq = inv_frequencies(cfg, seq_len)
+    seq_len = jnp.asarray(seq_len)
+    inv_freq = inv_frequencies(cfg, seq_len[..., None] if seq_len.ndim else seq_len)
     pos = positions.astype(jnp.float32)
     rs = cfg.rope_scaling
     if rs is not None and rs.type == "linear":

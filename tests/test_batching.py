@@ -351,3 +351,23 @@ def test_a_chunk_attends_over_long_rows_in_key_blocks(model):
 
     scores = 4 * 512 * 8192 * 4  # one [C, span] float32 score matrix per head
     assert scratch({"attention": "dense"}) >= scores > 4 * scratch({})  # default: blocks past 4096 slots
+
+
+def test_a_request_past_the_context_does_not_change_the_rope_of_others():
+    """Dynamic NTK: each row's decode base follows its own position, as it would alone (the reference
+    computes it per call, and a request alone is its own call), not the longest row's: a short request's
+    scores are the same beside one decoding past max_position_embeddings as alone."""
+    cfg = CFG.replace(max_position_embeddings=150, rope_scaling={"type": "dynamic", "factor": 2.0})
+    m = ij.InternLM2(cfg, seed=0)
+    rng = np.random.RandomState(4)
+    short, long = list(rng.randint(3, 128, 37)), list(rng.randint(3, 128, 300))
+    runs = []
+    for prompts in ([(short, 80)], [(long, 16), (short, 80)]):
+        engine = Engine(m, max_batch=2, max_len=400, prefill_chunk=64, stop_ids=())
+        requests = [engine.submit(p, max_tokens=n, logprobs=0) for p, n in prompts]
+        engine.run_until_done(requests)
+        runs.append(requests)
+    (alone_short,), (beside_long, beside_short) = runs
+    assert beside_short.tokens == alone_short.tokens
+    np.testing.assert_allclose(beside_short.token_logprobs, alone_short.token_logprobs, rtol=0, atol=1e-5)
+    assert beside_long.tokens == ij.generate_ids(m, [long], max_new_tokens=16, stop_ids=(), max_length=400)[0]
