@@ -5,8 +5,11 @@ backing of host buffers."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import errno
+import functools
+import os
 import sys
+import time
 from typing import Any
 
 import jax
@@ -109,16 +112,41 @@ def back_with_huge_pages(arrays) -> int:
     page boundary and every 4 KiB costs a TLB entry; with THP set to ``madvise`` (the common default)
     XLA's buffers never get huge pages on their own. The contents are unchanged; a refused range
     (no memory to compact, THP disabled) is skipped silently, since only speed depends on it."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or _kernel_version() < (6, 1):
         return 0
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    done = 0
+    madvise = _madvise()
+    ranges = []
     for x in jax.tree.leaves(arrays):
         if not isinstance(x, jax.Array) or len(x.devices()) != 1 or next(iter(x.devices())).platform != "cpu":
             continue
         start = x.unsafe_buffer_pointer()
         lo = -(-start // HUGE_PAGE) * HUGE_PAGE
         hi = (start + x.nbytes) // HUGE_PAGE * HUGE_PAGE
-        if hi > lo and libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE) == 0:
-            done += hi - lo
+        ranges += [(lo, hi)] if hi > lo else []
+    done = 0
+    for attempt in range(4):
+        # refusals pass: pages just written by another core are not yet on the kernel's LRU lists (EINVAL),
+        # no free huge page just now (EAGAIN); a short wait lets both settle
+        if attempt:
+            time.sleep(0.05)
+        failed = []
+        for lo, hi in ranges:
+            if madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_COLLAPSE) == 0:
+                done += hi - lo
+            elif ctypes.get_errno() in (errno.EINVAL, errno.EAGAIN):
+                failed.append((lo, hi))
+        ranges = failed
+        if not ranges:
+            break
     return done
+
+
+def _kernel_version() -> tuple[int, ...]:
+    """Linux's release as numbers: ``6.18.44-fc`` -> (6, 18)."""
+    parts = os.uname().release.split(".")[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+
+
+@functools.cache
+def _madvise():
+    return ctypes.CDLL(None, use_errno=True).madvise  # the process's own C library

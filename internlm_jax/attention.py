@@ -69,9 +69,10 @@ def row_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.A
     valid slots; causal by slot. Returns ``[1, nKV, G, C, D]`` in q's dtype.
 
     ``block=None``: dense, [C, T] scores. Otherwise key blocks of ``block`` slots folded with an online
-    softmax (float32), one block of scores at a time: a chunk late in a 200K-token prompt would
-    otherwise hold [C, 200K] float32 scores per head (32 GiB at the 7B-1M shape). A query that sees no
-    key gets zeros (the dense form: the mean of the values); a chunk's queries always see themselves."""
+    softmax (float32), one block of scores at a time: a 512-token chunk late in a 256K-slot row would
+    otherwise hold 16 GiB of float32 scores per layer at the 7B-1M shape (32 heads). A query that sees
+    no key gets zeros here and the mean of the values in the dense form; a chunk's real tokens always
+    see themselves, so only padding queries can differ, and their outputs are not used."""
     t = k.shape[2]
     if block is None or block >= t:
         return head_major_attention(q, k, v, k_ok[None, :] & (jnp.arange(t)[None, :] <= q_slots[:, None])[None])

@@ -21,6 +21,8 @@ from typing import Any, Mapping, Sequence
 
 ACTION_START, ACTION_END, PLUGIN, INTERPRETER = "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"
 CALL_START = ACTION_START + PLUGIN
+# a system/environment message's ``name`` -> the channel its header names (InternLM's agent format)
+CHANNELS = {"plugin": "plugin", "interpreter": "interpreter", PLUGIN: "plugin", INTERPRETER: "interpreter"}
 
 
 class FormatError(ValueError):
@@ -83,8 +85,10 @@ def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] |
             raise FormatError(f"messages[{i}] must be an object with 'role' and 'content'")
         role = msg.get("role")
         # InternLM's own agent messages name their channel: system/environment name=plugin|interpreter
-        channel = {"plugin": "plugin", "interpreter": "interpreter", PLUGIN: "plugin",
-                   INTERPRETER: "interpreter"}.get(msg.get("name"))
+        name = msg.get("name")
+        if name is not None and not isinstance(name, str):
+            raise FormatError(f"messages[{i}].name must be a string, got {type(name).__name__}")
+        channel = CHANNELS.get(name)
         if role in ("system", "developer"):
             out.append({"role": "system", "content": _content(msg, i), **({"name": channel} if channel else {})})
         elif role == "user":
@@ -170,7 +174,7 @@ def _split_calls(text: str) -> tuple[str, list[dict]]:
         try:
             call = json.loads(body.strip())
             name, args = call["name"], _arguments(call.get("parameters", call.get("arguments", {})))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (json.JSONDecodeError, KeyError, TypeError):
             name = args = None
         if not isinstance(name, str) or not name or args is None:
             content.append(before + CALL_START + body + found)

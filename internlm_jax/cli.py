@@ -136,9 +136,9 @@ def cmd_generate(args) -> None:
         import jax
 
         from .batch import run_batch
-        from .engine import Engine
+        from .engine import Engine, serving_length
 
-        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or min(model_context(model), 4096),
+        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or serving_length(model),
                         stop_ids=tok.stop_ids)
         from .multihost import finish
 
@@ -171,19 +171,13 @@ def cmd_generate(args) -> None:
     print() if leader else None
 
 
-def model_context(model) -> int:
-    from .generation import model_limit
-
-    return model_limit(model.config)
-
-
 def cmd_serve(args) -> None:
     model, tok = _load_for_generation(args)
     from .server import serve
 
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     serve(model, tok, model_name=name, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_len=args.max_len or min(model_context(model), 4096), max_queue=args.max_queue,
+          max_len=args.max_len, max_queue=args.max_queue,
           prefill_chunk=args.prefill_chunk, log_level="warning" if args.quiet else "info")
 
 
@@ -291,17 +285,26 @@ def cmd_presets(args) -> None:
               f"theta={c.rope_theta:g} rope_scaling={c.rope_scaling}")
 
 
-def _ignore(*args) -> None:
-    pass
+def _library_noise(exc: BaseException | None, tb) -> bool:
+    """A report Orbax/tensorstore make again of a failure our one-line error already names: their
+    background threads and coroutines fail with ``Event loop is closed`` once the read was abandoned."""
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return True
+    import traceback
+
+    return any(part in frame.filename for frame in traceback.extract_tb(tb)
+               for part in ("/orbax/", "/tensorstore/", "/asyncio/"))
 
 
 def _silence_libraries() -> None:
-    """Orbax logs through absl, and tensorstore's threads and coroutines report a failure again as
-    unraisable exceptions (``Event loop is closed``), also at exit: our one-line error says it all."""
+    """Keep the libraries' own reports of a failure off stderr (absl's log lines; the noise above from
+    threads and unraisable coroutines, also at exit); anything else still reaches the previous hooks."""
     import logging
     import threading
 
-    sys.unraisablehook = threading.excepthook = _ignore
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = lambda u: None if _library_noise(u.exc_value, u.exc_traceback) else unraisable(u)
+    threading.excepthook = lambda a: None if _library_noise(a.exc_value, a.exc_traceback) else thread_hook(a)
     logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
@@ -324,9 +327,12 @@ def _conversion_run(quiet: bool):
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         sys.unraisablehook, threading.excepthook = saved[:2]
         logging.getLogger("absl").setLevel(saved[2])
+
+
+_SILENCED_AT_EXIT = []
 
 
 def cmd_convert(args) -> None:
@@ -522,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         what = " ".join(x for x in (args.command, getattr(args, "direction", None)) if x)
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"internlm-jax {what}: error: {message}", file=sys.stderr, flush=True)
-        atexit.register(_silence_libraries)  # they may report the failure again while the interpreter exits
+        if not _SILENCED_AT_EXIT:  # they may report the failure again while the interpreter exits
+            _SILENCED_AT_EXIT.append(atexit.register(_silence_libraries))
         jax = sys.modules.get("jax")
         if jax is not None and jax.process_count() > 1:  # a multi-host job: leaving it together would
             os._exit(1)  # wait on processes that may be gone (jax.distributed.shutdown hangs, then aborts)

@@ -127,6 +127,12 @@ class _Row:
     decoding: bool = False
 
 
+def serving_length(model) -> int:
+    """The row length (``max_len``) the server and the batch command default to: the model's context, at
+    most 4096 slots (each row holds that many slots of cache, whatever its request needs)."""
+    return min(model_limit(model.config), 4096)
+
+
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
@@ -142,8 +148,7 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
                  max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542),
                  step_timeout_s: float = 600.0):
-        self.model_limit = model_limit(model.config)
-        max_len = min(2048, self.model_limit) if max_len is None else max_len
+        max_len = min(2048, model_limit(model.config)) if max_len is None else max_len
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

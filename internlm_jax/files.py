@@ -29,20 +29,27 @@ def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sour
     """Refuse a destination whose writing would lose data, and a disk without room.
 
     Refused: an existing, non-empty ``dst`` unless ``overwrite``; a ``dst`` that is, or contains, one of
-    the ``sources`` being read (replacing it would delete the input); with ``markers`` (file names that
-    every folder of the kind written holds), a non-empty folder holding none of them, even with
-    ``overwrite``, so that ``--overwrite .`` cannot wipe a home folder.
+    the ``sources`` being read, or an existing path inside one (replacing it would delete input); with
+    ``markers`` (file names that every folder of the kind written holds), a plain file or a non-empty
+    folder holding none of them, even with ``overwrite``, so that ``--overwrite .`` cannot wipe a home
+    folder.
     """
     where = dst.parent.resolve() / dst.name  # a symlink at dst is replaced, not followed
+    exists = dst.exists() or dst.is_symlink()
     for src in sources:
-        if where == src.resolve() or where in src.resolve().parents:
-            raise ValueError(f"destination {dst} {'is' if where == src.resolve() else 'contains'} the source "
-                             f"{src}: writing it would delete the source; choose another destination")
+        src_at = src.resolve()
+        if where == src_at or where in src_at.parents or (exists and src_at in where.parents):
+            relation = "is" if where == src_at else "contains" if where in src_at.parents else "is inside"
+            raise ValueError(f"destination {dst} {relation} the source {src}: writing it would delete source "
+                             "files; choose another destination")
     real_dir = dst.is_dir() and not dst.is_symlink()
-    if any(dst.iterdir()) if real_dir else dst.exists() or dst.is_symlink():
+    if any(dst.iterdir()) if real_dir else exists:
         if not overwrite:
             raise FileExistsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
         markers = list(markers)
+        if markers and not dst.is_dir():
+            raise FileExistsError(f"{dst} is a file, not a checkpoint folder; refusing to replace it, even with "
+                                  "--overwrite")
         if real_dir and markers and not any((dst / name).exists() for name in markers):
             raise FileExistsError(f"{dst} is a non-empty folder that is not a checkpoint (it has no "
                                   f"{' or '.join(markers)}); refusing to replace it, even with --overwrite")

@@ -47,6 +47,8 @@ def rope_tables(cfg: InternLM2Config, positions: jax.Array, dtype=jnp.float32,
     if seq_len is None:
         seq_len = jnp.max(positions) + 1
     seq_len = jnp.asarray(seq_len)
+    if seq_len.ndim and seq_len.shape != positions.shape:
+        raise ValueError(f"per-position seq_len must have the positions' shape {positions.shape}, got {seq_len.shape}")
     inv_freq = inv_frequencies(cfg, seq_len[..., None] if seq_len.ndim else seq_len)
     pos = positions.astype(jnp.float32)
     rs = cfg.rope_scaling

@@ -32,7 +32,7 @@ from typing import Any, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, usage
-from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull
+from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull, serving_length
 from .multihost import finish
 
 Number = StrictFloat  # ints are accepted, strings and booleans are not
@@ -517,14 +517,15 @@ def create_app(engine: Engine, tok, model_name: str):
 
 
 def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
-          max_len: int = 4096, max_queue: int = 256, prefill_chunk: int = 512, log_level: str = "info") -> None:
+          max_len: int | None = None, max_queue: int = 256, prefill_chunk: int = 512, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM (then running requests finish, and it exits). In a multi-host
-    job every process calls this; process 0 serves HTTP, the others run the same engine steps."""
+    job every process calls this; process 0 serves HTTP, the others run the same engine steps.
+    ``max_len`` defaults to :func:`~internlm_jax.engine.serving_length`."""
     import jax
     import uvicorn
 
-    engine = Engine(model, max_batch=max_batch, max_len=max_len, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                    stop_ids=tok.stop_ids)
+    engine = Engine(model, max_batch=max_batch, max_len=max_len or serving_length(model), max_queue=max_queue,
+                    prefill_chunk=prefill_chunk, stop_ids=tok.stop_ids)
     if jax.process_index() != 0:  # many hosts: process 0 owns the port and decides; the others follow
         engine.follow()
         finish()

@@ -41,7 +41,7 @@ class EngineSettings:
         packed on CPU without a mesh, per_layer on a CPU mesh, sliced elsewhere.
     decode_chunk: decode steps per compiled loop call (stop ids are checked on the host between
         chunks; a fixed trip count keeps the GPU loop free of a host round trip per token).
-    huge_pages: on a Linux CPU, back the decode weights with 2 MiB pages once they are made
+    huge_pages: on a Linux CPU without a mesh, back the packed decode weights with 2 MiB pages once made
         (:func:`~internlm_jax.arrays.back_with_huge_pages`; a batch-1 decode step streams them about 5%
         faster). Off: ``model.configure(huge_pages=False)``.
     remat: activation checkpointing of each layer in training.

@@ -324,7 +324,8 @@ def test_destination_that_would_delete_the_source_is_refused(tmp_path, capsys, h
     shutil.copytree(hf_bf16, src)
     before = _tree_digest(tmp_path)
     for direction in ("hf-to-orbax", "orbax-to-hf", "train-to-hf"):
-        for dst, relation in ((src, "is"), (src.parent, "contains")):
+        for dst, relation in ((src, "is"), (src.parent, "contains"), (src / "model-00001-of-00002.safetensors",
+                                                                     "is inside")):
             err = _one_line_error(capsys, direction, src, dst, "--overwrite")
             assert f"destination {dst} {relation} the source {src}" in err, err
     assert _tree_digest(tmp_path) == before
@@ -351,15 +352,17 @@ def test_overwrite_replaces_only_checkpoint_folders(tmp_path, capsys, hf_bf16, m
     assert (home / "hf" / META_FILE).is_file()
 
 
-def test_overwriting_a_file_or_a_symlink_leaves_nothing_behind(tmp_path, hf_bf16):
+def test_overwrite_refuses_a_file_and_replaces_a_link_leaving_nothing_behind(tmp_path, capsys, hf_bf16):
     (tmp_path / "file").write_text("x")
     target = tmp_path / "target"
     target.mkdir()
     (target / "user.txt").write_text("user data")
     (tmp_path / "link").symlink_to(target)
-    for name in ("file", "link"):
-        assert _convert("hf-to-orbax", hf_bf16, tmp_path / name, "--overwrite") == 0
-        assert (tmp_path / name / META_FILE).is_file() and not (tmp_path / name).is_symlink()
+    assert "is a file, not a checkpoint folder" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, tmp_path / "file",
+                                                                   "--overwrite")
+    assert (tmp_path / "file").read_text() == "x"
+    assert _convert("hf-to-orbax", hf_bf16, tmp_path / "link", "--overwrite") == 0
+    assert (tmp_path / "link" / META_FILE).is_file() and not (tmp_path / "link").is_symlink()
     assert (target / "user.txt").read_text() == "user data"  # the link is replaced, its target kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "target"]
 

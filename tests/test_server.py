@@ -723,7 +723,7 @@ def test_streamed_and_whole_replies_agree_on_the_content_around_calls():
 def test_interpreter_and_plugin_channels_keep_their_names():
     """InternLM's agent format (FACTS: tool use): system and environment messages name their channel;
     ``tool``/``function`` results are plugin results."""
-    from internlm_jax.chat_format import to_internlm_messages
+    from internlm_jax.chat_format import FormatError, to_internlm_messages
 
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "system", "name": "interpreter", "content": "You can run Python."},
@@ -735,6 +735,8 @@ def test_interpreter_and_plugin_channels_keep_their_names():
     got = [(m["role"], m.get("name")) for m in to_internlm_messages(messages)]
     assert got == [("system", None), ("system", "interpreter"), ("user", None), ("assistant", None),
                    ("environment", "interpreter"), ("environment", "plugin"), ("environment", "plugin")]
+    with pytest.raises(FormatError, match=r"messages\[0\]\.name must be a string"):
+        to_internlm_messages([{"role": "user", "name": ["x"], "content": "hi"}])
 
 
 def test_offline_batch_lines_end_at_a_stop_string_and_take_generates_names(tiny, tmp_path):
