@@ -72,6 +72,8 @@ def _call_text(call: Mapping, i: int) -> str:
         params = json.loads(args) if isinstance(args, str) else args
     except json.JSONDecodeError:
         raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} are not valid JSON") from None
+    if not isinstance(params, Mapping):  # a JSON object (HF-style messages give it as a dict)
+        raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} must be a JSON object")
     return f"{CALL_START}\n{json.dumps({'name': fn['name'], 'parameters': params}, ensure_ascii=False)}{ACTION_END}"
 
 

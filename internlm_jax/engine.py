@@ -250,6 +250,11 @@ class Engine:
                               "min_tokens")
         if not isinstance(ignore_eos, bool):
             raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+        bad = [s for s in stop_ids if isinstance(s, bool) or not isinstance(s, int | np.integer)
+               or not 0 <= s < self.config.vocab_size]
+        if bad:
+            raise EngineError(f"stop token id {bad[0]!r} is not a token id (0..{self.config.vocab_size - 1})",
+                              "stop_token_ids")
         return Request(prompt, max_tokens, sampling, seed, frozenset(int(s) for s in stop_ids), logprobs,
                        prompt_logprobs, min_tokens, ignore_eos)
 

@@ -29,6 +29,7 @@ import time
 import uuid
 from typing import Any, Union
 
+from fastapi import Request  # here, not in create_app: FastAPI resolves the endpoints' annotations from module globals
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
 from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, usage
@@ -336,7 +337,7 @@ def create_app(engine: Engine, tok, model_name: str):
         return k
 
     async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request,
-                  echo: list[str] | None = None, forced: str = ""):
+                  http: Request, echo: list[str] | None = None, forced: str = ""):
         """Answer ``n`` continuations of each prompt; choice ``p * n + j`` is prompt ``p``'s ``j``-th, an
         engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone).
         ``echo``: each prompt's text, sent before its completions; ``forced``: the reply's forced start."""
@@ -400,10 +401,22 @@ def create_app(engine: Engine, tok, model_name: str):
         def total_usage() -> dict:
             return usage(sum(map(len, prompts)), sum(c.shown for c in choices))
 
+        async def cancel_on_disconnect():
+            """A whole (not streamed) reply: the client may leave while it is made; free its slots then.
+            (A stream notices by itself: sending to a gone client fails.)"""
+            while (await http.receive())["type"] != "http.disconnect":
+                pass
+            for c in choices:
+                c.handle.cancel()
+
         obj = ("chat.completion" if chat else "text_completion")
         if not req.stream:
-            async for _ in events():
-                pass
+            watcher = asyncio.ensure_future(cancel_on_disconnect())
+            try:
+                async for _ in events():
+                    pass
+            finally:
+                watcher.cancel()
             failed = [c.handle.finish_reason for c in choices if (c.handle.finish_reason or "").startswith("error")]
             if failed:
                 raise APIError(500, f"generation failed ({failed[0]})", kind="server_error")
@@ -476,7 +489,7 @@ def create_app(engine: Engine, tok, model_name: str):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, http: Request):
         check_model(req)
         single = isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
         prompts = [req.prompt] if single else req.prompt
@@ -499,10 +512,10 @@ def create_app(engine: Engine, tok, model_name: str):
                            param="prompt")
         kw, stop = sampling(req, ids)
         echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if req.echo else None
-        return await run(ids, kw, stop, False, False, req, echo)
+        return await run(ids, kw, stop, False, False, req, http, echo)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
+    async def chat_completions(req: ChatRequest, http: Request):
         check_model(req)
         try:
             ids, forced, tools = chat_prompt(tok, req.messages, req.tools, req.tool_choice)
@@ -511,7 +524,7 @@ def create_app(engine: Engine, tok, model_name: str):
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e), param="messages") from None
         kw, stop = sampling(req, [ids])
-        return await run([ids], kw, stop, tools, True, req, forced=forced)
+        return await run([ids], kw, stop, tools, True, req, http, forced=forced)
 
     return app
 
@@ -531,4 +544,19 @@ def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8
         finish()
         return
     app = create_app(engine, tok, model_name)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=600)
+    import signal
+    import threading
+
+    # uvicorn drains on SIGTERM, restores the handler it found and raises the signal again: with the
+    # default handler that kills the process after a clean drain (status 143); the drain is the answer
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _drained) if main else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=600)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _drained(signum, frame) -> None:
+    """SIGTERM once uvicorn has drained: nothing left to do, so ``serve`` returns and the process exits 0."""

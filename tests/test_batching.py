@@ -129,6 +129,9 @@ def test_request_stop_ids_and_bad_requests(model):
         engine.submit([], max_tokens=5)
     with pytest.raises(EngineError, match="outside the vocabulary"):
         engine.submit([5, 500], max_tokens=5)
+    for bad in (-1, 128, 2.0):
+        with pytest.raises(EngineError, match=f"stop token id {bad!r} is not a token id"):
+            engine.submit([5], max_tokens=5, stop_ids=[bad])
     with pytest.raises(EngineError, match="top_p"):
         engine.submit([5], max_tokens=5, top_p=0)
     engine.submit([5], max_tokens=2)
