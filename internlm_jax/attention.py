@@ -89,13 +89,9 @@ def row_chunk_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.A
         ok = (slots >= j * block) & jax.lax.dynamic_slice_in_dim(k_ok, start, block)
         visible = ok[None, :] & (slots[None, :] <= q_slots[:, None])  # [C, block]
         s = jnp.einsum("bngcd,bntd->bngct", q, kb, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(visible, s, NEG)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
-        p = jnp.exp(s - m_safe[..., None])
-        correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+        m, l, p, correction = online_softmax_step(m, l, jnp.where(visible, s, NEG))
         pv = jnp.einsum("bngct,bntd->bngcd", p.astype(v.dtype), vb, preferred_element_type=jnp.float32)
-        return (m_new, l * correction + jnp.sum(p, axis=-1), acc * correction[..., None] + pv), None
+        return (m, l, acc * correction[..., None] + pv), None
 
     stats = jnp.full(q.shape[:-1], -jnp.inf, jnp.float32)
     init = (stats, jnp.zeros_like(stats), jnp.zeros(q.shape, jnp.float32))
@@ -121,6 +117,17 @@ def block_has_work(q_idx, k_idx, k_ok, causal: bool):
     return jnp.any(k_ok) & (jnp.min(jnp.where(k_ok, k_idx, jnp.iinfo(jnp.int32).max)) <= jnp.max(q_idx))
 
 
+def online_softmax_step(m, l, s):
+    """A block of float32 scores ``s [..., K]`` into the running max ``m`` and sum ``l`` ``[...]`` of an
+    online softmax. Returns (m, l, the block's unnormalised probabilities, the factor that rescales what
+    was accumulated before); a row with nothing visible yet (all -inf) stays empty."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
+    return m_new, l * correction + jnp.sum(p, axis=-1), p, correction
+
+
 def fold_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: bool):
     """Fold one key block into the accumulators of one query block (online softmax, float32).
 
@@ -130,11 +137,7 @@ def fold_block(q, k, v, q_idx, q_start, k_idx, k_ok, m, l, acc, scale, causal: b
     visible = visible_mask(q_idx, q_start, k_idx, k_ok, causal)
     s = jnp.einsum("bqngd,bknd->bngqk", q, k, preferred_element_type=jnp.float32) * scale
     s = jnp.where(visible[:, None, None], s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    m_safe = jnp.where(jnp.isinf(m_new), 0.0, m_new)  # rows with nothing visible yet stay empty
-    p = jnp.exp(s - m_safe[..., None])
-    correction = jnp.exp(jnp.where(jnp.isinf(m), NEG, m - m_safe))
-    l = l * correction + jnp.sum(p, axis=-1)
+    m_new, l, p, correction = online_softmax_step(m, l, s)
     pv = jnp.einsum("bngqk,bknd->bqngd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     acc = acc * jnp.moveaxis(correction, -1, 1)[..., None] + pv
     return m_new, l, acc

@@ -104,8 +104,9 @@ def replace_directory(src: Path, dst: Path) -> None:
     """Move the complete folder ``src`` to ``dst``; an old ``dst`` is removed only once ``src`` is there."""
     if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-        os.replace(src, dst)
+        with deferred_interrupts():  # never interrupted between the two renames, with no dst at all
+            os.replace(dst, old)
+            os.replace(src, dst)
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:  # a file, or a symlink (whose target is not ours to delete)
