@@ -297,15 +297,17 @@ def _library_noise(exc: BaseException | None, tb) -> bool:
 
 
 def _silence_libraries() -> None:
-    """Keep the libraries' own reports of a failure off stderr (absl's log lines; the noise above from
-    threads and unraisable coroutines, also at exit); anything else still reaches the previous hooks."""
+    """Keep the libraries' own reports of a failure off stderr (absl's log lines, asyncio's "exception
+    was never retrieved" for the reads tensorstore abandoned, and the noise above from threads and
+    unraisable coroutines, also at exit); anything else still reaches the previous hooks."""
     import logging
     import threading
 
     unraisable, thread_hook = sys.unraisablehook, threading.excepthook
     sys.unraisablehook = lambda u: None if _library_noise(u.exc_value, u.exc_traceback) else unraisable(u)
     threading.excepthook = lambda a: None if _library_noise(a.exc_value, a.exc_traceback) else thread_hook(a)
-    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager
@@ -316,7 +318,7 @@ def _conversion_run(quiet: bool):
     import signal
     import threading
 
-    saved = sys.unraisablehook, threading.excepthook, logging.getLogger("absl").level
+    saved = sys.unraisablehook, threading.excepthook, [logging.getLogger(n).level for n in ("absl", "asyncio")]
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -329,7 +331,8 @@ def _conversion_run(quiet: bool):
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
         sys.unraisablehook, threading.excepthook = saved[:2]
-        logging.getLogger("absl").setLevel(saved[2])
+        for name, level in zip(("absl", "asyncio"), saved[2]):
+            logging.getLogger(name).setLevel(level)
 
 
 _SILENCED_AT_EXIT = []

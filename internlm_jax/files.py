@@ -9,6 +9,8 @@ only removed after its successor is in place.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import os
 import shutil
 import signal
@@ -70,14 +72,49 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_
     error (or Ctrl-C) it is removed and ``dst`` is left as it was (see :func:`check_destination`)."""
     dst = absolute(dst)
     check_destination(dst, overwrite, needed_bytes, markers=markers)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        replace_directory(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _writer_lock(tmp):
+        remove_dead_temporaries(dst)
+        tmp.mkdir()
+        try:
+            yield tmp
+            replace_directory(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+@contextlib.contextmanager
+def _writer_lock(tmp: Path) -> Iterator[None]:
+    """Hold ``tmp.lock`` (an flock, released by the kernel when the process dies, ``kill -9`` included)
+    while ``tmp`` is written: a later run can tell a dead writer's folder from a live one's."""
+    lock_path = tmp.with_name(tmp.name + ".lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def remove_dead_temporaries(dst: Path) -> int:
+    """Remove the temporary folders of ``dst`` that killed runs left (their lock is free); returns how
+    many. A killed conversion would otherwise leave a model-sized hidden folder behind on each try."""
+    removed = 0
+    for lock_path in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*.lock"):
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # its writer is alive
+                continue
+            folder = lock_path.with_name(lock_path.name[:-len(".lock")])
+            if folder.is_dir():
+                shutil.rmtree(folder, ignore_errors=True)
+                print(f"removed {folder}, the unfinished output of a run that was killed", file=sys.stderr)
+                removed += 1
+            lock_path.unlink(missing_ok=True)
+    return removed
 
 
 @contextlib.contextmanager

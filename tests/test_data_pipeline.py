@@ -6,6 +6,10 @@ the step) and the rule that each process reads only its rows."""
 
 import json
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,8 +87,12 @@ def test_an_interrupted_tokenize_resumes_where_it_stopped(corpus, tmp_path, monk
     assert not (tmp_path / "out").exists()  # nothing that looks like a corpus
     with pytest.raises(FileNotFoundError, match="does not exist yet: an unfinished"):
         PackedDataset([str(tmp_path / "out")], None, 8)
+    # a shard being written when the run was killed leaves a temporary file: not part of the result
+    (tokenize.staging_folder(tmp_path / "out") / ".shard-00099.tokens.npy.tmp-deadbeef.npy").write_bytes(b"half")
     calls.clear()
     again = tokenize_corpus(*args, chunk_bytes=1000, progress=False)
+    names = [sorted(p.name for p in (tmp_path / d).iterdir()) for d in ("out", "whole")]
+    assert names[0] == names[1]
     assert calls[0] == "shard-00003" and len(calls) == len(whole["shards"]) - 3  # the first three were kept
     assert again == whole
     for got, ref in zip(load(tmp_path / "out"), load(tmp_path / "whole")):
@@ -92,6 +100,39 @@ def test_an_interrupted_tokenize_resumes_where_it_stopped(corpus, tmp_path, monk
     assert not list(tmp_path.glob(".out*"))
     with pytest.raises(FileExistsError, match="already a tokenized corpus"):
         tokenize_corpus(*args, progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads a process's children from /proc")
+def test_the_workers_end_with_a_killed_run(corpus, tmp_path):
+    """``kill -9`` of ``data tokenize --workers 2``: its worker processes end too, instead of tokenizing
+    (and writing) on their own."""
+    base, _, docs = corpus
+    (tmp_path / "big.txt").write_text("\n".join(docs * 40) + "\n")  # ~1.6 MB: seconds of work in 2 workers
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "internlm_jax", "data", "tokenize", "--tokenizer",
+                             str(base / "tokenizer.model"), "--input", str(tmp_path / "big.txt"), "--output",
+                             str(out), "--workers", "2", "--chunk-mb", "0.01", "--quiet"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging = tokenize.staging_folder(out)
+    deadline = time.time() + 120
+    while not list(staging.glob("shard-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    children = {int(c) for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                for c in (task / "children").read_text().split()}
+    assert proc.poll() is None and children, "the run ended before it could be killed"
+    proc.kill()
+    proc.wait()
+
+    def alive(pid):
+        try:
+            return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+        except (FileNotFoundError, IndexError):
+            return False
+
+    deadline = time.time() + 20
+    while any(map(alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, children)), [pid for pid in children if alive(pid)]
 
 
 def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):

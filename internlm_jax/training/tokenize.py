@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -85,6 +86,25 @@ def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_ke
     return write_shard(Path(folder), name, piece.tokens, piece.starts, piece.trained)
 
 
+def _exit_with(parent: int) -> None:
+    """A worker's initializer: end when the run that started it ends, even by ``kill -9`` (its task pipe
+    stays open in the other workers, so it would otherwise wait, and write, on its own)."""
+    import ctypes
+    import signal
+    import threading
+    import time
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed with the parent
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()  # elsewhere, and if the parent died before prctl
+
+
 def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str = "text", text_key: str = "text",
                     workers: int = 1, chunk_bytes: int = 32 << 20, overwrite: bool = False,
                     progress: bool | None = None) -> dict:
@@ -122,6 +142,8 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
             print(f"{staging}: an unfinished run with other inputs or options; starting over", file=sys.stderr)
             shutil.rmtree(staging)
     staging.mkdir(parents=True, exist_ok=True)
+    for stale in staging.glob(".*.tmp-*"):  # a shard being written when a run was killed
+        stale.unlink(missing_ok=True)
     atomic_write(staging / "plan.json", json.dumps(plan, indent=1))
 
     metas = {u["name"]: read_shard_meta(staging, u["name"]) for u in units}
@@ -135,7 +157,8 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
                 metas[u["name"]] = tokenize_range(*args(u))
                 bar.update(u["end"] - u["start"])
         else:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_exit_with, initargs=(os.getpid(),)) as pool:
                 running = {pool.submit(tokenize_range, *args(u)): u for u in todo}
                 try:
                     while running:
