@@ -387,8 +387,8 @@ class InternLM2(nnx.Module):
             attention_mask = _check_per_token("attention_mask", attention_mask, input_ids.shape)
             segment_ids = _check_per_token("segment_ids", segment_ids, input_ids.shape)
             graphdef, state = nnx.split(self)
-            return _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states,
-                                segment_ids)
+            program = _forward_program(tuple(self.scan_compiler_options().items()))
+            return program(graphdef, state, input_ids, positions, attention_mask, output_hidden_states, segment_ids)
         return self.forward(input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                             output_hidden_states=output_hidden_states)
 
@@ -457,6 +457,18 @@ class InternLM2(nnx.Module):
                                           for i in range(self.config.num_hidden_layers)), None)
         layer_def = nnx.graphdef(self._packed_layer() if weights.packed else self.layers)
         return [nnx.merge(layer_def, state) for state in weights.layers]
+
+    def scan_compiler_options(self) -> dict:
+        """Compiler options for a program that scans this model's stacked layers (``model(ids)``, the
+        training and eval steps). XLA:CPU multiplies 16-bit values as float32, and its while-loop
+        invariant code motion hoists each stacked weight's conversion out of the layer scan: a float32
+        copy of every layer, all live at once (a bf16 forward of the 325M bench model at 128 tokens:
+        548 MiB of temporaries, 33 MiB without the pass; BENCHMARKS.md). On CPU with 16-bit weights or
+        compute such programs compile without that pass; elsewhere there are no options."""
+        half = any(jnp.dtype(d).itemsize == 2 for d in (self.dtype, self.param_dtype))
+        if platform_of(self.mesh) == "cpu" and half:
+            return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+        return {}
 
     def run_layers(self, x, cos, sin, attend, collect: bool = False):
         """Scan the stacked decoder layers over ``x`` (one compiled layer body for every depth).
@@ -763,11 +775,17 @@ def _blind_rows_as_reference(attend, index, ok, length: int):
     return with_reference_rows
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "output_hidden_states"))
-def _jit_forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states, segment_ids=None):
+def _forward(graphdef, state, input_ids, positions, attention_mask, output_hidden_states, segment_ids=None):
     model = nnx.merge(graphdef, state)
     return model.forward(input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
                          output_hidden_states=output_hidden_states)
+
+
+@functools.cache
+def _forward_program(options: tuple):
+    """``model(ids)``'s jitted forward, one per set of compiler options (see scan_compiler_options)."""
+    return jax.jit(_forward, static_argnames=("graphdef", "output_hidden_states"),
+                   compiler_options=dict(options) or None)
 
 
 def _is_traced(x) -> bool:

@@ -473,3 +473,24 @@ def test_decode_weights_are_backed_by_huge_pages_on_linux():
     assert ij.generate_ids(on, prompts, max_new_tokens=6) == ij.generate_ids(off, prompts, max_new_tokens=6)
     with pytest.raises(ValueError, match="huge_pages must be True or False"):
         EngineSettings(huge_pages="yes")
+
+
+def test_a_bf16_layer_scan_on_cpu_converts_one_layer_at_a_time():
+    """XLA:CPU multiplies bf16 as float32; left to its loop-invariant code motion, the layer scan made a
+    float32 copy of every stacked weight at once. ``model(ids)`` and the training steps compile with
+    ``scan_compiler_options()``: the temporaries stay below one float32 copy of the layers, with the
+    same values."""
+    from flax import nnx
+
+    cfg = CFG.replace(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
+    model = ij.InternLM2(cfg, seed=0, dtype="bfloat16")
+    graphdef, state = nnx.split(model)
+    ids = jnp.asarray(np.random.RandomState(0).randint(0, 512, (1, 64)), jnp.int32)
+    forward = lambda state, ids: nnx.merge(graphdef, state)(ids)  # noqa: E731
+    options = model.scan_compiler_options()
+    temp = {k: jax.jit(forward, compiler_options=o or None).lower(state, ids).compile().memory_analysis()
+            .temp_size_in_bytes for k, o in (("default", {}), ("ours", options))}
+    layers_f32 = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model.layers)))
+    assert temp["default"] >= layers_f32 > 2 * temp["ours"]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(jax.jit(forward)(state, ids)))
+    assert ij.InternLM2(cfg, seed=0).scan_compiler_options() == {}  # float32 weights and compute: none

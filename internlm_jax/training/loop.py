@@ -271,10 +271,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
     opt_state = init_optimizer_state(tx, params, mesh)
+    options = model.scan_compiler_options() or None
     step_fn = jax.jit(make_train_step(graphdef, tx, grad_accum=cfg.optim.grad_accum, segments=d.segment_masking,
                                       z_loss=cfg.optim.z_loss, schedule=schedule, loss_chunk=cfg.model.loss_chunk),
-                      donate_argnums=(0, 1))
-    eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking, loss_chunk=cfg.model.loss_chunk))
+                      donate_argnums=(0, 1), compiler_options=options)
+    eval_fn = jax.jit(make_eval_step(graphdef, segments=d.segment_masking, loss_chunk=cfg.model.loss_chunk),
+                      compiler_options=options)
     start = 0
     if resume_at is not None:
         start = resume_at
