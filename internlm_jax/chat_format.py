@@ -67,7 +67,8 @@ def _call_text(call: Mapping, i: int) -> str:
     fn = call.get("function") if isinstance(call, Mapping) else None
     if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
         raise FormatError(f"messages[{i}].tool_calls: each call needs function.name")
-    args = fn.get("arguments") or "{}"  # OpenAI accepts "" for a call without arguments
+    args = fn.get("arguments")
+    args = "{}" if args is None or args == "" else args  # OpenAI accepts "" for a call without arguments
     try:
         params = json.loads(args) if isinstance(args, str) else args
     except json.JSONDecodeError:

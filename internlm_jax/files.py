@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import glob
 import os
+import re
 import shutil
 import signal
 import sys
@@ -74,8 +75,9 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_
     check_destination(dst, overwrite, needed_bytes, markers=markers)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    with _writer_lock(tmp):
-        remove_dead_temporaries(dst)
+    with _writer_lock(tmp) as locked:
+        if locked:  # without locks (a file system without flock) no folder can be told dead
+            remove_dead_temporaries(dst, own=tmp)
         tmp.mkdir()
         try:
             yield tmp
@@ -86,34 +88,54 @@ def atomic_directory(dst: str | os.PathLike, *, overwrite: bool = False, needed_
 
 
 @contextlib.contextmanager
-def _writer_lock(tmp: Path) -> Iterator[None]:
+def _writer_lock(tmp: Path) -> Iterator[bool]:
     """Hold ``tmp.lock`` (an flock, released by the kernel when the process dies, ``kill -9`` included)
-    while ``tmp`` is written: a later run can tell a dead writer's folder from a live one's."""
+    while ``tmp`` is written: a later run can tell a dead writer's folder from a live one's. Yields
+    whether the lock is held (False where the file system has no flock)."""
     lock_path = tmp.with_name(tmp.name + ".lock")
     with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            # a cleaner may have unlinked the file between its creation and the lock: then it is not ours
+            locked = os.fstat(lock.fileno()).st_ino == os.stat(lock_path).st_ino
+        except OSError:
+            locked = False
+        try:
+            yield locked
         finally:
             lock_path.unlink(missing_ok=True)
 
 
-def remove_dead_temporaries(dst: Path) -> int:
+TEMPORARY = re.compile(r"\.tmp-[0-9a-f]{8}\.lock$")
+
+
+def remove_dead_temporaries(dst: Path, own: Path | None = None) -> int:
     """Remove the temporary folders of ``dst`` that killed runs left (their lock is free); returns how
-    many. A killed conversion would otherwise leave a model-sized hidden folder behind on each try."""
+    many. A killed conversion would otherwise leave a model-sized hidden folder behind on each try.
+    ``own``: the caller's temporary folder, never touched (on NFS a process's own flock does not
+    exclude itself)."""
     removed = 0
     for lock_path in dst.parent.glob(f".{glob.escape(dst.name)}.tmp-*.lock"):
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # its writer is alive
-                continue
-            folder = lock_path.with_name(lock_path.name[:-len(".lock")])
+        folder = lock_path.with_name(lock_path.name[:-len(".lock")])
+        if not TEMPORARY.search(lock_path.name) or folder == own:
+            continue
+        try:
+            fd = os.open(lock_path, os.O_RDWR)  # never created here: a missing file is no writer's lock
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # its writer is alive (or no flock here: then nothing is removed)
+            os.close(fd)
+            continue
+        try:
             if folder.is_dir():
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"removed {folder}, the unfinished output of a run that was killed", file=sys.stderr)
                 removed += 1
             lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
     return removed
 
 
@@ -141,13 +163,13 @@ def replace_directory(src: Path, dst: Path) -> None:
     """Move the complete folder ``src`` to ``dst``; an old ``dst`` is removed only once ``src`` is there."""
     if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        with deferred_interrupts():  # never interrupted between the two renames, with no dst at all
+        with deferred_interrupts():  # not interrupted with no dst at all, nor before the old copy is gone
             os.replace(dst, old)
             os.replace(src, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:  # a file, or a symlink (whose target is not ours to delete)
-            old.unlink()
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:  # a file, or a symlink (whose target is not ours to delete)
+                old.unlink()
     else:
         os.replace(src, dst)
 

@@ -543,20 +543,18 @@ def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8
         engine.follow()
         finish()
         return
-    app = create_app(engine, tok, model_name)
     import signal
     import threading
 
-    # uvicorn drains on SIGTERM, restores the handler it found and raises the signal again: with the
-    # default handler that kills the process after a clean drain (status 143); the drain is the answer
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, tok, model_name), host=host, port=port,
+                                           log_level=log_level, timeout_graceful_shutdown=600))
+    # uvicorn drains on SIGTERM, restores the handler it found and raises the signal again: the default
+    # handler would then kill the process after a clean drain (status 143). Its own handler instead also
+    # covers a SIGTERM that comes while it starts, and a repeat after the drain only asks it to stop again.
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _drained) if main else None
+    previous = signal.signal(signal.SIGTERM, server.handle_exit) if main else None
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=600)
+        server.run()
     finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _drained(signum, frame) -> None:
-    """SIGTERM once uvicorn has drained: nothing left to do, so ``serve`` returns and the process exits 0."""

@@ -473,16 +473,17 @@ def test_shard_size_accepts_units_and_refuses_the_rest(tmp_path, capsys, hf_bf16
 
 def test_a_rerun_removes_the_unfinished_output_of_killed_runs(tmp_path, hf_bf16):
     """A killed conversion leaves its hidden temporary folder (model-sized) behind; the next run into the
-    same destination removes those whose writer is gone (their lock is free) and keeps a live writer's."""
+    same destination removes those whose writer is gone (their lock is free), and keeps a live writer's
+    and anything not named as ours."""
     import fcntl
 
-    dead = tmp_path / ".ox.tmp-dead0000"
-    dead.mkdir()
-    (dead / "part").write_bytes(b"x" * 100)
-    (tmp_path / ".ox.tmp-dead0000.lock").write_text("")
-    (tmp_path / ".ox.tmp-live0000").mkdir()
-    with open(tmp_path / ".ox.tmp-live0000.lock", "w") as held:
+    for name in (".ox.tmp-dead0000", ".ox.tmp-beef0000", ".ox.tmp-notours"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part").write_bytes(b"x" * 100)
+        (tmp_path / (name + ".lock")).write_text("")
+    with open(tmp_path / ".ox.tmp-beef0000.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a writer that is still running
         assert _convert("hf-to-orbax", hf_bf16, tmp_path / "ox") == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ox.tmp-live0000", ".ox.tmp-live0000.lock", "ox"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ox.tmp-beef0000", ".ox.tmp-beef0000.lock",
+                                                          ".ox.tmp-notours", ".ox.tmp-notours.lock", "ox"]
     assert (tmp_path / "ox" / META_FILE).is_file()
