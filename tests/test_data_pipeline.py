@@ -135,6 +135,19 @@ def test_the_workers_end_with_a_killed_run(corpus, tmp_path):
     assert not any(map(alive, children)), [pid for pid in children if alive(pid)]
 
 
+def test_a_second_run_into_the_same_output_is_refused(corpus, tmp_path):
+    import fcntl
+
+    base, _, _ = corpus
+    with open(tmp_path / ".out.tokenize.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run that is writing out/
+        with pytest.raises(RuntimeError, match="another `data tokenize` is writing"):
+            tokenize_corpus(str(base / "tokenizer.model"), [str(base / "a.txt")], tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    tokenize_corpus(str(base / "tokenizer.model"), [str(base / "a.txt")], tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the lock file goes with the run
+
+
 def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
     base, _, _ = corpus
     model = str(base / "tokenizer.model")

@@ -14,6 +14,8 @@ name is always complete.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import hashlib
 import json
@@ -86,6 +88,26 @@ def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_ke
     return write_shard(Path(folder), name, piece.tokens, piece.starts, piece.trained)
 
 
+@contextlib.contextmanager
+def _only_run(out: Path):
+    """Hold ``.OUT.tokenize.lock`` beside the output while a run writes it (an flock: released when the
+    process dies, ``kill -9`` included); a second run into the same output is refused, not interleaved."""
+    lock_path = out.parent / f".{out.name}.tokenize.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another `data tokenize` is writing {out} (it holds {lock_path}); wait for it "
+                               "to finish or stop it") from None
+        except OSError:  # a file system without flock: run unguarded
+            pass
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
 def _exit_with(parent: int) -> None:
     """A worker's initializer: end when the run that started it ends, even by ``kill -9`` (its task pipe
     stays open in the other workers, so it would otherwise wait, and write, on its own)."""
@@ -126,55 +148,56 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
     check_destination(out, overwrite)
     staging = staging_folder(out)
-    ranges = [(f, a, b) for f in files for a, b in split_ranges(f.stat().st_size, chunk_bytes)]
-    units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
-             for i, (f, a, b) in enumerate(ranges)]
-    plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
-            "tokenizer_sha256": hashlib.sha256(Path(tok.model_file).read_bytes()).hexdigest(),
-            "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-                       for f in files], "units": units}
-    if staging.is_dir():
-        try:
-            same = json.loads((staging / "plan.json").read_text()) == plan
-        except (FileNotFoundError, json.JSONDecodeError):
-            same = False
-        if not same:
-            print(f"{staging}: an unfinished run with other inputs or options; starting over", file=sys.stderr)
-            shutil.rmtree(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    for stale in staging.glob(".*.tmp-*"):  # a shard being written when a run was killed
-        stale.unlink(missing_ok=True)
-    atomic_write(staging / "plan.json", json.dumps(plan, indent=1))
+    with _only_run(out):  # a second run into the same output would remove the first's files
+        ranges = [(f, a, b) for f in files for a, b in split_ranges(f.stat().st_size, chunk_bytes)]
+        units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
+                 for i, (f, a, b) in enumerate(ranges)]
+        plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
+                "tokenizer_sha256": hashlib.sha256(Path(tok.model_file).read_bytes()).hexdigest(),
+                "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+                           for f in files], "units": units}
+        if staging.is_dir():
+            try:
+                same = json.loads((staging / "plan.json").read_text()) == plan
+            except (FileNotFoundError, json.JSONDecodeError):
+                same = False
+            if not same:
+                print(f"{staging}: an unfinished run with other inputs or options; starting over", file=sys.stderr)
+                shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        for stale in staging.glob(".*.tmp-*"):  # a shard being written when a run was killed
+            stale.unlink(missing_ok=True)
+        atomic_write(staging / "plan.json", json.dumps(plan, indent=1))
 
-    metas = {u["name"]: read_shard_meta(staging, u["name"]) for u in units}
-    todo = [u for u in units if metas[u["name"]] is None]
-    total = sum(u["end"] - u["start"] for u in units)
-    with progress_bar(total, f"tokenize {len(files)} file(s)", progress) as bar:
-        bar.update(total - sum(u["end"] - u["start"] for u in todo))
-        args = lambda u: (tok, u["file"], u["start"], u["end"], fmt, text_key, str(staging), u["name"])  # noqa: E731
-        if workers == 1 or len(todo) <= 1:
-            for u in todo:
-                metas[u["name"]] = tokenize_range(*args(u))
-                bar.update(u["end"] - u["start"])
-        else:
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_exit_with, initargs=(os.getpid(),)) as pool:
-                running = {pool.submit(tokenize_range, *args(u)): u for u in todo}
-                try:
-                    while running:
-                        finished, _ = wait(running, return_when=FIRST_EXCEPTION)
-                        for future in finished:
-                            u = running.pop(future)
-                            metas[u["name"]] = future.result()  # a worker's error is raised here
-                            bar.update(u["end"] - u["start"])
-                except BaseException:
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
-    shards = [metas[u["name"]] for u in units]
-    if not sum(s["documents"] for s in shards):
-        raise ValueError(f"no documents in {', '.join(map(str, files))}")
-    index = write_index(staging, fmt, {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
-                        shards, tokenizer_sha256=plan["tokenizer_sha256"], inputs=plan["inputs"])
-    (staging / "plan.json").unlink()
-    replace_directory(staging, out)
-    return index
+        metas = {u["name"]: read_shard_meta(staging, u["name"]) for u in units}
+        todo = [u for u in units if metas[u["name"]] is None]
+        total = sum(u["end"] - u["start"] for u in units)
+        with progress_bar(total, f"tokenize {len(files)} file(s)", progress) as bar:
+            bar.update(total - sum(u["end"] - u["start"] for u in todo))
+            args = lambda u: (tok, u["file"], u["start"], u["end"], fmt, text_key, str(staging), u["name"])  # noqa: E731
+            if workers == 1 or len(todo) <= 1:
+                for u in todo:
+                    metas[u["name"]] = tokenize_range(*args(u))
+                    bar.update(u["end"] - u["start"])
+            else:
+                with ProcessPoolExecutor(min(workers, len(todo)), mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_exit_with, initargs=(os.getpid(),)) as pool:
+                    running = {pool.submit(tokenize_range, *args(u)): u for u in todo}
+                    try:
+                        while running:
+                            finished, _ = wait(running, return_when=FIRST_EXCEPTION)
+                            for future in finished:
+                                u = running.pop(future)
+                                metas[u["name"]] = future.result()  # a worker's error is raised here
+                                bar.update(u["end"] - u["start"])
+                    except BaseException:
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise
+        shards = [metas[u["name"]] for u in units]
+        if not sum(s["documents"] for s in shards):
+            raise ValueError(f"no documents in {', '.join(map(str, files))}")
+        index = write_index(staging, fmt, {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+                            shards, tokenizer_sha256=plan["tokenizer_sha256"], inputs=plan["inputs"])
+        (staging / "plan.json").unlink()
+        replace_directory(staging, out)
+        return index
