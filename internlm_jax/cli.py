@@ -303,9 +303,11 @@ def _silence_libraries() -> None:
     import logging
     import threading
 
-    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+    unraisable, thread_hook, hook = sys.unraisablehook, threading.excepthook, sys.excepthook
     sys.unraisablehook = lambda u: None if _library_noise(u.exc_value, u.exc_traceback) else unraisable(u)
     threading.excepthook = lambda a: None if _library_noise(a.exc_value, a.exc_traceback) else thread_hook(a)
+    # tensorstore's C++ threads call back into a closed event loop and print the error via sys.excepthook
+    sys.excepthook = lambda t, v, tb: None if _library_noise(v, tb) else hook(t, v, tb)
     for name in ("absl", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
@@ -318,7 +320,8 @@ def _conversion_run(quiet: bool):
     import signal
     import threading
 
-    saved = sys.unraisablehook, threading.excepthook, [logging.getLogger(n).level for n in ("absl", "asyncio")]
+    saved = (sys.unraisablehook, threading.excepthook, [logging.getLogger(n).level for n in ("absl", "asyncio")],
+             sys.excepthook)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -330,7 +333,7 @@ def _conversion_run(quiet: bool):
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
-        sys.unraisablehook, threading.excepthook = saved[:2]
+        sys.unraisablehook, threading.excepthook, sys.excepthook = saved[0], saved[1], saved[3]
         for name, level in zip(("absl", "asyncio"), saved[2]):
             logging.getLogger(name).setLevel(level)
 
