@@ -296,46 +296,49 @@ def _library_noise(exc: BaseException | None, tb) -> bool:
                for part in ("/orbax/", "/tensorstore/", "/asyncio/"))
 
 
-def _silence_libraries() -> None:
+def _silence_libraries():
     """Keep the libraries' own reports of a failure off stderr (absl's log lines, asyncio's "exception
     was never retrieved" for the reads tensorstore abandoned, and the noise above from threads and
-    unraisable coroutines, also at exit); anything else still reaches the previous hooks."""
+    unraisable coroutines, also at exit); anything else still reaches the previous hooks. Returns a
+    function that puts the hooks and log levels back."""
     import logging
     import threading
 
     unraisable, thread_hook, hook = sys.unraisablehook, threading.excepthook, sys.excepthook
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
     sys.unraisablehook = lambda u: None if _library_noise(u.exc_value, u.exc_traceback) else unraisable(u)
     threading.excepthook = lambda a: None if _library_noise(a.exc_value, a.exc_traceback) else thread_hook(a)
     # tensorstore's C++ threads call back into a closed event loop and print the error via sys.excepthook
     sys.excepthook = lambda t, v, tb: None if _library_noise(v, tb) else hook(t, v, tb)
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+
+    def restore() -> None:
+        sys.unraisablehook, threading.excepthook, sys.excepthook = unraisable, thread_hook, hook
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+    return restore
 
 
 @contextlib.contextmanager
 def _conversion_run(quiet: bool):
     """While a conversion runs: SIGTERM cleans up the temporary output as Ctrl-C does, and when
     ``quiet`` (no --debug) the libraries' own reports stay off stderr. All restored afterwards."""
-    import logging
     import signal
-    import threading
-
-    saved = (sys.unraisablehook, threading.excepthook, [logging.getLogger(n).level for n in ("absl", "asyncio")],
-             sys.excepthook)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
-    if quiet:
-        _silence_libraries()
+    restore = _silence_libraries() if quiet else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
-        sys.unraisablehook, threading.excepthook, sys.excepthook = saved[0], saved[1], saved[3]
-        for name, level in zip(("absl", "asyncio"), saved[2]):
-            logging.getLogger(name).setLevel(level)
+        if restore is not None:
+            restore()
 
 
 _SILENCED_AT_EXIT = []
