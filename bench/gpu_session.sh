@@ -17,12 +17,12 @@ OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 if [ -n "${TINY:-}" ]; then
   ACC=(--tiny --layers 2 --prompts 512 --impls blockwise --batch 1 --new 80); SERVE=(--hidden 128 --layers 2 --requests 8 --max-batch 4 --max-prompt 64 --max-output 32)
-  TRAIN=(--preset internlm2-1_8b --layers 1 --batch 1 --seq 64 --steps 2 --remat none); LONG=(--tiny --layers 2 --prompts --impls --batch 1 --new 80 --long 4096)
+  TRAIN=(--preset internlm2-1_8b --layers 1 --batch 1 --seq 64 --steps 2 --remat none); LONG=(--tiny --layers 2 --prompts --impls --batch --long 4096)
 else
   ACC=(--layers 32 --prompts 8192 32768 --impls blockwise cudnn --batch 1 32 --weights packed --new 128)
   SERVE=(--preset internlm2_5-7b --layers 8 --dtype bfloat16 --max-batch 64)
   TRAIN=(--preset internlm2-1_8b --batch 8 --seq 4096 --steps 5 --remat dots_no_batch,full)
-  LONG=(--layers 32 --prompts --impls --batch 1 --weights packed --decode-attention dense --new 80 --long 200000)
+  LONG=(--layers 32 --prompts --impls --batch --long 200000)
 fi
 run() {  # name, seconds, script and arguments
   local name=$1 limit=$2
@@ -35,4 +35,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu
 run accelerator 200 bench/accelerator.py "${ACC[@]}" --decode-attention dense ragged
 run serve 130 bench/serve.py --engine --repeats 2 "${SERVE[@]}"
 run train 110 bench/train.py "${TRAIN[@]}"
-run long 100 bench/accelerator.py "${LONG[@]}"
+run long 150 bench/accelerator.py "${LONG[@]}"

@@ -54,8 +54,8 @@ def main():
     engine = Engine(model, max_batch=args.rows, max_len=args.slots, prefill_chunk=args.chunk, stop_ids=(2,))
     gen, ds, c = engine.gen, engine.ds, args.chunk
     tokens, positions, last = np.zeros(c, np.int32), np.arange(c, dtype=np.int32), np.int32(args.rows - 1)
-    prefill = engine._extend.lower(gen.state, gen.layers, ds.cache, tokens, positions, last, np.int32(0), np.int32(c),
-                                   np.int32(c), tokens, logprobs=-1, keys=args.slots).compile().as_text()
+    prefill = gen.extend.lower(gen.state, gen.layers, ds.cache, tokens, positions, last, np.int32(0), np.int32(c),
+                               np.int32(c), tokens, logprobs=-1, keys=args.slots).compile().as_text()
     decode = gen.chunk.lower(gen.state, gen.layers, ds, engine.base, steps=1, sampling=SamplingParams(),
                              stop_ids=(2,)).compile().as_text()
     print(json.dumps({"mesh": axes, "rows": args.rows, "slots": args.slots, "layers": args.layers,

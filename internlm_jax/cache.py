@@ -94,6 +94,14 @@ class KVCache:
         n = cfg.num_hidden_layers
         return cls((buf,) * n, (buf,) * n, valid)
 
+    @classmethod
+    def zeros(cls, cfg, batch: int, length: int, dtype, mesh=None) -> "KVCache":
+        """An empty cache (every slot invalid), made on the devices in its sharding (a mesh may span
+        processes, where host arrays cannot be put)."""
+        like = cls.abstract(cfg, batch, length, dtype, mesh)
+        shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, like)
+        return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like), out_shardings=shardings)()
+
     def constrain(self, mesh) -> "KVCache":
         """Pin every buffer to the cache sharding (inside jit; no-op without a mesh)."""
         if mesh is None:

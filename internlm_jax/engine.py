@@ -34,10 +34,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from .arrays import to_host
-from .cache import AXES, VALID_AXES, KVCache
+from .cache import KVCache
 from .generation import (
     DecodeState,
     RowSampling,
@@ -46,7 +45,6 @@ from .generation import (
     generator_for,
     model_limit,
     seed_value,
-    token_scores,
 )
 from .multihost import StepChannel, abort
 from .sharding import named_sharding
@@ -170,20 +168,6 @@ class Engine:
         self._release_next: list[int] = []  # rows freed by the last step, released on the devices next
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
-        graphdef = self.gen.graphdef
-
-        def extend(state, layers, cache, tokens, positions, row, start, count, seq_len, targets, logprobs, keys):
-            """A prefill chunk attending to the row's first ``keys`` slots; with ``logprobs >= 0`` also the
-            scores of ``targets`` (each token's next)."""
-            model = nnx.merge(graphdef, state)
-            logits, cache = model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers,
-                                                 every=logprobs >= 0, keys=keys)
-            if logprobs < 0:
-                return logits, cache, None
-            last = jax.lax.dynamic_index_in_dim(logits, count - 1, 0, keepdims=False)
-            return last, cache, token_scores(logits, targets, logprobs)
-
-        self._extend = jax.jit(extend, donate_argnames=("cache",), static_argnames=("logprobs", "keys"))
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))
         self.ds, self.base = self._empty_state()
@@ -344,13 +328,7 @@ class Engine:
     # --- internals ------------------------------------------------------------------------------
     def _empty_state(self):
         b, t, cfg, gen = self.max_batch, self.max_len, self.config, self.gen
-        dtype = gen.dtype
-        shape = (b * cfg.num_key_value_heads, t, cfg.head_dim) if gen.mesh is None else (
-            b, cfg.num_key_value_heads, t, cfg.head_dim)
-        buf = lambda: gen.put(np.zeros(shape, dtype), AXES if gen.mesh is not None else ())  # noqa: E731
-        cache = KVCache(tuple(buf() for _ in range(cfg.num_hidden_layers)),
-                        tuple(buf() for _ in range(cfg.num_hidden_layers)),
-                        gen.put(np.zeros((b, t), bool), VALID_AXES))
+        cache = KVCache.zeros(cfg, b, t, gen.dtype, gen.mesh)
         vec = lambda x: gen.put(x, ("batch",))  # noqa: E731
         row_keys = jax.jit(  # made on the devices (host keys cannot span processes)
             lambda: jax.random.split(jax.random.key(0), b),
@@ -438,7 +416,7 @@ class Engine:
             tokens[:len(op["tokens"])] = op["tokens"]
             targets[:len(op.get("targets", ()))] = op.get("targets", ())
             positions = np.arange(op["start"], op["start"] + op["size"], dtype=np.int32)
-            last[op["row"]], cache, scores = self._extend(
+            last[op["row"]], cache, scores = self.gen.extend(
                 self.gen.state, self.gen.layers, self.ds.cache, tokens, positions, np.int32(op["row"]),
                 np.int32(op["start"]), np.int32(len(op["tokens"])), np.int32(op["seq_len"]), targets,
                 logprobs=op["logprobs"], keys=op["keys"])

@@ -284,6 +284,7 @@ class Generator:
         self.settings = model.settings
         self.n = model.sequence_parallel  # > 1: ring prefill, cache slots split over `sequence`
         self.prefill = jax.jit(self._prefill, static_argnames=("cache_len", "last"))
+        self.extend = jax.jit(self._extend, donate_argnames=("cache",), static_argnames=("logprobs", "keys"))
         self.step = jax.jit(self._step, static_argnames=("sampling", "stop_ids", "logprobs"), donate_argnames=("ds",))
         self.chunk = jax.jit(self._chunk, static_argnames=("steps", "sampling", "stop_ids", "logprobs"),
                              donate_argnames=("ds",))
@@ -360,6 +361,20 @@ class Generator:
         cache = build_cache(keys, values, mask.astype(bool), cache_len, self.mesh, ring,
                             self.config.num_attention_heads)
         return logits, cache.constrain(self.mesh)
+
+    def _extend(self, state, layers, cache, tokens, positions, row, start, count, seq_len, targets, logprobs: int,
+                keys: int):
+        """A prefill chunk of one cache row (:meth:`~internlm_jax.model.InternLM2.forward_extend`) attending to
+        the row's first ``keys`` slots: returns the last real token's logits, the cache, and with
+        ``logprobs >= 0`` the scores of ``targets`` (each token's next). The engine's chunked prefill and
+        :meth:`start`'s long prompts run this one program."""
+        model = nnx.merge(self.graphdef, state)
+        logits, cache = model.forward_extend(tokens, positions, cache, row, start, count, seq_len, layers=layers,
+                                             every=logprobs >= 0, keys=keys)
+        if logprobs < 0:
+            return logits, cache, None
+        last = jax.lax.dynamic_index_in_dim(logits, count - 1, 0, keepdims=False)
+        return last, cache, token_scores(logits, targets, logprobs)
 
     def _step(self, state, layers, ds: DecodeState, base, sampling: SamplingParams, stop_ids: tuple[int, ...],
               logprobs: int = -1):
@@ -487,9 +502,13 @@ class Generator:
         """Prefill; returns the decode state (first logits, cache, next positions, tokens seen; with
         ``counts`` zero counts of generated tokens) and the slot base of decode tokens."""
         b, s = batch.ids.shape
+        cache_len, last, base, order = self.layout(s, max_new_tokens)
+        chunk = self.settings.long_prompt_chunk
+        if self.n == 1 and chunk and max(batch.lengths) > chunk:
+            logits, cache = self._prefill_in_chunks(batch, cache_len, chunk)
+            return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
-        cache_len, last, base, order = self.layout(s, max_new_tokens)
         if order is not None:  # permuted on the host: the devices get their chunks directly
             arrays = [a[:, order] for a in arrays]
         elif self.prefill_path(s) == "fused":  # each row's tokens first, at slots 0..n-1, padding after
@@ -498,6 +517,38 @@ class Generator:
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
         logits, cache = self.prefill(self.state, self.layers, ids, mask, positions, index, cache_len=cache_len,
                                      last=last)
+        return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
+
+    def _prefill_in_chunks(self, batch: PreparedBatch, cache_len: int, chunk: int):
+        """A long prompt batch prefilled ``chunk`` tokens at a time, row by row, into an empty cache in the
+        one-pass layout (row ``i``'s tokens end at slot ``s``): each chunk attends to its row's slots so
+        far, so the activations are one chunk's and the cache is the only thing that grows with the
+        length. Rotary tables use the batch's longest prompt, as the one-pass prefill does. Returns the
+        first logits ``[B, V]`` and the cache."""
+        b, s = batch.ids.shape
+        cache = KVCache.zeros(self.config, b, cache_len, self.dtype, self.mesh)
+        seq_len, zeros, last = np.int32(max(batch.lengths)), np.zeros(chunk, np.int32), []
+        for i, n in enumerate(batch.lengths):
+            prompt = batch.ids[i, s - n:]
+            for at in range(0, n, chunk):
+                tokens = np.zeros(chunk, np.int32)
+                tokens[:min(chunk, n - at)] = prompt[at:at + chunk]
+                start = s - n + at
+                keys = min(cache_len, max(chunk, 1 << (start + chunk - 1).bit_length()))  # few programs
+                logits, cache, _ = self.extend(self.state, self.layers, cache, tokens,
+                                               np.arange(at, at + chunk, dtype=np.int32), np.int32(i),
+                                               np.int32(start), np.int32(min(chunk, n - at)), seq_len, zeros,
+                                               logprobs=-1, keys=keys)
+            last.append(logits)
+        logits = jnp.stack(last)
+        if self.mesh is not None:
+            logits = jax.device_put(logits, named_sharding(("batch", "act_vocab"), logits.shape, self.mesh))
+        return logits, cache
+
+    def _decode_state(self, batch: PreparedBatch, logits, cache, seed: int, counts: bool) -> DecodeState:
+        """The decode state after a prefill: first logits, cache, next positions, tokens seen (and with
+        ``counts`` zero counts of generated tokens)."""
+        b = len(batch.lengths)
         seen = np.zeros((b, self.config.vocab_size), bool)
         for i in range(b):
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
@@ -506,7 +557,7 @@ class Generator:
                          self.put(np.int32(0), ()), self.key(seed), None,
                          self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
                          if counts else None)
-        return ds, self.put(np.int32(base), ())
+        return ds
 
 
 def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads: int) -> KVCache:

@@ -44,6 +44,11 @@ class EngineSettings:
     huge_pages: on a Linux CPU without a mesh, back the packed decode weights with 2 MiB pages once made
         (:func:`~internlm_jax.arrays.back_with_huge_pages`; a batch-1 decode step streams them about 5%
         faster). Off: ``model.configure(huge_pages=False)``.
+    long_prompt_chunk: ``generate`` prefills a prompt longer than this in chunks of this many tokens
+        (without a ``sequence`` axis), each written into the KV cache and attending to what is there
+        (:meth:`~internlm_jax.model.InternLM2.forward_extend`, key blocks past ``blockwise_from``). The
+        activations are then one chunk's whatever the length: a 200K-token prompt needs little beyond
+        the weights and its cache. 0: one pass at any length.
     remat: activation checkpointing of each layer in training.
     blockwise_from: inputs longer than this take blockwise attention. block: its block size.
     """
@@ -53,6 +58,7 @@ class EngineSettings:
     decode_weights: str = "auto"
     decode_chunk: int = 16
     huge_pages: bool = True
+    long_prompt_chunk: int = 32768
     remat: str = "none"
     blockwise_from: int = 4096
     block: int = 512
@@ -67,6 +73,9 @@ class EngineSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.long_prompt_chunk, int) or isinstance(self.long_prompt_chunk, bool) \
+                or self.long_prompt_chunk < 0:
+            raise ValueError(f"long_prompt_chunk must be 0 (off) or a positive integer, got {self.long_prompt_chunk!r}")
         if not isinstance(self.huge_pages, bool):
             raise ValueError(f"huge_pages must be True or False, got {self.huge_pages!r}")
         if self.block % 8:

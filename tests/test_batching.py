@@ -231,9 +231,9 @@ def collective_shapes(hlo: str) -> list[tuple[int, ...]]:
 def extend_text(engine: Engine, size: int = 64) -> str:
     """The compiled HLO of the engine's prefill chunk of ``size`` tokens (row 0, attending to every slot)."""
     gen, ds = engine.gen, engine.ds
-    return engine._extend.lower(gen.state, gen.layers, ds.cache, np.zeros(size, np.int32),
-                                np.arange(size, dtype=np.int32), np.int32(0), np.int32(0), np.int32(10), np.int32(10),
-                                np.zeros(size, np.int32), logprobs=-1, keys=engine.max_len).compile().as_text()
+    return gen.extend.lower(gen.state, gen.layers, ds.cache, np.zeros(size, np.int32),
+                            np.arange(size, dtype=np.int32), np.int32(0), np.int32(0), np.int32(10), np.int32(10),
+                            np.zeros(size, np.int32), logprobs=-1, keys=engine.max_len).compile().as_text()
 
 
 def test_on_a_mesh_with_a_sequence_axis(model):

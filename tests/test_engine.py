@@ -235,6 +235,55 @@ def test_one_device_long_prefill_equals_the_dense_result():
     assert ij.generate_ids(long, prompts, **kw) == ij.generate_ids(dense, prompts, **kw)
 
 
+def test_a_long_prompt_batch_prefilled_in_chunks_equals_one_pass():
+    """Past ``long_prompt_chunk`` tokens, ``generate`` prefills each row chunk by chunk into the cache (the
+    one-pass prefill program is not run): the first logits equal the one-pass ones (float32, 1e-5
+    relative) for a left-padded batch whose longest prompt runs past max_position_embeddings under
+    dynamic NTK (the base is the longest prompt's, as in one pass), with dense and key-blocked chunks;
+    the greedy tokens are the same."""
+    cfg = CFG.replace(max_position_embeddings=128, rope_scaling={"type": "dynamic", "factor": 4.0})
+    rng = np.random.RandomState(0)
+    prompts = [list(rng.randint(3, 128, n)) for n in (300, 37, 130)]
+
+    def run(**settings):
+        m = ij.InternLM2(cfg, seed=1).configure(**settings)
+        gen = generator_for(m)
+        batch = gen.prepare(prompts)
+        if settings.get("long_prompt_chunk"):
+            gen.prefill = None  # the chunked path must not need it
+        ds, _ = gen.start(batch, max_new_tokens=8)
+        return np.asarray(ds.logits), ij.generate_ids(m, prompts, max_new_tokens=10, stop_ids=(), max_length=512)
+
+    for blocks in ({}, {"blockwise_from": 64, "block": 32}):
+        want, want_tokens = run(long_prompt_chunk=0, **blocks)
+        for chunk in (64, 100):
+            got, tokens = run(long_prompt_chunk=chunk, **blocks)
+            assert _rel(got, want) < 1e-5, (blocks, chunk)
+            assert tokens == want_tokens, (blocks, chunk)
+
+
+def test_a_long_prompt_chunk_needs_the_memory_of_one_chunk():
+    """The chunk program's scratch stays that of one chunk however long the row (key blocks past
+    ``blockwise_from``), where a one-pass prefill's grows with the prompt: at 8192 tokens the one pass
+    needs more than 4x a 512-token chunk at the end of the row (a model whose MLP activations, not the
+    4-head scores, dominate, as in the real shapes)."""
+    model = ij.InternLM2(CFG.replace(hidden_size=256, intermediate_size=1024, max_position_embeddings=8192), seed=0)
+    gen = generator_for(model)
+    ids = jax.ShapeDtypeStruct((512,), jnp.int32)
+
+    def chunk_scratch(keys):
+        cache = KVCache.abstract(model.config, 1, 8192, jnp.float32)
+        return gen.extend.lower(gen.state, gen.layers, cache, ids, ids, 0, keys - 512, 512, keys, ids,
+                                logprobs=-1, keys=keys).compile().memory_analysis().temp_size_in_bytes
+
+    s = gen.prompt_length(8192)
+    one = jax.ShapeDtypeStruct((1, s), jnp.int32)
+    one_pass = gen.prefill.lower(gen.state, gen.layers, one, one, one, one, cache_len=8192 + 512,
+                                 last=s - 1).compile().memory_analysis().temp_size_in_bytes
+    assert chunk_scratch(8192) < 1.25 * chunk_scratch(4096 + 512)
+    assert one_pass > 4 * chunk_scratch(8192)
+
+
 def test_a_64k_prompt_on_one_cpu_device_runs_in_little_memory():
     """65,536 tokens through a one-device forward with no mesh: the compiled program's temporaries stay
     well under a GB (dense scores would need 4 heads x 64K x 64K x 4 bytes = 64 GiB per layer), and it runs."""
