@@ -104,6 +104,31 @@ def test_bad_chat_lines_are_named(data, tmp_path):
         PackedDataset([str(bad)], tok, 16, fmt="chat")
 
 
+def test_replies_starting_with_a_newline_are_trained_as_the_model_makes_them(tokenizer_path, tmp_path):
+    """The real tokenizer merges the generation prompt's ``\n`` with a reply's leading newline when the
+    text is encoded whole. Each reply is encoded after its prompt instead: the tokens before it are
+    the generation prompt (what the model reads at inference), the trained span decodes to the
+    reply and ``<|im_end|>``, and the conversation still decodes to the template's text. (A later
+    turn's history holds the earlier reply as the model made it, not as the whole text re-encodes it.)"""
+    tok = ij.Tokenizer(tokenizer_path)
+    conv = [{"role": "user", "content": "Code?"}, {"role": "assistant", "content": "\n```python\nx = 1\n```"},
+            {"role": "user", "content": "List?"}, {"role": "assistant", "content": "\n\n1. a\n2. b"}]
+    path = tmp_path / "nl.jsonl"
+    path.write_text(json.dumps({"messages": conv}) + "\n" + json.dumps({"messages": conv, "tools": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"nl.jsonl:2: 'tools' must be a list"):
+        PackedDataset([str(path)], tok, seq_len=16, fmt="chat")
+    path.write_text(json.dumps({"messages": conv}) + "\n")
+    stream = PackedDataset([str(path)], tok, seq_len=16, fmt="chat").stream
+    n = len(stream)
+    tokens, trained = stream.tokens(0, n).tolist(), stream.trained(0, n)
+    runs = spans(trained)
+    assert [tok.decode(tokens[a:b]) for a, b in runs] == [m["content"] + "<|im_end|>" for m in conv[1::2]]
+    assert tokens[:runs[0][0]] == tok.encode_chat(conv[:1], add_generation_prompt=True)
+    header = tok.encode("<|im_start|>assistant\n", add_bos=False)
+    assert all(tokens[a - len(header):a] == header for a, _ in runs)  # each reply follows its own prompt's end
+    assert tok.decode(tokens) == tok.apply_chat_template(conv, tokenize=False)
+
+
 def test_a_tiny_model_trained_on_chats_reproduces_the_replies(data, tmp_path):
     base, tok, path = data
     cfg = TrainConfig.from_dict({

@@ -52,26 +52,34 @@ def text_document(tokenizer, text: str) -> list[int]:
 
 def chat_document(tokenizer, messages, where: str, tools=None) -> tuple[list[int], list[int]]:
     """A conversation's tokens and which of them are trained (1: an assistant reply or its end).
-    ``tools`` (OpenAI function definitions) become the plugin system message, as the server renders them."""
+    ``tools`` (OpenAI function definitions) become the plugin system message, as the server renders them.
+
+    The rendered text is encoded in pieces cut where each reply starts (after ``<|im_start|>assistant\n``):
+    a reply's tokens are then those the model makes after its generation prompt, which is how it
+    answers at inference. Encoded whole, SentencePiece would merge that ``\n`` with a reply's leading
+    newline into one token that belongs to neither. Where nothing merges the pieces give the same
+    tokens as the whole text."""
     from ..chat_format import FormatError, to_internlm_messages
 
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"{where}: 'tools' must be a list of function definitions, got {type(tools).__name__}")
     try:
         msgs = to_internlm_messages(messages, tools)
-        tokens = tokenizer.encode_chat(msgs, add_generation_prompt=False)
-        trained = [0] * len(tokens)
-        end = tokenizer.special_tokens["<|im_end|>"]
-        for k, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prompt = tokenizer.encode_chat(msgs[:k], add_generation_prompt=True)
-            if tokens[:len(prompt)] != prompt:
-                raise ValueError("the generation prompt does not tokenize as a prefix of the conversation")
-            stop = tokens.index(end, len(prompt))
-            trained[len(prompt):stop + 1] = [1] * (stop + 1 - len(prompt))
+        text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        cuts = [len(tokenizer.apply_chat_template(msgs[:k], add_generation_prompt=True, tokenize=False))
+                for k, m in enumerate(msgs) if m["role"] == "assistant"]
     except (FormatError, ValueError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
-    if not any(trained):
+    if not cuts:
         raise ValueError(f"{where}: the conversation has no assistant message to train on")
+    end = tokenizer.special_tokens["<|im_end|>"]
+    tokens = tokenizer.encode(text[:cuts[0]], add_bos=False)
+    trained = [0] * len(tokens)
+    for start, stop in zip(cuts, cuts[1:] + [len(text)]):
+        piece = tokenizer.encode(text[start:stop], add_bos=False)  # the reply, <|im_end|>, then later turns
+        reply = piece.index(end) + 1
+        tokens += piece
+        trained += [1] * reply + [0] * (len(piece) - reply)
     return tokens, trained
 
 
