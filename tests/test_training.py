@@ -378,6 +378,32 @@ def test_resuming_with_other_data_or_architecture_is_refused_before_anything_cha
     assert json.loads((ckpt / "config.json").read_text())["hidden_size"] == 32
 
 
+def test_a_resumed_run_given_more_steps_goes_on_as_a_run_of_that_length(tmp_path, capsys, monkeypatch):
+    """``steps`` raised on resume: the lr of each further step equals that of a run started with the new
+    ``steps`` (HF Trainer's semantics), and the change is announced with both lrs; ``steps``
+    below the checkpoint's step is refused by name. The logged tokens/s counts the steps of its own
+    interval (a short last one included), read off a clock that ticks one second per reading."""
+    from internlm_jax.training import loop, train
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(loop, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: float(next(ticks)))}))
+    for run in "ab":
+        (tmp_path / run).mkdir()
+    train(_token_run(tmp_path / "a", steps=3, optim={"lr": 1e-2, "warmup_steps": 1}))
+    capsys.readouterr()
+    longer = train(_token_run(tmp_path / "a", steps=7, optim={"lr": 1e-2, "warmup_steps": 1}, log={"every": 2}))
+    whole = train(_token_run(tmp_path / "b", steps=7, optim={"lr": 1e-2, "warmup_steps": 1}))
+    assert [r["step"] for r in longer] == [4, 6, 7]
+    by_step = {r["step"]: r for r in whole}
+    for r in longer:
+        assert r["lr"] == by_step[r["step"]]["lr"]  # (the weights differ: the first steps had another lr)
+    assert [r["tokens_per_s"] for r in longer] == [64.0, 128.0, 64.0]  # 1, 2 and 1 steps of 4 x 16 tokens
+    err = capsys.readouterr().err
+    assert "steps: 3 -> 7: the learning-rate schedule is now that of a 7-step run" in err
+    with pytest.raises(ValueError, match=r"steps: 5 is below step 7 of the checkpoints in"):
+        train(_token_run(tmp_path / "a", steps=5, optim={"lr": 1e-2, "warmup_steps": 1}))
+
+
 def test_a_restarted_run_drops_the_logged_steps_it_will_redo(tmp_path):
     from internlm_jax.training.loop import Metrics
 

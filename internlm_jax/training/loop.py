@@ -3,8 +3,10 @@
 A checkpoint folder is resumed automatically. It holds ``config.json`` (the architecture, for
 ``internlm-jax convert train-to-hf``) and ``run_settings.json`` (:func:`run_settings`: what a resumed run
 must share with the checkpoints); both are written at the first start and after each successful
-restore, never before. ``steps`` may grow on resume: a run can be continued for longer (its cosine
-schedule then stretches from the resume point).
+restore, never before. ``steps`` may change on resume, to continue a run for longer: the run then goes on
+as one started with the new ``steps`` would (its learning-rate schedule is that run's, as HF Trainer
+does it, so a longer cosine puts the lr back up at the resume step; the change is announced with both
+values). ``steps`` below the checkpoint's step is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .data import Batch, PackedDataset, text_lines
 from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step
 
 SETTINGS = "run_settings.json"  # in checkpoint.dir: see run_settings
+FREE_ON_RESUME = {"steps"}  # recorded, to announce a change, but free to change
 
 
 def build_model(cfg: TrainConfig, mesh) -> InternLM2:
@@ -178,12 +181,13 @@ def run_settings(cfg: TrainConfig, arch) -> dict:
     """What a resumed run must share with its checkpoints: what decides batch ``t`` (the sources and how
     they are read, seq_len, batch_size, seed, tokenizer) and the architecture. Free to change: ``steps``
     (see the module docstring), the optimizer's hyper-parameters, ``grad_accum`` (token-weighted, so the
-    same step), the mesh, dtypes, eval, logging and checkpointing cadence."""
+    same step), the mesh, dtypes, eval, logging and checkpointing cadence (``steps`` is recorded, not
+    checked)."""
     d = cfg.data
     absolute = lambda p: p if p in (None, "demo") else str(Path(p).absolute())  # noqa: E731
     return {"data.train": [absolute(p) for p in d.train], "data.format": d.format, "data.text_key": d.text_key,
             "data.bin_dtype": d.bin_dtype, "data.seq_len": d.seq_len, "data.batch_size": d.batch_size,
-            "seed": cfg.seed, "tokenizer": absolute(cfg.tokenizer),
+            "seed": cfg.seed, "tokenizer": absolute(cfg.tokenizer), "steps": cfg.steps,
             **{f"architecture.{k}": v for k, v in arch.to_dict().items() if k in Overrides.model_fields}}
 
 
@@ -196,9 +200,20 @@ def check_resume(folder: str, settings: dict) -> None:
         return
     saved = json.loads(file.read_text())
     for key, new in json.loads(json.dumps(settings)).items():  # as JSON has them (tuples are lists)
-        if key in saved and saved[key] != new:
+        if key in saved and saved[key] != new and key not in FREE_ON_RESUME:
             raise ValueError(f"{folder}: cannot resume with a different {key}: {saved[key]!r} in the checkpoints, "
                              f"{new!r} now (restore it, or use a new checkpoint.dir)")
+
+
+def _announce_new_length(cfg: TrainConfig, step: int) -> None:
+    """On stderr: ``steps`` differs from the run's recorded one, so the schedule changes (both lrs)."""
+    file = Path(cfg.checkpoint.dir) / SETTINGS
+    old = json.loads(file.read_text()).get("steps") if file.is_file() else None
+    if jax.process_index() or not isinstance(old, int) or old == cfg.steps:
+        return
+    before, after = (float(make_optimizer(cfg.optim, n)[1](step)) for n in (old, cfg.steps))
+    print(f"steps: {old} -> {cfg.steps}: the learning-rate schedule is now that of a {cfg.steps}-step run "
+          f"(lr at step {step}: {before:.4g} -> {after:.4g})", file=sys.stderr, flush=True)
 
 
 def record_run(folder: str, arch, settings: dict) -> None:
@@ -252,9 +267,13 @@ def train(cfg: TrainConfig) -> list[dict]:
     if resume_at is not None:
         try:
             check_resume(cfg.checkpoint.dir, settings)
+            if cfg.steps < resume_at:
+                raise ValueError(f"steps: {cfg.steps} is below step {resume_at} of the checkpoints in "
+                                 f"{cfg.checkpoint.dir} (raise it to continue, or use a new checkpoint.dir)")
         except ValueError:
             mgr.close()
             raise
+        _announce_new_length(cfg, resume_at)
     mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
     if tok is not None and tok.vocab_size > arch.vocab_size:
@@ -288,7 +307,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     flops_per_token = model.config.train_flops_per_token(d.seq_len)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
     history = []
-    t_last = time.perf_counter()
+    t_last, logged = time.perf_counter(), start  # the time and step of the last log
     for step in range(start, cfg.steps):
         batch = _global_batch(next(loader), mesh, d.batch_size)
         params, opt_state, m = step_fn(params, opt_state, batch, step)
@@ -297,8 +316,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         if done % cfg.log.every == 0 or done == cfg.steps:
             m = jax.device_get(m)
             now = time.perf_counter()
-            tokens_per_s = cfg.log.every * d.batch_size * d.seq_len / (now - t_last)
-            t_last = now
+            tokens_per_s = (done - logged) * d.batch_size * d.seq_len / (now - t_last)
+            t_last, logged = now, done
             record = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
                       "mfu": tokens_per_s * flops_per_token / peak}
