@@ -100,9 +100,9 @@ def _load_for_generation(args):
         _check_sampling(args)
     from . import InternLM2, Tokenizer, make_mesh
 
+    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)  # a missing one is named before the weights load
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
-    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     return model, tok
 
 

@@ -162,6 +162,8 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...], np.d
 def open_hf_tensors(folder: str | os.PathLike) -> dict[str, TensorRef]:
     """Name -> TensorRef for every tensor of an HF checkpoint folder (headers only, nothing loaded)."""
     folder = Path(folder)
+    if folder.is_file():
+        raise FileNotFoundError(f"{folder} is a file: pass the checkpoint folder that holds it")
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     for index_name, opener in (("model.safetensors.index.json", open_safetensors),
@@ -354,15 +356,17 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
         if "dtype" in extra:  # transformers 5's name for torch_dtype
             extra["dtype"] = str(dtype)
         cfg.replace(extra=extra).save(tmp)
-        for extra in extra_files:
-            shutil.copy2(extra, tmp / Path(extra).name)
+        for extra in extra_files:  # a path, or (path, the name to give it)
+            source, name = extra if isinstance(extra, tuple) else (extra, Path(extra).name)
+            shutil.copy2(source, tmp / name)
     return folder
 
 
 def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",
                        overwrite: bool = False, extra_files: Iterable[str | os.PathLike] = (),
                        progress: bool | None = None) -> Path:
-    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json).
+    """Write ``model`` as an HF InternLM2 folder (safetensors, index when sharded, config.json), with
+    ``extra_files`` copied in (paths, or ``(path, name)`` pairs; e.g. the tokenizer's files).
 
     A model whose parameters span several processes (a multi-host mesh) is saved by calling this
     from every process: each tensor is gathered with all of them (a collective), only process 0

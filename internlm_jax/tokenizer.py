@@ -141,6 +141,10 @@ class Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
         """Load from a ``tokenizer.model`` file or a (HF checkpoint) folder containing one."""
         p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"tokenizer model not found: {p} does not exist (nothing is fetched from the "
+                                    f"network: download the model's HF folder, which holds {_MODEL_FILENAME}, "
+                                    f"and pass its path)")
         if p.is_dir():
             p = p / _MODEL_FILENAME
         if not p.is_file():

@@ -182,8 +182,9 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, small_tokenizer):
 
     history = train(cfg)
     assert history[-1]["loss"] < 0.3 < history[0]["loss"]
-    tok = ij.Tokenizer.from_pretrained(tokenizer_path)
-    model = ij.InternLM2.from_pretrained(tmp_path / "hf")  # the exported HF folder
+    tok = ij.Tokenizer.from_pretrained(tmp_path / "hf")  # the exported HF folder carries the run's tokenizer
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
+    model = ij.InternLM2.from_pretrained(tmp_path / "hf")
     for line in CORPUS:
         ids = tok.encode(line, add_bos=True)
         out = ij.generate_ids(model, [ids[:4]], max_new_tokens=len(ids) - 4, stop_ids=())[0]
@@ -195,6 +196,7 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, small_tokenizer):
     from internlm_jax.cli import main
 
     assert main(["convert", "train-to-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf2"), "--quiet"]) == 0
+    assert (tmp_path / "hf2" / "tokenizer.model").read_bytes() == Path(tokenizer_path).read_bytes()
     ids = np.asarray([tok.encode(CORPUS[1])])
     np.testing.assert_array_equal(np.asarray(ij.InternLM2.from_pretrained(tmp_path / "hf2")(ids)),
                                   np.asarray(model(ids)))

@@ -216,11 +216,35 @@ def _announce_new_length(cfg: TrainConfig, step: int) -> None:
           f"(lr at step {step}: {before:.4g} -> {after:.4g})", file=sys.stderr, flush=True)
 
 
-def record_run(folder: str, arch, settings: dict) -> None:
-    """``config.json`` (for ``convert train-to-hf``) and the run's settings, each written atomically."""
+def record_run(folder: str, arch, settings: dict, tokenizer: list[tuple[Path, str]] = ()) -> None:
+    """``config.json`` and the tokenizer's files (for ``convert train-to-hf``) and the run's settings,
+    each written atomically."""
     if jax.process_index() == 0:
         arch.save(folder)
+        for source, name in tokenizer:
+            atomic_write(Path(folder) / name, Path(source).read_bytes())
         atomic_write(Path(folder) / SETTINGS, json.dumps(settings, indent=1) + "\n")
+
+
+def tokenizer_files(cfg: TrainConfig, tok) -> list[tuple[Path, str]]:
+    """``(path, name)`` of the files that make the run's tokenizer, for the folders it writes (an export,
+    the checkpoints): the configured tokenizer's model (demo's too) with the HF tokenizer files beside it
+    in its folder, or without one those of the checkpoint the run starts from. A folder the run
+    exports then generates and chats as it is."""
+    from ..checkpoint import TOKENIZER_FILES
+
+    folder = None
+    if tok is not None:
+        files = [(Path(tok.model_file), "tokenizer.model")]
+        if cfg.tokenizer != "demo" and Path(cfg.tokenizer).is_dir():
+            folder = Path(cfg.tokenizer)
+    else:
+        files = []
+        folder = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+    if folder is not None:
+        taken = {name for _, name in files}
+        files += [(folder / n, n) for n in TOKENIZER_FILES if n not in taken and (folder / n).is_file()]
+    return files
 
 
 def load_tokenizer(cfg: TrainConfig):
@@ -302,7 +326,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         params, opt_state = _restore(mgr, start, params, opt_state, loader)
         print(f"resumed from {cfg.checkpoint.dir} at step {start}", flush=True)
     if mgr is not None:
-        record_run(cfg.checkpoint.dir, model.config, settings)
+        record_run(cfg.checkpoint.dir, model.config, settings, tokenizer_files(cfg, tok))
     metrics = Metrics(cfg, start)
     flops_per_token = model.config.train_flops_per_token(d.seq_len)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
@@ -337,5 +361,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     metrics.close()
     nnx.update(model, params)
     if cfg.export_hf:  # every process gathers, process 0 writes (see save_pretrained)
-        model.save_pretrained(cfg.export_hf, overwrite=True, dtype=cfg.model.param_dtype)
+        model.save_pretrained(cfg.export_hf, overwrite=True, dtype=cfg.model.param_dtype,
+                              extra_files=tokenizer_files(cfg, tok))
     return history
