@@ -358,14 +358,17 @@ def write_prefill(cache, new, mesh: Mesh, nh: int | None = None):
 
 def write_decode(cache, new, owner, local_slot, mesh: Mesh, nh: int | None = None):
     """Write ``new`` (one slot: ``[B, nKV, 1, D]`` or ``[B, 1]``, the same on every sequence shard) at
-    ``local_slot`` of the slice held by sequence shard ``owner``; the other shards keep theirs untouched."""
+    ``local_slot`` of the slice held by sequence shard ``owner``; the other shards keep theirs untouched.
+
+    The other shards aim the same scatter past their slice, where it writes nothing: one in-place update
+    with no branch (a ``cond`` around the update made XLA copy, and on TPU relayout, the whole buffer
+    per step)."""
     spec, axis = _cache_spec(mesh, cache, nh)
     nspec = P(*[None if i == axis else s for i, s in enumerate(spec)]) if len(spec) > axis else spec
 
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(spec, nspec, P(), P()), out_specs=spec, check_vma=False)
     def run(c, x, owner, slot):
-        mine = jax.lax.axis_index("sequence") == owner
-        return jax.lax.cond(mine, lambda c: jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), slot, axis=axis),
-                            lambda c: c, c)
+        at = jnp.where(jax.lax.axis_index("sequence") == owner, slot, c.shape[axis])
+        return c.at[(slice(None),) * axis + (at,)].set(jnp.squeeze(x, axis).astype(c.dtype), mode="drop")
 
     return run(cache, new, jnp.asarray(owner, jnp.int32), jnp.asarray(local_slot, jnp.int32))

@@ -129,6 +129,20 @@ def test_sequence_sharded_greedy_generation_equals_unsharded(tmp_path, axes):
     assert want == ref.greedy_generate(STATE, CFG, ids, 11, attention_mask=mask).tolist()
 
 
+def test_a_sequence_sharded_decode_step_writes_the_cache_in_place():
+    """Under a ``sequence`` axis a decode step writes the new token into its owner's slice in place: the
+    compiled step has no branch and copies no cache buffer (a ``cond`` around the write copied every
+    buffer per step; on TPU it also changed the buffer's layout and back)."""
+    model = ij.InternLM2(ij.InternLM2Config.from_dict(CFG), mesh=ij.make_mesh(sequence=2, fsdp=4), seed=0)
+    gen = generator_for(model)
+    ds, base = gen.start(gen.prepare([p[:6] for p in PROMPTS]), max_new_tokens=600)
+    text = gen.step.lower(gen.state, gen.layers, ds, base, sampling=SamplingParams(), stop_ids=(2,)).compile().as_text()
+    buffer = ds.cache.keys[0].addressable_shards[0].data
+    shape = f"{buffer.dtype.name.replace('float', 'f')}[{','.join(map(str, buffer.shape))}]"
+    assert " conditional(" not in text
+    assert not [line for line in text.splitlines() if " copy(" in line and line.split("=")[1].strip().startswith(shape)]
+
+
 def test_long_inputs_without_a_sequence_axis_go_blockwise(tmp_path):
     """On a mesh, inputs over ``blockwise_from`` tokens take the ring/blockwise path with one shard:
     same logits as the reference (1100 tokens: padded to 3 blocks of 512) and same greedy tokens."""
