@@ -300,6 +300,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "internlm2-chat-7b": _arch(4096, 14336, 32, 32, 32768, 1e6, None),
     "internlm2-20b": _arch(6144, 16384, 48, 48, 32768, 1e6, None),
     "internlm2-chat-20b": _arch(6144, 16384, 48, 48, 32768, 1e6, 3.0),
+    # not in FACTS.md: the shape of internlm2-1_8b with the rope of the 2.5 chat configs (32768, 1e6, dynamic 2.0)
+    "internlm2_5-1_8b": _arch(2048, 8192, 24, 16, 32768, 1e6, 2.0),
+    "internlm2_5-1_8b-chat": _arch(2048, 8192, 24, 16, 32768, 1e6, 2.0),
     "internlm2_5-7b": _arch(4096, 14336, 32, 32, 262144, 5e7, 2.0),
     "internlm2_5-7b-chat": _arch(4096, 14336, 32, 32, 32768, 1e6, 2.0),
     "internlm2_5-7b-chat-1m": _arch(4096, 14336, 32, 32, 262144, 5e7, 2.5),

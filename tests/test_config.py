@@ -66,6 +66,14 @@ def test_presets_match_released(name):
     assert preset.num_parameters() == PARAM_COUNTS[name]
 
 
+def test_the_internlm2_5_1_8b_presets_have_the_1_8b_shape():
+    """InternLM2.5-1.8B keeps InternLM2-1.8B's shape (1.89B parameters) with the 2.5 chat rope."""
+    for name in ("internlm2_5-1_8b", "internlm/internlm2_5-1_8b-chat"):
+        cfg = InternLM2Config.preset(name)
+        assert cfg.num_parameters() == PARAM_COUNTS["internlm2-1_8b"]
+        assert cfg.rope_scaling == RopeScaling("dynamic", 2.0) and cfg.max_position_embeddings == 32768
+
+
 def test_missing_bias_means_true():
     data = dict(BASE, **RELEASED["internlm2-1_8b"])
     del data["bias"]
