@@ -5,10 +5,10 @@
 #
 #     python examples/generate_and_chat.py /path/to/internlm2_5-7b-chat --tensor 8 --dtype bfloat16
 #
-# Without a checkpoint it builds a tiny random model with the real vocabulary, so the mechanics run
-# anywhere (the text is then gibberish). Its tokenizer is the checkpoint's `tokenizer.model`, `--tokenizer`,
-# or, with neither, a small SentencePiece model trained here on examples/data/tiny_corpus.txt (offline;
-# a real checkpoint brings its own tokenizer.model).
+# Without a checkpoint it builds a tiny random model sized to the tokenizer's vocabulary, so the
+# mechanics run anywhere (the text is then gibberish). Its tokenizer is the checkpoint's
+# `tokenizer.model`, `--tokenizer`, or, with neither, a small SentencePiece model trained here on
+# examples/data/tiny_corpus.txt (offline; a real checkpoint brings its own tokenizer.model).
 
 # %%
 import argparse

@@ -62,9 +62,13 @@ def cmd_demo(args) -> None:
         from . import Tokenizer
 
         tok = Tokenizer.from_pretrained(args.tokenizer)
-        ids = np.asarray([tok.encode(args.prompt)])
-        print(f"prompt {args.prompt!r} -> {ids.shape[1]} tokens")
+        prompt = "The quick brown fox jumps over the lazy dog." if args.prompt is None else args.prompt
+        ids = np.asarray([tok.encode(prompt)])
+        print(f"prompt {prompt!r} -> {ids.shape[1]} tokens")
     else:
+        if args.prompt is not None:
+            raise ValueError("--prompt needs --tokenizer (a tokenizer.model or HF folder) to encode it; without one "
+                             "the demo runs random token ids")
         ids = np.random.RandomState(0).randint(3, cfg.vocab_size, (2, 24))
         print(f"no tokenizer given: random token ids {ids.shape}")
 
@@ -123,8 +127,10 @@ def _sampling_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> None:
-    if (args.prompt is None) == (args.input is None):
-        raise ValueError("give either --prompt or --input (a JSONL file of requests)")
+    if args.prompt is not None and args.input is not None:
+        raise ValueError("give --prompt or --input (a JSONL file of requests), not both")
+    if args.prompt is None and args.input is None:
+        raise ValueError("give --prompt or --input (a JSONL file of requests)")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
     if args.input is not None and not os.path.isfile(args.input):
@@ -433,8 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo on a tiny random model (no download)", parents=[common])
     demo.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8; 0 = as found)")
     demo.add_argument("--tokenizer", help="a tokenizer.model (or HF folder) to encode --prompt with")
-    demo.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
-                      help="text run through the model (default: a pangram)")
+    demo.add_argument("--prompt", help="text run through the model, with --tokenizer (default: a pangram; "
+                                       "without a tokenizer, random token ids)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     add_mesh_args(demo)
     demo.set_defaults(func=cmd_demo, tensor=2)
@@ -460,11 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="prompt + output tokens per request (default: the model's context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     srv.add_argument("--prefill-chunk", type=int, default=512,
-                     help="prompt tokens prefilled between two decode chunks (default 512)")
+                     help="prompt tokens prefilled between two decode chunks (default 512; rounded down to a "
+                          "power of two)")
     srv.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     add_distributed_args(srv)
     srv.set_defaults(func=cmd_serve)
-    chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin)", parents=[common])
+    chat = sub.add_parser("chat", help="interactive chat (one user turn per line on stdin; a line 'exit' or 'quit' "
+                                       "ends it)", parents=[common])
     _add_generation_args(chat)
     chat.add_argument("--system", help="a system message")
     chat.set_defaults(func=cmd_chat)

@@ -134,7 +134,7 @@ def serving_length(model) -> int:
 class Engine:
     """Continuous batching for one model (see the module docstring).
 
-    ``max_batch`` cache rows of ``max_len`` slots (default 2048, or the model's context if shorter; a
+    ``max_batch`` cache rows of ``max_len`` slots (default :func:`serving_length`, as the server's; a
     longer one, past the context, is taken on purpose as ``generate``'s ``max_length`` is): a request
     needs ``len(prompt) + max_tokens <= max_len``. ``prefill_chunk`` bounds the prompt tokens
     processed between two decode chunks of ``decode_chunk`` steps (shorter than generate's: a finished
@@ -146,7 +146,7 @@ class Engine:
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
                  max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542),
                  step_timeout_s: float = 600.0):
-        max_len = min(2048, model_limit(model.config)) if max_len is None else max_len
+        max_len = serving_length(model) if max_len is None else max_len
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -62,7 +62,7 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
     fixed = math.prod(v for v in sizes.values() if v != -1)
     if free:
         if len(devices) % fixed:
-            raise ValueError(f"{len(devices)} devices cannot be split into mesh {sizes}: the fixed axes "
+            raise ValueError(f"{len(devices)} device(s) cannot be split into mesh {sizes}: the fixed axes "
                              f"multiply to {fixed}, which does not divide {len(devices)}")
         sizes[free[0]] = len(devices) // fixed
     total = math.prod(sizes.values())
@@ -75,7 +75,11 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, sequence: int = 1,
                                  f"{sorted(left_out)}: on {jax.process_count()} processes the mesh must span "
                                  f"all {jax.device_count()} devices (use -1 for one axis)")
         else:
-            raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available")
+            hint = ""
+            if jax.default_backend() == "cpu":  # simulated CPU devices must be asked for before jax starts
+                hint = (f" (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count={total} before JAX starts, "
+                        f"or the CLI's --devices {total})")
+            raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available{hint}")
     shape = tuple(sizes[a] for a in MESH_AXES)
     types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)

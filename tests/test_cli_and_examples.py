@@ -26,6 +26,21 @@ def test_cli_errors_are_one_line():
     assert "Traceback" not in done.stderr
 
 
+def test_misused_flags_are_named_before_any_work(tmp_path, capsys):
+    """A demo prompt with no tokenizer to encode it, and generate given both a prompt and an input file,
+    are refused with one line each (the demo used to drop the prompt and run random ids)."""
+    from internlm_jax.cli import main
+
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"id": 1, "prompt": "x"}\n')
+    for argv, words in ((["demo", "--devices", "0", "--prompt", "hello"], "--prompt needs --tokenizer"),
+                        (["generate", "--model", str(tmp_path), "--prompt", "x", "--input", str(requests),
+                          "--output", str(tmp_path / "out.jsonl")], "not both")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.strip().count("\n") == 0, err
+
+
 def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path, capsys):
     from internlm_jax.cli import main
 

@@ -467,12 +467,12 @@ def test_packed_decode_weights_need_a_model_without_a_mesh():
 
 
 def test_engine_defaults_and_misuse():
-    """max_len defaults to what the model allows (2048 at most); array prompts and numpy counts are taken;
-    a stopped engine refuses requests, and run_until_done refuses requests it never got, instead of
+    """max_len defaults to what the model allows (4096 at most, as the server); array prompts and numpy
+    counts are taken; a stopped engine refuses requests, and run_until_done refuses requests it never got, instead of
     waiting forever."""
     model = ij.InternLM2(CFG, seed=0)
     engine = ij.Engine(model, stop_ids=())
-    assert engine.max_len == min(2048, CFG.max_position_embeddings)
+    assert engine.max_len == min(4096, CFG.max_position_embeddings)
     request = engine.submit(jnp.asarray([3, 4, 5]), max_tokens=np.int64(3))
     engine.run_until_done([request])
     assert request.tokens == ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=3, stop_ids=())[0]
