@@ -199,6 +199,12 @@ def ring_attention(q, k, v, q_idx, kv_idx, kv_ok, mesh: Mesh, *, block: int = BL
     if s % n:
         raise ValueError(f"sequence length {s} must be a multiple of the sequence axis size {n}")
     bspec, heads = _specs(mesh, b, nh, nkv)
+    t = mesh.shape["tensor"]
+    if heads is None and t > 1 and nh % t == 0 and t % nkv == 0:
+        # more tensor shards than KV heads: each shard gets a copy of the one KV head its query heads
+        # read (GQA's grouping is kept), so the heads still split instead of every shard doing them all
+        k, v = (jnp.repeat(x, t // nkv, axis=2) for x in (k, v))
+        nkv, heads = t, "tensor"
     tok = P(bspec, "sequence")
     qkv = P(bspec, "sequence", heads, None)
 

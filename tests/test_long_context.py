@@ -29,8 +29,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("axes", [dict(sequence=4, tensor=2, fsdp=1), dict(sequence=8, fsdp=1),
-                                  dict(sequence=2, data=2, tensor=2, fsdp=1)],
-                         ids=["seq4xtensor2", "seq8", "seq2xdata2xtensor2"])
+                                  dict(sequence=2, data=2, tensor=2, fsdp=1), dict(sequence=2, tensor=4, fsdp=1)],
+                         ids=["seq4xtensor2", "seq8", "seq2xdata2xtensor2", "tensor4_over_2_kv_heads"])
 def test_ring_equals_dense_outputs_and_gradients(axes):
     mesh = ij.make_mesh(**axes)
     n = mesh.shape["sequence"]
@@ -57,6 +57,19 @@ def test_ring_equals_dense_outputs_and_gradients(axes):
     assert _rel(np.asarray(out)[:, inv][rows], np.asarray(want)[rows]) < 1e-5
     for got, exp in zip(grads, jax.grad(dense_loss, argnums=(0, 1, 2))(q, k, v)):
         assert _rel(np.asarray(got)[:, inv], exp) < 1e-5
+
+
+def test_more_tensor_shards_than_kv_heads_still_split_the_heads():
+    """tensor=4 over 8 query / 2 KV heads: each shard attends with its own 2 query heads (and a copy of
+    their KV head), instead of every shard computing all 8 heads."""
+    mesh = ij.make_mesh(sequence=2, tensor=4, fsdp=1)
+    q, k, v = _qkv(nh=8, nkv=2)
+    b, s = q.shape[:2]
+    idx = np.broadcast_to(np.arange(s), (b, s))
+    ok = np.ones((b, s), bool)
+    f = jax.jit(lambda q, k, v: ring_attention(q, k, v, idx, idx, ok, mesh, block=4))
+    text = f.lower(q, k, v).compile().as_text()
+    assert "f32[2,32,8,16]" not in text and "f32[2,32,2,16]" in text  # local q: half the tokens, 2 of 8 heads
 
 
 def _intermediate_sizes(jaxpr):
