@@ -33,6 +33,7 @@ import numpy as np
 
 from .config import InternLM2Config
 from .ring import padded_length
+from .settings import EngineSettings
 
 GiB = 1 << 30
 
@@ -258,7 +259,12 @@ class Plan:
             out.append(f"decode: {self.batch / dec.seconds:,.0f} tokens/s at the roofline "
                        f"({dec.seconds * 1e3:.2f} ms per step)")
         out += [f"note: {n}" for n in self.notes]
-        out.append("fits: " + ("yes" if self.fits else "NO"))
+        if any(p.name == "decode_loop" for p in self.programs):
+            out.append("note: decode_loop's TFLOP, GB and roofline are per step of its loop; peak and temps are "
+                       "the whole loop's")
+        failing = [p.name for p in self.programs if not p.fits]
+        out.append("fits: " + ("yes" if self.fits else f"NO ({', '.join(failing)} does not; `--programs` "
+                                                       f"picks the programs to plan)"))
         if self.suggestion is not None:
             out += ["", "a mesh that fits:" if self.suggestion.fits else "best mesh tried (does not fit either):",
                     self.suggestion.table()]
@@ -375,14 +381,27 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
         tok = _abstract((batch, s), jnp.int32, ("batch", "seq"), mesh)
         param_bytes = _shard_bytes(gen.state)
         pre = ProgramPlan("prefill", False, hbm_limit=limit, parameters=param_bytes)
+        chunk = model.settings.long_prompt_chunk
+        chunked = gen.n == 1 and chunk and context > chunk  # generate's prefill in chunks: plan its largest one
         try:
-            lowered = gen.prefill.lower(gen.state, gen.abstract_layers(), tok, tok, tok, tok, cache_len=cache_len,
-                                        last=last)
+            if chunked:
+                one, row = jax.ShapeDtypeStruct((chunk,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
+                lowered = gen.extend.lower(gen.state, gen.abstract_layers(),
+                                           KVCache.abstract(cfg, batch, cache_len, dtype, mesh), one, one, row, row,
+                                           row, row, one, logprobs=-1, keys=cache_len)
+            else:
+                lowered = gen.prefill.lower(gen.state, gen.abstract_layers(), tok, tok, tok, tok,
+                                            cache_len=cache_len, last=last)
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - the compiler's verdict is the answer
             pre.error = _short_error(e)
             compiled = None
-        if compiled is not None:
+        if compiled is not None and chunked:
+            pre.compiled = True
+            cache = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
+            logits = _abstract((batch, cfg.vocab_size), jnp.float32, ("batch", "act_vocab"), mesh)
+            pre.cache = _shard_bytes((cache.keys, cache.values))
+        elif compiled is not None:
             pre.compiled = True
             logits_s, cache_s = compiled.output_shardings
             logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=logits_s)
@@ -536,6 +555,10 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
     if decode_impl == "ragged" and any(p.startswith("decode") for p in programs):
         result.notes.append(f"decode: the ragged Pallas kernel; its roofline counts the filled cache slots "
                             f"(at most {context + max_new_tokens:,} per sequence), not the whole cache")
+    chunk = EngineSettings().long_prompt_chunk
+    if "prefill" in programs and sizes["sequence"] == 1 and context > chunk:
+        result.notes.append(f"prefill: generate runs it in chunks of {chunk:,} tokens (long_prompt_chunk); its "
+                            f"memory is the last chunk's program, its FLOPs and bytes the whole prompt's")
     if "train_step" in programs:
         result.notes.append(f"train step: batch {batch} x {context:,} tokens, remat={remat}, f32 master weights "
                             f"and AdamW state, {dtype} compute")
@@ -561,7 +584,8 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
             break
         if best is None or _badness(p) < _badness(best):
             best = p
-    result.suggestion = best
+    # a mesh that fits, or one that misses by less than the one asked for (never a worse one)
+    result.suggestion = best if best is not None and (best.fits or _badness(best) < _badness(result)) else None
     return result
 
 
