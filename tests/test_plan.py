@@ -14,6 +14,7 @@ from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
 import internlm_jax as ij
 from internlm_jax.generation import DecodeState, Generator, SamplingParams
 from internlm_jax.plan import CHIPS, parse_topology, plan
+from internlm_jax.settings import EngineSettings
 from internlm_jax.sharding import named_sharding
 
 CFG = ij.InternLM2Config.from_dict(tiny_config(num_attention_heads=4, num_key_value_heads=2, hidden_size=32))
@@ -100,6 +101,20 @@ def test_analytic_flops_agree_with_xla_where_xla_counts_exactly(program):
     (x,) = p.programs
     assert x.compiled and x.xla_flops > 0
     assert abs(x.flops - x.xla_flops) / x.xla_flops < 0.1, (x.flops, x.xla_flops)
+
+
+def test_a_prompt_past_long_prompt_chunk_is_planned_by_its_chunk_program():
+    """Past ``long_prompt_chunk`` tokens (and no sequence axis) generate prefills in chunks, so the plan
+    compiles the chunk program: the cache is its (donated) argument, where the one-pass prefill makes it
+    as its output, and the plan says so."""
+    chunk = EngineSettings().long_prompt_chunk
+    kw = dict(batch=1, mesh=dict(fsdp=1), max_new_tokens=8, dtype="float32", programs=("prefill",), suggest=False)
+    one = plan(BIG1, None, context=chunk // 2, **kw)
+    long = plan(BIG1, None, context=chunk + 512, **kw)
+    (a,), (b,) = one.programs, long.programs
+    assert a.compiled and b.compiled
+    assert a.outputs >= a.cache > 0 and b.arguments >= b.parameters + b.cache and b.aliased >= b.cache
+    assert any("chunks of" in n for n in long.notes) and not any("chunks of" in n for n in one.notes)
 
 
 def test_parse_topology_names():
