@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -615,11 +615,35 @@ def model_limit(cfg) -> int:
 DEFAULT_NEW_TOKENS = 128  # generate / stream without max_new_tokens (chat: 512), capped to what fits
 
 
+def _check_arguments(model, tok, stop_ids) -> tuple[int, ...] | None:
+    """The model and tokenizer in their places (text in and out needs the tokenizer), and stop ids as
+    integers: named errors for the common slips (arguments swapped, a string of stop ids)."""
+    if not hasattr(model, "config") or not hasattr(model, "settings"):
+        raise TypeError(f"the first argument must be an InternLM2 model, got {type(model).__name__}")
+    if tok is None:
+        raise ValueError("a tokenizer (the second argument) is needed to turn the output into text; for token "
+                         "ids in and out use generate_ids")
+    if not (hasattr(tok, "encode") and hasattr(tok, "decode")):
+        raise TypeError(f"the second argument must be a Tokenizer, got {type(tok).__name__}")
+    if stop_ids is None:
+        return None
+    if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
+        raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
+    ids = tuple(stop_ids)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int | np.integer)]
+    if bad:
+        raise TypeError(f"stop_ids must be token ids (integers), got {bad[0]!r} (stop strings go in stop=)")
+    return tuple(int(t) for t in ids)
+
+
 def _as_batch(prompts) -> tuple[list, bool]:
     """``(prompts as a list, whether one prompt was given)``: a string, a flat list of token ids or a
     1-D array is one prompt."""
     if isinstance(prompts, str):
         return [prompts], True
+    if not isinstance(prompts, Iterable):
+        raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got "
+                        f"{type(prompts).__name__}")
     if isinstance(prompts, np.ndarray | jax.Array):
         return ([prompts], True) if prompts.ndim == 1 else (list(prompts), False)
     prompts = list(prompts)
@@ -740,9 +764,10 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     or after ``max_new_tokens`` (see :func:`generate_ids`); the stop token is not part of the text.
     ``stop`` strings cut the text before the first one that appears.
     """
+    stop_ids = _check_arguments(model, tok, stop_ids)
     batch, single = _as_batch(prompts)
     stop = _stop_strings(stop)
-    stop_ids = tuple(stop_ids if stop_ids is not None else (tok.stop_ids if tok is not None else (2, 92542)))
+    stop_ids = stop_ids if stop_ids is not None else tuple(tok.stop_ids)
     ids = _encode_prompts(tok, batch, add_bos, model.config.vocab_size)
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **kwargs)
     texts = [tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens) for o in out]
@@ -762,7 +787,8 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
     for. Without ``max_new_tokens``, ``default_new_tokens`` or as many as fit."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     seed, stop = seed_value(seed), _stop_strings(stop)
-    stop_ids = tuple(stop_ids if stop_ids is not None else tok.stop_ids)
+    stop_ids = _check_arguments(model, tok, stop_ids)
+    stop_ids = stop_ids if stop_ids is not None else tuple(tok.stop_ids)
     batch, single = _as_batch(prompt)
     if not single:
         raise ValueError("stream takes one prompt (a string or a list of token ids); use generate for a batch")
@@ -800,6 +826,7 @@ def chat(model, tok, messages: list[dict], *, max_new_tokens: int | None = None,
     survive; generation stops at ``<|im_end|>`` or ``</s>``. ``stream_to`` (e.g. ``print``-like callable)
     receives text pieces as they arrive.
     """
+    _check_arguments(model, tok, None)
     prompt = tok.encode_chat(messages, add_generation_prompt=True)
     pieces = []
     for piece in stream(model, tok, prompt, max_new_tokens=max_new_tokens, add_bos=False, default_new_tokens=512,

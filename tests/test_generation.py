@@ -237,6 +237,28 @@ def test_invalid_sampling_values(model, kw, match):
         ij.generate_ids(model, PROMPTS, **{"max_new_tokens": 4, **kw})
 
 
+def test_common_argument_slips_are_named(model, tmp_path):
+    """Model and tokenizer swapped, no tokenizer for text out, a number as prompts, a string as stop ids:
+    each a named error before any work, not an AttributeError from inside."""
+    from hf_fixtures import ROOT
+
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().splitlines()
+    tok = ij.Tokenizer.train(texts, tmp_path / "t.model")
+    cases = [((tok, model, "hi"), {}, TypeError, "first argument must be an InternLM2 model, got Tokenizer"),
+             ((model, None, [[3, 4]]), {}, ValueError, "a tokenizer .* is needed to turn the output into text"),
+             ((model, model, "hi"), {}, TypeError, "second argument must be a Tokenizer, got InternLM2"),
+             ((model, tok, 5), {}, TypeError, "prompts must be a string, a list of token ids"),
+             ((model, tok, [[3, 4]]), {"stop_ids": "x"}, TypeError, "stop_ids must be a list of token ids"),
+             ((model, tok, [[3, 4]]), {"stop_ids": [2, "x"]}, TypeError, r"stop_ids must be token ids \(integers\)")]
+    for args, kw, error, words in cases:
+        with pytest.raises(error, match=words):
+            ij.generate(*args, max_new_tokens=2, **kw)
+    with pytest.raises(TypeError, match="first argument must be an InternLM2 model"):
+        ij.stream(tok, model, "hi")
+    with pytest.raises(TypeError, match="second argument must be a Tokenizer"):
+        ij.chat(model, model, [{"role": "user", "content": "hi"}])
+
+
 def test_prompt_too_long_empty_and_truncation(model):
     long = list(range(3, 40))
     with pytest.raises(ValueError, match=r"prompt 0 has 37 tokens.*max_length=32.*truncate=True"):
