@@ -266,6 +266,8 @@ def _parse_rope_scaling(value: Any, field: str = "rope_scaling") -> RopeScaling 
     if not isinstance(value, dict):
         raise ValueError(f"config field {field!r} must be null or a dict, got {value!r}")
     kind = value.get("type", value.get("rope_type"))
+    if kind is None and value.get("factor") is not None:  # the reference reads rope_scaling["type"]: it fails too
+        raise ValueError(f"config field {field!r} has a 'factor' but no 'type' (dynamic or linear): {value!r}")
     if kind in (None, "default"):
         return None
     if "factor" not in value:

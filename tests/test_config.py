@@ -141,7 +141,8 @@ def test_top_level_rope_keys_win_over_rope_parameters():
 
 @pytest.mark.parametrize("params,match", [({"rope_type": "yarn", "factor": 2.0}, "'rope_parameters.type'"),
                                           ({"rope_type": "dynamic"}, "'rope_parameters' has type 'dynamic'"),
-                                          ("dynamic", "'rope_parameters' must be null or a dict")])
+                                          ("dynamic", "'rope_parameters' must be null or a dict"),
+                                          ({"factor": 2.5}, "has a 'factor' but no 'type'")])
 def test_bad_rope_parameters_name_the_field(params, match):
     data = dict(_transformers5("default", None, 5e7, True), rope_parameters=params)
     with pytest.raises(ValueError, match=match):
