@@ -22,12 +22,22 @@ DEMO_CONFIG = dict(vocab_size=92544, hidden_size=128, intermediate_size=256, num
                    rope_theta=1e6, rope_scaling={"type": "dynamic", "factor": 2.0}, bias=False)
 
 
+def _version() -> str:
+    """The installed version, read without importing the package (JAX must not start before --devices)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("internlm-jax")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def add_mesh_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("mesh (their product must equal the device count; -1 = the rest)")
-    g.add_argument("--data", type=int, default=1)
-    g.add_argument("--fsdp", type=int, default=-1)
-    g.add_argument("--tensor", type=int, default=1)
-    g.add_argument("--sequence", type=int, default=1)
+    g.add_argument("--data", type=int, default=1, help="batch replicas (default 1)")
+    g.add_argument("--fsdp", type=int, default=-1, help="batch and parameter shards (default -1: the rest)")
+    g.add_argument("--tensor", type=int, default=1, help="heads / MLP columns (default 1)")
+    g.add_argument("--sequence", type=int, default=1, help="tokens and KV cache slots: ring attention (default 1)")
 
 
 def _simulate_devices(n: int | None) -> None:
@@ -227,12 +237,13 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="end the reply before this text (repeatable; generate --input: per line, 'stop')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="HF's, > 1 penalises seen tokens "
+                                                                         "(default 1: off)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: off)")
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, -2 to 2 (default 0: off)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
 
 
@@ -252,8 +263,8 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--distributed", action="store_true",
                    help="jax.distributed.initialize() from the cluster environment")
     g.add_argument("--coordinator", help="host:port of process 0, for an explicit multi-process run")
-    g.add_argument("--num-processes", type=int, default=1)
-    g.add_argument("--process-id", type=int, default=0)
+    g.add_argument("--num-processes", type=int, default=1, help="with --coordinator: processes in the job")
+    g.add_argument("--process-id", type=int, default=0, help="with --coordinator: this process (0 = the leader)")
     g.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
                    help="how long to wait for every process to join (default 300)")
 
@@ -409,8 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     # carry the top level's default into every subcommand and reset a --debug given first)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    p = argparse.ArgumentParser(prog="internlm-jax", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="internlm-jax", description="InternLM2 / InternLM2.5 in JAX: demo, generate, "
+                                "chat, serve, convert, plan, train, data tokenize. Errors print one line "
+                                "(--debug: the traceback).")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"internlm-jax {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="HF checkpoint folders <-> Orbax checkpoints (streaming)")
     csub = convert.add_subparsers(dest="direction", required=True)
@@ -459,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)", parents=[common])
     _add_model_args(srv)
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="default 8000")
     srv.add_argument("--max-batch", type=int, default=8, help="cache rows: requests decoded together")
     srv.add_argument("--max-len", type=int, default=None,
                      help="prompt + output tokens per request (default: the model's context, at most 4096)")
