@@ -328,6 +328,15 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
     assert main(["train", "--config", str(bad)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "optim.lr" in err and "run.yaml" in err and "Traceback" not in err
+    for text, words in (("model: {preset: internlm2-1_8b, overrides: {num_attention_heads: 5}}",
+                         "run.yaml: model.overrides: config field 'hidden_size'"),
+                        ("model: {preset: internlm2-1_8b}\noptim: {grad_accum: 2}\ndata: {batch_size: 3}",
+                         "run.yaml: optim.grad_accum (2) must divide")):  # checks across fields name the file too
+        bad.write_text(text + "\ndata: {train: [x.txt]}\n" if "data:" not in text else
+                       text.replace("batch_size: 3", "batch_size: 3, train: [x.txt]") + "\n")
+        assert main(["train", "--config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
 
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,

@@ -15,7 +15,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
 from ..config import NOT_IN_JSON, InternLM2Config
 
@@ -132,6 +141,7 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0)
     seed: int = 0
     export_hf: str | None = None  # write the trained weights as an HF folder at the end
+    _source: str | None = PrivateAttr(default=None)  # the YAML file it came from: errors name it first
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TrainConfig":
@@ -140,9 +150,11 @@ class TrainConfig(Section):
         if not isinstance(data, dict) and data is not None:
             raise ValueError(f"{where}: expected a mapping of sections, got {type(data).__name__}")
         try:
-            return cls.model_validate(data or {})
+            cfg = cls.model_validate(data or {})
         except ValidationError as e:
             raise ValueError(f"{where}: {describe(e)}") from None
+        cfg._source = None if where == "config" else where
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
@@ -179,10 +191,21 @@ class TrainConfig(Section):
         try:
             return InternLM2Config.preset(m.preset).replace(**m.overrides.model_dump(exclude_unset=True))
         except ValueError as e:
-            raise ValueError(f"model.overrides: {e}") from None
+            raise ValueError(self._named(f"model.overrides: {e}")) from None
+
+    def _named(self, message: str) -> str:
+        prefix = f"{self._source}: "
+        return message if self._source is None or message.startswith(prefix) else prefix + message
 
     def validate(self) -> None:
-        """Checks across fields, before anything is loaded (the architecture included)."""
+        """Checks across fields, before anything is loaded (the architecture included); an error names
+        the YAML file first, as the field checks do."""
+        try:
+            self._validate()
+        except ValueError as e:
+            raise ValueError(self._named(str(e))) from None
+
+    def _validate(self) -> None:
         if (self.model.preset is None) == (self.model.checkpoint is None):
             raise ValueError("model: give exactly one of 'preset' (random init) or 'checkpoint' (HF or Orbax folder)")
         if self.model.checkpoint and self.model.overrides.model_fields_set:
