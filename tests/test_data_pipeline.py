@@ -154,11 +154,11 @@ def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"--input '.*nothing\*.jsonl' matches no file"):
         tokenize_corpus(model, [str(tmp_path / "nothing*.jsonl")], tmp_path / "o", progress=False)
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: the line at byte 17: not a JSON object with a 'text' field"):
+    bad.write_text('{"text": "fine"}\n\n{"txt": "no"}\n')  # named file:line, as the in-memory reader does
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not a JSON object with a 'text' field"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
     bad.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
-    with pytest.raises(ValueError, match="byte 17 is not UTF-8"):
+    with pytest.raises(ValueError, match="bad.jsonl:2: not UTF-8"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
     (tmp_path / "notes.md").write_text("x\n")

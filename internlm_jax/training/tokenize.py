@@ -69,18 +69,33 @@ def _lines(path: Path, start: int, end: int):
             pos += len(line)
 
 
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line that starts at byte ``offset`` (read through once, for an error)."""
+    count, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            block = f.read(min(1 << 20, offset - done))
+            if not block:
+                break
+            count += block.count(b"\n")
+            done += len(block)
+    return count
+
+
 def tokenize_range(tokenizer, path: str, start: int, end: int, fmt: str, text_key: str, folder: str,
                    name: str) -> dict:
     """One unit of work: tokenize the lines of ``path`` that begin in ``[start, end)`` into shard ``name``."""
     path = Path(path)
     docs, trained = [], []
     for at, raw in _lines(path, start, end):
-        where = f"{path}: the line at byte {at}"
         try:
             line = raw.decode("utf-8")
+            doc = line_document(tokenizer, line, "", plain=path.suffix == ".txt", fmt=fmt, text_key=text_key)
         except UnicodeDecodeError:
-            raise ValueError(f"{where} is not UTF-8 text") from None
-        doc = line_document(tokenizer, line, where, plain=path.suffix == ".txt", fmt=fmt, text_key=text_key)
+            raise ValueError(f"{path}:{_line_number(path, at)}: not UTF-8 text") from None
+        except ValueError as e:  # named as the in-memory reader names it: file:line (counted only now)
+            message = str(e) if str(e).startswith(": ") else f": {e}"
+            raise ValueError(f"{path}:{_line_number(path, at)}{message}") from None
         if doc is not None:
             docs.append(doc[0])
             trained.append(doc[1])
