@@ -162,7 +162,8 @@ def test_tie_word_embeddings_honoured():
     ("rope_theta", "big"), ("hidden_act", "gelu"), ("vocab_size", 1.5), ("bias", "yes"),
     ("rope_scaling", {"type": "yarn", "factor": 2.0}), ("rope_scaling", {"type": "dynamic", "factor": -1}),
     ("rope_scaling", {"type": "linear", "factor": 0.5}),
-    ("rope_scaling", {"type": "linear"}), ("rope_scaling", "dynamic"),
+    ("rope_scaling", {"type": "linear"}), ("rope_scaling", "dynamic"), ("bos_token_id", "1"), ("eos_token_id", -2),
+    ("pad_token_id", 10**6),
 ])
 def test_invalid_values_name_the_field(field, value):
     data = dict(BASE, **RELEASED["internlm2-1_8b"])
