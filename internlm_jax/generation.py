@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import weakref
 from typing import Iterable, Iterator, Sequence
 
@@ -629,11 +630,15 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...] | None:
         return None
     if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
-    ids = tuple(stop_ids)
-    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int | np.integer)]
-    if bad:
-        raise TypeError(f"stop_ids must be token ids (integers), got {bad[0]!r} (stop strings go in stop=)")
-    return tuple(int(t) for t in ids)
+    out = []
+    for t in stop_ids:
+        try:  # Python, numpy and 0-d JAX integers alike; not bools, floats or strings
+            if isinstance(t, bool | np.bool_):
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"stop_ids must be token ids (integers), got {t!r} (stop strings go in stop=)") from None
+    return tuple(out)
 
 
 def _as_batch(prompts) -> tuple[list, bool]:

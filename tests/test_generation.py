@@ -249,10 +249,13 @@ def test_common_argument_slips_are_named(model, tmp_path):
              ((model, model, "hi"), {}, TypeError, "second argument must be a Tokenizer, got InternLM2"),
              ((model, tok, 5), {}, TypeError, "prompts must be a string, a list of token ids"),
              ((model, tok, [[3, 4]]), {"stop_ids": "x"}, TypeError, "stop_ids must be a list of token ids"),
-             ((model, tok, [[3, 4]]), {"stop_ids": [2, "x"]}, TypeError, r"stop_ids must be token ids \(integers\)")]
+             ((model, tok, [[3, 4]]), {"stop_ids": [2, "x"]}, TypeError, r"stop_ids must be token ids \(integers\)"),
+             ((model, tok, [[3, 4]]), {"stop_ids": [True]}, TypeError, r"stop_ids must be token ids \(integers\)")]
     for args, kw, error, words in cases:
         with pytest.raises(error, match=words):
             ij.generate(*args, max_new_tokens=2, **kw)
+    for stop_ids in (jnp.asarray([2, 5]), [jnp.int32(2), np.int64(5)], range(2, 3)):  # integers of any kind
+        ij.generate(model, tok, [[3, 4]], max_new_tokens=2, stop_ids=stop_ids)
     with pytest.raises(TypeError, match="first argument must be an InternLM2 model"):
         ij.stream(tok, model, "hi")
     with pytest.raises(TypeError, match="second argument must be a Tokenizer"):

@@ -204,6 +204,24 @@ def test_training_reproduces_a_tiny_corpus(tmp_path, small_tokenizer):
     assert len(evals) == 2 and evals[1] < evals[0] and evals[1] < 1.5  # perplexity on the (memorised) corpus
 
 
+def test_the_tokenizer_files_an_export_carries(tmp_path, small_tokenizer):
+    """The configured tokenizer.model (as a file or as its folder) brings the HF tokenizer files beside
+    it; without a tokenizer, those of the checkpoint the run starts from."""
+    from internlm_jax.training.loop import tokenizer_files
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(Path(small_tokenizer).read_bytes())
+    (folder / "tokenizer_config.json").write_text("{}")
+    tok = ij.Tokenizer(folder / "tokenizer.model")
+    for given in (folder, folder / "tokenizer.model"):
+        cfg = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b"}, "tokenizer": str(given),
+                                     "data": {"train": ["x"]}})
+        assert sorted(name for _, name in tokenizer_files(cfg, tok)) == ["tokenizer.model", "tokenizer_config.json"]
+    cfg = TrainConfig.from_dict({"model": {"checkpoint": str(folder)}, "data": {"train": ["x"]}})
+    assert sorted(name for _, name in tokenizer_files(cfg, None)) == ["tokenizer.model", "tokenizer_config.json"]
+
+
 def _losses(path):
     out = {}
     for line in Path(path).read_text().splitlines():

@@ -236,8 +236,8 @@ def tokenizer_files(cfg: TrainConfig, tok) -> list[tuple[Path, str]]:
     folder = None
     if tok is not None:
         files = [(Path(tok.model_file), "tokenizer.model")]
-        if cfg.tokenizer != "demo" and Path(cfg.tokenizer).is_dir():
-            folder = Path(cfg.tokenizer)
+        if cfg.tokenizer != "demo":  # a folder, or the folder of the tokenizer.model given
+            folder = Path(cfg.tokenizer) if Path(cfg.tokenizer).is_dir() else Path(cfg.tokenizer).parent
     else:
         files = []
         folder = Path(cfg.model.checkpoint) if cfg.model.checkpoint else None
@@ -303,6 +303,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     if tok is not None and tok.vocab_size > arch.vocab_size:
         raise ValueError(f"tokenizer: {tok.model_file} has {tok.vocab_size} token ids, more than the model's "
                          f"vocab_size {arch.vocab_size}")
+    if tok is not None and tok.vocab_size < arch.vocab_size and jax.process_index() == 0:
+        print(f"tokenizer: {tok.model_file} has {tok.vocab_size} token ids, fewer than the model's vocab_size "
+              f"{arch.vocab_size}: ids {tok.vocab_size}.. have no text, and generating one fails to decode "
+              f"(set model.overrides.vocab_size: {tok.vocab_size} to match)", file=sys.stderr, flush=True)
     d = cfg.data
     data = PackedDataset(d.train, tok, d.seq_len, text_key=d.text_key, seed=cfg.seed, fmt=d.format,
                          bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size)
