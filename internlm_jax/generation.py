@@ -531,14 +531,12 @@ class Generator:
         seq_len, zeros, last = np.int32(max(batch.lengths)), np.zeros(chunk, np.int32), []
         for i, n in enumerate(batch.lengths):
             prompt = batch.ids[i, s - n:]
-            for at in range(0, n, chunk):
+            for at, start, count, keys in prompt_chunks(n, s, chunk, cache_len):
                 tokens = np.zeros(chunk, np.int32)
-                tokens[:min(chunk, n - at)] = prompt[at:at + chunk]
-                start = s - n + at
-                keys = min(cache_len, max(chunk, 1 << (start + chunk - 1).bit_length()))  # few programs
+                tokens[:count] = prompt[at:at + count]
                 logits, cache, _ = self.extend(self.state, self.layers, cache, tokens,
                                                np.arange(at, at + chunk, dtype=np.int32), np.int32(i),
-                                               np.int32(start), np.int32(min(chunk, n - at)), seq_len, zeros,
+                                               np.int32(start), np.int32(count), seq_len, zeros,
                                                logprobs=-1, keys=keys)
             last.append(logits)
         logits = jnp.stack(last)
@@ -559,6 +557,18 @@ class Generator:
                          self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
                          if counts else None)
         return ds
+
+
+def prompt_chunks(n: int, s: int, chunk: int, cache_len: int) -> list[tuple[int, int, int, int]]:
+    """How :meth:`Generator.start` prefills a row of ``n`` prompt tokens (ending at slot ``s``) in chunks of
+    ``chunk``: ``(first token, first slot, real tokens, key span)`` each. The span, the slots a chunk
+    attends over, is its end rounded up to a power of two (at most ``cache_len``): a few programs, each
+    chunk's attention at most twice what it needs. The planner counts the same chunks."""
+    out = []
+    for at in range(0, n, chunk):
+        start = s - n + at
+        out.append((at, start, min(chunk, n - at), min(cache_len, max(chunk, 1 << (start + chunk - 1).bit_length()))))
+    return out
 
 
 def build_cache(keys, values, valid, cache_len: int, mesh, ring: bool, num_heads: int) -> KVCache:

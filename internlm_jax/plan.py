@@ -136,7 +136,7 @@ class Costs:
 
 def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, cache_len: int, blockwise: bool,
                   block: int = 512, remat: str = "none", dtype_bytes: int = 2, param_bytes: int = 2,
-                  decode_slots: int | None = None) -> Costs:
+                  decode_slots: int | None = None, chunks: Sequence[tuple[int, int]] | None = None) -> Costs:
     """FLOPs and HBM bytes of one program over the whole mesh, counted from the shapes it computes.
 
     Matmuls count 2 FLOPs per multiply-add (the embedding is a gather; the prefill's logits are only
@@ -146,7 +146,9 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
     weights read once per pass, the KV cache read (decode) or written (prefill), each layer's matmul
     inputs and outputs, and for training the AdamW update.
     ``decode_slots``: cache slots a decode step reads (default all ``cache_len``; the ragged kernel
-    reads only the filled ones)."""
+    reads only the filled ones). ``chunks``: a prefill run in chunks, ``(tokens, key span)`` each (see
+    :func:`~internlm_jax.generation.prompt_chunks`): each chunk attends densely over its span and reads
+    the weights again."""
     L, h, v = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
     nh, nkv, d, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
     matmul = L * _matmul_params_per_layer(cfg)
@@ -158,6 +160,10 @@ def program_costs(cfg: InternLM2Config, program: str, *, batch: int, seq: int, c
         pairs = (q_len * (q_len + block) / 2) if causal_blocks else q_len * kv_len
         return 4 * nh * d * pairs * L * batch
 
+    if program == "prefill" and chunks:
+        t = batch * sum(c for c, _ in chunks)
+        return Costs(2 * t * matmul + len(chunks) * 2 * batch * h * v + sum(attention(c, k, False) for c, k in chunks),
+                     len(chunks) * (matmul + h * v) * param_bytes, 0.0, cache * seq / cache_len, t * act_per_token)
     if program == "prefill":
         t = batch * seq
         return Costs(2 * t * matmul + 2 * batch * h * v + attention(seq, seq, blockwise),
@@ -352,7 +358,7 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
     """Lower and compile the library's programs on ``mesh`` for a prompt of ``context`` tokens
     (``attention_impl`` / ``decode_impl``: the model settings of those names, if given)."""
     from .cache import KVCache
-    from .generation import DecodeState, Generator, SamplingParams
+    from .generation import DecodeState, Generator, SamplingParams, prompt_chunks
     from .model import InternLM2
 
     limit = chip.hbm_bytes if chip else None
@@ -415,7 +421,9 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
                      param_bytes=dtype_bytes)
         if "prefill" in programs:
             if compiled is not None:
-                finish(pre, compiled, program_costs(cfg, "prefill", seq=s, **costs))
+                spans = [(chunk, keys) for _, _, _, keys in prompt_chunks(context, s, chunk, cache_len)] \
+                    if chunked else None
+                finish(pre, compiled, program_costs(cfg, "prefill", seq=s, chunks=spans, **costs))
             out.append(pre)
         vec = _abstract((batch,), jnp.int32, ("batch",), mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
@@ -558,7 +566,7 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
     chunk = EngineSettings().long_prompt_chunk
     if "prefill" in programs and sizes["sequence"] == 1 and context > chunk:
         result.notes.append(f"prefill: generate runs it in chunks of {chunk:,} tokens (long_prompt_chunk); its "
-                            f"memory is the last chunk's program, its FLOPs and bytes the whole prompt's")
+                            f"memory is the last chunk's program, its FLOPs and bytes those of all the chunks")
     if "train_step" in programs:
         result.notes.append(f"train step: batch {batch} x {context:,} tokens, remat={remat}, f32 master weights "
                             f"and AdamW state, {dtype} compute")
