@@ -563,6 +563,10 @@ def plan(model: str | InternLM2Config, topology: str | None = None, *, context: 
     if decode_impl == "ragged" and any(p.startswith("decode") for p in programs):
         result.notes.append(f"decode: the ragged Pallas kernel; its roofline counts the filled cache slots "
                             f"(at most {context + max_new_tokens:,} per sequence), not the whole cache")
+    t = sizes["tensor"]
+    if t > 1 and cfg.num_attention_heads % t:
+        result.notes.append(f"tensor={t} does not divide the {cfg.num_attention_heads} attention heads: attention "
+                            f"runs whole on every tensor shard (its work is not split)")
     chunk = EngineSettings().long_prompt_chunk
     if "prefill" in programs and sizes["sequence"] == 1 and context > chunk:
         result.notes.append(f"prefill: generate runs it in chunks of {chunk:,} tokens (long_prompt_chunk); its "
