@@ -23,9 +23,17 @@ import numpy as np
 from flax import nnx
 
 import internlm_jax as ij
-from internlm_jax.training.config import OptimSection
-from internlm_jax.training.loop import measure_peak_flops
-from internlm_jax.training.step import make_optimizer, make_train_step
+from internlm_jax.training.step import make_optimizer, make_train_step, measure_peak_flops
+
+try:
+    from internlm_jax.training.config import OptimSection
+
+    OPTIM = OptimSection(lr=1e-4, warmup_steps=1)
+except ImportError:  # no pydantic (the GPU machine's image): the same AdamW settings, stated here
+    from types import SimpleNamespace
+
+    OPTIM = SimpleNamespace(lr=1e-4, warmup_steps=1, min_lr_ratio=0.1, weight_decay=0.1,
+                            decay_embeddings_and_norms=False, b1=0.9, b2=0.95, eps=1e-8, clip_norm=1.0)
 
 BENCH_SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
                    num_key_value_heads=4)
@@ -45,7 +53,7 @@ def time_our_step(batch: int, seq: int, steps: int, cfg: ij.InternLM2Config | No
     cfg = cfg or bench_config()
     model = ij.InternLM2(cfg, dtype=dtype, param_dtype="float32", seed=0).configure(remat=remat)
     graphdef, params = nnx.split(model)
-    tx, schedule = make_optimizer(OptimSection(lr=1e-4, warmup_steps=1), 100)
+    tx, schedule = make_optimizer(OPTIM, 100)
     step = jax.jit(make_train_step(graphdef, tx, grad_accum=1, segments=False, z_loss=0.0, schedule=schedule),
                    donate_argnums=(0, 1))
     opt_state = jax.jit(tx.init)(params)

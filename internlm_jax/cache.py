@@ -97,9 +97,11 @@ class KVCache:
     @classmethod
     def zeros(cls, cfg, batch: int, length: int, dtype, mesh=None) -> "KVCache":
         """An empty cache (every slot invalid), made on the devices in its sharding (a mesh may span
-        processes, where host arrays cannot be put)."""
+        processes, where host arrays cannot be put); without a mesh committed to the first device, as the
+        programs' other inputs are (an uncommitted one compiles each program twice)."""
         like = cls.abstract(cfg, batch, length, dtype, mesh)
-        shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, like)
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if mesh is None else \
+            jax.tree.map(lambda x: x.sharding, like)
         return jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), like), out_shardings=shardings)()
 
     def constrain(self, mesh) -> "KVCache":

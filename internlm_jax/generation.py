@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from .arrays import back_with_huge_pages, row_sharding, to_host
 from .attention import decode_weights, prefill_plan
@@ -483,8 +484,8 @@ class Generator:
     def key(self, seed: int) -> jax.Array:
         """The PRNG key of ``seed``, made on the devices (replicated like the programs' outputs): a key
         cannot be put from the host onto a mesh that spans processes."""
-        sharding = None if self.mesh is None else named_sharding((), (), self.mesh)
-        return jax.jit(jax.random.key, out_shardings=sharding)(np.uint32(seed))
+        sharding = SingleDeviceSharding(jax.devices()[0]) if self.mesh is None else named_sharding((), (), self.mesh)
+        return jax.jit(jax.random.key, out_shardings=sharding)(np.uint32(seed))  # committed, as put() makes
 
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the

@@ -1,5 +1,7 @@
 """Generation: greedy fidelity to the reference's cached generation, bucketing, stops, sampling, errors."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,6 +262,15 @@ def test_common_argument_slips_are_named(model, tmp_path):
         ij.stream(tok, model, "hi")
     with pytest.raises(TypeError, match="second argument must be a Tokenizer"):
         ij.chat(model, model, [{"role": "user", "content": "hi"}])
+
+
+def test_a_generation_compiles_its_decode_chunk_once(caplog):
+    """Every input of the decode programs is committed to the device (the key included), so the second
+    chunk reuses the first one's program instead of compiling it again for committed inputs."""
+    m = ij.InternLM2(ij.InternLM2Config.from_dict(CFG), seed=5)
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        ij.generate_ids(m, [[3, 4, 5]], max_new_tokens=48, stop_ids=(), max_length=64)  # three chunks of 16
+    assert sum("Compiling jit(_chunk)" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_prompt_too_long_empty_and_truncation(model):

@@ -27,9 +27,9 @@ from pydantic import (
 )
 
 from ..config import NOT_IN_JSON, InternLM2Config
+from .loss import LOSS_CHUNK
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-LOSS_CHUNK = 2048  # vocabulary columns per chunk of the fused loss (fastest of 512..4096 on CPU)
 
 
 class Section(BaseModel):

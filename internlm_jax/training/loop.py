@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from ..files import atomic_write
@@ -26,7 +25,7 @@ from ..model import InternLM2
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
 from .data import Batch, PackedDataset, text_lines
-from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step
+from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step, measure_peak_flops
 
 SETTINGS = "run_settings.json"  # in checkpoint.dir: see run_settings
 FREE_ON_RESUME = {"steps"}  # recorded, to announce a change, but free to change
@@ -40,20 +39,6 @@ def build_model(cfg: TrainConfig, mesh) -> InternLM2:
         model = InternLM2(cfg.architecture(), mesh=mesh, dtype=m.dtype, param_dtype=m.param_dtype, seed=cfg.seed)
     model.configure(remat=m.remat)
     return model
-
-
-def measure_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
-    """Matmul FLOP/s of one device in ``dtype``, measured now (for the MFU estimate when no peak is
-    configured)."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 class Metrics:

@@ -9,20 +9,23 @@ batch at once, however the trained tokens fall into micro-batches (chat data: so
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from .config import LOSS_CHUNK, OptimSection
-from .loss import token_losses
+from .loss import LOSS_CHUNK, token_losses
+
+if TYPE_CHECKING:  # the step itself needs no pydantic (the GPU bench image has none)
+    from .config import OptimSection
 
 DECAYED = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 
 
-def make_optimizer(cfg: OptimSection, total_steps: int) -> tuple[optax.GradientTransformation, Any]:
+def make_optimizer(cfg: "OptimSection", total_steps: int) -> tuple[optax.GradientTransformation, Any]:
     """AdamW with linear warmup and cosine decay, global-norm clipping, and a weight-decay mask.
 
     The schedule is optax's (and HF's ``get_cosine_with_min_lr_schedule_with_warmup``): update ``t``
@@ -118,3 +121,17 @@ def make_eval_step(graphdef, *, segments: bool, loss_chunk: int = LOSS_CHUNK):
         _, (ce_sum, count) = loss_fn(params, graphdef, batch, segments=segments, z_loss=0.0, loss_chunk=loss_chunk)
         return ce_sum, count
     return eval_step
+
+
+def measure_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Matmul FLOP/s of one device in ``dtype``, measured now (for the MFU estimate when no peak is
+    configured), on random operands (constant ones run faster on some GPUs and would lower the MFU)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
