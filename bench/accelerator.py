@@ -21,6 +21,7 @@ Reports, for the device it finds:
 """
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -62,6 +63,47 @@ def ceilings(tiny: bool, repeats: int):
     return 2 * n ** 3 / t_mm, 2 * x.nbytes / t_bw
 
 
+def decode_row(model, cfg, b, weights, dec, args, hbm, greedy, first_tokens) -> str:
+    """One decode row: a chunk of ``decode_chunk`` steps (and unless ``--no-step`` a single step) timed at
+    batch ``b`` after an untimed prefill of ``--decode-prompt`` tokens, against the HBM roofline."""
+    # the untimed prefill goes blockwise or fused (dense scores of a batch-32 prompt run out of memory)
+    gen = Generator(model.configure(attention="auto", decode_weights=weights, decode_attention=dec,
+                                    blockwise_from=1))
+    k = model.settings.decode_chunk
+    prompts = [list(np.random.RandomState(i).randint(3, cfg.vocab_size, args.decode_prompt)) for i in range(b)]
+    ds, base = gen.start(gen.prepare(prompts), args.new)
+    cache_len = ds.cache.length
+    state = {"ds": ds}
+    del ds
+
+    def chunk():  # the state is donated and handed back; (repeats + 1) x k steps fit in the cache
+        state["ds"], tokens, _, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
+                                           stop_ids=())
+        state.setdefault("first", tokens)
+        return tokens
+
+    def step():
+        state["ds"], tokens, _, _ = gen.step(gen.state, gen.layers, state["ds"], base, sampling=greedy, stop_ids=())
+        return tokens
+
+    t_loop = timed(chunk, repeats=args.repeats, name="loop") / k
+    step_text = ""
+    if not args.no_step:
+        t_step = timed(step, repeats=min(10, args.new - (args.repeats + 1) * k - 1), name="step")
+        step_text = (f"step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s), first call "
+                     f"{FIRST_CALL['step']:.1f} s; ")
+    c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
+    roofline = (c.weights + c.cache) / hbm
+    tokens = np.asarray(state["first"])
+    ref = first_tokens.setdefault((b, weights), tokens)
+    agree = f"greedy tokens of chunk 1 vs {args.decode_attention[0]}: {np.mean(tokens == ref):.0%} equal"
+    state.clear()  # free this batch's cache before the next prefill
+    return (f"| decode | batch {b}, cache {cache_len}, weights {weights} | {model.decode_attention(cache_len)} "
+            f"attention, chunk of {k} | {t_loop * 1e3:.2f} ms/step | {b / t_loop:,.1f} tok/s | roofline "
+            f"{roofline * 1e3:.2f} ms/step at measured BW: {roofline / t_loop:.0%} reached; {step_text}"
+            f"first chunk call (compile) {FIRST_CALL['loop']:.1f} s; {agree} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32)
@@ -76,6 +118,8 @@ def main():
     ap.add_argument("--decode-attention", nargs="+", default=["dense", "ragged"],
                     help="decode_attention values to time (ragged: the Pallas Triton kernel on a GPU)")
     ap.add_argument("--long", type=int, default=0, help="also prefill + decode one prompt this long (1m shape)")
+    ap.add_argument("--long-prompt-chunk", type=int, default=None, help="the long model's long_prompt_chunk")
+    ap.add_argument("--no-step", action="store_true", help="time the decode chunk only (skip the single-step call)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
@@ -87,11 +131,12 @@ def main():
     import flax
     import jaxlib
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}, jaxlib {jaxlib.__version__}, "
-          f"flax {flax.__version__}")
+          f"flax {flax.__version__}", flush=True)
     flops_peak, hbm = ceilings(args.tiny, args.repeats)
     print(f"measured ceilings: bf16 matmul {flops_peak / 1e12:.0f} TFLOP/s (spec {args.peak_tflops:.0f}), "
-          f"elementwise HBM {hbm / 1e9:.0f} GB/s (spec {args.hbm_gbps:.0f})")
-    print(f"model: {cfg.num_hidden_layers} layers, {cfg.num_parameters() / 1e9:.2f}B parameters, bf16, random weights")
+          f"elementwise HBM {hbm / 1e9:.0f} GB/s (spec {args.hbm_gbps:.0f})", flush=True)
+    print(f"model: {cfg.num_hidden_layers} layers, {cfg.num_parameters() / 1e9:.2f}B parameters, bf16, random weights",
+          flush=True)
     model = ij.InternLM2(cfg, dtype="bfloat16", seed=0)  # one device, no mesh
     rows = []
     for length in args.prompts:
@@ -122,49 +167,23 @@ def main():
     greedy = SamplingParams()
     first_tokens = {}  # (batch, weights) -> the first decode attention's tokens of its first chunk
     for b, weights, dec in [(b, w, d) for b in args.batch for w in args.weights for d in args.decode_attention]:
-        # the untimed prefill goes blockwise (dense scores of a batch-32 prompt run out of memory)
-        gen = Generator(model.configure(attention="auto", decode_weights=weights, decode_attention=dec,
-                                        blockwise_from=1))
-        k = model.settings.decode_chunk
-        prompts = [list(np.random.RandomState(i).randint(3, cfg.vocab_size, args.decode_prompt)) for i in range(b)]
-        ds, base = gen.start(gen.prepare(prompts), args.new)
-        cache_len = ds.cache.length
-        state = {"ds": ds}
-
-        def chunk():  # the state is donated and handed back; (repeats + 1) x k steps fit in the cache
-            state["ds"], tokens, _, _ = gen.chunk(gen.state, gen.layers, state["ds"], base, steps=k, sampling=greedy,
-                                               stop_ids=())
-            state.setdefault("first", tokens)
-            return tokens
-
-        def step():
-            state["ds"], tokens, _, _ = gen.step(gen.state, gen.layers, state["ds"], base, sampling=greedy, stop_ids=())
-            return tokens
-
-        t_loop = timed(chunk, repeats=args.repeats, name="loop") / k
-        t_step = timed(step, repeats=min(10, args.new - (args.repeats + 1) * k - 1), name="step")
-        c = program_costs(cfg, "decode_step", batch=b, seq=1, cache_len=cache_len, blockwise=False)
-        roofline = (c.weights + c.cache) / hbm
-        tokens = np.asarray(state["first"])
-        ref = first_tokens.setdefault((b, weights), tokens)
-        agree = f"greedy tokens of chunk 1 vs {args.decode_attention[0]}: {np.mean(tokens == ref):.0%} equal"
-        rows.append(f"| decode | batch {b}, cache {cache_len}, weights {weights} | {model.decode_attention(cache_len)} "
-                    f"attention, chunk of {k} | "
-                    f"{t_loop * 1e3:.2f} ms/step | "
-                    f"{b / t_loop:,.1f} tok/s | roofline {roofline * 1e3:.2f} ms/step at measured BW: "
-                    f"{roofline / t_loop:.0%} reached; step call {t_step * 1e3:.2f} ms ({b / t_step:,.1f} tok/s); "
-                    f"first calls (compile) chunk {FIRST_CALL['loop']:.1f} s, step {FIRST_CALL['step']:.1f} s; "
-                    f"{agree} |")
+        try:
+            rows.append(decode_row(model, cfg, b, weights, dec, args, hbm, greedy, first_tokens))
+        except Exception as e:  # one failing kernel or an out-of-memory row must not cost the others
+            rows.append(f"| decode | batch {b}, weights {weights} | {dec} | failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]} | | |")
         print(rows[-1], flush=True)
-        state.clear()  # free this batch's cache before the next prefill
-        del ds
+        gc.collect()  # a Generator's jitted methods keep it in a reference cycle: free its copies now
     if args.long:
         long_cfg = ij.InternLM2Config.preset("internlm2_5-7b-chat-1m")
         if args.tiny:
             long_cfg = long_cfg.replace(hidden_size=256, intermediate_size=512, num_attention_heads=4,
                                         num_key_value_heads=2, vocab_size=1024, num_hidden_layers=2)
         del model
+        gc.collect()
         model = ij.InternLM2(long_cfg, dtype="bfloat16", seed=0)
+        if args.long_prompt_chunk is not None:
+            model.configure(long_prompt_chunk=args.long_prompt_chunk)
         gen = generator_for(model)
         prompt = list(np.random.RandomState(0).randint(3, long_cfg.vocab_size, args.long))
         batch = gen.prepare([prompt])
