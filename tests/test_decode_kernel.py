@@ -145,11 +145,16 @@ def test_gpu_kernel_edge_cases_bfloat16_and_an_empty_sequence():
 def test_gpu_kernel_lowers_to_triton_and_reads_the_cache_in_place():
     """Lowered for CUDA from this CPU host (Pallas emits the Triton module here; compiling it needs a
     GPU): one Triton call, and the cache buffers reach it without a transpose or copy."""
+    # jax 0.11 lowers Pallas for a GPU only inside a mesh that names one (0.10 needs none and accepts it)
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    gpu_mesh = jax.sharding.AbstractMesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,), abstract_device=h100)
     for dtype in (jnp.bfloat16, jnp.float32):
         q = jax.ShapeDtypeStruct((2, 8, 4, 128), dtype)
         cache = jax.ShapeDtypeStruct((2, 8, 4096, 128), dtype)
         ok = jax.ShapeDtypeStruct((2, 4096), jnp.bool_)
-        lowered = jax.jit(ragged_decode_attention_gpu).trace(q, cache, cache, ok).lower(lowering_platforms=("cuda",))
+        with jax.sharding.use_abstract_mesh(gpu_mesh):
+            lowered = jax.jit(ragged_decode_attention_gpu).trace(q, cache, cache, ok).lower(
+                lowering_platforms=("cuda",))
         text = lowered.as_text()
         assert text.count("__gpu$xla.gpu.triton") == 1
         assert re.search(r"xla\.gpu\.triton\([^)]*%arg1, %arg2", text)  # the cache arguments themselves
