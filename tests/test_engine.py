@@ -526,9 +526,9 @@ def test_decode_weights_are_backed_by_huge_pages_on_linux():
 
 def test_a_bf16_layer_scan_on_cpu_converts_one_layer_at_a_time():
     """XLA:CPU multiplies bf16 as float32; left to its loop-invariant code motion, the layer scan made a
-    float32 copy of every stacked weight at once. ``model(ids)`` and the training steps compile with
-    ``scan_compiler_options()``: the temporaries stay below one float32 copy of the layers, with the
-    same values."""
+    float32 copy of every stacked weight at once (jax 0.10's XLA does; 0.11's no longer hoists it).
+    ``model(ids)`` and the training steps compile with ``scan_compiler_options()``: the temporaries stay
+    below one float32 copy of the layers, with the same values."""
     from flax import nnx
 
     cfg = CFG.replace(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=6)
@@ -540,6 +540,6 @@ def test_a_bf16_layer_scan_on_cpu_converts_one_layer_at_a_time():
     temp = {k: jax.jit(forward, compiler_options=o or None).lower(state, ids).compile().memory_analysis()
             .temp_size_in_bytes for k, o in (("default", {}), ("ours", options))}
     layers_f32 = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model.layers)))
-    assert temp["default"] >= layers_f32 > 2 * temp["ours"]
+    assert layers_f32 > 2 * temp["ours"] and temp["ours"] <= temp["default"]
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(jax.jit(forward)(state, ids)))
     assert ij.InternLM2(cfg, seed=0).scan_compiler_options() == {}  # float32 weights and compute: none
