@@ -370,7 +370,9 @@ class Tokenizer:
                 raise ValueError(f"message {i} has no 'content'")
             role = msg["role"]
             if role not in CHAT_ROLES:
-                raise ValueError(f"message {i} has invalid role {role!r}; expected one of {CHAT_ROLES}")
+                hint = (" (InternLM2's tool results are 'environment' messages; the server and SFT data convert "
+                        "OpenAI's 'tool')") if role == "tool" else ""
+                raise ValueError(f"message {i} has invalid role {role!r}; expected one of {CHAT_ROLES}{hint}")
             content = msg["content"]
             if not isinstance(content, str):
                 raise ValueError(f"message {i} content must be str, got {type(content).__name__}")

@@ -25,3 +25,12 @@ def test_training_on_nothing_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="at least one non-empty text"):
         Tokenizer.train(["", "  "], tmp_path / "t.model")
     assert not (tmp_path / "t.model").exists()
+
+
+def test_a_chat_message_with_an_unknown_role_is_named(tmp_path):
+    """The template's roles are InternLM2's; OpenAI's 'tool' gets a pointer to 'environment'."""
+    tok = Tokenizer.train(TEXTS, tmp_path / "t.model")
+    with pytest.raises(ValueError, match=r"message 1 has invalid role 'robot'"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}], tokenize=False)
+    with pytest.raises(ValueError, match=r"invalid role 'tool'.*'environment' messages"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
