@@ -189,16 +189,14 @@ def main():
         batch = gen.prepare([prompt])
         chunk = model.settings.long_prompt_chunk
         s = batch.ids.shape[1]
-        how = f"chunks of {chunk}" if chunk and args.long > chunk else gen.prefill_path(s)
+        how = f"chunks of {chunk}" if gen.prefills_in_chunks(args.long) else gen.prefill_path(s)
         t_compile = 0.0
-        if chunk and args.long > chunk:  # compile the chunk programs ahead (into the persistent cache), timed apart
+        if gen.prefills_in_chunks(args.long):  # compile the chunk programs ahead (into the persistent cache)
             cache_len = gen.layout(s, 16 + 64)[0]
-            one, row = jax.ShapeDtypeStruct((chunk,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
             like = KVCache.abstract(long_cfg, 1, cache_len, model.dtype)
             t = time.perf_counter()
             for keys in sorted({k for *_, k in prompt_chunks(args.long, s, chunk, cache_len)}):
-                gen.extend.lower(gen.state, gen.layers, like, one, one, row, row, row, row, one, logprobs=-1,
-                                 keys=keys).compile()
+                gen.lower_extend(like, keys).compile()
             t_compile = time.perf_counter() - t
         t = time.perf_counter()  # one prefill only (it is long); chunk programs come from the cache
         ds, base = gen.start(batch, 16 + 64)

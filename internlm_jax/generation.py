@@ -505,9 +505,8 @@ class Generator:
         ``counts`` zero counts of generated tokens) and the slot base of decode tokens."""
         b, s = batch.ids.shape
         cache_len, last, base, order = self.layout(s, max_new_tokens)
-        chunk = self.settings.long_prompt_chunk
-        if self.n == 1 and chunk and max(batch.lengths) > chunk:
-            logits, cache = self._prefill_in_chunks(batch, cache_len, chunk)
+        if self.prefills_in_chunks(max(batch.lengths)):
+            logits, cache = self._prefill_in_chunks(batch, cache_len, self.settings.long_prompt_chunk)
             return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
@@ -520,6 +519,20 @@ class Generator:
         logits, cache = self.prefill(self.state, self.layers, ids, mask, positions, index, cache_len=cache_len,
                                      last=last)
         return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
+
+    def prefills_in_chunks(self, longest: int) -> bool:
+        """Whether :meth:`start` prefills a batch whose longest prompt has ``longest`` tokens in
+        ``long_prompt_chunk``-token chunks (without a ``sequence`` axis, past that length)."""
+        chunk = self.settings.long_prompt_chunk
+        return self.n == 1 and bool(chunk) and longest > chunk
+
+    def lower_extend(self, cache, keys: int):
+        """The chunk program lowered for ``cache`` (abstract or real) and a key span, from abstract tokens:
+        for the planner and benchmarks, which compile it ahead."""
+        one = jax.ShapeDtypeStruct((self.settings.long_prompt_chunk,), jnp.int32)
+        row = jax.ShapeDtypeStruct((), jnp.int32)
+        return self.extend.lower(self.state, self.abstract_layers(), cache, one, one, row, row, row, row, one,
+                                 logprobs=-1, keys=keys)
 
     def _prefill_in_chunks(self, batch: PreparedBatch, cache_len: int, chunk: int):
         """A long prompt batch prefilled ``chunk`` tokens at a time, row by row, into an empty cache in the
@@ -627,9 +640,10 @@ def model_limit(cfg) -> int:
 DEFAULT_NEW_TOKENS = 128  # generate / stream without max_new_tokens (chat: 512), capped to what fits
 
 
-def _check_arguments(model, tok, stop_ids) -> tuple[int, ...] | None:
-    """The model and tokenizer in their places (text in and out needs the tokenizer), and stop ids as
-    integers: named errors for the common slips (arguments swapped, a string of stop ids)."""
+def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
+    """The model and tokenizer in their places (text in and out needs the tokenizer), and the stop ids as
+    integers (default: the tokenizer's): named errors for the common slips (arguments swapped, a string
+    of stop ids)."""
     if not hasattr(model, "config") or not hasattr(model, "settings"):
         raise TypeError(f"the first argument must be an InternLM2 model, got {type(model).__name__}")
     if tok is None:
@@ -638,7 +652,7 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...] | None:
     if not (hasattr(tok, "encode") and hasattr(tok, "decode")):
         raise TypeError(f"the second argument must be a Tokenizer, got {type(tok).__name__}")
     if stop_ids is None:
-        return None
+        return tuple(tok.stop_ids)
     if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
     out = []
@@ -783,7 +797,6 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     stop_ids = _check_arguments(model, tok, stop_ids)
     batch, single = _as_batch(prompts)
     stop = _stop_strings(stop)
-    stop_ids = stop_ids if stop_ids is not None else tuple(tok.stop_ids)
     ids = _encode_prompts(tok, batch, add_bos, model.config.vocab_size)
     out = generate_ids(model, ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids, **kwargs)
     texts = [tok.decode(_strip_stop(o, stop_ids), skip_special_tokens=skip_special_tokens) for o in out]
@@ -804,7 +817,6 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     seed, stop = seed_value(seed), _stop_strings(stop)
     stop_ids = _check_arguments(model, tok, stop_ids)
-    stop_ids = stop_ids if stop_ids is not None else tuple(tok.stop_ids)
     batch, single = _as_batch(prompt)
     if not single:
         raise ValueError("stream takes one prompt (a string or a list of token ids); use generate for a batch")

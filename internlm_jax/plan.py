@@ -387,14 +387,11 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
         tok = _abstract((batch, s), jnp.int32, ("batch", "seq"), mesh)
         param_bytes = _shard_bytes(gen.state)
         pre = ProgramPlan("prefill", False, hbm_limit=limit, parameters=param_bytes)
-        chunk = model.settings.long_prompt_chunk
-        chunked = gen.n == 1 and chunk and context > chunk  # generate's prefill in chunks: plan its largest one
+        declared = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)  # the cache as the library lays it out
+        chunked = gen.prefills_in_chunks(context)  # generate's prefill in chunks: plan its largest one
         try:
             if chunked:
-                one, row = jax.ShapeDtypeStruct((chunk,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32)
-                lowered = gen.extend.lower(gen.state, gen.abstract_layers(),
-                                           KVCache.abstract(cfg, batch, cache_len, dtype, mesh), one, one, row, row,
-                                           row, row, one, logprobs=-1, keys=cache_len)
+                lowered = gen.lower_extend(declared, keys=cache_len)
             else:
                 lowered = gen.prefill.lower(gen.state, gen.abstract_layers(), tok, tok, tok, tok,
                                             cache_len=cache_len, last=last)
@@ -404,23 +401,23 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
             compiled = None
         if compiled is not None and chunked:
             pre.compiled = True
-            cache = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
+            cache = declared
             logits = _abstract((batch, cfg.vocab_size), jnp.float32, ("batch", "act_vocab"), mesh)
             pre.cache = _shard_bytes((cache.keys, cache.values))
         elif compiled is not None:
             pre.compiled = True
             logits_s, cache_s = compiled.output_shardings
             logits = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32, sharding=logits_s)
-            like = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
-            cache = jax.tree.map(lambda x, sh: _spec_like(x, sh), like, cache_s)
+            cache = jax.tree.map(lambda x, sh: _spec_like(x, sh), declared, cache_s)
             pre.cache = _shard_bytes((cache.keys, cache.values))
         else:  # the decode programs still compile: place the cache as the library declares it
-            cache = KVCache.abstract(cfg, batch, cache_len, dtype, mesh)
+            cache = declared
             logits = _abstract((batch, cfg.vocab_size), jnp.float32, ("batch", "act_vocab"), mesh)
         costs = dict(batch=batch, cache_len=cache_len, blockwise=blockwise, dtype_bytes=dtype_bytes,
                      param_bytes=dtype_bytes)
         if "prefill" in programs:
             if compiled is not None:
+                chunk = model.settings.long_prompt_chunk
                 spans = [(chunk, keys) for _, _, _, keys in prompt_chunks(context, s, chunk, cache_len)] \
                     if chunked else None
                 finish(pre, compiled, program_costs(cfg, "prefill", seq=s, chunks=spans, **costs))

@@ -285,6 +285,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         _announce_new_length(cfg, resume_at)
     mesh = make_mesh(**cfg.mesh.model_dump())
     tok = load_tokenizer(cfg)
+    tok_files = tokenizer_files(cfg, tok)  # copied beside the checkpoints and into an export
     if tok is not None and tok.vocab_size > arch.vocab_size:
         raise ValueError(f"tokenizer: {tok.model_file} has {tok.vocab_size} token ids, more than the model's "
                          f"vocab_size {arch.vocab_size}")
@@ -315,7 +316,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         params, opt_state = _restore(mgr, start, params, opt_state, loader)
         print(f"resumed from {cfg.checkpoint.dir} at step {start}", flush=True)
     if mgr is not None:
-        record_run(cfg.checkpoint.dir, model.config, settings, tokenizer_files(cfg, tok))
+        record_run(cfg.checkpoint.dir, model.config, settings, tok_files)
     metrics = Metrics(cfg, start)
     flops_per_token = model.config.train_flops_per_token(d.seq_len)
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
@@ -351,5 +352,5 @@ def train(cfg: TrainConfig) -> list[dict]:
     nnx.update(model, params)
     if cfg.export_hf:  # every process gathers, process 0 writes (see save_pretrained)
         model.save_pretrained(cfg.export_hf, overwrite=True, dtype=cfg.model.param_dtype,
-                              extra_files=tokenizer_files(cfg, tok))
+                              extra_files=tok_files)
     return history
