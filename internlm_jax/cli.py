@@ -275,6 +275,8 @@ def cmd_train(args) -> None:
 
     cfg = TrainConfig.from_yaml(args.config)
     if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps: must be at least 1 (got {args.steps})")
         cfg.steps = args.steps
     train(cfg)
 
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distributed_args(tr)
     tr.set_defaults(func=cmd_train)
     data = sub.add_parser("data", help="prepare training data")
-    dsub = data.add_subparsers(dest="direction", required=True)
+    dsub = data.add_subparsers(dest="direction", required=True, metavar="tokenize")
     tk = dsub.add_parser("tokenize", parents=[common],
                          help="text / chat JSONL of any size -> sharded token files for `train` (resumable)")
     tk.add_argument("--tokenizer", required=True, help="a tokenizer.model, or a checkpoint folder holding one")

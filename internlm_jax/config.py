@@ -5,6 +5,7 @@ eps 1e-6, theta 1e4, max_pos 2048), so values are always read from `config.json`
 released files are handled here and nowhere else:
 
 * a missing ``bias`` key means True (the class default);
+* ``pretraining_tp > 1`` drops the attention biases from the forward pass (``applies_attention_bias``);
 * ``rope_scaling`` is null, ``{"type": "linear"|"dynamic", "factor": f}``, or (as written by
   transformers 5) a dict without a type or with ``rope_type: "default"``, which means no scaling;
 * transformers 5 saves ``rope_parameters`` (``rope_type``, ``factor``, ``rope_theta``) and may drop
@@ -89,6 +90,13 @@ class InternLM2Config:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def applies_attention_bias(self) -> bool:
+        """Whether wqkv and wo add their biases. The reference's ``pretraining_tp > 1`` path (a key kept in
+        ``extra``) multiplies by weight slices only, so there the biases are loaded but never added."""
+        tp = dict(self.extra).get("pretraining_tp", 1)
+        return self.bias and not (isinstance(tp, int) and tp > 1)
 
     @property
     def num_query_groups(self) -> int:

@@ -28,14 +28,14 @@ def absolute(path: str | os.PathLike) -> Path:
 
 
 def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sources: Iterable[Path] = (),
-                      markers: Iterable[str] = ()) -> None:
+                      markers: Iterable[str] = (), kind: str = "checkpoint") -> None:
     """Refuse a destination whose writing would lose data, and a disk without room.
 
     Refused: an existing, non-empty ``dst`` unless ``overwrite``; a ``dst`` that is, or contains, one of
     the ``sources`` being read, or an existing path inside one (replacing it would delete input); with
     ``markers`` (file names that every folder of the kind written holds), a plain file or a non-empty
     folder holding none of them, even with ``overwrite``, so that ``--overwrite .`` cannot wipe a home
-    folder.
+    folder (``kind`` names what such a folder is, for the message).
     """
     where = dst.parent.resolve() / dst.name  # a symlink at dst is replaced, not followed
     exists = dst.exists() or dst.is_symlink()
@@ -51,10 +51,10 @@ def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sour
             raise FileExistsError(f"{dst} already exists (use --overwrite / overwrite=True to replace it)")
         markers = list(markers)
         if markers and not dst.is_dir():
-            raise FileExistsError(f"{dst} is a file, not a checkpoint folder; refusing to replace it, even with "
+            raise FileExistsError(f"{dst} is a file, not a {kind} folder; refusing to replace it, even with "
                                   "--overwrite")
         if real_dir and markers and not any((dst / name).exists() for name in markers):
-            raise FileExistsError(f"{dst} is a non-empty folder that is not a checkpoint (it has no "
+            raise FileExistsError(f"{dst} is a non-empty folder that is not a {kind} (it has no "
                                   f"{' or '.join(markers)}); refusing to replace it, even with --overwrite")
     parent = next(p for p in dst.parents if p.exists() or p.is_symlink())  # the nearest that exists
     if not parent.is_dir():

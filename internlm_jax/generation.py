@@ -630,10 +630,11 @@ def generator_for(model) -> Generator:
 
 
 def model_limit(cfg) -> int:
-    """Longest sequence allowed by default: max_position_embeddings, times the factor under dynamic NTK
-    (the reference extrapolates there); pass ``max_length`` to go further on purpose."""
+    """Longest sequence allowed by default: max_position_embeddings, times the rope scaling factor (linear
+    scaling stretches the trained positions by it; dynamic NTK extrapolates as far); pass ``max_length``
+    to go further on purpose."""
     rs = cfg.rope_scaling
-    factor = rs.factor if rs is not None and rs.type == "dynamic" else 1.0
+    factor = rs.factor if rs is not None else 1.0
     return int(cfg.max_position_embeddings * factor)
 
 

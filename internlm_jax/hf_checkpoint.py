@@ -239,9 +239,12 @@ def check_hf_tensors(refs: dict[str, TensorRef], cfg: InternLM2Config, where: st
     missing = [t.name for t in expected if t.name not in refs]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        hint = ("; the checkpoint has no attention biases: config.json needs \"bias\": false (a config "
+                "without a 'bias' key means true, as in the reference)"
+                if all(name.endswith(".bias") for name in missing) else "")
         raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:3])}{more} "
                               f"(config.json: {cfg.num_hidden_layers} layers, bias={cfg.bias}, "
-                              f"tie_word_embeddings={cfg.tie_word_embeddings})")
+                              f"tie_word_embeddings={cfg.tie_word_embeddings}){hint}")
     unexpected = [n for n in refs if n not in names and not weights.is_ignored(n, refs[n].shape, cfg)]
     if unexpected:
         ref = refs[unexpected[0]]

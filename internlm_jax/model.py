@@ -168,7 +168,7 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: InternLM2Config, make: ParamFactory, stack: tuple[int, ...] = (), packed: bool = False):
         h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.heads, self.packed, self.use_bias = (nh, nkv, d), packed, cfg.bias
+        self.heads, self.packed, self.use_bias = (nh, nkv, d), packed, cfg.applies_attention_bias
         if packed:  # the decode form (see InternLM2.decode_weights): one device, no stack, no mesh
             self.wqkv = make(((nh + 2 * nkv) * d, h), (None, "embed"))  # the fused q|k|v rows are never split
             self.wo = make((h, nh * d), ("embed", "q_heads"))

@@ -31,6 +31,7 @@ Known, inherent limits of the model file (not of this wrapper):
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import os
 import re
@@ -177,6 +178,10 @@ class Tokenizer:
     def __setstate__(self, state):
         self._init(_processor(state["proto"]), state["proto"], state["model_file"])
 
+    def sha256(self) -> str:
+        """Hex SHA-256 of the tokenizer.model bytes: which tokenizer made a tokenized corpus."""
+        return hashlib.sha256(self._proto).hexdigest()
+
     def __repr__(self) -> str:
         return f"Tokenizer(model_file={self.model_file!r}, vocab_size={self._vocab_size})"
 
@@ -282,7 +287,14 @@ class Tokenizer:
             add_bos = add_special_tokens
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
-        ids = self._encode_plain_and_special(text)
+        try:
+            ids = self._encode_plain_and_special(text)
+        except TypeError:  # SentencePiece's answer to a str that is not valid Unicode
+            bad = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise ValueError(f"text holds a lone UTF-16 surrogate {text[bad]!r} at character {bad}: not valid "
+                             "Unicode, so it cannot be tokenized (a string cut inside a surrogate pair?)") from None
         if add_bos and (not ids or ids[0] != self.bos_id):
             ids.insert(0, self.bos_id)
         return ids

@@ -48,6 +48,12 @@ def has_bias(config: dict) -> bool:
     return bool(config.get("bias", True))
 
 
+def adds_bias(config: dict) -> bool:
+    # With pretraining_tp > 1 the remote code computes wqkv and wo from F.linear over weight slices
+    # only: the biases exist in the checkpoint but are not added.
+    return has_bias(config) and config.get("pretraining_tp", 1) <= 1
+
+
 def is_tied(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", False))
 
@@ -231,7 +237,7 @@ def attention_block(state, config, layer, x, cos, sin, allowed, layer_past):
 
     wq, wk, wv = split_wqkv(state[p + "wqkv.weight"], nH, nKV, D)
     bq = bk = bv = None
-    if has_bias(config):
+    if adds_bias(config):
         bq, bk, bv = split_wqkv(state[p + "wqkv.bias"], nH, nKV, D)
 
     q = linear(x, wq, bq).reshape(B, S, nH, D).transpose(0, 2, 1, 3)  # [B, nH, S, D]
@@ -254,7 +260,7 @@ def attention_block(state, config, layer, x, cos, sin, allowed, layer_past):
         heads_out[:, j] = probs @ v[:, g]
 
     attn = heads_out.transpose(0, 2, 1, 3).reshape(B, S, nH * D)
-    bo = state[p + "wo.bias"] if has_bias(config) else None
+    bo = state[p + "wo.bias"] if adds_bias(config) else None
     out = linear(attn, state[p + "wo.weight"], bo)
     return out, (k, v)
 
@@ -383,7 +389,7 @@ def llama_state_from_internlm2(state: dict, config: dict) -> dict:
         out[s + "self_attn.k_proj.weight"] = wk
         out[s + "self_attn.v_proj.weight"] = wv
         out[s + "self_attn.o_proj.weight"] = state[s + "attention.wo.weight"]
-        if has_bias(config):
+        if adds_bias(config):
             bq, bk, bv = split_wqkv(state[s + "attention.wqkv.bias"], nH, nKV, D)
             out[s + "self_attn.q_proj.bias"] = bq
             out[s + "self_attn.k_proj.bias"] = bk
@@ -423,7 +429,7 @@ def llama_config_from_internlm2(config: dict):
         max_position_embeddings=config["max_position_embeddings"],
         rms_norm_eps=float(config["rms_norm_eps"]),
         rope_parameters=rope_parameters,
-        attention_bias=has_bias(config),
+        attention_bias=adds_bias(config),
         mlp_bias=False,
         tie_word_embeddings=is_tied(config),
         bos_token_id=config.get("bos_token_id", 1),

@@ -307,3 +307,67 @@ def test_training_on_a_tokenized_folder_saves_and_resumes_the_loader(corpus, tmp
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "next_index": 7}))
     with pytest.raises(ValueError, match="holds the data loader at batch 7, not 8"):
         train(config("split", 9))
+
+
+def test_raw_sources_the_reader_cannot_take_are_named(corpus, tmp_path):
+    """Each of these once trained on the wrong thing or failed without naming the file."""
+    base, tok, _ = corpus
+    model = str(base / "tokenizer.model")
+    sur = tmp_path / "sur.jsonl"
+    sur.write_text('{"text": "fine"}\n{"text": "cut \\ud800 pair"}\n')  # JSON escapes a lone surrogate
+    with pytest.raises(ValueError, match=r"sur.jsonl:2: text holds a lone UTF-16 surrogate"):
+        PackedDataset([str(sur)], tok, 4)
+    with pytest.raises(ValueError, match=r"sur.jsonl:2: text holds a lone UTF-16 surrogate"):
+        tokenize_corpus(model, [str(sur)], tmp_path / "o", progress=False)
+    # a byte-order mark before the first line and an empty text are no part of any document
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"text": "alpha beta"}\n{"text": ""}\n{"text": "gamma"}\n')
+    got = PackedDataset([str(tmp_path / "bom.jsonl")], tok, 4).stream
+    want = np.concatenate(reference_tokens(tok, ["alpha beta", "gamma"]))
+    np.testing.assert_array_equal(got.tokens(0, len(got)), want)
+    for name, fmt in (("x.JSONL", "text"), ("x.json", "text"), ("c.txt", "chat")):
+        (tmp_path / name).write_text('{"text": "a b c d e f g h"}\n')
+        with pytest.raises(ValueError, match=rf"{name}: {fmt} data is read from a tokenized folder.*not \.\w+$"):
+            PackedDataset([str(tmp_path / name)], tok, 4, fmt=fmt)
+    np.save(tmp_path / "t.npy", np.arange(3, 300, dtype=np.int32))
+    with pytest.raises(ValueError, match=r"t.npy: a token file has no loss mask"):
+        PackedDataset([str(tmp_path / "t.npy")], tok, 4, fmt="chat")
+    with pytest.raises(ValueError, match=r"t.npy: 297 tokens are fewer than one sequence of seq_len \+ 1 = 1001"):
+        PackedDataset([str(tmp_path / "t.npy")], tok, 1000)
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:-100])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"cut.npy: its header declares 297 ids but the file holds 272"):
+        PackedDataset([str(tmp_path / "cut.npy")], None, 4)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match=r"junk.npy: not a readable .npy file"):
+        PackedDataset([str(tmp_path / "junk.npy")], None, 4)
+
+
+def test_a_corpus_is_read_only_with_the_tokenizer_that_made_it(corpus, tmp_path):
+    base, tok, _ = corpus
+    tokenize_corpus(str(base / "tokenizer.model"), [str(base / "a.txt")], tmp_path / "tok", progress=False)
+    PackedDataset([str(tmp_path / "tok")], tok, 8)
+    texts = (ROOT / "examples" / "data" / "tiny_corpus.txt").read_text().upper().splitlines()
+    other = ij.Tokenizer.train(texts, tmp_path / "other.model", vocab_size=len(tok))
+    assert len(other) == len(tok) and other.sha256() != tok.sha256()
+    with pytest.raises(ValueError, match=r"tok was tokenized with another tokenizer.model"):
+        PackedDataset([str(tmp_path / "tok")], other, 8)
+
+
+def test_overwrite_never_deletes_the_inputs_or_a_foreign_folder(corpus, tmp_path):
+    base, _, _ = corpus
+    model = str(base / "tokenizer.model")
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "c.txt").write_text((base / "a.txt").read_text())
+    (tmp_path / "data" / "README.md").write_text("my notes\n")
+    with pytest.raises(ValueError, match=r"destination .*data contains the source .*c.txt"):
+        tokenize_corpus(model, [str(raw / "*.txt")], tmp_path / "data", overwrite=True, progress=False)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.md").write_text("x\n")
+    with pytest.raises(FileExistsError, match=r"notes is a non-empty folder that is not a tokenized corpus"):
+        tokenize_corpus(model, [str(raw / "c.txt")], tmp_path / "notes", overwrite=True, progress=False)
+    assert (raw / "c.txt").is_file() and (tmp_path / "data" / "README.md").is_file()
+    assert (tmp_path / "notes" / "keep.md").is_file()
+    with pytest.raises(FileNotFoundError, match=r"--input '.*raw' is a folder; give its files or a pattern"):
+        tokenize_corpus(model, [str(raw)], tmp_path / "o", progress=False)
+    tokenize_corpus(model, [str(raw / "c.txt")], tmp_path / "o", progress=False)
+    tokenize_corpus(model, [str(raw / "c.txt")], tmp_path / "o", overwrite=True, progress=False)  # a corpus: replaced

@@ -34,3 +34,11 @@ def test_a_chat_message_with_an_unknown_role_is_named(tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}], tokenize=False)
     with pytest.raises(ValueError, match=r"invalid role 'tool'.*'environment' messages"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_a_lone_surrogate_is_a_named_value_error(tmp_path):
+    """SentencePiece raises a bare TypeError ('List elements must be str or bytes') on such text."""
+    tok = Tokenizer.train(TEXTS, tmp_path / "t.model")
+    for text in ("ab\ud800c", "<|im_start|>ab\ud800c"):
+        with pytest.raises(ValueError, match=r"lone UTF-16 surrogate '\\ud800' at character "):
+            tok.encode(text)

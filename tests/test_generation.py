@@ -285,6 +285,15 @@ def test_prompt_too_long_empty_and_truncation(model):
         ij.generate_ids(model, [[1, 2]], max_new_tokens=40)
 
 
+@pytest.mark.parametrize("rope_scaling,limit", [(None, 16), ({"type": "linear", "factor": 3.0}, 48),
+                                                ({"type": "dynamic", "factor": 2.0}, 32)])
+def test_default_length_limit_follows_the_rope_scaling(rope_scaling, limit):
+    """Linear scaling stretches the 16 trained positions threefold; dynamic NTK extrapolates as far."""
+    m = ij.InternLM2(ij.InternLM2Config.from_dict({**CFG, "rope_scaling": rope_scaling}), seed=0)
+    with pytest.raises(ValueError, match=rf"prompt 0 has {limit + 1} tokens.*max_length={limit}\b"):
+        ij.generate_ids(m, [list(range(3, limit + 4))], max_new_tokens=2)
+
+
 def test_cache_sharded_over_sequence_axis_gives_same_tokens(tmp_path):
     folder = write_hf_checkpoint(tmp_path, CFG, STATE)
     m = ij.InternLM2.from_pretrained(folder, mesh=ij.make_mesh(sequence=2, tensor=2, fsdp=2))

@@ -79,6 +79,14 @@ def test_missing_tensor(tmp_path):
         InternLM2.from_pretrained(folder)
 
 
+def test_a_config_without_bias_key_over_a_biasless_checkpoint_says_what_to_set(tmp_path):
+    """CFG has bias: true; a checkpoint without the bias tensors and a config without the key is the slip."""
+    folder = _corrupt(tmp_path, lambda s: [s.pop(k) for k in list(s) if k.endswith(".bias")],
+                      lambda c: c.pop("bias"))
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\) .*\.bias.*config\.json needs \"bias\": false"):
+        InternLM2.from_pretrained(folder)
+
+
 def test_unexpected_tensor_names_file_and_shape(tmp_path):
     folder = _corrupt(tmp_path,
                       lambda s: s.update({"model.layers.0.attention.q_proj.weight": np.zeros((3, 4), np.float32)}))

@@ -22,6 +22,8 @@ CONFIGS = {
     # MQA, dynamic 3.0, tied embeddings
     "mqa_dynamic_tied": tiny_config(num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
                                     rope_scaling={"type": "dynamic", "factor": 3.0}, tie_word_embeddings=True),
+    # the remote code's pretraining_tp > 1 path: biases in the checkpoint, not added
+    "tp2_bias_unused": tiny_config(bias=True, pretraining_tp=2),
 }
 
 

@@ -355,6 +355,10 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
         assert main(["train", "--config", str(bad)]) == 1
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+    bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\n")
+    assert main(["train", "--config", str(bad), "--steps", "0"]) == 1  # the flag is checked like the field
+    err = capsys.readouterr().err
+    assert "--steps: must be at least 1 (got 0)" in err and err.count("\n") == 1, err
 
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,

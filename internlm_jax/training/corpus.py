@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import mmap
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +116,15 @@ class MappedArray:
     def __init__(self, path: str | Path, dtype=None, offset: int = 0):
         self.path = Path(path)
         with open(self.path, "rb") as f:
+            shape = None
             if dtype is None:  # a .npy file: its header gives dtype and shape
-                major, _ = np.lib.format.read_magic(f)
-                read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read_header(f)
+                try:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, fortran, dtype = read_header(f)
+                except ValueError as e:
+                    raise ValueError(f"{self.path}: not a readable .npy file ({e})") from None
                 if fortran and len(shape) > 1:
                     raise ValueError(f"{self.path}: a Fortran-ordered array; save the token ids as a 1-D array")
                 offset = f.tell()
@@ -126,6 +132,12 @@ class MappedArray:
             size = self.path.stat().st_size
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > offset else None
         count = (size - offset) // self.dtype.itemsize
+        if shape is not None:
+            declared = math.prod(shape)
+            if count < declared:
+                raise ValueError(f"{self.path}: its header declares {declared} ids but the file holds {count} "
+                                 "(truncated: an interrupted save or copy?)")
+            count = declared
         self.array = np.frombuffer(self._map, self.dtype, count, offset) if count else np.zeros(0, self.dtype)
         self.offset = offset
 

@@ -29,6 +29,7 @@ import numpy as np
 from .corpus import EOS_ID, Piece, TokenStream, check_exists, open_token_file, open_tokenized, pack_documents
 
 LARGE_TEXT_BYTES = 256 << 20
+TEXT_SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}  # raw files each format is read from
 
 
 @dataclass
@@ -88,10 +89,11 @@ def line_document(tokenizer, line: str, where: str, *, plain: bool, fmt: str = "
     """One line of a raw file as ``(tokens, trained or None)``; None for a blank line. ``plain``: a .txt
     line (the document itself); else a JSON object (``text_key``; chat: ``messages`` and ``tools``).
     Shared by the in-memory reader and ``internlm-jax data tokenize``, so both make the same tokens."""
+    line = line.removeprefix("\ufeff")  # a byte-order mark some editors put before the first line
     if not line.strip():
         return None
     if plain:
-        return text_document(tokenizer, line.rstrip("\r\n")), None
+        return _named(where, text_document, tokenizer, line.rstrip("\r\n")), None
     key = "messages" if fmt == "chat" else text_key
     try:
         record = json.loads(line)
@@ -103,7 +105,17 @@ def line_document(tokenizer, line: str, where: str, *, plain: bool, fmt: str = "
         return chat_document(tokenizer, value, where, record.get("tools"))
     if not isinstance(value, str):
         raise ValueError(f"{where}: {key!r} is not a string")
-    return text_document(tokenizer, value), None
+    if not value.strip():  # as a blank .txt line: no document
+        return None
+    return _named(where, text_document, tokenizer, value), None
+
+
+def _named(where: str, fn, *args):
+    """``fn(*args)``, its ValueError (e.g. the tokenizer's, on text that is not valid Unicode) led by ``where``."""
+    try:
+        return fn(*args)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def text_lines(path: Path):
@@ -121,6 +133,10 @@ def read_documents(path: str, tokenizer, text_key: str = "text", fmt: str = "tex
     a large one first with ``internlm-jax data tokenize``)."""
     file = Path(path)
     check_exists(file)
+    if file.suffix not in TEXT_SUFFIXES[fmt]:
+        token_files = " or a .npy/.bin token file" if fmt == "text" else ""
+        raise ValueError(f"{file}: {fmt} data is read from a tokenized folder{token_files} or a raw "
+                         f"{' or '.join(TEXT_SUFFIXES[fmt])} file, not {file.suffix or 'a file without a suffix'}")
     if tokenizer is None:
         raise ValueError(f"{file}: {fmt} data needs a tokenizer (set 'tokenizer' in the config)")
     if file.stat().st_size > LARGE_TEXT_BYTES:
@@ -152,8 +168,15 @@ def open_source(path: str, tokenizer, text_key: str = "text", fmt: str = "text",
         if tokenizer is not None and index["vocab_size"] != tokenizer.vocab_size:
             raise ValueError(f"{p} was tokenized with a {index['vocab_size']}-token vocabulary; the configured "
                              f"tokenizer has {tokenizer.vocab_size}")
+        if tokenizer is not None and index.get("tokenizer_sha256") not in (None, tokenizer.sha256()):
+            raise ValueError(f"{p} was tokenized with another tokenizer.model than the configured one "
+                             f"({tokenizer.model_file}): its ids would mean other text; tokenize it again with "
+                             "that tokenizer, or configure the one it was made with")
         return pieces
     if p.suffix in (".npy", ".bin"):
+        if fmt == "chat":
+            raise ValueError(f"{p}: a token file has no loss mask; chat data (SFT) is read from .jsonl or from "
+                             "a folder of `internlm-jax data tokenize --format chat`")
         return [open_token_file(p, bin_dtype)]
     return [read_documents(path, tokenizer, text_key, fmt)]
 
@@ -181,7 +204,8 @@ class PackedDataset:
         self.seq_len, self.seed = seq_len, seed
         self.num_windows = (len(self.stream) - 1) // seq_len
         if self.num_windows < 1:
-            raise ValueError(f"{len(self.stream)} tokens are fewer than one sequence of {seq_len + 1}")
+            raise ValueError(f"{', '.join(map(str, files))}: {len(self.stream)} tokens are fewer than one sequence "
+                             f"of seq_len + 1 = {seq_len + 1}")
         self.order = grain.MapDataset.range(self.num_windows).shuffle(seed=seed).repeat()
 
     def window(self, i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,9 +27,7 @@ from pathlib import Path
 
 from ..files import atomic_write, check_destination, progress_bar, replace_directory
 from .corpus import INDEX, pack_documents, read_shard_meta, staging_folder, token_dtype, write_index, write_shard
-from .data import line_document
-
-SUFFIXES = {"text": (".txt", ".jsonl"), "chat": (".jsonl",)}
+from .data import TEXT_SUFFIXES, line_document
 
 
 def expand_inputs(patterns: list[str], fmt: str) -> list[Path]:
@@ -39,11 +36,14 @@ def expand_inputs(patterns: list[str], fmt: str) -> list[Path]:
     for pattern in patterns:
         found = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         found = [Path(f) for f in found if Path(f).is_file()]
+        if not found and Path(pattern).is_dir():
+            raise FileNotFoundError(f"--input {pattern!r} is a folder; give its files or a pattern such as "
+                                    f"'{Path(pattern) / ('**/*' + TEXT_SUFFIXES[fmt][-1])}'")
         if not found:
             raise FileNotFoundError(f"--input {pattern!r} matches no file")
         for f in found:
-            if f.suffix not in SUFFIXES[fmt]:
-                raise ValueError(f"{f}: {fmt} data is read from {' or '.join(SUFFIXES[fmt])} files")
+            if f.suffix not in TEXT_SUFFIXES[fmt]:
+                raise ValueError(f"{f}: {fmt} data is read from {' or '.join(TEXT_SUFFIXES[fmt])} files")
             if f.absolute() not in [g.absolute() for g in files]:
                 files.append(f)
     return files
@@ -152,7 +152,7 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
     mask of SFT). ``workers`` processes tokenize ranges of ``chunk_bytes`` in parallel."""
     from ..tokenizer import Tokenizer
 
-    if fmt not in SUFFIXES:
+    if fmt not in TEXT_SUFFIXES:
         raise ValueError(f"--format must be text or chat, got {fmt!r}")
     if workers < 1 or chunk_bytes < 1:
         raise ValueError("--workers and --chunk-mb must be positive")
@@ -161,14 +161,14 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
     out = Path(output).absolute()
     if (out / INDEX).is_file() and not overwrite:
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, sources=files, markers=[INDEX], kind="tokenized corpus")
     staging = staging_folder(out)
     with _only_run(out):  # a second run into the same output would remove the first's files
         ranges = [(f, a, b) for f in files for a, b in split_ranges(f.stat().st_size, chunk_bytes)]
         units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
                  for i, (f, a, b) in enumerate(ranges)]
         plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
-                "tokenizer_sha256": hashlib.sha256(Path(tok.model_file).read_bytes()).hexdigest(),
+                "tokenizer_sha256": tok.sha256(),
                 "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
                            for f in files], "units": units}
         if staging.is_dir():
