@@ -47,9 +47,12 @@ def tool_definitions(tools: Sequence[Mapping]) -> list[dict]:
     return out
 
 
-def _content(msg: Mapping, i: int) -> str:
+def _content(msg: Mapping, i: int, optional: bool = False) -> str:
+    """A message's text; only an assistant's (``optional``: it may carry just tool calls) may be absent."""
     content = msg.get("content")
     if content is None:
+        if not optional:
+            raise FormatError(f"messages[{i}] ({msg.get('role')}) has no 'content'")
         return ""
     if isinstance(content, str):
         return content
@@ -98,7 +101,7 @@ def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] |
             out.append({"role": "user", "content": _content(msg, i)})
         elif role == "assistant":  # tool_calls, or the older API's single function_call
             calls = msg.get("tool_calls") or ([{"function": msg["function_call"]}] if msg.get("function_call") else [])
-            text = _content(msg, i) + "".join(_call_text(c, i) for c in calls)
+            text = _content(msg, i, optional=True) + "".join(_call_text(c, i) for c in calls)
             out.append({"role": "assistant", "content": text})
         elif role in ("tool", "function", "environment"):  # a tool's or function's name is the function's
             name = channel if role == "environment" and channel else "plugin"

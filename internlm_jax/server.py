@@ -114,11 +114,12 @@ def _clamp(logprob: float) -> float:
 
 class Choice:
     """One of a request's ``n`` continuations: its engine request and its incremental text. ``echo``
-    (completions) is the prompt's text, sent before the completion (with its logprobs when asked).
+    (completions) is the prompt's text and how many leading prompt tokens it leaves out, sent before the
+    completion (with its logprobs when asked).
     ``forced`` is the start of the reply that ``tool_choice`` put at the end of the prompt: it is
     parsed with the generated text (a tool call), never sent as content."""
 
-    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: str | None = None,
+    def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: tuple[str, int] | None = None,
                  keep: int | None = None, forced: str = ""):
         self.tok, self.index, self.handle, self.echo, self.keep = tok, index, handle, echo, keep
         self.shown = 0  # generated tokens shown (all of them, or at most ``keep``)
@@ -128,12 +129,15 @@ class Choice:
         self.offset = 0  # characters of token text so far (completions' text_offset)
 
     def echoed(self) -> tuple[str, dict | None]:
-        """The prompt's text and (with logprobs) its legacy logprobs object; the first token has no
-        logprob, as in OpenAI's echo."""
+        """The prompt's text and (with logprobs) its legacy logprobs object, whose tokens spell that text
+        (``text_offset`` indexes it): the ``<s>`` put before a text prompt is left out, being no part of it.
+        A prompt's first token has no logprob, as in OpenAI's echo."""
+        text, skip = self.echo
         r = self.handle
         if r.logprobs is None:
-            return self.echo, None
-        return self.echo, self._legacy(r.prompt, [None, *r.prompt_token_logprobs], [None, *r.prompt_top_logprobs])
+            return text, None
+        return text, self._legacy(r.prompt[skip:], [None, *r.prompt_token_logprobs][skip:],
+                                  [None, *r.prompt_top_logprobs][skip:])
 
     def _legacy(self, ids, logprobs, tops) -> dict:
         """The completions API's logprobs object for tokens ``ids`` (offsets continue from the last)."""
@@ -231,6 +235,11 @@ def create_app(engine: Engine, tok, model_name: str):
         return JSONResponse(APIError(e.status_code, message).body(), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_, e: Exception):  # a bug of ours: still OpenAI's error shape (and logged by uvicorn)
+        err = APIError(500, f"internal server error: {type(e).__name__}: {e}", kind="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(_, e: RequestValidationError):
         first = e.errors()[0]
@@ -276,12 +285,15 @@ def create_app(engine: Engine, tok, model_name: str):
         fmt = extra.get("response_format")
         plain_text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")  # all we can promise
         unsupported = [("logit_bias", bool(extra.get("logit_bias"))), ("response_format", not plain_text)]
+        if isinstance(req, ChatRequest):  # the legacy function-calling fields: tools replaced them
+            unsupported += [(name, extra.get(name) is not None) for name in ("functions", "function_call")]
         if isinstance(req, CompletionRequest):
             unsupported += [("suffix", req.suffix is not None),
                             ("best_of", req.best_of is not None and req.best_of != req.n)]
         for name, used in unsupported:
             if used:
-                raise APIError(400, f"{name} is not supported by this server", param=name)
+                hint = "; send them as tools (and tool_choice)" if name.startswith("function") else ""
+                raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is not None and max_tokens <= 0 and not scores_only(req):
             raise APIError(400, f"max_tokens must be a positive integer (0 only with echo), got {max_tokens}",
@@ -309,7 +321,8 @@ def create_app(engine: Engine, tok, model_name: str):
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         kw = dict(max_tokens=1 if scores_only(req) else max_tokens,
                   temperature=1.0 if req.temperature is None else req.temperature,
-                  top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                  top_p=1.0 if req.top_p is None else req.top_p,
+                  top_k=0 if req.top_k in (None, -1) else req.top_k,  # -1 is vLLM's "off"
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
@@ -337,10 +350,11 @@ def create_app(engine: Engine, tok, model_name: str):
         return k
 
     async def run(prompts: list[list[int]], kw: dict, stop: list[str], tools: bool, chat: bool, req: _Request,
-                  http: Request, echo: list[str] | None = None, forced: str = ""):
+                  http: Request, echo: list[tuple[str, int]] | None = None, forced: str = ""):
         """Answer ``n`` continuations of each prompt; choice ``p * n + j`` is prompt ``p``'s ``j``-th, an
         engine request of its own with seed ``seed + j`` (so a prompt in a batch gets what it gets alone).
-        ``echo``: each prompt's text, sent before its completions; ``forced``: the reply's forced start."""
+        ``echo``: each prompt's (text, tokens left out of it), sent before its completions; ``forced``: the
+        reply's forced start."""
         loop = asyncio.get_running_loop()
         updates: asyncio.Queue = asyncio.Queue()
         choices: list[Choice] = []
@@ -501,7 +515,10 @@ def create_app(engine: Engine, tok, model_name: str):
             if not prompt:
                 raise APIError(400, f"{which} is empty", param="prompt")
             if isinstance(prompt, str):
-                ids.append(tok.encode(prompt))
+                try:
+                    ids.append(tok.encode(prompt))
+                except ValueError as e:  # text that is not valid Unicode
+                    raise APIError(400, f"{which}: {e}", param="prompt") from None
                 continue
             bad = [t for t in prompt if not 0 <= t < engine.config.vocab_size]
             if bad:
@@ -511,7 +528,9 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"{len(ids)} prompts x n={req.n} exceeds the server's max_queue ({engine.max_queue})",
                            param="prompt")
         kw, stop = sampling(req, ids)
-        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts] if req.echo else None
+        # a text prompt is echoed as sent, without the <s> that encode put before it
+        echo = [(p, len(i) - len(tok.encode(p, add_bos=False))) if isinstance(p, str) else (tok.decode(p), 0)
+                for p, i in zip(prompts, ids)] if req.echo else None
         return await run(ids, kw, stop, False, False, req, http, echo)
 
     @app.post("/v1/chat/completions")

@@ -231,6 +231,15 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(tiny):
     plain = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=3, temperature=0, echo=True)
     assert plain.choices[0].text == "The river" + greedy(model, tok, "The river", 3)
     assert plain.choices[0].logprobs is None
+    # a text prompt: its tokens spell the echoed text (the <s> put before it is not shown), offsets index it
+    text = client.completions.create(model="tiny-chat", prompt="The river", max_tokens=3, temperature=0, echo=True,
+                                     logprobs=1).choices[0]
+    ids = tok.encode("The river")
+    assert text.text == plain.choices[0].text and "".join(text.logprobs.tokens[:len(ids) - 1]) == "The river"
+    assert text.logprobs.text_offset == [sum(map(len, text.logprobs.tokens[:i])) for i in range(len(ids) + 2)]
+    want = model_logprobs(model, ids[:1], ids[1:])
+    np.testing.assert_allclose(text.logprobs.token_logprobs[:len(ids) - 1], want[np.arange(len(ids) - 1), ids[1:]],
+                               atol=1e-4)
 
 
 def shown(raw: bytes) -> str:
@@ -328,6 +337,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({"model": "tiny-chat", "messages": ok["messages"], "min_tokens": 1000}, False, 400, "min_tokens",
          "left in the context"),
         ({**ok, "ignore_eos": "yes"}, False, 400, "ignore_eos", "boolean"),
+        ({**ok, "messages": [{"role": "user"}]}, False, 400, "messages", "messages[0] (user) has no 'content'"),
+        ({**ok, "functions": [{"name": "f", "parameters": {}}]}, False, 400, "functions", "send them as tools"),
+        ('{"model": "tiny-chat", "messages": [{"role": "user", "content": "a\\ud800b"}]}', True, 400, "messages",
+         "lone UTF-16 surrogate"),
     ]
     for body, raw, status, param, words in cases:
         r = post(server, "/v1/chat/completions", body, raw)
@@ -344,6 +357,12 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
     assert r.status_code == 400 and "max_queue" in r.json()["error"]["message"]
     r = post(server, "/v1/completions", {"model": "tiny-chat", "prompt": "x", "max_tokens": 2, "suffix": "y"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    r = post(server, "/v1/completions", '{"model": "tiny-chat", "prompt": "a\\ud800b", "max_tokens": 2}', True)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "prompt: text holds a lone UTF-16 surrogate" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {**ok, "top_k": -1, "temperature": 0})  # vLLM's "no top_k"
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == \
+        post(server, "/v1/chat/completions", {**ok, "temperature": 0}).json()["choices"][0]["message"]["content"]
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model="tiny-chat", prompt="x", max_tokens=1000)
     assert post(server, "/v1/chat/completions", ok).status_code == 200
