@@ -4,7 +4,8 @@ The issue's checkpoint: a 325M-parameter float32 InternLM2-shaped model (hidden 
 4 KV heads, MLP 2816, vocab 92544), random weights. Figures: prefill tok/s (512 tokens, all logits), TTFT
 (128-token prompt to first token), decode tok/s at batch 1 and 8 (128-token prompts, N new tokens) as
 ``B*(N-1)/(t(N)-t(1))`` so prefill cancels; batch-1 decode against the read-bandwidth roofline (bytes of
-weights + filled cache per token over the read bandwidth measured in the same run); XLA's bytes per decode
+weights + filled cache per token over the read bandwidth measured in the same run) and against XLA's own
+matrix-vector chain over the same weights (:func:`matvec_chain`); XLA's bytes per decode
 step at two cache lengths (slope against the cache bytes, intercept against the weight bytes).
 
     taskset -c 0,1 python bench/generate.py [--new 64] [--easydel /work/easydel-venv/bin/python] [--json out.json]
@@ -66,6 +67,27 @@ def read_bandwidth(nbytes=1 << 30) -> float:
 
     times = probes(False) + probes(True)
     return nbytes / min(times)
+
+
+def matvec_chain(model) -> tuple[float, int]:
+    """XLA's own batch-1 ceiling on this host: one row through every matrix a decode step reads (the packed
+    per-layer weights and the output layer, as the step holds them), each product feeding the next as in a
+    step, with no attention, norms or sampling. Returns (seconds, bytes of those matrices). Our step over
+    this time says how much of the gap to the read roofline is XLA's matrix-vector product itself."""
+    layers = generator_for(model).layers
+    mats = [w for w in jax.tree.leaves(layers) if w.ndim == 2]  # packed form: each [N, K], output-major
+
+    def fit(x, k):  # the previous product's row, cut or repeated to the next matrix's K
+        return jnp.tile(x, (1, -(-k // x.shape[1])))[:, :k]
+
+    @jax.jit
+    def chain(x, mats):
+        for w in mats:
+            x = jax.lax.dot_general(fit(x, w.shape[1]), w, (((1,), (1,)), ((), ()))) * 1e-3
+        return x.sum()
+
+    x = jnp.ones((1, model.config.hidden_size), jnp.float32)
+    return best(lambda: chain(x, mats).block_until_ready(), 5), sum(w.nbytes for w in mats)
 
 
 def time_ours(model, batch, prompt_len, new_tokens):
@@ -206,8 +228,11 @@ def main():
     filled = args.prompt + args.new / 2
     need = weights + 2 * cfg.num_hidden_layers * filled * cfg.num_key_value_heads * cfg.head_dim * 4
     step_s = 1 / res["ours"]["b1"]["decode_tok_s"]
+    chain_s, chain_bytes = matvec_chain(model)
     bw = res["read_bw"] = max(bw, read_bandwidth())  # probed again after the decode timings: the faster counts
     res["ours"]["b1_roofline"] = need / step_s / bw
+    res["ours"]["xla_matvec_chain_roofline"] = chain_bytes / chain_s / bw
+    res["ours"]["b1_over_xla_matvec_chain"] = chain_s / step_s
     sb = step_bytes(model)
     slope = (sb[1]["bytes"] - sb[0]["bytes"]) / (sb[1]["cache_bytes"] - sb[0]["cache_bytes"])
     intercept = sb[0]["bytes"] - slope * sb[0]["cache_bytes"]
