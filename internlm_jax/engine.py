@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from typing import Callable, Sequence
@@ -42,12 +43,15 @@ from .generation import (
     RowSampling,
     SamplingParams,
     bucket_length,
+    default_stop_ids,
     generator_for,
     model_limit,
     seed_value,
 )
 from .multihost import StepChannel, abort
 from .sharding import named_sharding
+
+logger = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's top_logprobs limit)
 TOP_COMPUTED = (0, 1, 2, 5, 10, MAX_LOGPROBS)  # alternatives a program computes: a few compiled variants
@@ -76,7 +80,8 @@ class QueueFull(RuntimeError):
 class Request:
     """One generation request and its progress. ``tokens`` grows as the engine produces them;
     ``finish_reason`` is ``"stop"`` (a stop id came; it is not in ``tokens``), ``"length"``
-    (``max_tokens``) or ``"cancelled"``; ``finished`` is set once it is final.
+    (``max_tokens``), ``"cancelled"`` or ``"error:<exception>"`` (a failed step, or its own ``on_update``
+    raised); ``finished`` is set once it is final.
 
     ``min_tokens``: no stop id (the engine's or the request's) is sampled before that many tokens.
     ``ignore_eos``: the engine's stop ids (``</s>``, ``<|im_end|>``) come out as ordinary tokens (the
@@ -140,11 +145,12 @@ class Engine:
     processed between two decode chunks of ``decode_chunk`` steps (shorter than generate's: a finished
     request's row waits at most that long);
     ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
-    request (default: ``</s>`` and ``<|im_end|>``); a request may add its own.
+    request (default: :func:`~internlm_jax.generation.default_stop_ids`, ``</s>`` and InternLM2's
+    ``<|im_end|>``; pass ``tok.stop_ids`` for another tokenizer); a request may add its own.
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,
-                 max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] = (2, 92542),
+                 max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] | None = None,
                  step_timeout_s: float = 600.0):
         max_len = serving_length(model) if max_len is None else max_len
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
@@ -156,7 +162,7 @@ class Engine:
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
         self.decode_chunk = decode_chunk
-        self.stop_ids = tuple(int(s) for s in stop_ids)
+        self.stop_ids = tuple(int(s) for s in (default_stop_ids(model.config) if stop_ids is None else stop_ids))
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row | None] = [None] * max_batch
         self.lock = threading.Lock()
@@ -283,6 +289,11 @@ class Engine:
 
     def start(self) -> "Engine":
         """Run the scheduling loop on a background thread (it sleeps while idle)."""
+        if self._thread is not None and not self._thread.is_alive():  # a stop() that timed out, since done
+            self._thread = None
+        if self._thread is not None and self._stopping:
+            raise EngineError("the engine is still stopping (an earlier stop() timed out); stop() it again "
+                              "without a timeout before start()")
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="internlm-jax-engine", daemon=True)
@@ -300,7 +311,8 @@ class Engine:
             self._stopping = True
             self.wake.notify()
         self._thread.join(timeout)
-        self._thread = None
+        if not self._thread.is_alive():  # else it is still finishing: start() must not run a second loop
+            self._thread = None
 
     def _loop(self) -> None:
         while True:
@@ -489,8 +501,7 @@ class Engine:
                 request.first_token = request.first_token or now
                 request.tokens.extend(new)
                 self.stats["generated_tokens"] += len(new)
-                if request.on_update is not None:
-                    request.on_update(request, new)
+                self._notify(request, new)
             if reason is not None:
                 self._finish(request, reason)
                 self.rows[i] = None
@@ -503,8 +514,22 @@ class Engine:
         request.finished.set()
         self.stats["finished"] += 1
         self.stats["finished_" + reason.split(":")[0]] += 1  # finished_stop, _length, _cancelled, _error
-        if request.on_update is not None:
-            request.on_update(request, [])
+        self._notify(request, [])
+
+    def _notify(self, request: Request, new: list[int]) -> None:
+        """Call the request's ``on_update``. One that raises ends its own request (``error:<exception>``,
+        its row freed at the next step, the callback not called again) and nothing else: the other
+        requests and the engine go on."""
+        if request.on_update is None:
+            return
+        try:
+            request.on_update(request, new)
+        except Exception as e:
+            logger.exception("on_update of request %d raised; the request is ended", request.id)
+            self.stats["callback_errors"] += 1
+            request.on_update = None
+            request.cancel()
+            self._finish(request, "error:" + type(e).__name__)
 
 
 def _pairs(scores, at, k: int) -> list[tuple[int, float]]:

@@ -37,12 +37,14 @@ from .sharding import constrain, named_sharding
 
 MIN_BUCKET = 16
 LONG_BUCKET = 8192
+MIN_TEMPERATURE = 1e-5  # below it sampling is greedy (the draw would be argmax anyway, bar exact ties)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters. ``repetition_penalty``
-    (HF's: divides positive logits, multiplies negative ones) covers the prompt and the output;
+    """temperature 0 (or below ``MIN_TEMPERATURE``) means greedy; top_k 0 and top_p 1.0 disable those
+    filters. ``repetition_penalty`` (HF's: divides positive logits, multiplies negative ones) covers the
+    prompt and the output;
     ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2 to 2) subtract from a token's logit
     once if it was generated, and once per time it was generated (the output only, as vLLM does)."""
 
@@ -59,6 +61,12 @@ class SamplingParams:
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # numpy scalars (a sweep over np.arange) as Python numbers
+            value = getattr(self, f.name)
+            if isinstance(value, (np.integer, np.floating)):
+                object.__setattr__(self, f.name, value.item())
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)  # float32 logits divided by it overflow; greedy is the limit
         for name in ("presence_penalty", "frequency_penalty"):
             x = getattr(self, name)
             if not isinstance(x, (int, float)) or isinstance(x, bool) or not -2 <= x <= 2:
@@ -752,12 +760,23 @@ def _stop_strings(stop) -> list[str]:
     return [s for s in stop if s]
 
 
+IM_END_ID = 92542  # <|im_end|> in InternLM2's vocabulary (FACTS.md): chat models end a turn with it
+
+
+def default_stop_ids(config) -> tuple[int, ...]:
+    """Stop ids when none are given and no tokenizer is at hand: the config's ``eos_token_id`` and, in
+    InternLM2's 92544-token vocabulary, ``<|im_end|>``. A model with another tokenizer (e.g. one made by
+    ``Tokenizer.train``) needs ``stop_ids=tok.stop_ids``."""
+    return (config.eos_token_id,) + ((IM_END_ID,) if config.vocab_size > IM_END_ID else ())
+
+
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int = 0,
-                 stop_ids: Sequence[int] = (2, 92542), max_length: int | None = None,
+                 stop_ids: Sequence[int] | None = None, max_length: int | None = None,
                  truncate: bool = False) -> list[list[int]]:
     """Token id lists in, new token ids out (each list ends at and includes its stop id, if one came).
+    ``stop_ids`` default: :func:`default_stop_ids` (pass the tokenizer's ``stop_ids`` for another vocabulary).
 
     ``max_new_tokens`` defaults to 128, or what fits after the longest prompt within ``max_length``
     (default: the model's context). A sampled prompt draws the same tokens wherever it sits in the
@@ -770,6 +789,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, _max_length(model, max_length), truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
+    stop_ids = default_stop_ids(model.config) if stop_ids is None else stop_ids
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 

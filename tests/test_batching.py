@@ -114,6 +114,47 @@ def test_a_cancelled_request_frees_its_row(model):
     assert b.tokens == alone(model, prompts[1], 5, stop=())
 
 
+def test_a_callback_that_raises_ends_only_its_own_request(model):
+    """Stepped by hand and on the engine's thread: the others' tokens are complete and the engine serves on."""
+    prompts, _ = prompts_and_lengths(5)
+
+    def boom(request, new):
+        if new:
+            raise RuntimeError("user callback bug")
+
+    engine = Engine(model, max_batch=2, max_len=400, stop_ids=())
+    bad, good = engine.submit(prompts[0], max_tokens=30, on_update=boom), engine.submit(prompts[1], max_tokens=30)
+    engine.run_until_done()
+    assert bad.finish_reason == "error:RuntimeError" and engine.stats["callback_errors"] == 1
+    assert good.tokens == alone(model, prompts[1], 30, stop=()) and good.finish_reason == "length"
+    engine.start()
+    try:
+        bad, good = engine.submit(prompts[2], max_tokens=9, on_update=boom), engine.submit(prompts[3], max_tokens=9)
+        assert good.wait(120) == alone(model, prompts[3], 9, stop=())
+        bad.wait(120)
+        assert bad.finish_reason == "error:RuntimeError"
+        later = engine.submit(prompts[4], max_tokens=4)
+        assert later.wait(120) == alone(model, prompts[4], 4, stop=())
+    finally:
+        engine.stop()
+
+
+def test_a_stop_that_times_out_is_not_followed_by_a_second_loop(model):
+    prompts, _ = prompts_and_lengths(6)
+    engine = Engine(model, max_batch=1, max_len=400, stop_ids=()).start()
+    first = engine.submit(prompts[0], max_tokens=200)
+    engine.stop(timeout=0.01)  # 200 tokens take longer: the loop is still draining
+    with pytest.raises(EngineError, match="still stopping"):
+        engine.start()
+    engine.stop()
+    assert first.finish_reason == "length" and first.tokens == alone(model, prompts[0], 200, stop=())
+    engine.start()
+    try:
+        assert engine.submit(prompts[1], max_tokens=3).wait(120) == alone(model, prompts[1], 3, stop=())
+    finally:
+        engine.stop()
+
+
 def test_request_stop_ids_and_bad_requests(model):
     prompts, _ = prompts_and_lengths(5)
     engine = Engine(model, max_batch=2, max_len=64, max_queue=2, stop_ids=STOP)

@@ -11,7 +11,7 @@ import pytest
 import internlm_jax as ij
 from internlm_jax.attention import PrefillPlan, blockwise_attention, dense_attention, prefill_plan
 from internlm_jax.cache import KVCache, heads_view
-from internlm_jax.generation import SamplingParams, generator_for
+from internlm_jax.generation import SamplingParams, default_stop_ids, generator_for
 from internlm_jax.model import FEW_ROWS
 from internlm_jax.settings import EngineSettings
 
@@ -483,6 +483,17 @@ def test_engine_defaults_and_misuse():
     stranger = ij.Engine(model, stop_ids=()).check([3, 4], max_tokens=2)
     with pytest.raises(ij.EngineError, match="never submitted"):
         ij.Engine(model, stop_ids=()).run_until_done([stranger])
+    # numpy scalars (a sweep over np.arange) are the numbers they hold; a vanishing temperature is greedy
+    engine = ij.Engine(model, stop_ids=())
+    swept = engine.submit([3, 4, 5], max_tokens=6, temperature=np.float32(0.5), top_k=np.int64(5), seed=3)
+    engine.run_until_done([swept])
+    assert swept.tokens == ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=6, stop_ids=(), temperature=0.5,
+                                           top_k=5, seed=3)[0]
+    greedy = ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=6, stop_ids=())[0]
+    assert ij.generate_ids(model, [[3, 4, 5]], max_new_tokens=6, stop_ids=(), temperature=1e-39, seed=1)[0] == greedy
+    # without stop_ids: the config's eos and, only in InternLM2's vocabulary, <|im_end|>
+    assert ij.Engine(model).stop_ids == (CFG.eos_token_id,)
+    assert default_stop_ids(CFG.replace(vocab_size=92544, eos_token_id=5)) == (5, 92542)
 
 
 def _huge_kb(address: int) -> int:
