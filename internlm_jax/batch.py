@@ -5,8 +5,11 @@
 Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as for
 the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens`` (or
 ``max_new_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
-``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``logprobs`` (alternatives per token, 0
-to 20), ``min_tokens``, ``ignore_eos``. Each output line carries the ``id``, ``text`` (chat: also
+``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``
+(alternatives per token, 0 to 20), ``min_tokens``, ``ignore_eos`` (``null`` = the default). Other keys
+are carried along unread (an eval set's labels), except OpenAI parameters this command cannot honour
+(``n``, ``best_of``, ``logit_bias``, ...) and near-misspellings of an option, which are errors.
+Each output line carries the ``id``, ``text`` (chat: also
 ``tool_calls``), ``prompt_tokens``, ``completion_tokens`` (up to the token that completed a stop string)
 and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs`` and ``top_logprobs``,
 ``[id, logprob]`` pairs), written in the order requests finish. Every input line is checked before
@@ -19,6 +22,7 @@ off on the next run before anything is appended.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import time
@@ -31,6 +35,10 @@ from .generation import DEFAULT_NEW_TOKENS
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
+KEYS = OPTIONS + ("id", "prompt", "messages", "prompt_ids", "tools", "tool_choice", "max_new_tokens", "stop",
+                  "stop_token_ids")
+UNSUPPORTED = ("n", "best_of", "logit_bias", "response_format", "suffix", "echo", "stream", "functions",
+               "function_call")
 
 
 class BatchInputError(ValueError):
@@ -42,17 +50,28 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
     the reply's start that ``tool_choice`` puts at the end of the prompt)."""
     path = Path(path)
     out, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark before line 1
+            except UnicodeDecodeError:
+                raise BatchInputError(f"{where}: not UTF-8 text") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise BatchInputError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(item, dict) or "id" not in item:
                 raise BatchInputError(f"{where}: each line must be an object with an 'id'")
+            for key in item:
+                if key in UNSUPPORTED:
+                    raise BatchInputError(f"{where}: {key!r} is not supported by the batch command")
+                near = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.8) if key not in KEYS else []
+                if near:
+                    raise BatchInputError(f"{where}: unknown key {key!r}; did you mean {near[0]!r}?")
+            item = {k: v for k, v in item.items() if not (k in OPTIONS + ("max_new_tokens",) and v is None)}
             rid = item["id"]
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):
                 raise BatchInputError(f"{where}: 'id' must be a string or an integer")
@@ -83,12 +102,18 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
                 item["max_tokens"] = item["max_new_tokens"]
             kw.update({k: item[k] for k in OPTIONS if k in item})
             if kw.get("max_tokens") is None:  # as generate(): the default, or what fits in the context
-                kw["max_tokens"] = max(1, min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids)))
+                if len(ids) >= engine.max_len:
+                    raise BatchInputError(f"{where}: the prompt has {len(ids)} tokens; the context (--max-len) "
+                                          f"is {engine.max_len}")
+                kw["max_tokens"] = min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids))
             stop = item.get("stop", defaults.get("stop")) or []
             stop = [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
                 raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")
-            kw["stop_ids"] = [s for s in stop if isinstance(s, int)]
+            stop_token_ids = item.get("stop_token_ids") or []
+            if not isinstance(stop_token_ids, list) or not all(isinstance(s, int) for s in stop_token_ids):
+                raise BatchInputError(f"{where}: 'stop_token_ids' must be a list of token ids")
+            kw["stop_ids"] = [s for s in stop if isinstance(s, int)] + stop_token_ids
             try:
                 engine.check(ids, **kw)
             except EngineError as e:
@@ -102,18 +127,20 @@ def finished_ids(path: Path) -> set:
     """Ids already in the output; a torn last line is cut off first (it never finished writing)."""
     if not path.exists():
         return set()
+    if path.is_dir():
+        raise BatchInputError(f"--output {path} is a folder; give the output file's path")
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
-    if end != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
     done = set()
-    for n, line in enumerate(raw[:end].splitlines(), 1):
+    for n, line in enumerate(raw[:end].splitlines(), 1):  # checked before anything is cut
         if line.strip():
             try:
                 done.add(json.loads(line)["id"])
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise BatchInputError(f"{path}:{n}: not an output line of this command; refusing to append") from None
+    if end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
     return done
 
 
@@ -121,6 +148,8 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
               progress: bool | None = None) -> dict:
     """Run every request of ``input_path`` not yet in ``output_path``; returns counts and tokens/s."""
     output_path = Path(output_path)
+    if output_path.exists() and Path(input_path).exists() and output_path.samefile(input_path):
+        raise BatchInputError(f"--output {output_path} is the input file; results go to a file of their own")
     requests = read_requests(input_path, tok, engine, defaults or {})
     done = finished_ids(output_path)
     todo = [r for r in requests if r["id"] not in done]

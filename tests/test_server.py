@@ -849,6 +849,42 @@ def test_offline_batch_command_is_resumable(tiny, tmp_path):
     assert not (tmp_path / "o2.jsonl").exists() or (tmp_path / "o2.jsonl").read_text() == ""
 
 
+def test_batch_lines_and_paths_that_cannot_run_are_named(tiny, tmp_path):
+    """In-process: each of these once ran wrong (a key ignored, an input damaged) or failed unnamed."""
+    from internlm_jax.batch import BatchInputError, read_requests, run_batch
+
+    _, model, tok = tiny
+    engine = ij.Engine(model, max_batch=2, max_len=64, stop_ids=tok.stop_ids)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    for text, words in (('{"id": 1, "prompt": "x", "n": 2}\n', r"in.jsonl:1: 'n' is not supported"),
+                        ('{"id": 1, "prompt": "x", "max_new_token": 2}\n',
+                         r"in.jsonl:1: unknown key 'max_new_token'; did you mean 'max_new_tokens'\?"),
+                        (b'{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "caf\xe9"}\n', r"in.jsonl:2: not UTF-8 text"),
+                        ('{"id": 1, "prompt": "' + "word " * 80 + '"}\n',
+                         r"in.jsonl:1: the prompt has \d+ tokens; the context \(--max-len\) is 64")):
+        src.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(BatchInputError, match=words):
+            read_requests(src, tok, engine, {})
+    ids = tok.encode("The river")
+    gen = ij.generate_ids(model, [ids], max_new_tokens=8, stop_ids=())[0]
+    cut = next(i for i in range(1, 8) if gen[i] not in gen[:i] and gen[i] not in tok.stop_ids)
+    # a byte-order mark, a null option (the default) and an eval set's own keys are fine; stop_token_ids stop
+    src.write_text('\ufeff' + json.dumps({"id": "a", "prompt": "The river", "max_tokens": 8, "temperature": None,
+                                          "stop_token_ids": [gen[cut]], "label": "carried along"}) + "\n")
+    run_batch(engine, tok, src, out, progress=False)
+    line = json.loads(out.read_text())
+    assert (line["finish_reason"], line["completion_tokens"]) == ("stop", cut), (line, gen)
+    with pytest.raises(BatchInputError, match="is the input file"):
+        run_batch(engine, tok, src, src, progress=False)
+    with pytest.raises(BatchInputError, match="is a folder"):
+        run_batch(engine, tok, src, tmp_path, progress=False)
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\nno newline at the end")
+    with pytest.raises(BatchInputError, match="notes.txt:1: not an output line"):
+        run_batch(engine, tok, src, foreign, progress=False)
+    assert foreign.read_text() == "my notes\nno newline at the end"  # checked before the torn-line cut
+
+
 def test_a_killed_batch_run_loses_no_finished_line_and_resumes(tiny, tmp_path):
     server, model, tok = tiny
     folder = Path(server.proc.args[server.proc.args.index("--model") + 1])
