@@ -31,7 +31,7 @@ from .arrays import back_with_huge_pages, row_sharding, to_host
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
-from .chat_format import TextStream, feed_tokens
+from .chat_format import TextStream, chat_prompt, feed_tokens, parse_tool_calls
 from .ring import padded_length
 from .sharding import constrain, named_sharding
 
@@ -868,19 +868,28 @@ def _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop,
         yield tail
 
 
-def chat(model, tok, messages: list[dict], *, max_new_tokens: int | None = None, stream_to=None, **kwargs) -> dict:
+def chat(model, tok, messages: list[dict], *, tools: list[dict] | None = None, max_new_tokens: int | None = None,
+         stream_to=None, **kwargs) -> dict:
     """One assistant turn for ``messages`` (InternLM2 chat template); returns the assistant message.
 
     Special tokens are kept in the content, so tool calls (``<|action_start|><|plugin|>...<|action_end|>``)
     survive; generation stops at ``<|im_end|>`` or ``</s>``. ``stream_to`` (e.g. ``print``-like callable)
-    receives text pieces as they arrive.
+    receives text pieces as they arrive. With ``tools`` (OpenAI function definitions) the messages are
+    read as the server reads them (``role: "tool"`` results included), the tools become InternLM2's
+    plugin system message, and calls in the reply come back as OpenAI ``tool_calls``.
     """
     _check_arguments(model, tok, None)
-    prompt = tok.encode_chat(messages, add_generation_prompt=True)
+    if tools is None:
+        prompt = tok.encode_chat(messages, add_generation_prompt=True)
+    else:
+        prompt = chat_prompt(tok, messages, tools)[0]
     pieces = []
     for piece in stream(model, tok, prompt, max_new_tokens=max_new_tokens, add_bos=False, default_new_tokens=512,
                         **kwargs):
         pieces.append(piece)
         if stream_to is not None:
             stream_to(piece)
-    return {"role": "assistant", "content": "".join(pieces)}
+    if tools is None:
+        return {"role": "assistant", "content": "".join(pieces)}
+    content, calls = parse_tool_calls("".join(pieces))
+    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}

@@ -563,6 +563,17 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
     assert not none.choices[0].message.tool_calls
 
 
+def test_python_chat_with_tools_answers_as_the_server_does(tool_server):
+    server, tok = tool_server
+    model = ij.InternLM2.from_pretrained(Path(server.proc.args[server.proc.args.index("--model") + 1]))
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = ij.chat(model, tok, messages, tools=TOOLS, max_new_tokens=40)
+    assert reply["content"] == REPLY and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                          for c in reply["tool_calls"]] == [("get_weather", {"days": 3})]
+    assert ij.chat(model, tok, messages, max_new_tokens=40)["content"] == \
+        REPLY + "<|action_start|><|plugin|>" + CALL + "<|action_end|>"  # without tools: text, markers kept
+
+
 CITY = ' {"city":"Oslo"}}'  # the arguments the forced-call model writes after '"parameters":'
 
 
