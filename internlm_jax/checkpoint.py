@@ -49,8 +49,10 @@ LAYOUT_VERSION = 1
 META_FILE = "internlm_jax_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
                    "generation_config.json", "added_tokens.json")
-# Files every checkpoint folder (HF or ours) holds: --overwrite replaces only folders with one of them.
-CHECKPOINT_MARKERS = ("config.json", META_FILE)
+# Files only a checkpoint folder holds (our Orbax metadata, or HF weights): --overwrite replaces only a
+# folder with one of them. Not config.json: many other projects' folders have one.
+CHECKPOINT_MARKERS = (META_FILE, "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
 
 
 class OrbaxCheckpointError(ValueError):

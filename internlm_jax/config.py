@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .files import atomic_write
+from .files import atomic_write, check_local
 
 ROPE_TYPES = ("linear", "dynamic")
 
@@ -210,8 +210,11 @@ class InternLM2Config:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "InternLM2Config":
         """Read ``config.json`` from a checkpoint folder (or the file itself)."""
+        check_local(path)
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
+        if file.is_file() and file.suffix != ".json":  # e.g. model.safetensors given for its folder
+            raise ValueError(f"{file} is not a config.json: pass the checkpoint folder ({file.parent})")
         if not file.is_file():
             hint = ""
             name = _preset_key(str(path))

@@ -23,8 +23,18 @@ from typing import Iterable, Iterator
 
 
 def absolute(path: str | os.PathLike) -> Path:
-    """``~`` expanded, made absolute and ``..`` folded, so that ``dst.parent`` and ``dst.name`` are real."""
+    """``~`` expanded, made absolute and ``..`` folded, so that ``dst.parent`` and ``dst.name`` are real
+    (a URL is refused first: see :func:`check_local`)."""
+    check_local(path)
     return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_local(path) -> None:
+    """Refuse a URL (``gs://``, ``s3://``, ``hf://``): checkpoints are read and written on a local or
+    mounted file system; copied as a path, ``gs://b/x`` would become the local folder ``gs:/b/x``."""
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", str(path)):  # Path("gs://b/x") reads "gs:/b/x"
+        raise ValueError(f"{path}: remote paths are not read or written directly; copy the checkpoint to a local "
+                         "or mounted folder (e.g. `gcloud storage cp -r`, a gcsfuse mount) and pass that")
 
 
 def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sources: Iterable[Path] = (),
@@ -37,6 +47,7 @@ def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sour
     folder holding none of them, even with ``overwrite``, so that ``--overwrite .`` cannot wipe a home
     folder (``kind`` names what such a folder is, for the message).
     """
+    check_local(dst)
     where = dst.parent.resolve() / dst.name  # a symlink at dst is replaced, not followed
     exists = dst.exists() or dst.is_symlink()
     for src in sources:

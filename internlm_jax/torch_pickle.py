@@ -431,7 +431,10 @@ class _Archive(_Source):
         name = f"{self.prefix}/byteorder"
         if name not in self._zip.namelist():
             return "little"  # torch's own default for files without the record
-        order = self._zip.read(name).decode("ascii", "replace").strip()
+        try:
+            order = self._zip.read(name).decode("ascii", "replace").strip()
+        except (zipfile.BadZipFile, EOFError, OSError, struct.error) as e:
+            raise TorchCheckpointError(f"{self.path}: cannot read the byteorder record ({e})") from None
         if order not in ("little", "big"):
             raise TorchCheckpointError(f"{self.path}: unknown byteorder record {order!r}")
         return order

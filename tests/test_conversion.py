@@ -344,12 +344,27 @@ def test_overwrite_replaces_only_checkpoint_folders(tmp_path, capsys, hf_bf16, m
     assert f"{home} is a non-empty folder that is not a checkpoint" in err
     assert (home / "notes" / "todo.txt").read_text() == "user data"
     assert "not a checkpoint" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, home / "notes", "--overwrite")
+    (home / "project" / ".git").mkdir(parents=True)  # a config.json alone does not make a checkpoint
+    (home / "project" / "config.json").write_text("{}")
+    assert "not a checkpoint" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, home / "project", "--overwrite")
+    assert (home / "project" / ".git").is_dir()
     (home / "empty").mkdir()
     assert _convert("hf-to-orbax", hf_bf16, home / "empty", "--overwrite") == 0
     assert _convert("orbax-to-hf", home / "empty", home / "empty", "--overwrite") == 1  # still the source
     assert _convert("orbax-to-hf", home / "empty", home / "hf", "--overwrite") == 0
     assert _convert("hf-to-orbax", hf_bf16, home / "hf", "--overwrite") == 0  # an HF folder is a checkpoint
     assert (home / "hf" / META_FILE).is_file()
+
+
+def test_a_weights_file_or_a_url_for_a_folder_is_named(tmp_path, capsys, hf_bf16):
+    weights = next(hf_bf16.glob("*.safetensors"))
+    assert f"{weights} is not a config.json: pass the checkpoint folder ({hf_bf16})" in \
+        _one_line_error(capsys, "hf-to-orbax", weights, tmp_path / "ox")
+    err = _one_line_error(capsys, "hf-to-orbax", hf_bf16, "gs://bucket/ckpt")
+    assert "gs://bucket/ckpt: remote paths are not read or written directly" in err
+    assert not (tmp_path / "gs:").exists() and not Path("gs:").exists()
+    with pytest.raises(ValueError, match="remote paths"):
+        InternLM2.from_pretrained("gs://bucket/ckpt")
 
 
 def test_overwrite_refuses_a_file_and_replaces_a_link_leaving_nothing_behind(tmp_path, capsys, hf_bf16):

@@ -387,6 +387,18 @@ def _token_run(tmp_path, **changes):
     return TrainConfig.from_dict(cfg)
 
 
+def test_export_hf_onto_the_runs_own_folders_is_refused_before_the_first_step(tmp_path):
+    from internlm_jax.training import train
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.md").write_text("mine\n")
+    for dst, words in ((tmp_path / "ckpt", "is the source .*ckpt"), (tmp_path, "contains the source"),
+                       (tmp_path / "notes", "not a checkpoint")):
+        with pytest.raises(ValueError, match=f"export_hf: .*{words}"):
+            train(_token_run(tmp_path, export_hf=str(dst)))
+        assert not (tmp_path / "ckpt").exists() and (tmp_path / "notes" / "keep.md").is_file()
+
+
 def test_resuming_with_other_data_or_architecture_is_refused_before_anything_changes(tmp_path):
     from internlm_jax.training import train
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from ..files import atomic_write
+from ..checkpoint import CHECKPOINT_MARKERS
+from ..files import absolute, atomic_write, check_destination
 from ..model import InternLM2
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
@@ -270,6 +271,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the metric records of this process."""
     cfg.validate()
     arch = cfg.architecture()
+    if cfg.export_hf:  # refused now rather than after the last step, and never onto the run's inputs or checkpoints
+        sources = [Path(p) for p in (cfg.checkpoint.dir, cfg.model.checkpoint, *cfg.data.train, cfg.data.eval) if p]
+        try:
+            check_destination(absolute(cfg.export_hf), True, sources=sources, markers=CHECKPOINT_MARKERS)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"export_hf: {e}") from None
     mgr = _checkpoint_manager(cfg)
     resume_at = mgr.latest_step() if mgr is not None else None
     settings = run_settings(cfg, arch)
