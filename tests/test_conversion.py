@@ -284,7 +284,7 @@ def test_existing_destination_needs_overwrite_and_disk_space_is_checked(tmp_path
     (dst / "keep.txt").write_text("user data")
     assert "already exists" in _one_line_error(capsys, "hf-to-orbax", hf_bf16, dst)
     assert (dst / "keep.txt").read_text() == "user data"
-    (dst / "config.json").write_text("{}")  # an old checkpoint: --overwrite replaces it
+    (dst / "model.safetensors").write_bytes(b"")  # an old checkpoint: --overwrite replaces it
     assert _convert("hf-to-orbax", hf_bf16, dst, "--overwrite") == 0
     assert (dst / META_FILE).exists() and not (dst / "keep.txt").exists()
     import shutil
