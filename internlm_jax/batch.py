@@ -22,13 +22,12 @@ off on the next run before anything is appended.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import time
 from pathlib import Path
 
-from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens
+from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key
 from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
 from .generation import DEFAULT_NEW_TOKENS
@@ -68,9 +67,9 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             for key in item:
                 if key in UNSUPPORTED:
                     raise BatchInputError(f"{where}: {key!r} is not supported by the batch command")
-                near = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.8) if key not in KEYS else []
-                if near:
-                    raise BatchInputError(f"{where}: unknown key {key!r}; did you mean {near[0]!r}?")
+            typo = misspelt_key(item, KEYS)
+            if typo:
+                raise BatchInputError(f"{where}: unknown key {typo[0]!r}; did you mean {typo[1]!r}?")
             item = {k: v for k, v in item.items() if not (k in OPTIONS + ("max_new_tokens",) and v is None)}
             rid = item["id"]
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):

@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 ACTION_START, ACTION_END, PLUGIN, INTERPRETER = "<|action_start|>", "<|action_end|>", "<|plugin|>", "<|interpreter|>"
 CALL_START = ACTION_START + PLUGIN
@@ -79,6 +80,16 @@ def _call_text(call: Mapping, i: int) -> str:
     if not isinstance(params, Mapping):  # a JSON object (HF-style messages give it as a dict)
         raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} must be a JSON object")
     return f"{CALL_START}\n{json.dumps({'name': fn['name'], 'parameters': params}, ensure_ascii=False)}{ACTION_END}"
+
+
+def misspelt_key(keys: Iterable[str], known: Sequence[str]) -> tuple[str, str] | None:
+    """The first of ``keys`` that is unknown but close to a known one, with that one (``max_token`` ->
+    ``max_tokens``): a typo the server or the batch command would otherwise ignore silently."""
+    for key in keys:
+        near = difflib.get_close_matches(key, known, n=1, cutoff=0.85) if key not in known else []
+        if near:
+            return key, near[0]
+    return None
 
 
 def to_internlm_messages(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None) -> list[dict]:

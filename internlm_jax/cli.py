@@ -32,11 +32,18 @@ def _version() -> str:
         return "(not installed)"
 
 
-def add_mesh_args(parser: argparse.ArgumentParser) -> None:
+def _dtype_name(name: str) -> str:
+    """A dtype flag's value, with the library's short names (bf16, fp32, ...) read as the full ones."""
+    from .arrays import SHORT_DTYPE_NAMES
+
+    return SHORT_DTYPE_NAMES.get(name.lower(), name)
+
+
+def add_mesh_args(parser: argparse.ArgumentParser, tensor: int = 1) -> None:
     g = parser.add_argument_group("mesh (their product must equal the device count; -1 = the rest)")
     g.add_argument("--data", type=int, default=1, help="batch replicas (default 1)")
     g.add_argument("--fsdp", type=int, default=-1, help="batch and parameter shards (default -1: the rest)")
-    g.add_argument("--tensor", type=int, default=1, help="heads / MLP columns (default 1)")
+    g.add_argument("--tensor", type=int, default=tensor, help=f"heads / MLP columns (default {tensor})")
     g.add_argument("--sequence", type=int, default=1, help="tokens and KV cache slots: ring attention (default 1)")
 
 
@@ -112,9 +119,16 @@ def _load_for_generation(args):
     _start_distributed(args)
     if hasattr(args, "temperature"):  # generate and chat: their sampling flags, before the model loads
         _check_sampling(args)
-    from . import InternLM2, Tokenizer, make_mesh
+    from . import InternLM2, InternLM2Config, Tokenizer, make_mesh
 
-    tok = Tokenizer.from_pretrained(args.tokenizer or args.model)  # a missing one is named before the weights load
+    try:  # the folder first: a preset name, a wrong path or a weights file is named as --model
+        InternLM2Config.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"--model: {e}") from None
+    try:  # a missing tokenizer is named before the weights load
+        tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok
@@ -440,11 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "train": "the training run's checkpoint folder"}[source])
         c.add_argument("dst", help=f"the {'Orbax checkpoint' if target == 'orbax' else 'HF'} folder to write; "
                                    "it may not be or contain SRC")
-        c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+        c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], type=_dtype_name,
                        help="convert the weights on the way (default: keep the source dtype; required "
                             "when the source mixes dtypes)")
         c.add_argument("--overwrite", action="store_true",
-                       help="replace DST if it exists (only a checkpoint folder: one with config.json)")
+                       help="replace DST if it exists (only a checkpoint folder: one with a weights file or "
+                            "internlm_jax_checkpoint.json)")
         c.add_argument("--quiet", action="store_true", help="no progress bar or summary")
         if direction != "hf-to-orbax":
             c.add_argument("--shard-size", default="5GB", type=_shard_size,
@@ -458,17 +473,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", help="text run through the model, with --tokenizer (default: a pangram; "
                                        "without a tokenizer, random token ids)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    add_mesh_args(demo)
-    demo.set_defaults(func=cmd_demo, tensor=2)
+    add_mesh_args(demo, tensor=2)
+    demo.set_defaults(func=cmd_demo)
     gen = sub.add_parser("generate", help="generate text from a prompt (streamed), or a JSONL file of requests "
                          "(continuous batching, resumable)", parents=[common])
     _add_generation_args(gen)
-    gen.add_argument("--prompt")
+    gen.add_argument("--prompt", help="the text to continue (or --input for a JSONL file of requests)")
     gen.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
     gen.add_argument("--input", help="JSONL, one request per line: {\"id\", \"prompt\" | \"messages\" | "
                      "\"prompt_ids\", optional max_tokens, temperature, ...}")
     gen.add_argument("--output", help="JSONL results, appended; a rerun skips ids already there")
-    gen.add_argument("--max-batch", type=int, default=8, help="with --input: sequences decoded together")
+    gen.add_argument("--max-batch", type=int, default=8, help="with --input: sequences decoded together (default 8)")
     gen.add_argument("--max-len", type=int, default=None, help="with --input: prompt + output tokens per "
                      "request (default: the model's context, at most 4096)")
     add_distributed_args(gen)
@@ -477,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="default 8000")
-    srv.add_argument("--max-batch", type=int, default=8, help="cache rows: requests decoded together")
+    srv.add_argument("--max-batch", type=int, default=8, help="cache rows: requests decoded together (default 8)")
     srv.add_argument("--max-len", type=int, default=None,
                      help="prompt + output tokens per request (default: the model's context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")

@@ -31,7 +31,7 @@ from .arrays import back_with_huge_pages, row_sharding, to_host
 from .attention import decode_weights, prefill_plan
 from .cache import SLOT_AXIS, KVCache, to_slots
 from .cache import sharding as cache_sharding
-from .chat_format import TextStream, chat_prompt, feed_tokens, parse_tool_calls
+from .chat_format import TextStream, chat_prompt, feed_tokens
 from .ring import padded_length
 from .sharding import constrain, named_sharding
 
@@ -868,28 +868,33 @@ def _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop,
         yield tail
 
 
-def chat(model, tok, messages: list[dict], *, tools: list[dict] | None = None, max_new_tokens: int | None = None,
-         stream_to=None, **kwargs) -> dict:
+def chat(model, tok, messages: list[dict], *, tools: list[dict] | None = None, tool_choice=None,
+         max_new_tokens: int | None = None, stream_to=None, **kwargs) -> dict:
     """One assistant turn for ``messages`` (InternLM2 chat template); returns the assistant message.
 
     Special tokens are kept in the content, so tool calls (``<|action_start|><|plugin|>...<|action_end|>``)
     survive; generation stops at ``<|im_end|>`` or ``</s>``. ``stream_to`` (e.g. ``print``-like callable)
     receives text pieces as they arrive. With ``tools`` (OpenAI function definitions) the messages are
     read as the server reads them (``role: "tool"`` results included), the tools become InternLM2's
-    plugin system message, and calls in the reply come back as OpenAI ``tool_calls``.
+    plugin system message, and calls in the reply come back as OpenAI ``tool_calls``; ``tool_choice``
+    (``"auto"``, ``"none"``, ``"required"`` or a named function) as the server takes it.
     """
     _check_arguments(model, tok, None)
-    if tools is None:
+    forced, parse = "", tools is not None
+    if tools is None and tool_choice is None:
         prompt = tok.encode_chat(messages, add_generation_prompt=True)
     else:
-        prompt = chat_prompt(tok, messages, tools)[0]
+        prompt, forced, parse = chat_prompt(tok, messages, tools, tool_choice)
     pieces = []
     for piece in stream(model, tok, prompt, max_new_tokens=max_new_tokens, add_bos=False, default_new_tokens=512,
                         **kwargs):
         pieces.append(piece)
         if stream_to is not None:
             stream_to(piece)
-    if tools is None:
+    if not parse:
         return {"role": "assistant", "content": "".join(pieces)}
-    content, calls = parse_tool_calls("".join(pieces))
-    return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+    reply = TextStream(tools=True, forced=forced)  # the server's rule, a forced call's start included
+    reply.push("".join(pieces))
+    content, calls = reply.reply()
+    return {"role": "assistant", "content": content or (None if calls else ""),  # None beside calls, as OpenAI
+            **({"tool_calls": calls} if calls else {})}

@@ -303,6 +303,12 @@ class InternLM2(nnx.Module):
     def __init__(self, config: InternLM2Config, *, mesh: Mesh | None = None, dtype: DTypeLike = None,
                  param_dtype: DTypeLike = None, seed: int = 0, rngs: nnx.Rngs | None = None,
                  abstract: bool = False):
+        if not isinstance(config, InternLM2Config):
+            raise TypeError(f"InternLM2 takes an InternLM2Config, got {type(config).__name__} {config!r:.60}: use "
+                            "InternLM2Config.preset(name) for a released shape, or InternLM2.from_pretrained(folder)")
+        if mesh is not None and not isinstance(mesh, Mesh):
+            raise TypeError(f"mesh must be a jax.sharding.Mesh (ij.make_mesh(tensor=2, ...)), got "
+                            f"{type(mesh).__name__}")
         self.config = config
         self.mesh = mesh
         self.dtype = canonical_dtype(dtype or jnp.float32)
@@ -815,6 +821,10 @@ def _check_per_token(name: str, value, shape: tuple[int, int]):
 
 
 def _check_ids(input_ids, vocab_size: int) -> jax.Array:
+    if isinstance(input_ids, str) or (isinstance(input_ids, (list, tuple)) and input_ids
+                                      and isinstance(input_ids[0], str)):
+        raise TypeError("input_ids must be token ids [batch, seq], not text: encode it first, "
+                        "e.g. model(jnp.asarray([tok.encode(text)])), or use ij.generate(model, tok, text)")
     arr = np.asarray(input_ids)
     if arr.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {arr.shape}")

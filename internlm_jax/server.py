@@ -32,7 +32,7 @@ from typing import Any, Union
 from fastapi import Request  # here, not in create_app: FastAPI resolves the endpoints' annotations from module globals
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, usage
+from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull, serving_length
 from .multihost import finish
 
@@ -282,6 +282,9 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"n must be from 1 to {engine.max_queue} (the server's max_queue), got {req.n}",
                            param="n")
         extra = req.model_extra or {}
+        typo = misspelt_key(extra, list(type(req).model_fields))
+        if typo:
+            raise APIError(400, f"unknown parameter {typo[0]!r}; did you mean {typo[1]!r}?", param=typo[0])
         fmt = extra.get("response_format")
         plain_text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")  # all we can promise
         unsupported = [("logit_bias", bool(extra.get("logit_bias"))), ("response_format", not plain_text)]

@@ -160,6 +160,11 @@ class Tokenizer:
         released tokenizer. A real checkpoint brings its own ``tokenizer.model``: use that."""
         import io
 
+        if isinstance(texts, (str, bytes)):  # iterating it would train on its characters
+            raise TypeError("Tokenizer.train takes a list of texts, not one string (a file's lines: "
+                            "Path(f).read_text().splitlines())")
+        if Path(model_file).is_dir():
+            raise IsADirectoryError(f"{model_file} is a folder; give the path of the tokenizer.model file to write")
         texts = [t for t in texts if t.strip()]
         if not texts:
             raise ValueError("Tokenizer.train needs at least one non-empty text")
@@ -382,8 +387,8 @@ class Tokenizer:
                 raise ValueError(f"message {i} has no 'content'")
             role = msg["role"]
             if role not in CHAT_ROLES:
-                hint = (" (InternLM2's tool results are 'environment' messages; the server and SFT data convert "
-                        "OpenAI's 'tool')") if role == "tool" else ""
+                hint = (" (InternLM2's tool results are 'environment' messages; ij.chat(..., tools=...), the "
+                        "server and SFT data convert OpenAI's 'tool')") if role == "tool" else ""
                 raise ValueError(f"message {i} has invalid role {role!r}; expected one of {CHAT_ROLES}{hint}")
             content = msg["content"]
             if not isinstance(content, str):

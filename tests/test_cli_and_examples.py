@@ -1,5 +1,7 @@
 """The offline demo and the examples run end to end (in fresh processes, as a user runs them)."""
 
+import re
+
 import pytest
 from hf_fixtures import run_python as _run
 
@@ -39,6 +41,38 @@ def test_misused_flags_are_named_before_any_work(tmp_path, capsys):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert words in err and err.strip().count("\n") == 0, err
+
+
+def test_first_hour_slips_are_named(tmp_path, capsys):
+    """A preset name, a weights file or a folder without a tokenizer as --model; bf16 for --dtype; text
+    where ids go; a name where a config goes; one string given to Tokenizer.train."""
+    import jax.numpy as jnp
+
+    import internlm_jax as ij
+    from internlm_jax.cli import main
+
+    texts = ["the river runs past the mesh", "sharded arrays sleep under quiet stars"] * 20
+    tok = ij.Tokenizer.train(texts, tmp_path / "tok" / "tokenizer.model", vocab_size=300)
+    cfg = ij.InternLM2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    model = ij.InternLM2(cfg, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    for model_arg, words in (("internlm2_5-7b-chat", "--model: no config.json at internlm2_5-7b-chat; "
+                                                     "'internlm2_5-7b-chat' names a released model"),
+                             (str(tmp_path / "m" / "model.safetensors"), "--model: .*is not a config.json"),
+                             (str(tmp_path / "m"), "--model: tokenizer model not found.*or pass --tokenizer")):
+        assert main(["generate", "--model", model_arg, "--prompt", "hi"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(words, err) and err.strip().count("\n") == 0, err
+    assert main(["convert", "hf-to-orbax", str(tmp_path / "m"), str(tmp_path / "ox"), "--dtype", "bf16",
+                 "--quiet"]) == 0
+    assert ij.InternLM2.from_pretrained(tmp_path / "ox").param_dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="not text: encode it first"):
+        model("Hello")
+    with pytest.raises(TypeError, match="takes an InternLM2Config, got str"):
+        ij.InternLM2("internlm2_5-7b")
+    with pytest.raises(TypeError, match="a list of texts, not one string"):
+        ij.Tokenizer.train("examples/data/tiny_corpus.txt", tmp_path / "t.model")
 
 
 def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path, capsys):

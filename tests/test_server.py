@@ -339,6 +339,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "ignore_eos": "yes"}, False, 400, "ignore_eos", "boolean"),
         ({**ok, "messages": [{"role": "user"}]}, False, 400, "messages", "messages[0] (user) has no 'content'"),
         ({**ok, "functions": [{"name": "f", "parameters": {}}]}, False, 400, "functions", "send them as tools"),
+        ({**ok, "max_token": 3}, False, 400, "max_token", "did you mean 'max_tokens'"),
         ('{"model": "tiny-chat", "messages": [{"role": "user", "content": "a\\ud800b"}]}', True, 400, "messages",
          "lone UTF-16 surrogate"),
     ]
@@ -621,6 +622,9 @@ def test_tool_choice_forces_a_call(forced_server):
                 for tc in c.choices[0].delta.tool_calls]
     assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed] == \
         [("get_weather", {"city": "Oslo"})]
+    local = ij.chat(model, tok, messages, tools=TOOLS, tool_choice=named, max_new_tokens=40)  # the Python API
+    assert local["content"] is None and [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                                         for c in local["tool_calls"]] == [("get_weather", {"city": "Oslo"})]
     # stop strings are not looked for inside the call (the forced start has quotes and a newline)
     stopped = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, tool_choice=named,
                                              max_tokens=40, temperature=0, stop=['"', "\n"])

@@ -355,6 +355,8 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
         assert main(["train", "--config", str(bad)]) == 1
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+    short = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b", "dtype": "bf16", "param_dtype": "FP32"}})
+    assert (short.model.dtype, short.model.param_dtype) == ("bfloat16", "float32")  # as the CLI and Python take them
     bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\n")
     assert main(["train", "--config", str(bad), "--steps", "0"]) == 1  # the flag is checked like the field
     err = capsys.readouterr().err

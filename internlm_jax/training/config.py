@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -26,10 +27,13 @@ from pydantic import (
     field_validator,
 )
 
+from ..arrays import SHORT_DTYPE_NAMES
 from ..config import NOT_IN_JSON, InternLM2Config
 from .loss import LOSS_CHUNK
 
-Dtype = Literal["float32", "bfloat16", "float16"]
+# the dtype names, and their short forms (bf16, fp32, ...) as everywhere else in the library
+Dtype = Annotated[Literal["float32", "bfloat16", "float16"],
+                  BeforeValidator(lambda v: SHORT_DTYPE_NAMES.get(v.lower(), v) if isinstance(v, str) else v)]
 
 
 class Section(BaseModel):
