@@ -157,8 +157,6 @@ def cmd_generate(args) -> None:
         raise ValueError("give --prompt or --input (a JSONL file of requests)")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
-    if args.input is not None and not os.path.isfile(args.input):
-        raise FileNotFoundError(f"--input {args.input} does not exist")
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
     from .generation import generate, stream
 
@@ -173,17 +171,25 @@ def cmd_generate(args) -> None:
         from .multihost import finish
 
         if jax.process_index() != 0:  # process 0 decides the steps and writes the file; the others follow
-            engine.follow()
+            failed = engine.follow()  # (only process 0 reads --input: hosts need not share a file system)
             finish()
+            if failed:
+                raise RuntimeError(f"process 0 failed: {failed}")
             return
         defaults = dict(max_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                         seed=args.seed)
+        error = None
         try:
+            if not os.path.isfile(args.input):
+                raise FileNotFoundError(f"--input {args.input} does not exist")
             result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+        except Exception as e:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise
         finally:
-            engine.close()
+            engine.close(error)
             finish()
         print(f"{result['requests']} requests ({result['skipped']} already done), {result['tokens']} tokens in "
               f"{result['seconds']:.1f} s ({result['tokens_per_s']:.1f} tokens/s) -> {args.output}", file=sys.stderr)

@@ -27,9 +27,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import json
 import logging
 import threading
 import time
+import zlib
 from typing import Callable, Sequence
 
 import jax
@@ -48,7 +50,7 @@ from .generation import (
     model_limit,
     seed_value,
 )
-from .multihost import StepChannel, abort
+from .multihost import StepChannel, abort, check_same
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -174,6 +176,12 @@ class Engine:
         self._release_next: list[int] = []  # rows freed by the last step, released on the devices next
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
+        if self.multihost:  # every process must run the same programs: settings and model named if not
+            config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
+                                 if f.compare}, default=str, sort_keys=True).encode()  # the model's shape
+            check_same({"--max-batch": max_batch, "--max-len": max_len, "--prefill-chunk": self.prefill_chunk,
+                        "decode_chunk": decode_chunk, "the model's config": zlib.crc32(config)},
+                       "engine settings")
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))
         self.ds, self.base = self._empty_state()
@@ -266,12 +274,15 @@ class Engine:
         self._collect(plan, out)
         return bool(plan["prefill"] or plan["decode"])
 
-    def follow(self) -> None:
-        """A multi-host follower: run the steps process 0 sends until it stops."""
+    def follow(self) -> str | None:
+        """A multi-host follower: run the steps process 0 sends until it stops; returns process 0's error
+        when it stopped because of one (None after a clean end)."""
+        first = True
         while True:
-            plan = self.channel.receive()
+            plan = self.channel.receive(timed=not first)
+            first = False
             if plan.get("stop"):
-                return
+                return plan.get("error")
             self._execute(plan)
 
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
@@ -282,10 +293,11 @@ class Engine:
                 raise EngineError("run_until_done was given requests that were never submitted to this engine")
             self.step()
 
-    def close(self) -> None:
-        """Tell multi-host followers to return from :meth:`follow` (no-op on one process)."""
+    def close(self, error: str | None = None) -> None:
+        """Tell multi-host followers to return from :meth:`follow` (no-op on one process), with the
+        error that ended process 0's work, if one did, so that they fail too."""
         if self.multihost:
-            self.channel.send({"stop": True})
+            self.channel.send({"stop": True, **({"error": error} if error else {})})
 
     def start(self) -> "Engine":
         """Run the scheduling loop on a background thread (it sleeps while idle)."""

@@ -26,11 +26,31 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, fro
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service catches SIGTERM and only records it; nothing here acts on that, so a job
+    # went on until the scheduler's SIGKILL. Off, SIGTERM ends each process as it would a single one.
+    jax.config.update("jax_enable_preemption_service", False)
     if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)
     elif from_environment:
         jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def check_same(values: dict[str, int], what: str) -> None:
+    """Every process of the job must hold the same ``values`` (integers: settings, a config's checksum);
+    otherwise every process raises a ValueError naming the first that differs, instead of the job
+    hanging or mixing programs later."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    mine = np.asarray(list(values.values()), np.int64)
+    every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, len(values)]
+    for i, name in enumerate(values):
+        if len(set(every[:, i].tolist())) > 1:
+            raise ValueError(f"the processes were started with different {what}: {name} is "
+                             f"{', '.join(f'{v} on process {p}' for p, v in enumerate(every[:, i].tolist()))}")
 
 
 def finish() -> None:
@@ -56,7 +76,7 @@ class StepChannel:
     def __init__(self, timeout_s: float = 600.0):
         self.timeout_s = timeout_s
 
-    def _broadcast(self, array: np.ndarray, what: str) -> np.ndarray:
+    def _broadcast(self, array: np.ndarray, what: str, timed: bool = True) -> np.ndarray:
         from jax.experimental import multihost_utils
 
         def give_up():
@@ -64,7 +84,8 @@ class StepChannel:
 
         timer = threading.Timer(self.timeout_s, give_up)
         timer.daemon = True
-        timer.start()
+        if timed:
+            timer.start()
         try:
             return np.asarray(multihost_utils.broadcast_one_to_all(array))
         except Exception as e:  # a peer went away: the collective failed instead of hanging
@@ -80,7 +101,9 @@ class StepChannel:
         buf[:len(raw)] = np.frombuffer(raw, np.uint8)
         self._broadcast(buf, "step")
 
-    def receive(self) -> dict:
-        n = int(self._broadcast(np.zeros(1, np.int32), "step length")[0])
+    def receive(self, timed: bool = True) -> dict:
+        """The next step. ``timed=False`` for the first one: process 0 may read and check a large input
+        first (a dead process 0 is still noticed, by the job's coordination service)."""
+        n = int(self._broadcast(np.zeros(1, np.int32), "step length", timed)[0])
         buf = self._broadcast(np.zeros(max(1024, 1 << (n - 1).bit_length()), np.uint8), "step")
         return json.loads(buf[:n].tobytes())

@@ -562,8 +562,15 @@ def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8
     engine = Engine(model, max_batch=max_batch, max_len=max_len or serving_length(model), max_queue=max_queue,
                     prefill_chunk=prefill_chunk, stop_ids=tok.stop_ids)
     if jax.process_index() != 0:  # many hosts: process 0 owns the port and decides; the others follow
-        engine.follow()
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # a job's SIGTERM reaches every process:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # process 0 drains, then tells this one to stop
+        failed = engine.follow()
         finish()
+        if failed:
+            raise RuntimeError(f"process 0 failed: {failed}")
         return
     import signal
     import threading

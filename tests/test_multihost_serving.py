@@ -98,6 +98,33 @@ def test_generate_prompt_on_two_processes_prints_the_single_process_text_once(fo
         assert printed_with_gloo(logs[0], want.strip()) and printed_with_gloo(logs[1], ""), logs
 
 
+def launch_each(args_of, port):
+    """Process i runs ``args_of(i)`` (launch's mesh and job flags added)."""
+    return [subprocess.Popen([sys.executable, "-m", "internlm_jax", *args_of(i), "--devices", "4", "--tensor", "2",
+                              "--fsdp", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i), "--quiet"], cwd=ROOT, env=user_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def test_a_failure_on_process_0_or_different_flags_fail_every_process(folder, tmp_path):
+    """Only process 0 reads --input (process 1's path need not exist); its error ends process 1 with
+    exit 1 too (it used to exit 0). Flags that would make the processes run different programs are named."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": "y", "temprature": 0.5}\n')
+    procs = launch_each(lambda i: ["generate", "--model", str(folder), "--output", str(tmp_path / "out.jsonl"),
+                                   "--input", str(bad if i == 0 else tmp_path / "not-on-this-host.jsonl")],
+                        free_port())
+    logs = finish(procs)
+    assert [p.returncode for p in procs] == [1, 1], logs
+    assert "bad.jsonl:2: unknown key 'temprature'" in logs[0], logs[0]
+    assert "process 0 failed: BatchInputError: " in logs[1] and "bad.jsonl:2" in logs[1], logs[1]
+    procs = launch_each(lambda i: ["generate", "--model", str(folder), "--input", str(bad), "--output",
+                                   str(tmp_path / "out.jsonl"), "--max-batch", str(4 - 2 * i)], free_port())
+    logs = finish(procs)
+    assert [p.returncode for p in procs] == [1, 1], logs
+    assert all("different engine settings: --max-batch is 4 on process 0, 2 on process 1" in log for log in logs)
+
+
 def test_a_mesh_that_leaves_a_process_out_is_refused_on_every_process(folder):
     env = user_env()
     port = free_port()
