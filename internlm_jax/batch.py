@@ -7,8 +7,9 @@ the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional `
 ``max_new_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``
 (alternatives per token, 0 to 20), ``min_tokens``, ``ignore_eos`` (``null`` = the default). Other keys
-are carried along unread (an eval set's labels), except OpenAI parameters this command cannot honour
-(``n``, ``best_of``, ``logit_bias``, ...) and near-misspellings of an option, which are errors.
+(an eval set's labels) are allowed and not read, nor copied to the output (join on ``id``), except
+OpenAI parameters this command cannot honour (``n`` > 1, ``best_of``, ``logit_bias``, ...) and
+near-misspellings of an option (``temprature``), which are errors.
 Each output line carries the ``id``, ``text`` (chat: also
 ``tool_calls``), ``prompt_tokens``, ``completion_tokens`` (up to the token that completed a stop string)
 and ``finish_reason`` (with ``logprobs``: also ``token_ids``, ``token_logprobs`` and ``top_logprobs``,
@@ -34,8 +35,7 @@ from .generation import DEFAULT_NEW_TOKENS
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
-KEYS = OPTIONS + ("id", "prompt", "messages", "prompt_ids", "tools", "tool_choice", "max_new_tokens", "stop",
-                  "stop_token_ids")
+TUNED = OPTIONS + ("max_new_tokens", "stop_token_ids")  # what a line may set; the rest of a line is its content
 UNSUPPORTED = ("n", "best_of", "logit_bias", "response_format", "suffix", "echo", "stream", "functions",
                "function_call")
 
@@ -64,10 +64,10 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
                 raise BatchInputError(f"{where}: not valid JSON ({e.msg})") from None
             if not isinstance(item, dict) or "id" not in item:
                 raise BatchInputError(f"{where}: each line must be an object with an 'id'")
-            for key in item:
-                if key in UNSUPPORTED:
+            for key, value in item.items():
+                if key in UNSUPPORTED and value not in (None, False) and not (key == "n" and value == 1):
                     raise BatchInputError(f"{where}: {key!r} is not supported by the batch command")
-            typo = misspelt_key(item, KEYS)
+            typo = misspelt_key(item, TUNED)  # a misspelt option would silently change nothing
             if typo:
                 raise BatchInputError(f"{where}: unknown key {typo[0]!r}; did you mean {typo[1]!r}?")
             item = {k: v for k, v in item.items() if not (k in OPTIONS + ("max_new_tokens",) and v is None)}
@@ -105,7 +105,9 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
                     raise BatchInputError(f"{where}: the prompt has {len(ids)} tokens; the context (--max-len) "
                                           f"is {engine.max_len}")
                 kw["max_tokens"] = min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids))
-            stop = item.get("stop", defaults.get("stop")) or []
+            stop = item.get("stop")
+            stop = defaults.get("stop") if stop is None else stop  # absent or null: the command's --stop
+            stop = stop or []
             stop = [stop] if isinstance(stop, str) else stop
             if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
                 raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")

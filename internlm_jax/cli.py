@@ -123,12 +123,13 @@ def _load_for_generation(args):
 
     try:  # the folder first: a preset name, a wrong path or a weights file is named as --model
         InternLM2Config.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise type(e)(f"--model: {e}") from None
+    except (OSError, ValueError) as e:  # re-raised as the base class: a subclass may take other arguments
+        raise (OSError if isinstance(e, OSError) else ValueError)(f"--model: {e}") from None
     try:  # a missing tokenizer is named before the weights load
         tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
-        raise type(e)(f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
+        raise (OSError if isinstance(e, OSError) else ValueError)(
+            f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok
@@ -267,15 +268,16 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt that is too long")
 
 
-def _start_distributed(args) -> None:
-    """``--coordinator`` / ``--distributed``: join a multi-process job (after ``--devices``)."""
+def _start_distributed(args, preemption: bool = False) -> None:
+    """``--coordinator`` / ``--distributed``: join a multi-process job (after ``--devices``); ``preemption``:
+    see :func:`~internlm_jax.multihost.initialize`."""
     _simulate_devices(args.devices)
     coordinator, environment = getattr(args, "coordinator", None), getattr(args, "distributed", False)
     if coordinator or environment:
         from .multihost import initialize
 
         initialize(coordinator, args.num_processes, args.process_id, from_environment=environment,
-                   timeout_s=getattr(args, "init_timeout", 300))
+                   timeout_s=getattr(args, "init_timeout", 300), preemption=preemption)
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
@@ -290,7 +292,7 @@ def add_distributed_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> None:
-    _start_distributed(args)
+    _start_distributed(args, preemption=True)
     from .training import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(args.config)

@@ -180,7 +180,9 @@ class Engine:
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                                  if f.compare}, default=str, sort_keys=True).encode()  # the model's shape
             check_same({"--max-batch": max_batch, "--max-len": max_len, "--prefill-chunk": self.prefill_chunk,
-                        "decode_chunk": decode_chunk, "the model's config": zlib.crc32(config)},
+                        "decode_chunk": decode_chunk, "the model's config": zlib.crc32(config),
+                        "--dtype": zlib.crc32(str(model.dtype).encode()),
+                        "the stop ids": zlib.crc32(json.dumps(self.stop_ids).encode())},
                        "engine settings")
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))

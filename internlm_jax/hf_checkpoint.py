@@ -409,7 +409,7 @@ def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_si
         return absolute(folder)
     try:
         check_destination(absolute(folder), overwrite, hf_bytes(tensors, dtype), markers=CHECKPOINT_MARKERS)
-    except OSError:
+    except (OSError, ValueError):  # (a URL, a source as destination): the others must not wait
         agree(False)
         raise
     agree(True)

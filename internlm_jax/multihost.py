@@ -20,15 +20,16 @@ import numpy as np
 
 
 def initialize(coordinator: str | None, num_processes: int, process_id: int, from_environment: bool = False,
-               timeout_s: int = 300):
+               timeout_s: int = 300, preemption: bool = False):
     """``jax.distributed.initialize`` for the CLI (gloo collectives on CPU; GPU/TPU unaffected); every
-    process must join within ``timeout_s`` seconds."""
+    process must join within ``timeout_s`` seconds. JAX's preemption service catches SIGTERM and only
+    records it: training (``preemption``) acts on it (Orbax saves at the agreed step, then the run
+    stops); serving and batch inference would go on until the scheduler's SIGKILL, so for them it is
+    off and SIGTERM ends each process as it would a single one."""
     import jax
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's preemption service catches SIGTERM and only records it; nothing here acts on that, so a job
-    # went on until the scheduler's SIGKILL. Off, SIGTERM ends each process as it would a single one.
-    jax.config.update("jax_enable_preemption_service", False)
+    jax.config.update("jax_enable_preemption_service", preemption)
     if coordinator:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)

@@ -367,6 +367,8 @@ def test_overwrite_never_deletes_the_inputs_or_a_foreign_folder(corpus, tmp_path
         tokenize_corpus(model, [str(raw / "c.txt")], tmp_path / "notes", overwrite=True, progress=False)
     assert (raw / "c.txt").is_file() and (tmp_path / "data" / "README.md").is_file()
     assert (tmp_path / "notes" / "keep.md").is_file()
+    with pytest.raises(ValueError, match=r"gs://b/tok: remote paths"):
+        tokenize_corpus(model, [str(raw / "c.txt")], "gs://b/tok", progress=False)
     with pytest.raises(FileNotFoundError, match=r"--input '.*raw' is a folder; give its files or a pattern"):
         tokenize_corpus(model, [str(raw)], tmp_path / "o", progress=False)
     tokenize_corpus(model, [str(raw / "c.txt")], tmp_path / "o", progress=False)

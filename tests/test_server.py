@@ -885,10 +885,12 @@ def test_batch_lines_and_paths_that_cannot_run_are_named(tiny, tmp_path):
     cut = next(i for i in range(1, 8) if gen[i] not in gen[:i] and gen[i] not in tok.stop_ids)
     # a byte-order mark, a null option (the default) and an eval set's own keys are fine; stop_token_ids stop
     src.write_text('\ufeff' + json.dumps({"id": "a", "prompt": "The river", "max_tokens": 8, "temperature": None,
-                                          "stop_token_ids": [gen[cut]], "label": "carried along"}) + "\n")
-    run_batch(engine, tok, src, out, progress=False)
+                                          "stop_token_ids": [gen[cut]], "label": "its own", "prompt_id": "p7",
+                                          "n": 1, "stream": False, "stop": None}) + "\n")
+    run_batch(engine, tok, src, out, defaults={"stop": ["zzz"]}, progress=False)
     line = json.loads(out.read_text())
     assert (line["finish_reason"], line["completion_tokens"]) == ("stop", cut), (line, gen)
+    assert read_requests(src, tok, engine, {"stop": ["zzz"]})[0]["stop"] == ["zzz"]  # null: the command's --stop
     with pytest.raises(BatchInputError, match="is the input file"):
         run_batch(engine, tok, src, src, progress=False)
     with pytest.raises(BatchInputError, match="is a folder"):

@@ -355,6 +355,9 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
         assert main(["train", "--config", str(bad)]) == 1
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+    bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\nexport_hf: gs://bucket/hf\n")
+    with pytest.raises(ValueError, match="export_hf: gs://bucket/hf: remote paths"):  # not joined to the YAML's folder
+        TrainConfig.from_yaml(str(bad))
     short = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b", "dtype": "bf16", "param_dtype": "FP32"}})
     assert (short.model.dtype, short.model.param_dtype) == ("bfloat16", "float32")  # as the CLI and Python take them
     bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\n")
@@ -395,7 +398,8 @@ def test_export_hf_onto_the_runs_own_folders_is_refused_before_the_first_step(tm
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.md").write_text("mine\n")
     for dst, words in ((tmp_path / "ckpt", "is the source .*ckpt"), (tmp_path, "contains the source"),
-                       (tmp_path / "notes", "not a checkpoint")):
+                       (tmp_path / "notes", "not a checkpoint"), (tmp_path / "ckpt" / "hf", "is inside .*ckpt"),
+                       ("gs://bucket/hf", "remote paths")):
         with pytest.raises(ValueError, match=f"export_hf: .*{words}"):
             train(_token_run(tmp_path, export_hf=str(dst)))
         assert not (tmp_path / "ckpt").exists() and (tmp_path / "notes" / "keep.md").is_file()

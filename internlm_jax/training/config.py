@@ -29,6 +29,7 @@ from pydantic import (
 
 from ..arrays import SHORT_DTYPE_NAMES
 from ..config import NOT_IN_JSON, InternLM2Config
+from ..files import check_local
 from .loss import LOSS_CHUNK
 
 # the dtype names, and their short forms (bf16, fp32, ...) as everywhere else in the library
@@ -177,15 +178,25 @@ class TrainConfig(Section):
         return cfg
 
     def resolve_paths(self, base: Path) -> None:
-        """Relative paths in a YAML file are relative to that file."""
-        rel = lambda p: p if p is None or Path(p).is_absolute() else str(base / p)  # noqa: E731
-        self.tokenizer = self.tokenizer if self.tokenizer == "demo" else rel(self.tokenizer)
-        self.model.checkpoint = rel(self.model.checkpoint)
-        self.data.train = [rel(p) for p in self.data.train]
-        self.data.eval = rel(self.data.eval)
-        self.checkpoint.dir = rel(self.checkpoint.dir)
-        self.log.jsonl, self.log.tensorboard = rel(self.log.jsonl), rel(self.log.tensorboard)
-        self.export_hf = rel(self.export_hf)
+        """Relative paths in a YAML file are relative to that file; a URL is refused by field (joined to
+        the folder it would have become a local ``gs:`` folder)."""
+        def rel(p, field):
+            if p is None:
+                return p
+            try:
+                check_local(p)
+            except ValueError as e:
+                raise ValueError(f"{field}: {e}") from None
+            return p if Path(p).is_absolute() else str(base / p)
+
+        self.tokenizer = self.tokenizer if self.tokenizer == "demo" else rel(self.tokenizer, "tokenizer")
+        self.model.checkpoint = rel(self.model.checkpoint, "model.checkpoint")
+        self.data.train = [rel(p, "data.train") for p in self.data.train]
+        self.data.eval = rel(self.data.eval, "data.eval")
+        self.checkpoint.dir = rel(self.checkpoint.dir, "checkpoint.dir")
+        self.log.jsonl, self.log.tensorboard = rel(self.log.jsonl, "log.jsonl"), rel(self.log.tensorboard,
+                                                                                     "log.tensorboard")
+        self.export_hf = rel(self.export_hf, "export_hf")
 
     def architecture(self) -> InternLM2Config:
         """The model's architecture: the preset with its overrides, or the checkpoint's config.json."""

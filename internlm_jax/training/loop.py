@@ -125,7 +125,7 @@ def _checkpoint_manager(cfg: TrainConfig):
 
     options = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, save_interval_steps=cfg.checkpoint.every,
                                            enable_async_checkpointing=cfg.checkpoint.async_save)
-    return ocp.CheckpointManager(Path(cfg.checkpoint.dir).absolute(), options=options)
+    return ocp.CheckpointManager(absolute(cfg.checkpoint.dir), options=options)  # (a URL refused)
 
 
 def _save(mgr, step: int, params, opt_state, loader, force: bool = False):
@@ -274,7 +274,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.export_hf:  # refused now rather than after the last step, and never onto the run's inputs or checkpoints
         sources = [Path(p) for p in (cfg.checkpoint.dir, cfg.model.checkpoint, *cfg.data.train, cfg.data.eval) if p]
         try:
-            check_destination(absolute(cfg.export_hf), True, sources=sources, markers=CHECKPOINT_MARKERS)
+            dst = absolute(cfg.export_hf)
+            inside = next((src for src in sources if absolute(src) in dst.parents), None)
+            if inside is not None:  # (check_destination refuses that only once dst exists: a rerun would fail)
+                raise ValueError(f"destination {dst} is inside {inside}, a folder the run reads or writes")
+            check_destination(dst, True, sources=sources, markers=CHECKPOINT_MARKERS)
         except (ValueError, OSError) as e:
             raise ValueError(f"export_hf: {e}") from None
     mgr = _checkpoint_manager(cfg)
@@ -352,6 +356,12 @@ def train(cfg: TrainConfig) -> list[dict]:
             history.append(record)
         if mgr is not None:
             _save(mgr, done, params, opt_state, loader, force=done == cfg.steps)
+            if done < cfg.steps and jax.process_count() > 1 and mgr.reached_preemption(done):
+                mgr.wait_until_finished()  # a job's SIGTERM: every process saved this step (Orbax's
+                mgr.close()  # preemption policy); stop here, the same command resumes from it
+                metrics.close()
+                raise RuntimeError(f"preempted (SIGTERM): stopped after saving step {done} in "
+                                   f"{cfg.checkpoint.dir}; run the same command again to resume")
     if mgr is not None:
         mgr.wait_until_finished()
         mgr.close()

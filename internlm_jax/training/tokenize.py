@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from ..files import atomic_write, check_destination, progress_bar, replace_directory
+from ..files import atomic_write, check_destination, check_local, progress_bar, replace_directory
 from .corpus import INDEX, pack_documents, read_shard_meta, staging_folder, token_dtype, write_index, write_shard
 from .data import TEXT_SUFFIXES, line_document
 
@@ -158,6 +158,7 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
         raise ValueError("--workers and --chunk-mb must be positive")
     tok = Tokenizer.from_pretrained(tokenizer)
     files = expand_inputs(inputs, fmt)
+    check_local(output)
     out = Path(output).absolute()
     if (out / INDEX).is_file() and not overwrite:
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
@@ -168,6 +169,7 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
         units = [{"file": str(f.absolute()), "start": a, "end": b, "name": f"shard-{i:05d}"}
                  for i, (f, a, b) in enumerate(ranges)]
         plan = {"format": fmt, "text_key": text_key, "chunk_bytes": chunk_bytes,
+                "rules": 2,  # what makes a document (2: empty texts and a byte-order mark make none)
                 "tokenizer_sha256": tok.sha256(),
                 "inputs": [{"path": str(f.absolute()), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
                            for f in files], "units": units}
