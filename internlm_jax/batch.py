@@ -70,7 +70,7 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             typo = misspelt_key(item, TUNED)  # a misspelt option would silently change nothing
             if typo:
                 raise BatchInputError(f"{where}: unknown key {typo[0]!r}; did you mean {typo[1]!r}?")
-            item = {k: v for k, v in item.items() if not (k in OPTIONS + ("max_new_tokens",) and v is None)}
+            item = {k: v for k, v in item.items() if not (k in TUNED and v is None)}  # null: the default
             rid = item["id"]
             if not isinstance(rid, (str, int)) or isinstance(rid, bool):
                 raise BatchInputError(f"{where}: 'id' must be a string or an integer")

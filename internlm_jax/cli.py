@@ -121,15 +121,17 @@ def _load_for_generation(args):
         _check_sampling(args)
     from . import InternLM2, InternLM2Config, Tokenizer, make_mesh
 
+    def named(e: Exception, message: str) -> Exception:  # as the base class: a subclass may take other arguments
+        return (OSError if isinstance(e, OSError) else ValueError)(message)
+
     try:  # the folder first: a preset name, a wrong path or a weights file is named as --model
         InternLM2Config.from_pretrained(args.model)
-    except (OSError, ValueError) as e:  # re-raised as the base class: a subclass may take other arguments
-        raise (OSError if isinstance(e, OSError) else ValueError)(f"--model: {e}") from None
+    except (OSError, ValueError) as e:
+        raise named(e, f"--model: {e}") from None
     try:  # a missing tokenizer is named before the weights load
         tok = Tokenizer.from_pretrained(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
-        raise (OSError if isinstance(e, OSError) else ValueError)(
-            f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
+        raise named(e, f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok

@@ -47,7 +47,6 @@ def check_destination(dst: Path, overwrite: bool, needed_bytes: int = 0, *, sour
     folder holding none of them, even with ``overwrite``, so that ``--overwrite .`` cannot wipe a home
     folder (``kind`` names what such a folder is, for the message).
     """
-    check_local(dst)
     where = dst.parent.resolve() / dst.name  # a symlink at dst is replaced, not followed
     exists = dst.exists() or dst.is_symlink()
     for src in sources:

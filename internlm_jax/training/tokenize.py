@@ -25,7 +25,7 @@ import sys
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from ..files import atomic_write, check_destination, check_local, progress_bar, replace_directory
+from ..files import absolute, atomic_write, check_destination, progress_bar, replace_directory
 from .corpus import INDEX, pack_documents, read_shard_meta, staging_folder, token_dtype, write_index, write_shard
 from .data import TEXT_SUFFIXES, line_document
 
@@ -158,8 +158,7 @@ def tokenize_corpus(tokenizer: str, inputs: list[str], output: str, *, fmt: str 
         raise ValueError("--workers and --chunk-mb must be positive")
     tok = Tokenizer.from_pretrained(tokenizer)
     files = expand_inputs(inputs, fmt)
-    check_local(output)
-    out = Path(output).absolute()
+    out = absolute(output)  # (a URL refused)
     if (out / INDEX).is_file() and not overwrite:
         raise FileExistsError(f"{out} is already a tokenized corpus (use --overwrite to replace it)")
     check_destination(out, overwrite, sources=files, markers=[INDEX], kind="tokenized corpus")
