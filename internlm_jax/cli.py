@@ -589,10 +589,12 @@ def main(argv: list[str] | None = None) -> int:
         if not _SILENCED_AT_EXIT:  # they may report the failure again while the interpreter exits
             _SILENCED_AT_EXIT.append(atexit.register(_silence_libraries))
         jax = sys.modules.get("jax")
-        # a multi-host job: leaving it together would wait on processes that may be gone (shutdown hangs,
-        # then aborts). Asked without starting a backend (process_count would claim a TPU to answer).
+        # a multi-host job: the usual exit would wait on processes that may be gone (shutdown hangs, then
+        # aborts). Asked without starting a backend (process_count would claim a TPU to answer).
         if jax is not None and jax.distributed.is_initialized():
-            os._exit(1)
+            from .multihost import leave_after_error
+
+            leave_after_error()
         return 1
     return 0
 

@@ -63,6 +63,27 @@ def finish() -> None:
         jax.distributed.shutdown()
 
 
+def leave_after_error(wait_s: float = 30.0) -> None:
+    """End this process of a multi-host job after an error (exit code 1), its message already printed.
+
+    Process 0 hosts the coordination service: once it exits, every other process still in the job is
+    aborted with a page of C++ stack trace. A bad setting fails the same way everywhere, so each process
+    first waits (at most ``wait_s``) for the others to fail too; then they leave the job together and each
+    ends with its own message. A process whose peers go on exits when the wait runs out."""
+    import jax
+
+    try:
+        from jax._src import distributed  # the coordination client: JAX has no public barrier with a timeout
+
+        client = distributed.global_state.client
+        if client is not None:
+            client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
+            jax.distributed.shutdown()
+    except Exception:  # a peer went on, died, or this JAX lacks the client: leave alone
+        pass
+    os._exit(1)
+
+
 def abort(message: str) -> None:
     """End this process of a multi-host job at once with one line on stderr (exit code 3): once a
     process died or the processes disagree, no collective can complete, and waiting (or

@@ -125,12 +125,30 @@ def test_a_failure_on_process_0_or_different_flags_fail_every_process(folder, tm
     assert all("different engine settings: --max-batch is 4 on process 0, 2 on process 1" in log for log in logs)
 
 
-def test_a_mesh_that_leaves_a_process_out_is_refused_on_every_process(folder):
+# the CLI with process 1 reaching the mesh check `delay` seconds after process 0 (as on a loaded machine)
+LATE_PROCESS_1 = """
+import os, sys, time
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import internlm_jax
+from internlm_jax import cli
+make_mesh = internlm_jax.make_mesh
+def late_make_mesh(*args, **kw):
+    time.sleep(float(sys.argv[1]) if sys.argv[sys.argv.index("--process-id") + 1] == "1" else 0)
+    return make_mesh(*args, **kw)
+internlm_jax.make_mesh = late_make_mesh
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("delay", [0, 5])
+def test_a_mesh_that_leaves_a_process_out_is_refused_on_every_process(folder, delay):
+    """Each process reports the error itself: process 0 (the coordination service) waits for the late one
+    instead of exiting first, which would abort it with a C++ stack trace."""
     env = user_env()
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--prompt",
-                               "x", "--devices", "4", "--tensor", "2", "--fsdp", "1", "--coordinator",
-                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--quiet"],
+    procs = [subprocess.Popen([sys.executable, "-c", LATE_PROCESS_1, str(delay), "generate", "--model", str(folder),
+                               "--prompt", "x", "--tensor", "2", "--fsdp", "1", "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--quiet"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = finish(procs)
