@@ -270,7 +270,7 @@ def test_data_order_is_deterministic_resumable_and_shared(tmp_path):
     again = PackedDataset([str(tmp_path / "t.npy")], None, 16, seed=5)
     for step in (0, 3, 7, 11):  # batch t depends only on (seed, t): resuming is exact
         np.testing.assert_array_equal(ds.batch(step, 4).inputs, again.batch(step, 4).inputs)
-    halves = [ds.batch(2, 4, p, 2) for p in range(2)]
+    halves = [ds.batch(2, 4, range(2 * p, 2 * p + 2)) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h.inputs for h in halves]), ds.batch(2, 4).inputs)
     b = ds.batch(0, 4)
     np.testing.assert_array_equal(b.targets[:, :-1], b.inputs[:, 1:])
@@ -587,3 +587,35 @@ def test_walkthrough_example(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loss " in done.stdout and "model :" in done.stdout
     assert (tmp_path / "hf" / "model.safetensors").exists() and (tmp_path / "checkpoints" / "20").is_dir()
+
+
+def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path, tokenizer_path):
+    """A mesh whose batch axes stay inside each process (tensor spans the two processes, sequence the
+    devices of each): every process feeds the whole batch, and the losses equal one process's."""
+    import socket
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3) + "\n")
+    mesh = {"data": 1, "fsdp": 1, "tensor": 2, "sequence": 4}
+    runs = {}
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        runs[name] = _write_config(tmp_path / name, tokenizer_path, corpus, steps=3, every=1000,
+                                   extra={"mesh": mesh, "checkpoint": {"dir": None}})
+    env = user_env()
+    base = [sys.executable, "-m", "internlm_jax.training", "--config"]
+    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
+                                      "--num-processes", "2", "--process-id", str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

@@ -192,8 +192,8 @@ class PackedDataset:
     ``vocab_size`` (the model's), every window read is checked to hold only ids below it.
 
     Global batch ``t`` holds windows ``order[t * B : (t + 1) * B]``, where ``order`` is grain's seeded
-    index shuffle, reshuffled each epoch (no permutation array is kept); process ``p`` of ``P`` reads
-    only its rows ``[p B / P, (p + 1) B / P)`` of each batch."""
+    index shuffle, reshuffled each epoch (no permutation array is kept); a process reads only the rows
+    its devices hold (``rows``: all of them when the batch is not split across processes)."""
 
     def __init__(self, files: list[str], tokenizer, seq_len: int, *, text_key: str = "text", seed: int = 0,
                  fmt: str = "text", bin_dtype: str | None = None, vocab_size: int | None = None):
@@ -225,23 +225,19 @@ class PackedDataset:
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (*self.window(i), self.trained_targets(i))
 
-    @staticmethod
-    def rows(batch_size: int, process: int, num_processes: int) -> range:
-        return range(process * batch_size // num_processes, (process + 1) * batch_size // num_processes)
-
-    def batch(self, step: int, batch_size: int, process: int = 0, num_processes: int = 1) -> Batch:
-        """Rows ``rows(batch_size, process, num_processes)`` of global batch ``step``."""
-        source = _ProcessRows(self, batch_size, self.rows(batch_size, process, num_processes), step + 1)
+    def batch(self, step: int, batch_size: int, rows: range | None = None) -> Batch:
+        """Rows ``rows`` (default: all) of global batch ``step``."""
+        source = _ProcessRows(self, batch_size, rows or range(batch_size), step + 1)
         return _collate([source[step * len(source.rows) + k] for k in range(len(source.rows))])
 
-    def loader(self, batch_size: int, steps: int, process: int = 0, num_processes: int = 1, *,
-               threads: int = 2, prefetch: int = 4):
+    def loader(self, batch_size: int, steps: int, rows: range | None = None, *, threads: int = 2,
+               prefetch: int = 4):
         """A grain pipeline of this process's batches for steps ``0 .. steps - 1`` (element ``t`` equals
         ``batch(t, ...)``), read ahead by ``threads`` background threads. Its iterator's state
         (``get_state`` / ``set_state``, saved in the training checkpoints) is the next step."""
         import grain
 
-        source = _ProcessRows(self, batch_size, self.rows(batch_size, process, num_processes), steps)
+        source = _ProcessRows(self, batch_size, rows or range(batch_size), steps)
         batches = grain.MapDataset.source(source).batch(len(source.rows), batch_fn=_collate)
         return batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
 

@@ -111,10 +111,22 @@ def _global_batch(batch: Batch, mesh, global_rows: int) -> dict:
     return out
 
 
-def _rows(batch: Batch, proc: int, nproc: int) -> Batch:
-    """This process's share of a batch that every process built whole."""
-    n = batch.inputs.shape[0]
-    sl = slice(proc * n // nproc, (proc + 1) * n // nproc)
+def process_rows(mesh, batch_size: int, seq_len: int) -> range:
+    """The rows of each global batch that this process's devices hold, so the rows its loader reads.
+    Split by process index when the batch axes span the processes; all of them when they do not (a mesh
+    with only ``tensor`` or ``sequence`` across hosts: every process then feeds the same whole batch)."""
+    shape = (batch_size, seq_len)
+    held = named_sharding(("batch", "seq"), shape, mesh).addressable_devices_indices_map(shape).values()
+    spans = {(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop) for i in held}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    if sum(b - a for a, b in spans) != hi - lo:  # not one block of rows (an unusual device order)
+        return range(batch_size)
+    return range(lo, hi)
+
+
+def _rows(batch: Batch, rows: range) -> Batch:
+    """Rows ``rows`` of a batch that every process built whole."""
+    sl = slice(rows.start, rows.stop)
     return Batch(*(getattr(batch, f)[sl] for f in ("inputs", "targets", "segment_ids", "loss_mask", "weight")))
 
 
@@ -260,8 +272,8 @@ def load_tokenizer(cfg: TrainConfig):
 
 def evaluate(eval_fn, params, eval_data: PackedDataset, mesh, batch_size: int) -> float:
     """Perplexity on every window of the eval data."""
-    proc, nproc = jax.process_index(), jax.process_count()
-    sums = [jax.device_get(eval_fn(params, _global_batch(_rows(b, proc, nproc), mesh, batch_size)))
+    rows = process_rows(mesh, batch_size, eval_data.seq_len)
+    sums = [jax.device_get(eval_fn(params, _global_batch(_rows(b, rows), mesh, batch_size)))
             for b in eval_data.eval_batches(batch_size)]
     total, count = (sum(float(x[i]) for x in sums) for i in (0, 1))
     return math.exp(total / count) if count else float("nan")
@@ -309,8 +321,8 @@ def train(cfg: TrainConfig) -> list[dict]:
                          bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size)
     eval_data = PackedDataset([d.eval], tok, d.seq_len, text_key=d.text_key, fmt=d.format,
                               bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size) if d.eval else None
-    proc, nproc = jax.process_index(), jax.process_count()
-    loader = iter(data.loader(d.batch_size, cfg.steps, proc, nproc, threads=d.loader_threads, prefetch=d.prefetch))
+    rows = process_rows(mesh, d.batch_size, d.seq_len)
+    loader = iter(data.loader(d.batch_size, cfg.steps, rows, threads=d.loader_threads, prefetch=d.prefetch))
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
