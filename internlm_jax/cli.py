@@ -188,6 +188,9 @@ def cmd_generate(args) -> None:
             if not os.path.isfile(args.input):
                 raise FileNotFoundError(f"--input {args.input} does not exist")
             result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+        except KeyboardInterrupt:
+            error = "interrupted (Ctrl-C)"
+            raise
         except Exception as e:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             raise

@@ -50,7 +50,7 @@ from .generation import (
     model_limit,
     seed_value,
 )
-from .multihost import StepChannel, abort, check_same
+from .multihost import StepChannel, abort, check_same, interrupts_ignored, whole_step
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -271,8 +271,11 @@ class Engine:
         tokens handed to the requests (:meth:`_collect`)."""
         plan = self._plan()
         if self.multihost:
-            self.channel.send(plan)
-        out = self._execute(plan)
+            with whole_step():  # the other processes run it too: never left half done
+                self.channel.send(plan)
+                out = self._execute(plan)
+        else:
+            out = self._execute(plan)
         self._collect(plan, out)
         return bool(plan["prefill"] or plan["decode"])
 
@@ -280,12 +283,14 @@ class Engine:
         """A multi-host follower: run the steps process 0 sends until it stops; returns process 0's error
         when it stopped because of one (None after a clean end)."""
         first = True
-        while True:
-            plan = self.channel.receive(timed=not first)
-            first = False
-            if plan.get("stop"):
-                return plan.get("error")
-            self._execute(plan)
+        with interrupts_ignored(f"Ctrl-C ignored on process {jax.process_index()}: the job stops when process 0 "
+                                "does (interrupt process 0)"):
+            while True:
+                plan = self.channel.receive(timed=not first)
+                first = False
+                if plan.get("stop"):
+                    return plan.get("error")
+                self._execute(plan)
 
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
         """Drive :meth:`step` on this thread until nothing is waiting or running (and ``requests``, which

@@ -11,8 +11,10 @@ steps every second, so a silent one is noticed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 import threading
 
@@ -90,6 +92,48 @@ def abort(message: str) -> None:
     ``jax.distributed.shutdown``) would only hang."""
     print(f"internlm-jax: {message}; exiting", file=sys.stderr, flush=True)
     os._exit(3)
+
+
+@contextlib.contextmanager
+def whole_step():
+    """Ctrl-C inside the block takes effect at its end (KeyboardInterrupt), so process 0 never leaves the
+    other processes inside a step's collectives, where they would wait until the step timer; a second
+    Ctrl-C ends the process at once. Only the main thread receives signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = []
+
+    def later(signum, frame):
+        if pressed:
+            print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
+            os._exit(130)
+        pressed.append(signum)
+        print("internlm-jax: interrupted; stopping the job after this engine step (Ctrl-C again to exit at once)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, later)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_ignored(why: str):
+    """Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host job
+    ends when process 0 tells it to). Main thread only, as signals are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: print(f"internlm-jax: {why}", file=sys.stderr,
+                                                                       flush=True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class StepChannel:

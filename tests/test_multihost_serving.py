@@ -84,6 +84,31 @@ def test_batch_command_on_two_processes_writes_each_line_once(folder, tmp_path):
         assert line["text"] == ij.generate(model, tok, [p], max_new_tokens=7 + i)[0]
 
 
+def test_ctrl_c_on_process_0_stops_the_batch_job_on_both_processes(folder, tmp_path):
+    """SIGINT to both processes (a terminal's Ctrl-C) in the middle of a batch run: process 0 finishes the
+    engine step the others are running, tells them, and both exit at once instead of waiting on each other;
+    every line written so far is whole."""
+    import signal
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"The {i} river", "max_tokens": 60}) + "\n"
+                           for i in range(400)))
+    procs = launch(["generate", "--model", str(folder), "--input", str(src), "--output", str(out),
+                    "--max-batch", "4", "--max-len", "128"], free_port())
+    deadline = time.time() + 240
+    while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    start = time.time()
+    logs = finish(procs, timeout=60)
+    assert time.time() - start < 30
+    assert [p.returncode for p in procs] == [130, 1], logs
+    assert "process 0 failed: interrupted (Ctrl-C)" in logs[1], logs[1]
+    lines = out.read_text().splitlines()
+    assert 2 <= len(lines) < 400 and all(json.loads(x)["finish_reason"] for x in lines)
+
+
 def test_generate_prompt_on_two_processes_prints_the_single_process_text_once(folder):
     """``generate --prompt`` on a mesh spanning two processes (its PRNG key made on the devices, tokens
     gathered from both): process 0 prints what one process prints, process 1 prints nothing."""
