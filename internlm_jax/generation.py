@@ -16,6 +16,8 @@ in the cache are never re-rotated).
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import math
 import operator
 import weakref
@@ -770,6 +772,22 @@ def default_stop_ids(config) -> tuple[int, ...]:
     return (config.eos_token_id,) + ((IM_END_ID,) if config.vocab_size > IM_END_ID else ())
 
 
+def check_keywords(outer, given: Iterable[str], inner, taken: Iterable[str] = ()) -> None:
+    """Keyword arguments that ``outer`` passes on to ``inner`` are checked at the door, so that a misspelt
+    one is a TypeError naming what the user called (and the nearest name), not the inner function;
+    ``taken``: ``inner``'s keywords that ``outer`` sets itself."""
+    def keywords(f):
+        return [n for n, p in inspect.signature(f).parameters.items()
+                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    known = sorted((set(keywords(outer)) | set(keywords(inner))) - set(taken))
+    for key in given:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]!r}?)" if near else f"; it takes {', '.join(known)}"
+            raise TypeError(f"{outer.__qualname__}() got an unexpected keyword argument {key!r}{hint}")
+
+
 def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  presence_penalty: float = 0.0, frequency_penalty: float = 0.0, seed: int = 0,
@@ -815,6 +833,7 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     or after ``max_new_tokens`` (see :func:`generate_ids`); the stop token is not part of the text.
     ``stop`` strings cut the text before the first one that appears.
     """
+    check_keywords(generate, kwargs, generate_ids, taken=("model", "prompts", "tok"))
     stop_ids = _check_arguments(model, tok, stop_ids)
     batch, single = _as_batch(prompts)
     stop = _stop_strings(stop)
@@ -879,6 +898,7 @@ def chat(model, tok, messages: list[dict], *, tools: list[dict] | None = None, t
     plugin system message, and calls in the reply come back as OpenAI ``tool_calls``; ``tool_choice``
     (``"auto"``, ``"none"``, ``"required"`` or a named function) as the server takes it.
     """
+    check_keywords(chat, kwargs, stream, taken=("model", "tok", "prompt", "messages", "add_bos", "default_new_tokens"))
     _check_arguments(model, tok, None)
     forced, parse = "", tools is not None
     if tools is None and tool_choice is None:

@@ -262,6 +262,19 @@ def test_common_argument_slips_are_named(model, tmp_path):
         ij.stream(tok, model, "hi")
     with pytest.raises(TypeError, match="second argument must be a Tokenizer"):
         ij.chat(model, model, [{"role": "user", "content": "hi"}])
+    # a misspelt keyword is named against the function the user called, with the name meant
+    engine = ij.Engine(model, max_batch=1, max_len=32)
+    for call, words in [(lambda: ij.generate(model, tok, "hi", max_new_token=2), r"generate\(\) .* 'max_new_token' "
+                         r"\(did you mean 'max_new_tokens'\?\)"),
+                        (lambda: ij.generate(model, tok, "hi", temprature=0.5), "did you mean 'temperature'"),
+                        (lambda: ij.chat(model, tok, [{"role": "user", "content": "hi"}], topk=3),
+                         r"chat\(\) .* 'topk' \(did you mean 'top_k'\?\)"),
+                        (lambda: ij.chat(model, tok, [{"role": "user", "content": "hi"}], add_bos=False),
+                         r"chat\(\) got an unexpected keyword argument 'add_bos'; it takes frequency_penalty"),
+                        (lambda: engine.submit([3, 4], max_token=2),
+                         r"Engine.submit\(\) .* 'max_token' \(did you mean 'max_tokens'\?\)")]:
+        with pytest.raises(TypeError, match=words):
+            call()
 
 
 def test_a_generation_compiles_its_decode_chunk_once(caplog):
