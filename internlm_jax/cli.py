@@ -579,7 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted", file=sys.stderr, flush=True)
+        jax = sys.modules.get("jax")
+        if jax is not None and jax.distributed.is_initialized():  # a multi-host job still joined: the others
+            os._exit(130)  # may be inside a collective with this process, and leaving together would hang
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0

@@ -195,7 +195,7 @@ class Engine:
         :class:`EngineError` for a request that can never run and :class:`QueueFull` when
         ``max_queue`` requests already wait. ``on_update(request, new_tokens)`` is called from the
         engine's thread as tokens arrive and once more when the request is finished."""
-        check_keywords(Engine.submit, params, Engine.check, taken=("self", "prompt"))
+        check_keywords(type(self).submit, params, type(self).check, taken=("self", "prompt"))
         request = self.check(prompt, **params)
         request.on_update = on_update
         with self.lock:

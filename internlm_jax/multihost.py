@@ -81,9 +81,10 @@ def leave_after_error(wait_s: float = 30.0) -> None:
         if client is not None:
             client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
             jax.distributed.shutdown()
-    except Exception:  # a peer went on, died, or this JAX lacks the client: leave alone
+    except BaseException:  # a peer went on, died, this JAX lacks the client, or Ctrl-C: leave alone
         pass
-    os._exit(1)
+    finally:
+        os._exit(1)
 
 
 def abort(message: str) -> None:
@@ -99,7 +100,8 @@ def whole_step():
     """Ctrl-C inside the block takes effect at its end (KeyboardInterrupt), so process 0 never leaves the
     other processes inside a step's collectives, where they would wait until the step timer; a second
     Ctrl-C ends the process at once. Only the main thread receives signals; elsewhere a no-op."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):  # not the main thread, Ctrl-C ignored, or a handler set from C
         yield
         return
     pressed = []
@@ -112,7 +114,7 @@ def whole_step():
         print("internlm-jax: interrupted; stopping the job after this engine step (Ctrl-C again to exit at once)",
               file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGINT, later)
+    signal.signal(signal.SIGINT, later)
     try:
         yield
     finally:
@@ -125,11 +127,11 @@ def whole_step():
 def interrupts_ignored(why: str):
     """Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host job
     ends when process 0 tells it to). Main thread only, as signals are."""
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous in (None, signal.SIG_IGN):
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: print(f"internlm-jax: {why}", file=sys.stderr,
-                                                                       flush=True))
+    signal.signal(signal.SIGINT, lambda signum, frame: print(f"internlm-jax: {why}", file=sys.stderr, flush=True))
     try:
         yield
     finally:

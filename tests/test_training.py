@@ -272,6 +272,9 @@ def test_data_order_is_deterministic_resumable_and_shared(tmp_path):
         np.testing.assert_array_equal(ds.batch(step, 4).inputs, again.batch(step, 4).inputs)
     halves = [ds.batch(2, 4, range(2 * p, 2 * p + 2)) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate([h.inputs for h in halves]), ds.batch(2, 4).inputs)
+    for rows in (0, 1, range(2, 6), range(0, 4, 2)):  # a process index (the old call) or rows outside the batch
+        with pytest.raises(ValueError, match="rows must be a range of the batch's rows"):
+            ds.batch(2, 4, rows)
     b = ds.batch(0, 4)
     np.testing.assert_array_equal(b.targets[:, :-1], b.inputs[:, 1:])
     window, docs = ds.window(ds.window_at(0))  # row 0 of batch 0

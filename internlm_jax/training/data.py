@@ -227,7 +227,7 @@ class PackedDataset:
 
     def batch(self, step: int, batch_size: int, rows: range | None = None) -> Batch:
         """Rows ``rows`` (default: all) of global batch ``step``."""
-        source = _ProcessRows(self, batch_size, rows or range(batch_size), step + 1)
+        source = _ProcessRows(self, batch_size, rows, step + 1)
         return _collate([source[step * len(source.rows) + k] for k in range(len(source.rows))])
 
     def loader(self, batch_size: int, steps: int, rows: range | None = None, *, threads: int = 2,
@@ -237,7 +237,7 @@ class PackedDataset:
         (``get_state`` / ``set_state``, saved in the training checkpoints) is the next step."""
         import grain
 
-        source = _ProcessRows(self, batch_size, rows or range(batch_size), steps)
+        source = _ProcessRows(self, batch_size, rows, steps)
         batches = grain.MapDataset.source(source).batch(len(source.rows), batch_fn=_collate)
         return batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
 
@@ -254,7 +254,11 @@ class PackedDataset:
 class _ProcessRows:
     """grain source: element ``t * R + k`` is row ``rows[k]`` of global batch ``t`` (R = len(rows))."""
 
-    def __init__(self, data: PackedDataset, batch_size: int, rows: range, steps: int):
+    def __init__(self, data: PackedDataset, batch_size: int, rows: range | None, steps: int):
+        if rows is None:
+            rows = range(batch_size)
+        if not isinstance(rows, range) or not rows or not 0 <= rows.start < rows.stop <= batch_size or rows.step != 1:
+            raise ValueError(f"rows must be a range of the batch's rows (0..{batch_size}), got {rows!r}")
         self.data, self.batch_size, self.rows, self.steps = data, batch_size, rows, steps
 
     def __len__(self) -> int:
