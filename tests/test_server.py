@@ -927,3 +927,32 @@ def test_a_killed_batch_run_loses_no_finished_line_and_resumes(tiny, tmp_path):
     for i, k in enumerate(ids):
         line = next(x for x in after if x["id"] == k)
         assert line["text"] == greedy(model, tok, f"The river {i}", 5 + 4 * (i % 6))
+
+
+def test_an_unexpected_error_is_a_500_in_openais_shape_and_the_server_keeps_serving(tiny):
+    """A bug of ours inside a handler (here: a tokenizer whose encode fails) answers 500 with OpenAI's
+    error JSON, not a plain-text traceback; the next request is served."""
+    from fastapi.testclient import TestClient
+
+    from internlm_jax.server import create_app
+
+    _, model, tok = tiny
+
+    import copy
+
+    def encode(text, *args, **kw):
+        if text == "break":
+            raise RuntimeError("the tokenizer broke")
+        return tok.encode(text, *args, **kw)
+
+    broken = copy.copy(tok)
+    broken.encode = encode
+    app = create_app(ij.Engine(model, max_batch=1, max_len=64), broken, "tiny")
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "break", "max_tokens": 2})
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "RuntimeError: the tokenizer broke" in err["message"]
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "The river", "max_tokens": 3,
+                                                      "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(model, tok, "The river", 3)
