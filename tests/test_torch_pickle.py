@@ -246,6 +246,14 @@ def test_big_endian_archive(tmp_path):
     tensors = open_torch_checkpoint(dst)
     for k, t in sd.items():
         assert_bit_exact(tensors[k], t)
+    # a byteorder record that is neither is named, with the file, before any tensor is read
+    odd = tmp_path / "odd.bin"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(odd, "w") as zout:
+        for info in zin.infolist():
+            data = b"middle" if info.filename.endswith("/byteorder") else zin.read(info)
+            zout.writestr(info.filename.replace("le/", "odd/", 1), data)
+    with pytest.raises(ValueError, match=r"odd\.bin: unknown byteorder record 'middle'"):
+        open_torch_checkpoint(odd)
 
 
 # --------------------------------------------------------------------------
