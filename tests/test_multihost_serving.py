@@ -84,10 +84,12 @@ def test_batch_command_on_two_processes_writes_each_line_once(folder, tmp_path):
         assert line["text"] == ij.generate(model, tok, [p], max_new_tokens=7 + i)[0]
 
 
-def test_ctrl_c_on_process_0_stops_the_batch_job_on_both_processes(folder, tmp_path):
-    """SIGINT to both processes (a terminal's Ctrl-C) in the middle of a batch run: process 0 finishes the
-    engine step the others are running, tells them, and both exit at once instead of waiting on each other;
-    every line written so far is whole."""
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_batch_job_on_both_processes(folder, tmp_path, sig):
+    """SIGINT (a terminal's Ctrl-C) to both processes in the middle of a batch run: process 0 finishes the
+    engine step the others are running, tells them, and both exit at once instead of waiting on each other.
+    SIGTERM (a scheduler's) ends both at once (JAX's preemption service, which would swallow it, is off).
+    Every line written so far is whole."""
     import signal
 
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -99,12 +101,15 @@ def test_ctrl_c_on_process_0_stops_the_batch_job_on_both_processes(folder, tmp_p
     while not (out.exists() and out.read_text().count("\n") >= 2) and time.time() < deadline:
         time.sleep(0.1)
     for p in procs:
-        p.send_signal(signal.SIGINT)
+        p.send_signal(getattr(signal, sig))
     start = time.time()
     logs = finish(procs, timeout=60)
     assert time.time() - start < 30
-    assert [p.returncode for p in procs] == [130, 1], logs
-    assert "process 0 failed: interrupted (Ctrl-C)" in logs[1], logs[1]
+    if sig == "SIGINT":
+        assert [p.returncode for p in procs] == [130, 1], logs
+        assert "process 0 failed: interrupted (Ctrl-C)" in logs[1], logs[1]
+    else:
+        assert [p.returncode for p in procs] == [-signal.SIGTERM] * 2, logs
     lines = out.read_text().splitlines()
     assert 2 <= len(lines) < 400 and all(json.loads(x)["finish_reason"] for x in lines)
 
