@@ -125,13 +125,23 @@ def whole_step():
 
 @contextlib.contextmanager
 def interrupts_ignored(why: str):
-    """Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host job
-    ends when process 0 tells it to). Main thread only, as signals are."""
+    """A first Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host
+    job ends when process 0 tells it to); a second ends the process at once. Main thread only, as signals
+    are."""
     previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
     if previous in (None, signal.SIG_IGN):
         yield
         return
-    signal.signal(signal.SIGINT, lambda signum, frame: print(f"internlm-jax: {why}", file=sys.stderr, flush=True))
+    pressed = []
+
+    def note(signum, frame):
+        if pressed:
+            print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
+            os._exit(130)
+        pressed.append(signum)
+        print(f"internlm-jax: {why} (Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:
