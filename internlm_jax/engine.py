@@ -51,7 +51,7 @@ from .generation import (
     model_limit,
     seed_value,
 )
-from .multihost import StepChannel, abort, check_same, interrupts_ignored, whole_step
+from .multihost import StepChannel, StepInterrupts, abort, check_same, interrupts_ignored
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ class Engine:
         self._release_next: list[int] = []  # rows freed by the last step, released on the devices next
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
+        self.interrupts = StepInterrupts()
         if self.multihost:  # every process must run the same programs: settings and model named if not
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                                  if f.compare}, default=str, sort_keys=True).encode()  # the model's shape
@@ -271,13 +272,13 @@ class Engine:
         The step is decided on the host (:meth:`_plan`), sent to the other processes of a multi-host
         job (which run :meth:`follow`), run on the devices by every process (:meth:`_execute`), and its
         tokens handed to the requests (:meth:`_collect`)."""
+        if self.multihost:  # the other processes run each step too: Ctrl-C only between steps
+            self.interrupts.arm()
+            self.interrupts.check()
         plan = self._plan()
         if self.multihost:
-            with whole_step():  # the other processes run it too: never left half done
-                self.channel.send(plan)
-                out = self._execute(plan)
-        else:
-            out = self._execute(plan)
+            self.channel.send(plan)
+        out = self._execute(plan)
         self._collect(plan, out)
         return bool(plan["prefill"] or plan["decode"])
 
@@ -306,6 +307,7 @@ class Engine:
         """Tell multi-host followers to return from :meth:`follow` (no-op on one process), with the
         error that ended process 0's work, if one did, so that they fail too."""
         if self.multihost:
+            self.interrupts.disarm()
             self.channel.send({"stop": True, **({"error": error} if error else {})})
 
     def start(self) -> "Engine":

@@ -95,32 +95,45 @@ def abort(message: str) -> None:
     os._exit(3)
 
 
-@contextlib.contextmanager
-def whole_step():
-    """Ctrl-C inside the block takes effect at its end (KeyboardInterrupt), so process 0 never leaves the
-    other processes inside a step's collectives, where they would wait until the step timer; a second
-    Ctrl-C ends the process at once. Only the main thread receives signals; elsewhere a no-op."""
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if previous in (None, signal.SIG_IGN):  # not the main thread, Ctrl-C ignored, or a handler set from C
-        yield
-        return
-    pressed = []
+class StepInterrupts:
+    """Ctrl-C on process 0 of a multi-host job, held until the next engine step begins: the other processes
+    run each step's collectives with it, so stopping inside one would leave them waiting until the step
+    timer, and a KeyboardInterrupt raised at any other moment can even be swallowed (inside a garbage
+    collector callback). A second Ctrl-C ends the process at once. Signals reach the main thread only:
+    elsewhere (the server's engine thread) this does nothing."""
 
-    def later(signum, frame):
-        if pressed:
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def arm(self) -> None:
+        if self.previous is not None or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (None, signal.SIG_IGN):  # Ctrl-C ignored already, or a handler set from C
+            return
+        self.previous = previous
+        signal.signal(signal.SIGINT, self._pressed)
+
+    def _pressed(self, signum, frame):
+        if self.pressed:
             print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
             os._exit(130)
-        pressed.append(signum)
-        print("internlm-jax: interrupted; stopping the job after this engine step (Ctrl-C again to exit at once)",
-              file=sys.stderr, flush=True)
+        self.pressed = True
+        print("internlm-jax: interrupted; stopping the job before the next engine step (Ctrl-C again to exit "
+              "at once)", file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGINT, later)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
-        raise KeyboardInterrupt
+    def check(self) -> None:
+        """Raise the held KeyboardInterrupt (call where no step is under way)."""
+        if self.pressed:
+            self.pressed = False
+            self.disarm()
+            raise KeyboardInterrupt
+
+    def disarm(self) -> None:
+        if self.previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 @contextlib.contextmanager
