@@ -51,7 +51,8 @@ from .generation import (
     model_limit,
     seed_value,
 )
-from .multihost import StepChannel, StepInterrupts, abort, check_same, interrupts_ignored
+from .interrupts import HeldInterrupt
+from .multihost import StepChannel, abort, check_same, interrupts_ignored
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class Engine:
         self._release_next: list[int] = []  # rows freed by the last step, released on the devices next
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
-        self.interrupts = StepInterrupts()
+        # process 0 of a multi-host job: Ctrl-C stops between steps (the others run each step with it)
+        self.interrupts = HeldInterrupt("stopping the job before the next engine step")
         if self.multihost:  # every process must run the same programs: settings and model named if not
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                                  if f.compare}, default=str, sort_keys=True).encode()  # the model's shape

@@ -95,47 +95,6 @@ def abort(message: str) -> None:
     os._exit(3)
 
 
-class StepInterrupts:
-    """Ctrl-C on process 0 of a multi-host job, held until the next engine step begins: the other processes
-    run each step's collectives with it, so stopping inside one would leave them waiting until the step
-    timer, and a KeyboardInterrupt raised at any other moment can even be swallowed (inside a garbage
-    collector callback). A second Ctrl-C ends the process at once. Signals reach the main thread only:
-    elsewhere (the server's engine thread) this does nothing."""
-
-    def __init__(self):
-        self.pressed = False
-        self.previous = None
-
-    def arm(self) -> None:
-        if self.previous is not None or threading.current_thread() is not threading.main_thread():
-            return
-        previous = signal.getsignal(signal.SIGINT)
-        if previous in (None, signal.SIG_IGN):  # Ctrl-C ignored already, or a handler set from C
-            return
-        self.previous = previous
-        signal.signal(signal.SIGINT, self._pressed)
-
-    def _pressed(self, signum, frame):
-        if self.pressed:
-            print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
-            os._exit(130)
-        self.pressed = True
-        print("internlm-jax: interrupted; stopping the job before the next engine step (Ctrl-C again to exit "
-              "at once)", file=sys.stderr, flush=True)
-
-    def check(self) -> None:
-        """Raise the held KeyboardInterrupt (call where no step is under way)."""
-        if self.pressed:
-            self.pressed = False
-            self.disarm()
-            raise KeyboardInterrupt
-
-    def disarm(self) -> None:
-        if self.previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-
 @contextlib.contextmanager
 def interrupts_ignored(why: str):
     """A first Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host

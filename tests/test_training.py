@@ -244,15 +244,26 @@ def test_killed_run_resumes_exactly(tmp_path, small_tokenizer):
     killed = tmp_path / "killed"
     killed.mkdir()
     cfg = _write_config(killed, tokenizer_path, corpus, steps=30)
-    proc = subprocess.Popen(cmd(cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if (killed / "ckpt" / "20").is_dir() and len(_losses(killed / "metrics.jsonl")) >= 22:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+
+    def stop_after(step, sig):
+        proc = subprocess.Popen(cmd(cfg), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if (killed / "ckpt" / str(step)).is_dir() and len(_losses(killed / "metrics.jsonl")) >= step + 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=300)[1]
+        return proc.returncode, err
+
+    # Ctrl-C: the run stops between steps, the checkpoint being written is completed, and it says where
+    code, err = stop_after(10, signal.SIGINT)
+    assert code == 130, err[-3000:]
+    saved = max(int(d.name) for d in (killed / "ckpt").iterdir() if d.name.isdigit())
+    assert f"interrupted: checkpoints up to step {saved} are in" in err, err[-3000:]
+    assert not [d.name for d in (killed / "ckpt").iterdir() if "tmp" in d.name]
+    code, err = stop_after(20, signal.SIGKILL)  # kill -9: resumes from the last complete checkpoint
     done = subprocess.run(cmd(cfg), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout

@@ -22,6 +22,7 @@ from flax import nnx
 
 from ..checkpoint import CHECKPOINT_MARKERS
 from ..files import absolute, atomic_write, check_destination
+from ..interrupts import HeldInterrupt
 from ..model import InternLM2
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
@@ -345,35 +346,51 @@ def train(cfg: TrainConfig) -> list[dict]:
     peak = (cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else measure_peak_flops()) * jax.device_count()
     history = []
     t_last, logged = time.perf_counter(), start  # the time and step of the last log
-    for step in range(start, cfg.steps):
-        batch = _global_batch(next(loader), mesh, d.batch_size)
-        params, opt_state, m = step_fn(params, opt_state, batch, step)
-        done = step + 1
-        record = {}
-        if done % cfg.log.every == 0 or done == cfg.steps:
-            m = jax.device_get(m)
-            now = time.perf_counter()
-            tokens_per_s = (done - logged) * d.batch_size * d.seq_len / (now - t_last)
-            t_last, logged = now, done
-            record = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
-                      "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
-                      "mfu": tokens_per_s * flops_per_token / peak}
-        if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
-            t_eval = time.perf_counter()
-            record["eval_ppl"] = evaluate(eval_fn, params, eval_data, mesh, d.batch_size)
-            t_last += time.perf_counter() - t_eval  # the throughput counts training time only
-        if record:
-            record = {"step": done, **record}
-            metrics.write(record)
-            history.append(record)
-        if mgr is not None:
-            _save(mgr, done, params, opt_state, loader, force=done == cfg.steps)
-            if done < cfg.steps and jax.process_count() > 1 and mgr.reached_preemption(done):
-                mgr.wait_until_finished()  # a job's SIGTERM: every process saved this step (Orbax's
-                mgr.close()  # preemption policy); stop here, the same command resumes from it
-                metrics.close()
-                raise RuntimeError(f"preempted (SIGTERM): stopped after saving step {done} in "
-                                   f"{cfg.checkpoint.dir}; run the same command again to resume")
+    # one process: Ctrl-C stops between steps, after the save under way (many: the CLI leaves at once, since
+    # the processes would each stop at a different step)
+    interrupts = HeldInterrupt("training stops after this step")
+    if jax.process_count() == 1:
+        interrupts.arm()
+    try:
+        for step in range(start, cfg.steps):
+            interrupts.check()
+            batch = _global_batch(next(loader), mesh, d.batch_size)
+            params, opt_state, m = step_fn(params, opt_state, batch, step)
+            done = step + 1
+            record = {}
+            if done % cfg.log.every == 0 or done == cfg.steps:
+                m = jax.device_get(m)
+                now = time.perf_counter()
+                tokens_per_s = (done - logged) * d.batch_size * d.seq_len / (now - t_last)
+                t_last, logged = now, done
+                record = {"loss": float(m["loss"]), "ce": float(m["ce"]), "lr": float(m["lr"]),
+                          "grad_norm": float(m["grad_norm"]), "tokens_per_s": tokens_per_s,
+                          "mfu": tokens_per_s * flops_per_token / peak}
+            if eval_data is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                t_eval = time.perf_counter()
+                record["eval_ppl"] = evaluate(eval_fn, params, eval_data, mesh, d.batch_size)
+                t_last += time.perf_counter() - t_eval  # the throughput counts training time only
+            if record:
+                record = {"step": done, **record}
+                metrics.write(record)
+                history.append(record)
+            if mgr is not None:
+                _save(mgr, done, params, opt_state, loader, force=done == cfg.steps)
+                if done < cfg.steps and jax.process_count() > 1 and mgr.reached_preemption(done):
+                    mgr.wait_until_finished()  # a job's SIGTERM: every process saved this step (Orbax's
+                    mgr.close()  # preemption policy); stop here, the same command resumes from it
+                    metrics.close()
+                    raise RuntimeError(f"preempted (SIGTERM): stopped after saving step {done} in "
+                                       f"{cfg.checkpoint.dir}; run the same command again to resume")
+    except KeyboardInterrupt:
+        if mgr is not None and jax.process_count() == 1:  # (many: waiting on the others could hang)
+            mgr.wait_until_finished()  # the save under way is completed, not left half written
+            mgr.close()
+            print(f"interrupted: checkpoints up to step {mgr.latest_step()} are in {cfg.checkpoint.dir}; "
+                  "run the same command again to resume", file=sys.stderr, flush=True)
+        raise
+    finally:
+        interrupts.disarm()
     if mgr is not None:
         mgr.wait_until_finished()
         mgr.close()

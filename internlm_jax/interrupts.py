@@ -1,0 +1,54 @@
+"""Ctrl-C held until a safe point.
+
+A loop that must not stop in the middle of an iteration (an engine step that other processes run with
+this one, a training step followed by a checkpoint write) arms a :class:`HeldInterrupt` and calls
+:meth:`~HeldInterrupt.check` where stopping is safe. A KeyboardInterrupt raised wherever the signal
+happens to land can also be lost: inside a garbage-collector callback or a library's background wait,
+Python prints it and goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+
+
+class HeldInterrupt:
+    """The first Ctrl-C prints ``what`` happens next and is raised at the next :meth:`check`; a second
+    ends the process at once (exit code 130). Signals reach the main thread only: armed elsewhere (a
+    server's engine thread), and where Ctrl-C is ignored or handled from C, it does nothing."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.pressed = False
+        self.previous = None
+
+    def arm(self) -> None:
+        if self.previous is not None or threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (None, signal.SIG_IGN):
+            return
+        self.previous = previous
+        signal.signal(signal.SIGINT, self._pressed)
+
+    def _pressed(self, signum, frame):
+        if self.pressed:
+            print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.pressed = True
+        print(f"internlm-jax: interrupted; {self.what} (Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        """Raise the held KeyboardInterrupt, if there is one (and restore the previous handler)."""
+        if self.pressed:
+            self.pressed = False
+            self.disarm()
+            raise KeyboardInterrupt
+
+    def disarm(self) -> None:
+        if self.previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
