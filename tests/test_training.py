@@ -525,12 +525,33 @@ def test_a_sharded_training_checkpoint_converts_in_a_one_device_process(tmp_path
     assert all(np.array_equal(converted[n], exported[n]) for n in exported)
 
 
+def _train(config, processes: int, *args: str) -> list[tuple[str, str]]:
+    """``internlm_jax.training --config config`` in one process with 8 CPU devices, or in two local
+    processes (gloo) with 4 each; each process's (stdout, stderr), every exit code checked."""
+    import socket
+
+    base = [sys.executable, "-m", "internlm_jax.training", "--config", str(config), *args]
+    if processes == 1:
+        cmds = [base + ["--devices", "8"]]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmds = [base + ["--devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                        "--process-id", str(i)] for i in range(2)]
+    procs = [subprocess.Popen(cmd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     """Two local processes (gloo) with 4 CPU devices each train a few steps from an HF checkpoint on
     a data x fsdp mesh spanning both, are stopped, and resume from their checkpoint (each process's
     data-loader position saved beside it); the losses and the HF export equal one process with 8 devices,
     and the two-process checkpoint converts to HF in a plain one-device process."""
-    import socket
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 3) + "\n")
@@ -547,30 +568,12 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
             "mesh": {"data": 2, "fsdp": 4, "tensor": 1, "sequence": 1},
             "checkpoint": {"dir": str(d / "ckpt") if name == "two" else None, "every": 2},
             "export_hf": str(d / "hf")})
-    env = user_env()
-    base = [sys.executable, "-m", "internlm_jax.training", "--config"]
-    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-
-    def two_processes(steps):
-        procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
-                                          "--num-processes", "2", "--process-id", str(i), "--steps", str(steps)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(2)]
-        outs = [p.communicate(timeout=600) for p in procs]
-        for p, (_, err) in zip(procs, outs):
-            assert p.returncode == 0, err[-3000:]
-        return outs
-
-    two_processes(4)
+    _train(runs["one"], 1)
+    _train(runs["two"], 2, "--steps", "4")
     for i in range(2):  # each process's loader position, saved with checkpoint 4
         state = json.loads((tmp_path / "two" / "ckpt" / "4" / "data" / f"process_{i}-of-2.json").read_text())
         assert state["next_index"] == 4
-    outs = two_processes(6)
+    outs = _train(runs["two"], 2, "--steps", "6")
     assert "resumed from" in outs[0][0] and "not in the checkpoint" not in outs[0][1] + outs[1][1]
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
@@ -587,7 +590,7 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_path):
     # the two-process checkpoint converts in a plain one-device process, to the exported weights
     done = subprocess.run([sys.executable, "-m", "internlm_jax", "convert", "train-to-hf",
                            str(tmp_path / "two" / "ckpt"), str(tmp_path / "two_hf"), "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=user_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     converted = _hf_tensors(tmp_path / "two_hf")
     assert sorted(converted) == sorted(two) and all(np.array_equal(converted[n], two[n]) for n in two)
@@ -606,7 +609,6 @@ def test_walkthrough_example(tmp_path):
 def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path, tokenizer_path):
     """A mesh whose batch axes stay inside each process (tensor spans the two processes, sequence the
     devices of each): every process feeds the whole batch, and the losses equal one process's."""
-    import socket
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS * 3) + "\n")
@@ -616,20 +618,8 @@ def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path,
         (tmp_path / name).mkdir()
         runs[name] = _write_config(tmp_path / name, tokenizer_path, corpus, steps=3, every=1000,
                                    extra={"mesh": mesh, "checkpoint": {"dir": None}})
-    env = user_env()
-    base = [sys.executable, "-m", "internlm_jax.training", "--config"]
-    one = subprocess.run(base + [str(runs["one"]), "--devices", "8"], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen(base + [str(runs["two"]), "--devices", "4", "--coordinator", f"127.0.0.1:{port}",
-                                      "--num-processes", "2", "--process-id", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    _train(runs["one"], 1)
+    _train(runs["two"], 2)
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
