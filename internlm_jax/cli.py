@@ -574,15 +574,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _in_multihost_job() -> bool:
+    """Whether this process has joined a multi-host job (asked without starting a backend:
+    ``process_count`` would claim a TPU to answer)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
-        jax = sys.modules.get("jax")
-        if jax is not None and jax.distributed.is_initialized():  # a multi-host job still joined: the others
-            os._exit(130)  # may be inside a collective with this process, and leaving together would hang
+        if _in_multihost_job():  # the others may be inside a collective with this process: leaving together
+            os._exit(130)  # would hang
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
@@ -594,10 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internlm-jax {what}: error: {message}", file=sys.stderr, flush=True)
         if not _SILENCED_AT_EXIT:  # they may report the failure again while the interpreter exits
             _SILENCED_AT_EXIT.append(atexit.register(_silence_libraries))
-        jax = sys.modules.get("jax")
-        # a multi-host job: the usual exit would wait on processes that may be gone (shutdown hangs, then
-        # aborts). Asked without starting a backend (process_count would claim a TPU to answer).
-        if jax is not None and jax.distributed.is_initialized():
+        if _in_multihost_job():  # the usual exit would wait on processes that may be gone (shutdown hangs)
             from .multihost import leave_after_error
 
             leave_after_error()

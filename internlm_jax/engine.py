@@ -52,7 +52,7 @@ from .generation import (
     seed_value,
 )
 from .interrupts import HeldInterrupt
-from .multihost import StepChannel, abort, check_same, interrupts_ignored
+from .multihost import StepChannel, abort, check_same
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -288,14 +288,19 @@ class Engine:
         """A multi-host follower: run the steps process 0 sends until it stops; returns process 0's error
         when it stopped because of one (None after a clean end)."""
         first = True
-        with interrupts_ignored(f"Ctrl-C ignored on process {jax.process_index()}: the job stops when process 0 "
-                                "does (interrupt process 0)"):
+        # a first Ctrl-C is held and never raised here: the job ends when process 0 stops it
+        ignored = HeldInterrupt(f"process {jax.process_index()} goes on until process 0 stops the job "
+                                "(interrupt process 0)")
+        ignored.arm()
+        try:
             while True:
                 plan = self.channel.receive(timed=not first)
                 first = False
                 if plan.get("stop"):
                     return plan.get("error")
                 self._execute(plan)
+        finally:
+            ignored.disarm()
 
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
         """Drive :meth:`step` on this thread until nothing is waiting or running (and ``requests``, which

@@ -11,10 +11,8 @@ steps every second, so a silent one is noticed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 
@@ -93,31 +91,6 @@ def abort(message: str) -> None:
     ``jax.distributed.shutdown``) would only hang."""
     print(f"internlm-jax: {message}; exiting", file=sys.stderr, flush=True)
     os._exit(3)
-
-
-@contextlib.contextmanager
-def interrupts_ignored(why: str):
-    """A first Ctrl-C inside the block prints ``why`` and is otherwise ignored (a follower of a multi-host
-    job ends when process 0 tells it to); a second ends the process at once. Main thread only, as signals
-    are."""
-    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
-    if previous in (None, signal.SIG_IGN):
-        yield
-        return
-    pressed = []
-
-    def note(signum, frame):
-        if pressed:
-            print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
-            os._exit(130)
-        pressed.append(signum)
-        print(f"internlm-jax: {why} (Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
-
-    signal.signal(signal.SIGINT, note)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class StepChannel:
