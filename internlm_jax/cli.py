@@ -120,6 +120,7 @@ def _load_for_generation(args):
     if hasattr(args, "temperature"):  # generate and chat: their sampling flags, before the model loads
         _check_sampling(args)
     from . import InternLM2, InternLM2Config, Tokenizer, make_mesh
+    from .multihost import rendezvous
 
     def named(e: Exception, message: str) -> Exception:  # as the base class: a subclass may take other arguments
         return (OSError if isinstance(e, OSError) else ValueError)(message)
@@ -133,6 +134,7 @@ def _load_for_generation(args):
     except (OSError, ValueError) as e:
         raise named(e, f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
+    rendezvous("model's load", getattr(args, "init_timeout", 300))  # many hosts: a bad path or flag on any ends all
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok
 
@@ -171,13 +173,13 @@ def cmd_generate(args) -> None:
 
         engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or serving_length(model),
                         stop_ids=tok.stop_ids)
-        from .multihost import finish
+        from .multihost import PeerFailed, finish
 
         if jax.process_index() != 0:  # process 0 decides the steps and writes the file; the others follow
             failed = engine.follow()  # (only process 0 reads --input: hosts need not share a file system)
             finish()
             if failed:
-                raise RuntimeError(f"process 0 failed: {failed}")
+                raise PeerFailed(f"process 0 failed: {failed}")
             return
         defaults = dict(max_tokens=args.max_new_tokens, stop=args.stop, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, repetition_penalty=args.repetition_penalty,
@@ -305,6 +307,10 @@ def cmd_train(args) -> None:
         if args.steps < 1:
             raise ValueError(f"--steps: must be at least 1 (got {args.steps})")
         cfg.steps = args.steps
+    if _in_multihost_job():  # a bad config on any host ends every process now
+        from .multihost import rendezvous
+
+        rendezvous("config check", args.init_timeout)
     train(cfg)
 
 
@@ -601,9 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         if not _SILENCED_AT_EXIT:  # they may report the failure again while the interpreter exits
             _SILENCED_AT_EXIT.append(atexit.register(_silence_libraries))
         if _in_multihost_job():  # the usual exit would wait on processes that may be gone (shutdown hangs)
-            from .multihost import leave_after_error
+            from .multihost import PeerFailed, leave_after_error
 
-            leave_after_error()
+            leave_after_error(None if isinstance(e, PeerFailed) else message, f"internlm-jax {what}")
         return 1
     return 0
 

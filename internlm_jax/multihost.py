@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -54,6 +55,67 @@ def check_same(values: dict[str, int], what: str) -> None:
                              f"{', '.join(f'{v} on process {p}' for p, v in enumerate(every[:, i].tolist()))}")
 
 
+class PeerFailed(RuntimeError):
+    """Another process of the job failed, and this one stops because of it (the message names that
+    process and its error)."""
+
+
+_ERRORS = "internlm_jax/errors/"  # a process's error, under its index, in the coordination service's store
+
+
+def _coordination_client():
+    from jax._src import distributed  # JAX has no public barrier with a timeout, nor a public key-value store
+
+    return distributed.global_state.client
+
+
+def report_error(message: str) -> None:
+    """Leave this process's error where the other processes look for it. Without it, process 0 would only
+    see a collective fail (or time out) when a follower failed, and name no cause."""
+    import jax
+
+    try:
+        _coordination_client().key_value_set(_ERRORS + str(jax.process_index()), message)
+    except Exception:  # the service is gone, or the key is set already: nothing to add
+        pass
+
+
+def peer_errors() -> dict[int, str]:
+    """The errors other processes of the job have reported, by process index."""
+    import jax
+
+    try:
+        found = _coordination_client().key_value_dir_get(_ERRORS)
+    except Exception:
+        return {}
+    errors = {int(key.rsplit("/", 1)[1]): message for key, message in found}
+    errors.pop(jax.process_index(), None)
+    return dict(sorted(errors.items()))
+
+
+def rendezvous(name: str, timeout_s: float) -> None:
+    """Wait until every process of the job reaches this point, and raise :class:`PeerFailed` as soon as
+    one reports an error instead. Called before the first collective (the model's load), it ends the job in
+    a second when a path or flag is bad on one host, instead of at gloo's or the step channel's timeout."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    client, prefix = _coordination_client(), f"internlm_jax/arrived/{name}/"
+    client.key_value_set(prefix + str(jax.process_index()), "1")
+    deadline = time.monotonic() + timeout_s
+    while True:  # arrivals first: a peer that got past here may fail on its own before this process looks
+        arrived = len(client.key_value_dir_get(prefix))
+        if arrived == jax.process_count():
+            return
+        for process, message in peer_errors().items():
+            raise PeerFailed(f"process {process} failed: {message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{jax.process_count() - arrived} of {jax.process_count()} processes did not reach "
+                               f"the {name} within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
 def finish() -> None:
     """Leave the job together: every process calls this once it is done (process 0 after telling the
     others to stop), so none exits while another still talks to it."""
@@ -63,8 +125,12 @@ def finish() -> None:
         jax.distributed.shutdown()
 
 
-def leave_after_error(wait_s: float = 30.0) -> None:
+def leave_after_error(error: str | None, prefix: str, wait_s: float = 30.0) -> None:
     """End this process of a multi-host job after an error (exit code 1), its message already printed.
+
+    ``error`` (None for :class:`PeerFailed`) is reported to the others, and the errors they reported are
+    printed after it as ``{prefix}: process N failed: ...``: a follower's error would otherwise show on
+    process 0 only as a collective that failed.
 
     Process 0 hosts the coordination service: once it exits, every other process still in the job is
     aborted with a page of C++ stack trace. A bad setting fails the same way everywhere, so each process
@@ -73,13 +139,23 @@ def leave_after_error(wait_s: float = 30.0) -> None:
     import jax
 
     try:
-        from jax._src import distributed  # the coordination client: JAX has no public barrier with a timeout
-
-        client = distributed.global_state.client
-        if client is not None:
+        client = _coordination_client()
+        if client is None:
+            return
+        if error is not None:
+            report_error(error)
+        try:
             client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
+            left_together = True
+        except Exception:  # a peer went on or died
+            left_together = False
+        if error is not None:  # after the wait: by then every failed peer has reported
+            for process, theirs in peer_errors().items():
+                if theirs != error:
+                    print(f"{prefix}: process {process} failed: {theirs}", file=sys.stderr, flush=True)
+        if left_together:
             jax.distributed.shutdown()
-    except BaseException:  # a peer went on, died, this JAX lacks the client, or Ctrl-C: leave alone
+    except BaseException:  # this JAX lacks the client, or Ctrl-C: leave alone
         pass
     finally:
         os._exit(1)
@@ -90,6 +166,8 @@ def abort(message: str) -> None:
     process died or the processes disagree, no collective can complete, and waiting (or
     ``jax.distributed.shutdown``) would only hang."""
     print(f"internlm-jax: {message}; exiting", file=sys.stderr, flush=True)
+    for process, error in peer_errors().items():
+        print(f"internlm-jax: process {process} failed: {error}", file=sys.stderr, flush=True)
     os._exit(3)
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull, serving_length
-from .multihost import finish
+from .multihost import PeerFailed, finish
 
 Number = StrictFloat  # ints are accepted, strings and booleans are not
 
@@ -570,7 +570,7 @@ def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8
         failed = engine.follow()
         finish()
         if failed:
-            raise RuntimeError(f"process 0 failed: {failed}")
+            raise PeerFailed(f"process 0 failed: {failed}")
         return
     import signal
     import threading

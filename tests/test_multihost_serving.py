@@ -2,6 +2,7 @@
 the HTTP port and the output file, process 1 runs the same engine steps; the mesh spans both."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -151,6 +152,34 @@ def test_a_failure_on_process_0_or_different_flags_fail_every_process(folder, tm
     logs = finish(procs)
     assert [p.returncode for p in procs] == [1, 1], logs
     assert all("different engine settings: --max-batch is 4 on process 0, 2 on process 1" in log for log in logs)
+
+
+def test_a_start_up_error_on_one_process_ends_every_process_naming_it(folder, tmp_path):
+    """A path that is bad on one host only: the others stop before the model's load (they used to wait
+    for gloo's 30 s timeout and then print only that), and say which process failed and why. When each
+    fails for its own reason, each prints both."""
+    missing = tmp_path / "weights-missing"
+    missing.mkdir()
+    (missing / "config.json").write_text((folder / "config.json").read_text())
+    (missing / "tokenizer.model").write_bytes((folder / "tokenizer.model").read_bytes())
+    for i in range(2):  # the bad folder on process 1, then on process 0
+        procs = launch_each(lambda j: ["generate", "--model", str(tmp_path / "nowhere" if j == 1 - i else folder),
+                                       "--prompt", "x"], free_port())
+        logs = finish(procs, timeout=120)
+        assert [p.returncode for p in procs] == [1, 1], logs
+        assert "error: --model: no config.json at" in logs[1 - i], logs
+        assert f"error: process {1 - i} failed: --model: no config.json at" in logs[i], logs
+    truncated = tmp_path / "truncated"
+    shutil.copytree(folder, truncated)
+    with open(truncated / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    procs = launch_each(lambda j: ["generate", "--model", str(missing if j == 0 else truncated), "--prompt", "x"],
+                        free_port())
+    logs = [log.replace(f"{tmp_path}/", "") for log in finish(procs, timeout=120)]
+    assert [p.returncode for p in procs] == [1, 1], logs
+    no_weights, cut = "weights-missing: no weights found", "truncated/model.safetensors: truncated: tensor"
+    assert f"error: {no_weights}" in logs[0] and f"process 1 failed: {cut}" in logs[0], logs
+    assert f"error: {cut}" in logs[1] and f"process 0 failed: {no_weights}" in logs[1], logs
 
 
 # the CLI with process 1 reaching the mesh check `delay` seconds after process 0 (as on a loaded machine)
