@@ -594,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         if _in_multihost_job():  # the others may be inside a collective with this process: leaving together
-            os._exit(130)  # would hang
+            from .multihost import leave_now  # would hang; they end too, naming this process
+
+            leave_now("interrupted (Ctrl-C)", 130)
         return 130
     except BrokenPipeError:  # e.g. piped into `head`
         return 0

@@ -36,6 +36,8 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, fro
                                    process_id=process_id, initialization_timeout=timeout_s)
     elif from_environment:
         jax.distributed.initialize(initialization_timeout=timeout_s)
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        threading.Thread(target=_end_when_a_process_leaves, name="internlm-jax-departures", daemon=True).start()
 
 
 def check_same(values: dict[str, int], what: str) -> None:
@@ -61,6 +63,7 @@ class PeerFailed(RuntimeError):
 
 
 _ERRORS = "internlm_jax/errors/"  # a process's error, under its index, in the coordination service's store
+_GONE = "internlm_jax/gone/"  # processes that exit without waiting for the others (Ctrl-C)
 
 
 def _coordination_client():
@@ -69,15 +72,61 @@ def _coordination_client():
     return distributed.global_state.client
 
 
-def report_error(message: str) -> None:
+def report_error(message: str, leaving: bool = False) -> None:
     """Leave this process's error where the other processes look for it. Without it, process 0 would only
-    see a collective fail (or time out) when a follower failed, and name no cause."""
+    see a collective fail (or time out) when a follower failed, and name no cause. ``leaving``: this
+    process exits at once (the others then end too, see :func:`initialize`)."""
     import jax
 
     try:
-        _coordination_client().key_value_set(_ERRORS + str(jax.process_index()), message)
+        client, me = _coordination_client(), str(jax.process_index())
+        client.key_value_set(_ERRORS + me, message)
+        if leaving:
+            client.key_value_set(_GONE + me, "1")
     except Exception:  # the service is gone, or the key is set already: nothing to add
         pass
+
+
+def leave_now(reason: str, exit_code: int) -> None:
+    """Exit this process of a multi-host job at once (Ctrl-C), telling the others, which end too; from
+    process 0, only after they had time to see it: its exit takes down the coordination service, and JAX
+    would abort them with a C++ stack trace instead."""
+    import jax
+
+    report_error(reason, leaving=True)
+    try:
+        if jax.process_index() == 0:
+            time.sleep(1.5)
+    except BaseException:  # a second Ctrl-C: at once
+        pass
+    os._exit(exit_code)
+
+
+def _departed(client) -> list[int]:
+    import jax
+
+    return sorted(p for p in (int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_GONE))
+                  if p != jax.process_index())
+
+
+def _end_when_a_process_leaves(poll_s: float = 0.5) -> None:
+    """A thread of every process of a job: once another process has left (Ctrl-C), no collective can
+    complete, and this process could otherwise wait in one for minutes (gloo's and the step channel's
+    timeouts); it ends with that process's reason instead (exit code 1). Process 0 hosts the job's
+    coordination service, so it waits for this a moment before it leaves (see :func:`leave_now`)."""
+    while True:
+        time.sleep(poll_s)
+        try:
+            client = _coordination_client()
+            if client is None:  # the job was left normally
+                return
+            gone = _departed(client)
+        except Exception:  # the service is gone
+            return
+        if gone:
+            reason = peer_errors().get(gone[0], "it left")
+            print(f"internlm-jax: process {gone[0]} failed: {reason}; exiting", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def peer_errors() -> dict[int, str]:
@@ -144,11 +193,13 @@ def leave_after_error(error: str | None, prefix: str, wait_s: float = 30.0) -> N
             return
         if error is not None:
             report_error(error)
-        try:
-            client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
-            left_together = True
-        except Exception:  # a peer went on or died
-            left_together = False
+        left_together = False
+        if not _departed(client):  # a process that left will never reach the barrier
+            try:
+                client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
+                left_together = True
+            except Exception:  # a peer went on or died
+                pass
         if error is not None:  # after the wait: by then every failed peer has reported
             for process, theirs in peer_errors().items():
                 if theirs != error:

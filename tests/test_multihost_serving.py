@@ -113,6 +113,37 @@ def test_a_signal_stops_the_batch_job_on_both_processes(folder, tmp_path, sig):
     assert 2 <= len(lines) < 400 and all(json.loads(x)["finish_reason"] for x in lines)
 
 
+@pytest.mark.parametrize("target", [0, 1])
+def test_ctrl_c_to_one_process_of_generate_prompt_ends_the_other_naming_it(folder, target):
+    """Outside the engine (``generate --prompt``) a Ctrl-C ends that process at once (130); the other was
+    left in a collective (gloo's 30 s, then the exit barrier's 30 s) or, when process 0 left, aborted by
+    JAX with a C++ stack trace. Now it ends too (1), saying which process was interrupted."""
+    import signal
+    import threading
+
+    procs = launch(["generate", "--model", str(folder), "--prompt", "The river", "--max-new-tokens", "1000"],
+                   free_port())
+    printed = []
+    reader = threading.Thread(target=lambda: printed.extend(iter(lambda: procs[0].stdout.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 240
+    while sum(c not in GLOO_CHARS for c in printed) < 5 and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # process 0 is streaming the reply: both are inside the decode loop
+    procs[target].send_signal(signal.SIGINT)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=25))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(None)
+    reader.join(10)
+    logs = ["".join(printed), procs[1].stdout.read()]
+    assert codes == [130 if i == target else 1 for i in range(2)], logs
+    assert f"process {target} failed: interrupted (Ctrl-C)" in logs[1 - target], logs[1 - target][-2000:]
+    assert "Check failure stack trace" not in logs[1 - target], logs[1 - target][-2000:]
+
+
 def test_generate_prompt_on_two_processes_prints_the_single_process_text_once(folder):
     """``generate --prompt`` on a mesh spanning two processes (its PRNG key made on the devices, tokens
     gathered from both): process 0 prints what one process prints, process 1 prints nothing."""
