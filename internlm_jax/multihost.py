@@ -63,7 +63,8 @@ class PeerFailed(RuntimeError):
 
 
 _ERRORS = "internlm_jax/errors/"  # a process's error, under its index, in the coordination service's store
-_GONE = "internlm_jax/gone/"  # processes that exit without waiting for the others (Ctrl-C)
+_LEFT = "internlm_jax/left"  # the first process to exit without waiting for the others (Ctrl-C)
+_WATCH_S = 1.0  # how often every process looks for it: one small request to the coordination service
 
 
 def _coordination_client():
@@ -82,7 +83,7 @@ def report_error(message: str, leaving: bool = False) -> None:
         client, me = _coordination_client(), str(jax.process_index())
         client.key_value_set(_ERRORS + me, message)
         if leaving:
-            client.key_value_set(_GONE + me, "1")
+            client.key_value_set(_LEFT, me)
     except Exception:  # the service is gone, or the key is set already: nothing to add
         pass
 
@@ -96,36 +97,40 @@ def leave_now(reason: str, exit_code: int) -> None:
     report_error(reason, leaving=True)
     try:
         if jax.process_index() == 0:
-            time.sleep(1.5)
+            time.sleep(2.5 * _WATCH_S)
     except BaseException:  # a second Ctrl-C: at once
         pass
     os._exit(exit_code)
 
 
-def _departed(client) -> list[int]:
+def _departed(client) -> int | None:
+    """The process that left the job (another than this one), if any."""
     import jax
 
-    return sorted(p for p in (int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_GONE))
-                  if p != jax.process_index())
+    try:
+        left = int(client.key_value_try_get(_LEFT))
+    except Exception:  # not set
+        return None
+    return None if left == jax.process_index() else left
 
 
-def _end_when_a_process_leaves(poll_s: float = 0.5) -> None:
+def _end_when_a_process_leaves() -> None:
     """A thread of every process of a job: once another process has left (Ctrl-C), no collective can
     complete, and this process could otherwise wait in one for minutes (gloo's and the step channel's
     timeouts); it ends with that process's reason instead (exit code 1). Process 0 hosts the job's
     coordination service, so it waits for this a moment before it leaves (see :func:`leave_now`)."""
     while True:
-        time.sleep(poll_s)
+        time.sleep(_WATCH_S)
         try:
             client = _coordination_client()
             if client is None:  # the job was left normally
                 return
-            gone = _departed(client)
+            left = _departed(client)
         except Exception:  # the service is gone
             return
-        if gone:
-            reason = peer_errors().get(gone[0], "it left")
-            print(f"internlm-jax: process {gone[0]} failed: {reason}; exiting", file=sys.stderr, flush=True)
+        if left is not None:
+            reason = peer_errors().get(left, "it left")
+            print(f"internlm-jax: process {left} failed: {reason}; exiting", file=sys.stderr, flush=True)
             os._exit(1)
 
 
@@ -194,7 +199,7 @@ def leave_after_error(error: str | None, prefix: str, wait_s: float = 30.0) -> N
         if error is not None:
             report_error(error)
         left_together = False
-        if not _departed(client):  # a process that left will never reach the barrier
+        if _departed(client) is None:  # a process that left will never reach the barrier
             try:
                 client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
                 left_together = True
