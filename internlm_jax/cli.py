@@ -307,10 +307,6 @@ def cmd_train(args) -> None:
         if args.steps < 1:
             raise ValueError(f"--steps: must be at least 1 (got {args.steps})")
         cfg.steps = args.steps
-    if _in_multihost_job():  # a bad config on any host ends every process now
-        from .multihost import rendezvous
-
-        rendezvous("config check", args.init_timeout)
     train(cfg)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -52,7 +53,7 @@ from .generation import (
     seed_value,
 )
 from .interrupts import HeldInterrupt
-from .multihost import StepChannel, abort, check_same
+from .multihost import StepChannel, abort, check_same, leave_now
 from .sharding import named_sharding
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ class Engine:
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
         # process 0 of a multi-host job: Ctrl-C stops between steps (the others run each step with it)
-        self.interrupts = HeldInterrupt("stopping the job before the next engine step")
+        leave = functools.partial(leave_now, "interrupted (Ctrl-C) twice") if self.multihost else None
+        self.interrupts = HeldInterrupt("stopping the job before the next engine step", leave)
         if self.multihost:  # every process must run the same programs: settings and model named if not
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                                  if f.compare}, default=str, sort_keys=True).encode()  # the model's shape
@@ -290,7 +292,7 @@ class Engine:
         first = True
         # a first Ctrl-C is held and never raised here: the job ends when process 0 stops it
         ignored = HeldInterrupt(f"process {jax.process_index()} goes on until process 0 stops the job "
-                                "(interrupt process 0)")
+                                "(interrupt process 0)", functools.partial(leave_now, "interrupted (Ctrl-C) twice"))
         ignored.arm()
         try:
             while True:

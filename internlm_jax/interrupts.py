@@ -17,11 +17,13 @@ import threading
 
 class HeldInterrupt:
     """The first Ctrl-C prints ``what`` happens next and is raised at the next :meth:`check`; a second
-    ends the process at once (exit code 130). Signals reach the main thread only: armed elsewhere (a
-    server's engine thread), and where Ctrl-C is ignored or handled from C, it does nothing."""
+    ends the process at once (exit code 130), through ``leave(130)`` where given (a multi-host job tells
+    the other processes). Signals reach the main thread only: armed elsewhere (a server's engine
+    thread), and where Ctrl-C is ignored or handled from C, it does nothing."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, leave=None):
         self.what = what
+        self.leave = leave or os._exit
         self.pressed = False
         self.previous = None
 
@@ -37,7 +39,7 @@ class HeldInterrupt:
     def _pressed(self, signum, frame):
         if self.pressed:
             print("internlm-jax: interrupted again; exiting", file=sys.stderr, flush=True)
-            os._exit(130)
+            self.leave(130)
         self.pressed = True
         print(f"internlm-jax: interrupted; {self.what} (Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 

@@ -36,7 +36,7 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, fro
                                    process_id=process_id, initialization_timeout=timeout_s)
     elif from_environment:
         jax.distributed.initialize(initialization_timeout=timeout_s)
-    if jax.distributed.is_initialized() and jax.process_count() > 1:
+    if _job_size() > 1:
         threading.Thread(target=_end_when_a_process_leaves, name="internlm-jax-departures", daemon=True).start()
 
 
@@ -62,63 +62,132 @@ class PeerFailed(RuntimeError):
     process and its error)."""
 
 
-_ERRORS = "internlm_jax/errors/"  # a process's error, under its index, in the coordination service's store
+# What the processes of a job tell each other outside their collectives, in the coordination service's
+# key-value store (JAX has no public API for it, nor a public barrier with a timeout):
+_ERRORS = "internlm_jax/errors/"  # + process index: that process's error
+_FAILED = "internlm_jax/failed"  # the first process to report an error
 _LEFT = "internlm_jax/left"  # the first process to exit without waiting for the others (Ctrl-C)
-_WATCH_S = 1.0  # how often every process looks for it: one small request to the coordination service
+_SEEN = "internlm_jax/seen/"  # + process index: that process saw _LEFT and exits
+_ARRIVED = "internlm_jax/arrived/"  # + a rendezvous's name: how many processes got there
+_WATCH_S = 1.0  # how often every process looks for _LEFT: one small request to the service each time
 
 
 def _coordination_client():
-    from jax._src import distributed  # JAX has no public barrier with a timeout, nor a public key-value store
+    from jax._src import distributed
 
     return distributed.global_state.client
+
+
+def _job_size() -> int:
+    """Processes in the job (1 outside one), asked without starting a backend."""
+    from jax._src import distributed
+
+    if distributed.global_state.client is None:
+        return 1
+    return distributed.global_state.num_processes or 1
+
+
+def _this_process() -> int:
+    from jax._src import distributed
+
+    return distributed.global_state.process_id or 0
+
+
+def _get(client, key: str) -> str | None:
+    """The value under ``key``, or None where there is none (other errors are raised)."""
+    try:
+        return client.key_value_try_get(key)
+    except Exception as e:
+        if "NOT_FOUND" in str(e):
+            return None
+        raise
 
 
 def report_error(message: str, leaving: bool = False) -> None:
     """Leave this process's error where the other processes look for it. Without it, process 0 would only
     see a collective fail (or time out) when a follower failed, and name no cause. ``leaving``: this
-    process exits at once (the others then end too, see :func:`initialize`)."""
-    import jax
+    process exits at once (the others then end too, see :func:`leave_now`)."""
+    client, me = _coordination_client(), str(_this_process())
+    if client is None:
+        return
+    for key, value in ((_ERRORS + me, message), (_FAILED, me), *([(_LEFT, me)] if leaving else [])):
+        try:
+            client.key_value_set(key, value)
+        except Exception:  # set already (by this process, or another was first), or the service is gone
+            pass
 
+
+def peer_errors() -> dict[int, str]:
+    """The errors other processes of the job have reported, by process index."""
     try:
-        client, me = _coordination_client(), str(jax.process_index())
-        client.key_value_set(_ERRORS + me, message)
-        if leaving:
-            client.key_value_set(_LEFT, me)
-    except Exception:  # the service is gone, or the key is set already: nothing to add
-        pass
+        found = _coordination_client().key_value_dir_get(_ERRORS)
+    except Exception:
+        return {}
+    errors = {int(key.rsplit("/", 1)[1]): message for key, message in found}
+    errors.pop(_this_process(), None)
+    return dict(sorted(errors.items()))
+
+
+def _peers_failed() -> PeerFailed:
+    return PeerFailed("; ".join(f"process {p} failed: {m}" for p, m in peer_errors().items()))
+
+
+def rendezvous(name: str, timeout_s: float = 300.0) -> None:
+    """Wait until every process of the job reaches this point, and raise :class:`PeerFailed` as soon as
+    one reports an error instead. Called before the first collective (the model's load), it ends the job in
+    a second when a path or flag is bad on one host, instead of at gloo's or the step channel's timeout.
+    A process that gives up waiting closes the count, so that a late one does not go on alone."""
+    n = _job_size()
+    if n == 1:
+        return
+    client, counter = _coordination_client(), _ARRIVED + name
+    arrived = client.key_value_increment(counter, 1)
+    deadline = time.monotonic() + timeout_s
+    while True:  # arrivals first: a peer that got past here may fail on its own before this process looks
+        if arrived == n:
+            return
+        if arrived > n:
+            raise PeerFailed(f"other processes gave up waiting for every process at the {name}")
+        if _get(client, _FAILED) is not None:
+            raise _peers_failed()
+        if time.monotonic() > deadline:
+            client.key_value_increment(counter, n + 1)
+            raise TimeoutError(f"{n - arrived} of {n} processes did not reach the {name} within {timeout_s:.0f} s")
+        time.sleep(0.25)
+        arrived = int(_get(client, counter))
 
 
 def leave_now(reason: str, exit_code: int) -> None:
-    """Exit this process of a multi-host job at once (Ctrl-C), telling the others, which end too; from
-    process 0, only after they had time to see it: its exit takes down the coordination service, and JAX
-    would abort them with a C++ stack trace instead."""
-    import jax
-
+    """Exit this process of a multi-host job at once (Ctrl-C), telling the others, which end too. Process 0
+    first waits (a few seconds at most) until they have seen it: its exit takes down the coordination
+    service, and JAX would abort them with a C++ stack trace instead."""
     report_error(reason, leaving=True)
     try:
-        if jax.process_index() == 0:
-            time.sleep(2.5 * _WATCH_S)
-    except BaseException:  # a second Ctrl-C: at once
+        if _this_process() == 0:
+            _wait_until_seen(_coordination_client())
+    except BaseException:  # a second Ctrl-C, or the service is gone: at once
         pass
     os._exit(exit_code)
 
 
+def _wait_until_seen(client, timeout_s: float = 3 * _WATCH_S) -> None:
+    """Process 0: wait until every process but the one that left has seen it leave."""
+    deadline = time.monotonic() + timeout_s
+    while len(client.key_value_dir_get(_SEEN)) < _job_size() - 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _departed(client) -> int | None:
     """The process that left the job (another than this one), if any."""
-    import jax
-
-    try:
-        left = int(client.key_value_try_get(_LEFT))
-    except Exception:  # not set
-        return None
-    return None if left == jax.process_index() else left
+    left = _get(client, _LEFT)
+    return None if left is None or int(left) == _this_process() else int(left)
 
 
 def _end_when_a_process_leaves() -> None:
     """A thread of every process of a job: once another process has left (Ctrl-C), no collective can
     complete, and this process could otherwise wait in one for minutes (gloo's and the step channel's
-    timeouts); it ends with that process's reason instead (exit code 1). Process 0 hosts the job's
-    coordination service, so it waits for this a moment before it leaves (see :func:`leave_now`)."""
+    timeouts); it ends with that process's reason instead (exit code 1). The thread stops when the job
+    is left normally, or when the coordination service cannot be asked."""
     while True:
         time.sleep(_WATCH_S)
         try:
@@ -126,48 +195,16 @@ def _end_when_a_process_leaves() -> None:
             if client is None:  # the job was left normally
                 return
             left = _departed(client)
-        except Exception:  # the service is gone
+            if left is None:
+                continue
+            client.key_value_set(_SEEN + str(_this_process()), "1")
+            if _this_process() == 0:  # the others must see it before the service goes
+                _wait_until_seen(client)
+        except Exception:
             return
-        if left is not None:
-            reason = peer_errors().get(left, "it left")
-            print(f"internlm-jax: process {left} failed: {reason}; exiting", file=sys.stderr, flush=True)
-            os._exit(1)
-
-
-def peer_errors() -> dict[int, str]:
-    """The errors other processes of the job have reported, by process index."""
-    import jax
-
-    try:
-        found = _coordination_client().key_value_dir_get(_ERRORS)
-    except Exception:
-        return {}
-    errors = {int(key.rsplit("/", 1)[1]): message for key, message in found}
-    errors.pop(jax.process_index(), None)
-    return dict(sorted(errors.items()))
-
-
-def rendezvous(name: str, timeout_s: float) -> None:
-    """Wait until every process of the job reaches this point, and raise :class:`PeerFailed` as soon as
-    one reports an error instead. Called before the first collective (the model's load), it ends the job in
-    a second when a path or flag is bad on one host, instead of at gloo's or the step channel's timeout."""
-    import jax
-
-    if jax.process_count() == 1:
-        return
-    client, prefix = _coordination_client(), f"internlm_jax/arrived/{name}/"
-    client.key_value_set(prefix + str(jax.process_index()), "1")
-    deadline = time.monotonic() + timeout_s
-    while True:  # arrivals first: a peer that got past here may fail on its own before this process looks
-        arrived = len(client.key_value_dir_get(prefix))
-        if arrived == jax.process_count():
-            return
-        for process, message in peer_errors().items():
-            raise PeerFailed(f"process {process} failed: {message}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{jax.process_count() - arrived} of {jax.process_count()} processes did not reach "
-                               f"the {name} within {timeout_s:.0f} s")
-        time.sleep(0.05)
+        reason = peer_errors().get(left, "it left")
+        print(f"internlm-jax: process {left} failed: {reason}; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
 
 
 def finish() -> None:
@@ -199,7 +236,14 @@ def leave_after_error(error: str | None, prefix: str, wait_s: float = 30.0) -> N
         if error is not None:
             report_error(error)
         left_together = False
-        if _departed(client) is None:  # a process that left will never reach the barrier
+        if _departed(client) is not None:  # it will never reach the barrier
+            try:
+                client.key_value_set(_SEEN + str(_this_process()), "1")
+            except Exception:  # this process's watcher was first
+                pass
+            if _this_process() == 0:
+                _wait_until_seen(client)
+        else:
             try:
                 client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
                 left_together = True
@@ -222,7 +266,11 @@ def abort(message: str) -> None:
     process died or the processes disagree, no collective can complete, and waiting (or
     ``jax.distributed.shutdown``) would only hang."""
     print(f"internlm-jax: {message}; exiting", file=sys.stderr, flush=True)
-    for process, error in peer_errors().items():
+    found: dict[int, str] = {}
+    asking = threading.Thread(target=lambda: found.update(peer_errors()), daemon=True)
+    asking.start()
+    asking.join(2.0)  # the service may be unreachable with the process that died: not worth a longer wait
+    for process, error in dict(found).items():
         print(f"internlm-jax: process {process} failed: {error}", file=sys.stderr, flush=True)
     os._exit(3)
 

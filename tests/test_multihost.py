@@ -53,3 +53,39 @@ def test_two_processes_restore_and_match_single_process(tmp_path, kind):
     got = np.load(tmp_path / "out.npy")
     assert got.shape == single.shape
     assert np.abs(got - single).max() <= 1e-5 * np.abs(single).max()
+
+
+# One process joins a job of one and uses the coordination service the way a failing or departing
+# process of a real job does: JAX offers these calls only through jax._src, so a JAX upgrade that renames
+# or changes them fails here rather than on a user's cluster.
+COORDINATION_CHECK = """
+import sys
+import jax
+from internlm_jax import multihost
+multihost.initialize("127.0.0.1:" + sys.argv[1], 1, 0)
+client = multihost._coordination_client()
+assert multihost._job_size() == 1 and multihost._this_process() == 0
+assert multihost._get(client, "internlm_jax/failed") is None and multihost.peer_errors() == {}
+multihost.report_error("mine", leaving=True)
+assert multihost.peer_errors() == {} and multihost._departed(client) is None  # this process's own
+client.key_value_set("internlm_jax/errors/1", "bad path")  # as a second process would
+client.key_value_delete("internlm_jax/left")
+client.key_value_set("internlm_jax/left", "1")
+assert multihost.peer_errors() == {1: "bad path"} and multihost._departed(client) == 1
+assert multihost._get(client, "internlm_jax/failed") == "0" and str(multihost._peers_failed()) == (
+    "process 1 failed: bad path")
+assert client.key_value_increment("internlm_jax/arrived/x", 1) == 1
+assert multihost._get(client, "internlm_jax/arrived/x") == "1"
+client.wait_at_barrier("internlm_jax_error_exit", 1000)
+multihost.rendezvous("x")  # a job of one: nothing to wait for
+multihost.finish()
+print("ok")
+"""
+
+
+def test_the_coordination_service_calls_the_cli_relies_on():
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    r = subprocess.run([sys.executable, "-c", COORDINATION_CHECK, str(_free_port())], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

@@ -113,16 +113,22 @@ def test_a_signal_stops_the_batch_job_on_both_processes(folder, tmp_path, sig):
     assert 2 <= len(lines) < 400 and all(json.loads(x)["finish_reason"] for x in lines)
 
 
-@pytest.mark.parametrize("target", [0, 1])
-def test_ctrl_c_to_one_process_of_generate_prompt_ends_the_other_naming_it(folder, target):
-    """Outside the engine (``generate --prompt``) a Ctrl-C ends that process at once (130); the other was
-    left in a collective (gloo's 30 s, then the exit barrier's 30 s) or, when process 0 left, aborted by
-    JAX with a C++ stack trace. Now it ends too (1), saying which process was interrupted."""
+@pytest.mark.parametrize("target", [0, 2])
+def test_ctrl_c_to_one_process_of_generate_prompt_ends_the_others_naming_it(folder, target):
+    """Outside the engine (``generate --prompt``, three processes) a Ctrl-C ends that process at once
+    (130); the others were left in a collective (gloo's 30 s, then the exit barrier's 30 s) or, when
+    process 0 left, aborted by JAX with a C++ stack trace. Now they end too (1), saying which process was
+    interrupted; process 0, whose exit takes down the coordination service, leaves only after the others
+    have seen it."""
     import signal
     import threading
 
-    procs = launch(["generate", "--model", str(folder), "--prompt", "The river", "--max-new-tokens", "1000"],
-                   free_port())
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--prompt",
+                               "The river", "--max-new-tokens", "1000", "--devices", "2", "--tensor", "2", "--fsdp",
+                               "3", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "3", "--process-id",
+                               str(i), "--quiet"], cwd=ROOT, env=user_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(3)]
     printed = []
     reader = threading.Thread(target=lambda: printed.extend(iter(lambda: procs[0].stdout.read(1), "")), daemon=True)
     reader.start()
@@ -138,10 +144,11 @@ def test_ctrl_c_to_one_process_of_generate_prompt_ends_the_other_naming_it(folde
             p.kill()
             codes.append(None)
     reader.join(10)
-    logs = ["".join(printed), procs[1].stdout.read()]
-    assert codes == [130 if i == target else 1 for i in range(2)], logs
-    assert f"process {target} failed: interrupted (Ctrl-C)" in logs[1 - target], logs[1 - target][-2000:]
-    assert "Check failure stack trace" not in logs[1 - target], logs[1 - target][-2000:]
+    logs = ["".join(printed)] + [p.stdout.read() for p in procs[1:]]
+    assert codes == [130 if i == target else 1 for i in range(3)], logs
+    for i in set(range(3)) - {target}:
+        assert f"process {target} failed: interrupted (Ctrl-C)" in logs[i], logs[i][-2000:]
+        assert "Check failure stack trace" not in logs[i], logs[i][-2000:]
 
 
 def test_generate_prompt_on_two_processes_prints_the_single_process_text_once(folder):

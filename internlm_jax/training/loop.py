@@ -24,6 +24,7 @@ from ..checkpoint import CHECKPOINT_MARKERS
 from ..files import absolute, atomic_write, check_destination
 from ..interrupts import HeldInterrupt
 from ..model import InternLM2
+from ..multihost import rendezvous
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
 from .data import Batch, PackedDataset, text_lines
@@ -294,6 +295,7 @@ def train(cfg: TrainConfig) -> list[dict]:
             check_destination(dst, True, sources=sources, markers=CHECKPOINT_MARKERS)
         except (ValueError, OSError) as e:
             raise ValueError(f"export_hf: {e}") from None
+    rendezvous("config check")  # many hosts: a config that fails on any process ends every process now
     mgr = _checkpoint_manager(cfg)
     resume_at = mgr.latest_step() if mgr is not None else None
     settings = run_settings(cfg, arch)
@@ -324,6 +326,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                               bin_dtype=d.bin_dtype, vocab_size=arch.vocab_size) if d.eval else None
     rows = process_rows(mesh, d.batch_size, d.seq_len)
     loader = iter(data.loader(d.batch_size, cfg.steps, rows, threads=d.loader_threads, prefetch=d.prefetch))
+    rendezvous("data check")  # and so does a tokenizer or data path that is bad on one host
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
