@@ -547,27 +547,31 @@ def _train(config, processes: int, *args: str) -> list[tuple[str, str]]:
     return outs
 
 
-def test_a_config_that_fails_on_one_process_stops_the_others_before_training(tmp_path):
-    """Process 1's config does not load; process 0's does, and it stops at the start-up rendezvous naming
-    process 1's error instead of starting to train and waiting for it in the first collective."""
+@pytest.mark.parametrize("bad", ["config", "data"])
+def test_a_config_or_data_path_that_fails_on_one_process_stops_the_others_before_training(tmp_path, bad):
+    """Process 1's config does not load, or names a data file its host lacks; process 0's is fine, and it
+    stops at a start-up rendezvous naming process 1's error instead of starting to train and waiting for
+    it in the first collective."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    example = (ROOT / "examples" / "train_tiny.yaml").read_text()
-    (tmp_path / "run.yaml").write_text(example.replace("../runs/tiny", str(tmp_path / "runs"))
-                                       .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
-    configs = [tmp_path / "run.yaml", tmp_path / "not-on-this-host.yaml"]
+    example = (ROOT / "examples" / "train_tiny.yaml").read_text().replace("../runs/tiny", str(tmp_path / "runs"))
+    (tmp_path / "run.yaml").write_text(example.replace("data/", f"{ROOT / 'examples' / 'data'}/"))
+    (tmp_path / "elsewhere.yaml").write_text(example.replace("data/tiny_corpus", str(tmp_path / "not-on-this-host"))
+                                             .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
+    configs = [tmp_path / "run.yaml", tmp_path / ("not-on-this-host.yaml" if bad == "config" else "elsewhere.yaml")]
     procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "train", "--config", str(configs[i]),
                                "--devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)], cwd=tmp_path, env=user_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1], errs
-    assert "not-on-this-host.yaml" in errs[1], errs[1]
-    assert "error: process 1 failed: " in errs[0] and "not-on-this-host.yaml" in errs[0], errs[0]
-    assert not (tmp_path / "runs").exists(), errs[0]
+    what = "training config" if bad == "config" else "training data file"
+    assert f"error: {what} {tmp_path}/not-on-this-host" in errs[1], errs[1]
+    assert f"error: process 1 failed: {what} {tmp_path}/not-on-this-host" in errs[0], errs[0]
+    assert not (tmp_path / "runs" / "checkpoints").exists() or not any((tmp_path / "runs" / "checkpoints").iterdir())
 
 
 def test_two_processes_train_like_one(tmp_path, tokenizer_path):

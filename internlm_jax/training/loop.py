@@ -27,6 +27,7 @@ from ..model import InternLM2
 from ..multihost import rendezvous
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
+from .corpus import check_exists
 from .data import Batch, PackedDataset, text_lines
 from .step import init_optimizer_state, make_eval_step, make_optimizer, make_train_step, measure_peak_flops
 
@@ -267,6 +268,7 @@ def load_tokenizer(cfg: TrainConfig):
     for file in cfg.data.train:
         if not file.endswith(".txt"):
             raise ValueError(f"tokenizer: demo trains on plain .txt files; {file} is not one (set a real tokenizer)")
+        check_exists(Path(file))
         texts += [line.rstrip("\r\n") for _, line in text_lines(Path(file))]
     print(f"tokenizer: demo: trained a small SentencePiece model on the training text -> {path}", file=sys.stderr)
     return Tokenizer.train(texts, path)
