@@ -7,6 +7,11 @@ is plain data (JSON), broadcast over the job's own collectives
 (a few compiled shapes). A broadcast that fails or does not complete within ``timeout_s`` (a process
 died or hangs) ends this process with an error instead of waiting forever; an idle process 0 sends empty
 steps every second, so a silent one is noticed.
+
+Outside the collectives, processes tell each other how they fail, through the job's coordination
+service: each failed process leaves its error there (the others name it), a rendezvous before the first
+collective stops every process once one has failed at start-up, and a process that exits at once
+(Ctrl-C) says so, which ends the others within about a second.
 """
 
 from __future__ import annotations
