@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import time
+import zlib
 
 DEMO_CONFIG = dict(vocab_size=92544, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
@@ -120,13 +121,13 @@ def _load_for_generation(args):
     if hasattr(args, "temperature"):  # generate and chat: their sampling flags, before the model loads
         _check_sampling(args)
     from . import InternLM2, InternLM2Config, Tokenizer, make_mesh
-    from .multihost import rendezvous
+    from .multihost import check_same, rendezvous
 
     def named(e: Exception, message: str) -> Exception:  # as the base class: a subclass may take other arguments
         return (OSError if isinstance(e, OSError) else ValueError)(message)
 
     try:  # the folder first: a preset name, a wrong path or a weights file is named as --model
-        InternLM2Config.from_pretrained(args.model)
+        config = InternLM2Config.from_pretrained(args.model)
     except (OSError, ValueError) as e:
         raise named(e, f"--model: {e}") from None
     try:  # a missing tokenizer is named before the weights load
@@ -135,6 +136,10 @@ def _load_for_generation(args):
         raise named(e, f"--tokenizer: {e}" if args.tokenizer else f"--model: {e} (or pass --tokenizer)") from None
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     rendezvous("model's load", getattr(args, "init_timeout", 300))  # many hosts: a bad path or flag on any ends all
+    same = {f"--{axis}": size for axis, size in mesh.shape.items()}  # else the programs differ, and hang
+    same["--dtype"] = zlib.crc32(str(args.dtype).encode())
+    same["the model's config"] = zlib.crc32(repr(config).encode())
+    check_same(same, "flags")
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok
 

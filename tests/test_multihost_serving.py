@@ -220,6 +220,20 @@ def test_a_start_up_error_on_one_process_ends_every_process_naming_it(folder, tm
     assert f"error: {cut}" in logs[1] and f"process 0 failed: {no_weights}" in logs[1], logs
 
 
+def test_different_mesh_flags_are_named_before_the_model_loads(folder):
+    """Processes given different meshes would compile different programs and wait on each other in gloo
+    (30 s, then a message naming none of it); the mesh, --dtype and the model's config are compared first."""
+    port = free_port()
+    meshes = [["--tensor", "2", "--fsdp", "4"], ["--tensor", "4", "--fsdp", "2"]]
+    procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--prompt",
+                               "x", "--devices", "4", *meshes[i], "--coordinator", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--quiet"], cwd=ROOT, env=user_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = finish(procs, timeout=120)
+    assert [p.returncode for p in procs] == [1, 1], logs
+    assert all("different flags: --fsdp is 4 on process 0, 2 on process 1" in log for log in logs), logs
+
+
 # the CLI with process 1 reaching the mesh check `delay` seconds after process 0 (as on a loaded machine)
 LATE_PROCESS_1 = """
 import os, sys, time

@@ -547,11 +547,11 @@ def _train(config, processes: int, *args: str) -> list[tuple[str, str]]:
     return outs
 
 
-@pytest.mark.parametrize("bad", ["config", "data"])
+@pytest.mark.parametrize("bad", ["config", "data", "mesh"])
 def test_a_config_or_data_path_that_fails_on_one_process_stops_the_others_before_training(tmp_path, bad):
-    """Process 1's config does not load, or names a data file its host lacks; process 0's is fine, and it
-    stops at a start-up rendezvous naming process 1's error instead of starting to train and waiting for
-    it in the first collective."""
+    """Process 1's config does not load, names a data file its host lacks, or another mesh; process 0's is
+    fine, and it stops at a start-up rendezvous naming process 1's error (or the setting that differs)
+    instead of starting to train and waiting for it in the first collective."""
     import socket
 
     with socket.socket() as s:
@@ -561,13 +561,19 @@ def test_a_config_or_data_path_that_fails_on_one_process_stops_the_others_before
     (tmp_path / "run.yaml").write_text(example.replace("data/", f"{ROOT / 'examples' / 'data'}/"))
     (tmp_path / "elsewhere.yaml").write_text(example.replace("data/tiny_corpus", str(tmp_path / "not-on-this-host"))
                                              .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
-    configs = [tmp_path / "run.yaml", tmp_path / ("not-on-this-host.yaml" if bad == "config" else "elsewhere.yaml")]
+    (tmp_path / "mesh.yaml").write_text(example.replace("mesh: {data: 1,", "mesh: {data: 2,")
+                                        .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
+    configs = [tmp_path / "run.yaml", tmp_path / {"config": "not-on-this-host.yaml", "data": "elsewhere.yaml",
+                                                  "mesh": "mesh.yaml"}[bad]]
     procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "train", "--config", str(configs[i]),
                                "--devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)], cwd=tmp_path, env=user_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1], errs
+    if bad == "mesh":
+        assert all("different training configs: mesh.data is 1 on process 0, 2 on process 1" in e for e in errs), errs
+        return
     what = "training config" if bad == "config" else "training data file"
     assert f"error: {what} {tmp_path}/not-on-this-host" in errs[1], errs[1]
     assert f"error: process 1 failed: {what} {tmp_path}/not-on-this-host" in errs[0], errs[0]

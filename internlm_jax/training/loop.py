@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -24,7 +25,7 @@ from ..checkpoint import CHECKPOINT_MARKERS
 from ..files import absolute, atomic_write, check_destination
 from ..interrupts import HeldInterrupt
 from ..model import InternLM2
-from ..multihost import rendezvous
+from ..multihost import check_same, rendezvous
 from ..sharding import make_mesh, named_sharding
 from .config import Overrides, TrainConfig
 from .corpus import check_exists
@@ -329,6 +330,12 @@ def train(cfg: TrainConfig) -> list[dict]:
     rows = process_rows(mesh, d.batch_size, d.seq_len)
     loader = iter(data.loader(d.batch_size, cfg.steps, rows, threads=d.loader_threads, prefetch=d.prefetch))
     rendezvous("data check")  # and so does a tokenizer or data path that is bad on one host
+    same = {f"mesh.{axis}": size for axis, size in mesh.shape.items()}  # else the programs differ, and hang
+    same.update({"data.batch_size": d.batch_size, "data.seq_len": d.seq_len, "optim.grad_accum": cfg.optim.grad_accum,
+                 "steps": cfg.steps, "the model's architecture": zlib.crc32(repr(arch).encode()),
+                 "model (dtype, param_dtype, remat, loss_chunk)": zlib.crc32(cfg.model.model_dump_json(
+                     include={"dtype", "param_dtype", "remat", "loss_chunk"}).encode())})
+    check_same(same, "training configs")
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
     tx, schedule = make_optimizer(cfg.optim, cfg.steps)
