@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 import time
-import zlib
 
 DEMO_CONFIG = dict(vocab_size=92544, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
@@ -137,8 +136,11 @@ def _load_for_generation(args):
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, tensor=args.tensor, sequence=args.sequence)
     rendezvous("model's load", getattr(args, "init_timeout", 300))  # many hosts: a bad path or flag on any ends all
     same = {f"--{axis}": size for axis, size in mesh.shape.items()}  # else the programs differ, and hang
-    same["--dtype"] = zlib.crc32(str(args.dtype).encode())
-    same["the model's config"] = zlib.crc32(repr(config).encode())
+    same.update({"--dtype": str(args.dtype), "the model's config": repr(config)})
+    if getattr(args, "prompt", None) is not None:  # generate --prompt: every process runs the whole generation
+        same["--prompt"] = args.prompt
+        for name, value in _sampling_kwargs(args).items():
+            same[f"--{name.replace('_', '-')}"] = repr(value) if isinstance(value, (list, tuple)) else value
     check_same(same, "flags")
     model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
     return model, tok

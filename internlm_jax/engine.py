@@ -32,7 +32,6 @@ import json
 import logging
 import threading
 import time
-import zlib
 from typing import Callable, Sequence
 
 import jax
@@ -184,12 +183,10 @@ class Engine:
         self.interrupts = HeldInterrupt("stopping the job before the next engine step", leave)
         if self.multihost:  # every process must run the same programs: settings and model named if not
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
-                                 if f.compare}, default=str, sort_keys=True).encode()  # the model's shape
+                                 if f.compare}, default=str, sort_keys=True)  # the model's shape
             check_same({"--max-batch": max_batch, "--max-len": max_len, "--prefill-chunk": self.prefill_chunk,
-                        "decode_chunk": decode_chunk, "the model's config": zlib.crc32(config),
-                        "--dtype": zlib.crc32(str(model.dtype).encode()),
-                        "the stop ids": zlib.crc32(json.dumps(self.stop_ids).encode())},
-                       "engine settings")
+                        "decode_chunk": decode_chunk, "the model's config": config, "--dtype": str(model.dtype),
+                        "the stop ids": json.dumps(self.stop_ids)}, "engine settings")
         self._activate = jax.jit(_activate, donate_argnames=("ds", "base"))
         self._release = jax.jit(_release, donate_argnames=("ds", "base"))
         self.ds, self.base = self._empty_state()

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 
 import numpy as np
 
@@ -45,21 +46,34 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, fro
         threading.Thread(target=_end_when_a_process_leaves, name="internlm-jax-departures", daemon=True).start()
 
 
-def check_same(values: dict[str, int], what: str) -> None:
-    """Every process of the job must hold the same ``values`` (integers: settings, a config's checksum);
-    otherwise every process raises a ValueError naming the first that differs, instead of the job
-    hanging or mixing programs later."""
+def check_same(values: dict[str, int | float | str | None], what: str) -> None:
+    """Every process of the job must hold the same ``values`` (settings); otherwise every process raises a
+    ValueError naming the first that differs, instead of the job hanging or mixing programs later. Numbers
+    are named with each process's value; text (a config, a prompt) is compared by checksum."""
     import jax
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
         return
-    mine = np.asarray(list(values.values()), np.int64)
+
+    def number(v) -> float:
+        return float(zlib.crc32(v.encode())) if isinstance(v, str) else float("nan") if v is None else float(v)
+
+    def shown(v: float):
+        return "none" if v != v else int(v) if v.is_integer() else v
+
+    mine = np.asarray([number(v) for v in values.values()], np.float64)
     every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, len(values)]
-    for i, name in enumerate(values):
-        if len(set(every[:, i].tolist())) > 1:
-            raise ValueError(f"the processes were started with different {what}: {name} is "
-                             f"{', '.join(f'{v} on process {p}' for p, v in enumerate(every[:, i].tolist()))}")
+    for i, (name, value) in enumerate(values.items()):
+        column = [repr(x) for x in every[:, i].tolist()]  # repr: nan equals nan
+        if len(set(column)) == 1:
+            continue
+        if isinstance(value, str):
+            other = next(p for p, x in enumerate(column) if x != column[0])
+            raise ValueError(f"the processes were started with different {what}: {name} differs between process 0 "
+                             f"and process {other}")
+        raise ValueError(f"the processes were started with different {what}: {name} is "
+                         f"{', '.join(f'{shown(v)} on process {p}' for p, v in enumerate(every[:, i].tolist()))}")
 
 
 class PeerFailed(RuntimeError):

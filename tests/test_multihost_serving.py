@@ -220,18 +220,22 @@ def test_a_start_up_error_on_one_process_ends_every_process_naming_it(folder, tm
     assert f"error: {cut}" in logs[1] and f"process 0 failed: {no_weights}" in logs[1], logs
 
 
-def test_different_mesh_flags_are_named_before_the_model_loads(folder):
-    """Processes given different meshes would compile different programs and wait on each other in gloo
-    (30 s, then a message naming none of it); the mesh, --dtype and the model's config are compared first."""
+@pytest.mark.parametrize("flags,named", [
+    ((["--tensor", "2", "--fsdp", "4"], ["--tensor", "4", "--fsdp", "2"]), "--fsdp is 4 on process 0, 2 on process 1"),
+    ((["--max-new-tokens", "5"], ["--max-new-tokens", "9"]), "--max-new-tokens is 5 on process 0, 9 on process 1"),
+    ((["--prompt", "y"], []), "--prompt differs between process 0 and process 1")])
+def test_different_flags_are_named_before_the_model_loads(folder, flags, named):
+    """Processes given different meshes, prompts or sampling flags would run different programs and wait on
+    each other in gloo (30 s, then a message naming none of it); they are compared first."""
     port = free_port()
-    meshes = [["--tensor", "2", "--fsdp", "4"], ["--tensor", "4", "--fsdp", "2"]]
     procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "generate", "--model", str(folder), "--prompt",
-                               "x", "--devices", "4", *meshes[i], "--coordinator", f"127.0.0.1:{port}",
-                               "--num-processes", "2", "--process-id", str(i), "--quiet"], cwd=ROOT, env=user_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                               "x", "--devices", "4", "--tensor", "2", "--fsdp", "4", *flags[i], "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--quiet"],
+                              cwd=ROOT, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
     logs = finish(procs, timeout=120)
     assert [p.returncode for p in procs] == [1, 1], logs
-    assert all("different flags: --fsdp is 4 on process 0, 2 on process 1" in log for log in logs), logs
+    assert all(f"error: the processes were started with different flags: {named}" in log for log in logs), logs
 
 
 # the CLI with process 1 reaching the mesh check `delay` seconds after process 0 (as on a loaded machine)

@@ -15,7 +15,6 @@ import json
 import math
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import jax
@@ -332,9 +331,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     rendezvous("data check")  # and so does a tokenizer or data path that is bad on one host
     same = {f"mesh.{axis}": size for axis, size in mesh.shape.items()}  # else the programs differ, and hang
     same.update({"data.batch_size": d.batch_size, "data.seq_len": d.seq_len, "optim.grad_accum": cfg.optim.grad_accum,
-                 "steps": cfg.steps, "the model's architecture": zlib.crc32(repr(arch).encode()),
-                 "model (dtype, param_dtype, remat, loss_chunk)": zlib.crc32(cfg.model.model_dump_json(
-                     include={"dtype", "param_dtype", "remat", "loss_chunk"}).encode())})
+                 "steps": cfg.steps, "the model's architecture": repr(arch),
+                 "model (dtype, param_dtype, remat, loss_chunk)": cfg.model.model_dump_json(
+                     include={"dtype", "param_dtype", "remat", "loss_chunk"})})
     check_same(same, "training configs")
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
