@@ -179,8 +179,9 @@ class Engine:
         self.multihost = jax.process_count() > 1
         self.channel = StepChannel(timeout_s=step_timeout_s) if self.multihost else None
         # process 0 of a multi-host job: Ctrl-C stops between steps (the others run each step with it)
-        leave = functools.partial(leave_now, "interrupted (Ctrl-C) twice") if self.multihost else None
-        self.interrupts = HeldInterrupt("stopping the job before the next engine step", leave)
+        # a second Ctrl-C leaves at once; in a multi-host job, telling the other processes
+        self._leave = functools.partial(leave_now, "interrupted (Ctrl-C) twice") if self.multihost else None
+        self.interrupts = HeldInterrupt("stopping the job before the next engine step", self._leave)
         if self.multihost:  # every process must run the same programs: settings and model named if not
             config = json.dumps({f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)
                                  if f.compare}, default=str, sort_keys=True)  # the model's shape
@@ -289,7 +290,7 @@ class Engine:
         first = True
         # a first Ctrl-C is held and never raised here: the job ends when process 0 stops it
         ignored = HeldInterrupt(f"process {jax.process_index()} goes on until process 0 stops the job "
-                                "(interrupt process 0)", functools.partial(leave_now, "interrupted (Ctrl-C) twice"))
+                                "(interrupt process 0)", self._leave)
         ignored.arm()
         try:
             while True:

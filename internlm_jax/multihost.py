@@ -196,6 +196,16 @@ def _wait_until_seen(client, timeout_s: float = 3 * _WATCH_S) -> None:
         time.sleep(0.05)
 
 
+def _acknowledge_departure(client) -> None:
+    """Tell process 0 this process saw another leave and exits too; process 0 waits for the others first."""
+    try:
+        client.key_value_set(_SEEN + str(_this_process()), "1")
+    except Exception:  # said already (the watcher and the error exit may both get here)
+        pass
+    if _this_process() == 0:  # the others must see it before the service goes
+        _wait_until_seen(client)
+
+
 def _departed(client) -> int | None:
     """The process that left the job (another than this one), if any."""
     left = _get(client, _LEFT)
@@ -216,9 +226,7 @@ def _end_when_a_process_leaves() -> None:
             left = _departed(client)
             if left is None:
                 continue
-            client.key_value_set(_SEEN + str(_this_process()), "1")
-            if _this_process() == 0:  # the others must see it before the service goes
-                _wait_until_seen(client)
+            _acknowledge_departure(client)
         except Exception:
             return
         reason = peer_errors().get(left, "it left")
@@ -256,12 +264,7 @@ def leave_after_error(error: str | None, prefix: str, wait_s: float = 30.0) -> N
             report_error(error)
         left_together = False
         if _departed(client) is not None:  # it will never reach the barrier
-            try:
-                client.key_value_set(_SEEN + str(_this_process()), "1")
-            except Exception:  # this process's watcher was first
-                pass
-            if _this_process() == 0:
-                _wait_until_seen(client)
+            _acknowledge_departure(client)
         else:
             try:
                 client.wait_at_barrier("internlm_jax_error_exit", int(wait_s * 1000))
