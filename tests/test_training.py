@@ -656,3 +656,28 @@ def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path,
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def test_ctrl_c_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C that lands in the last step is not dropped: the final checkpoint is completed, the run
+    stops with KeyboardInterrupt and says where its checkpoints are, and nothing is exported."""
+    import os
+    import signal
+
+    from internlm_jax.training import loop, train
+
+    take = loop._global_batch
+    calls = []
+
+    def batch_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 2:  # the last of two steps
+            os.kill(os.getpid(), signal.SIGINT)
+        return take(*args)
+
+    monkeypatch.setattr(loop, "_global_batch", batch_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        train(_token_run(tmp_path, export_hf=str(tmp_path / "hf")))
+    assert "interrupted: checkpoints up to step 2 are in" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

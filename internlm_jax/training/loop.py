@@ -393,6 +393,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                     metrics.close()
                     raise RuntimeError(f"preempted (SIGTERM): stopped after saving step {done} in "
                                        f"{cfg.checkpoint.dir}; run the same command again to resume")
+        interrupts.check()  # Ctrl-C in the last step: stop here too, before the export
     except KeyboardInterrupt:
         if mgr is not None and jax.process_count() == 1:  # (many: waiting on the others could hang)
             mgr.wait_until_finished()  # the save under way is completed, not left half written
