@@ -166,14 +166,12 @@ def open_hf_tensors(folder: str | os.PathLike) -> dict[str, TensorRef]:
         raise FileNotFoundError(f"{folder} is a file: pass the checkpoint folder that holds it")
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    for index_name, opener in (("model.safetensors.index.json", open_safetensors),
-                               ("pytorch_model.bin.index.json", _open_torch)):
-        index = folder / index_name
-        if index.is_file():
-            return _open_indexed(index, opener)
-    for single, opener in (("model.safetensors", open_safetensors), ("pytorch_model.bin", _open_torch)):
-        if (folder / single).is_file():
-            return opener(folder / single)
+    # transformers' order, so that a folder holding more than one set loads the weights it would load
+    for name, opener in (("model.safetensors", open_safetensors), ("model.safetensors.index.json", open_safetensors),
+                         ("pytorch_model.bin", _open_torch), ("pytorch_model.bin.index.json", _open_torch)):
+        path = folder / name
+        if path.is_file():
+            return _open_indexed(path, opener) if name.endswith(".index.json") else opener(path)
     for pattern, opener in (("*.safetensors", open_safetensors), ("pytorch_model*.bin", _open_torch)):
         files = sorted(folder.glob(pattern))
         if files:

@@ -31,6 +31,24 @@ def test_layouts_load_to_the_same_model(tmp_path, layout, shards):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # source untouched
 
 
+# (set a, set b, the one transformers loads): its order is model.safetensors, model.safetensors.index.json,
+# pytorch_model.bin, pytorch_model.bin.index.json (transformers.modeling_utils, 4.x and 5.x)
+@pytest.mark.parametrize("a,b,loaded", [
+    (("safetensors", 1), ("bin", 2), "a"), (("bin", 2), ("safetensors", 1), "b"),
+    (("safetensors", 3), ("bin", 1), "a"), (("bin", 1), ("safetensors", 3), "b"),
+    (("safetensors", 3), ("safetensors", 1), "b"), (("bin", 1), ("bin", 2), "a")])
+def test_a_folder_with_two_weight_sets_loads_the_one_transformers_loads(tmp_path, a, b, loaded):
+    """Repos that ship safetensors and .bin (or a stale index beside a single file) load the set that
+    transformers' from_pretrained picks, whatever the other holds."""
+    states = {"a": STATE, "b": ref.random_state(CFG, seed=9)}
+    folder = write_hf_checkpoint(tmp_path / "a", CFG, states["a"], layout=a[0], shards=a[1])
+    for f in write_hf_checkpoint(tmp_path / "b", CFG, states["b"], layout=b[0], shards=b[1]).iterdir():
+        if f.name != "config.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    expected = ref.forward(states[loaded], CFG, IDS)["logits"]
+    np.testing.assert_allclose(np.asarray(InternLM2.from_pretrained(folder)(IDS)), expected, atol=1e-4)
+
+
 def test_old_checkpoints_with_rotary_buffers_load(tmp_path):
     state = dict(STATE)
     for i in range(CFG["num_hidden_layers"]):
