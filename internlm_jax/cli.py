@@ -170,7 +170,7 @@ def cmd_generate(args) -> None:
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
-    from .generation import generate, stream
+    from .generation import default_stop_ids, generate, stream
 
     if args.input is not None:
         import jax
@@ -179,7 +179,7 @@ def cmd_generate(args) -> None:
         from .engine import Engine, serving_length
 
         engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or serving_length(model),
-                        stop_ids=tok.stop_ids)
+                        stop_ids=default_stop_ids(model.config, tok))
         from .multihost import PeerFailed, finish
 
         if jax.process_index() != 0:  # process 0 decides the steps and writes the file; the others follow

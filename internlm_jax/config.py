@@ -38,7 +38,7 @@ REFERENCE_DEFAULTS: dict[str, Any] = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, bias=True, rope_theta=10000.0)
 MODEL_TYPE = "internlm2"
 ARCHITECTURE = "InternLM2ForCausalLM"
-NOT_IN_JSON = ("extra", "remote_code")  # fields that are not keys of config.json
+NOT_IN_JSON = ("extra", "remote_code", "generation_eos_token_ids")  # fields that are not keys of config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,8 @@ class InternLM2Config:
     extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False, compare=False)
     # (file name, bytes) of the source folder's *.py files, written back by save() (see the module docstring).
     remote_code: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), hash=False, compare=False, repr=False)
+    # ``eos_token_id`` of the folder's generation_config.json, which the reference's generate() stops on.
+    generation_eos_token_ids: tuple[int, ...] = dataclasses.field(default=(), hash=False, compare=False)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -133,11 +135,16 @@ class InternLM2Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
+        listed = dict(self.extra)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
+            for value in listed.get(f"{name}_list", [getattr(self, name)]):
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                    raise ValueError(f"config field {name!r} must be a token id (an integer below vocab_size "
+                                     f"{self.vocab_size}) or a list of them, got {value!r}")
+        for value in self.generation_eos_token_ids:
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"config field {name!r} must be a token id (an integer below vocab_size "
-                                 f"{self.vocab_size}), got {value!r}")
+                raise ValueError(f"generation config field 'eos_token_id' must be a token id (an integer below "
+                                 f"vocab_size {self.vocab_size}) or a list of them, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -190,7 +197,9 @@ class InternLM2Config:
         if kwargs.get("num_key_value_heads") is None:  # reference: absent means MHA
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if isinstance(kwargs.get(key), list):  # some configs list several ids; keep the first
+            if isinstance(kwargs.get(key), list):  # some configs list several ids: the first is the id, all stop
+                if not kwargs[key]:
+                    raise ValueError(f"{source}: config field {key!r} is an empty list")
                 extra[f"{key}_list"] = kwargs[key]
                 kwargs[key] = kwargs[key][0]
         rope = data.get("rope_parameters")
@@ -229,7 +238,17 @@ class InternLM2Config:
         cfg = cls.from_dict(data, source=str(file))
         if not path.is_dir():
             return cfg
-        return cfg.replace(remote_code=tuple((f.name, f.read_bytes()) for f in sorted(path.glob("*.py"))))
+        cfg = cfg.replace(remote_code=tuple((f.name, f.read_bytes()) for f in sorted(path.glob("*.py"))))
+        generation = path / "generation_config.json"
+        try:
+            return cfg.replace(generation_eos_token_ids=_generation_eos_ids(generation))
+        except ValueError as e:
+            raise ValueError(f"{generation}: {e}") from None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id ``eos_token_id`` names (config.json may list several)."""
+        return tuple(dict(self.extra).get("eos_token_id_list", [self.eos_token_id]))
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.json`` form (including the keys the model does not use)."""
@@ -273,6 +292,23 @@ class InternLM2Config:
 def _preset_key(name: str) -> str:
     """A released model's preset key from its name, e.g. "internlm/internlm2_5-7b-chat" as on the HF hub."""
     return name.split("/")[-1].lower()
+
+
+def _generation_eos_ids(file: Path) -> tuple[int, ...]:
+    """``eos_token_id`` of a generation_config.json as a tuple (empty where the file or key is absent)."""
+    if not file.is_file():
+        return ()
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    ids = data.get("eos_token_id") if isinstance(data, dict) else None
+    if ids is None:
+        return ()
+    ids = ids if isinstance(ids, list) else [ids]
+    if not ids:
+        raise ValueError("generation config field 'eos_token_id' is an empty list")
+    return tuple(ids)
 
 
 def _parse_rope_scaling(value: Any, field: str = "rope_scaling") -> RopeScaling | None:

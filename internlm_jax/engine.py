@@ -149,8 +149,8 @@ class Engine:
     processed between two decode chunks of ``decode_chunk`` steps (shorter than generate's: a finished
     request's row waits at most that long);
     ``max_queue`` bounds the waiting requests (:class:`QueueFull` beyond). ``stop_ids`` end every
-    request (default: :func:`~internlm_jax.generation.default_stop_ids`, ``</s>`` and InternLM2's
-    ``<|im_end|>``; pass ``tok.stop_ids`` for another tokenizer); a request may add its own.
+    request (default: :func:`~internlm_jax.generation.default_stop_ids` of the model's config; pass
+    ``default_stop_ids(model.config, tok)`` for another tokenizer); a request may add its own.
     """
 
     def __init__(self, model, *, max_batch: int = 8, max_len: int | None = None, prefill_chunk: int = 512,

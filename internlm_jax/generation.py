@@ -653,7 +653,7 @@ DEFAULT_NEW_TOKENS = 128  # generate / stream without max_new_tokens (chat: 512)
 
 def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
     """The model and tokenizer in their places (text in and out needs the tokenizer), and the stop ids as
-    integers (default: the tokenizer's): named errors for the common slips (arguments swapped, a string
+    integers (default: :func:`default_stop_ids`): named errors for the common slips (arguments swapped, a string
     of stop ids)."""
     if not hasattr(model, "config") or not hasattr(model, "settings"):
         raise TypeError(f"the first argument must be an InternLM2 model, got {type(model).__name__}")
@@ -663,7 +663,7 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
     if not (hasattr(tok, "encode") and hasattr(tok, "decode")):
         raise TypeError(f"the second argument must be a Tokenizer, got {type(tok).__name__}")
     if stop_ids is None:
-        return tuple(tok.stop_ids)
+        return default_stop_ids(model.config, tok)
     if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
     out = []
@@ -765,11 +765,15 @@ def _stop_strings(stop) -> list[str]:
 IM_END_ID = 92542  # <|im_end|> in InternLM2's vocabulary (FACTS.md): chat models end a turn with it
 
 
-def default_stop_ids(config) -> tuple[int, ...]:
-    """Stop ids when none are given and no tokenizer is at hand: the config's ``eos_token_id`` and, in
-    InternLM2's 92544-token vocabulary, ``<|im_end|>``. A model with another tokenizer (e.g. one made by
-    ``Tokenizer.train``) needs ``stop_ids=tok.stop_ids``."""
-    return (config.eos_token_id,) + ((IM_END_ID,) if config.vocab_size > IM_END_ID else ())
+def default_stop_ids(config, tok=None) -> tuple[int, ...]:
+    """Stop ids when none are given: every id of config.json's ``eos_token_id`` and of the checkpoint's
+    generation_config.json (what the reference's ``generate`` stops on), ``<|im_end|>`` in InternLM2's
+    92544-token vocabulary, and the tokenizer's :attr:`~internlm_jax.Tokenizer.stop_ids` where one is
+    given (a tokenizer made by ``Tokenizer.train`` has its own ``<|im_end|>``)."""
+    ids = [*config.eos_token_ids, *config.generation_eos_token_ids]
+    ids += [IM_END_ID] if config.vocab_size > IM_END_ID else []
+    ids += list(tok.stop_ids) if tok is not None else []
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def check_keywords(outer, given: Iterable[str], inner, taken: Iterable[str] = ()) -> None:

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull, serving_length
+from .generation import default_stop_ids
 from .multihost import PeerFailed, finish
 
 Number = StrictFloat  # ints are accepted, strings and booleans are not
@@ -560,7 +561,7 @@ def serve(model, tok, *, model_name: str, host: str = "127.0.0.1", port: int = 8
     import uvicorn
 
     engine = Engine(model, max_batch=max_batch, max_len=max_len or serving_length(model), max_queue=max_queue,
-                    prefill_chunk=prefill_chunk, stop_ids=tok.stop_ids)
+                    prefill_chunk=prefill_chunk, stop_ids=default_stop_ids(model.config, tok))
     if jax.process_index() != 0:  # many hosts: process 0 owns the port and decides; the others follow
         import signal
         import threading

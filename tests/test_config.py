@@ -211,3 +211,39 @@ def test_replace_and_preset_errors():
     with pytest.raises(ValueError, match="unknown preset"):
         InternLM2Config.preset("internlm3-8b")
     assert InternLM2Config.preset("internlm/internlm2_5-7b-chat").max_position_embeddings == 32768
+
+
+def test_every_eos_id_of_config_and_generation_config_stops_generation(tmp_path):
+    """config.json may list several eos ids and generation_config.json (what transformers' generate stops
+    on) others: all of them stop generation by default; a bad list names its file and field."""
+    from transformers import GenerationConfig
+
+    from internlm_jax.generation import default_stop_ids
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    data = {**BASE, **RELEASED["internlm2-1_8b"], "eos_token_id": [92540, 2]}
+    (folder / "config.json").write_text(json.dumps(data))
+    cfg = InternLM2Config.from_pretrained(folder)
+    assert cfg.eos_token_id == 92540 and cfg.eos_token_ids == (92540, 2)
+    assert cfg.to_dict()["eos_token_id"] == [92540, 2]  # written back as read
+    assert set(default_stop_ids(cfg)) == {92540, 2, 92542}
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, 92541]}))
+    cfg = InternLM2Config.from_pretrained(folder)
+    assert set(GenerationConfig.from_pretrained(folder).eos_token_id) <= set(default_stop_ids(cfg))
+    assert set(default_stop_ids(cfg)) == {92540, 2, 92541, 92542}
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert 7 in default_stop_ids(InternLM2Config.from_pretrained(folder))
+    for generation, match in (("{", "generation_config.json: not valid JSON"),
+                              ('{"eos_token_id": []}', "generation_config.json: .*'eos_token_id' is an empty list"),
+                              ('{"eos_token_id": [2, "x"]}', "generation_config.json: .*'eos_token_id' must be"),
+                              ('{"eos_token_id": 92544}', "generation_config.json: .*below vocab_size 92544")):
+        (folder / "generation_config.json").write_text(generation)
+        with pytest.raises(ValueError, match=match):
+            InternLM2Config.from_pretrained(folder)
+    (folder / "generation_config.json").unlink()
+    for ids, match in (([], "'eos_token_id' is an empty list"), ([2, "x"], "'eos_token_id' must be a token id"),
+                       ([2, 10**6], "'eos_token_id' must be a token id")):
+        (folder / "config.json").write_text(json.dumps({**data, "eos_token_id": ids}))
+        with pytest.raises(ValueError, match=f"config.json: .*{match}"):
+            InternLM2Config.from_pretrained(folder)

@@ -328,3 +328,24 @@ def test_the_blocked_argmax_and_draw_equal_jax_argmax_and_categorical():
         for seed in range(4):
             key = jax.random.key(seed)
             np.testing.assert_array_equal(categorical_tokens(key, x * 3), jax.random.categorical(key, x * 3))
+
+
+def test_generation_config_eos_ids_stop_generate_and_the_engine(tmp_path):
+    """A checkpoint whose generation_config.json names an extra eos id stops there by default, in
+    generate_ids and in the engine, as transformers' generate would; stop_ids=() still runs on."""
+    import json
+
+    from hf_fixtures import chain_checkpoint
+
+    chain = [5, 9, 11, 13, 17, 19]
+    folder = chain_checkpoint(tmp_path / "chain", chain)
+    model = ij.InternLM2.from_pretrained(folder)
+    assert ij.generate_ids(model, [[5]], max_new_tokens=5)[0] == chain[1:]
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 13]}))
+    model = ij.InternLM2.from_pretrained(folder)
+    assert ij.generate_ids(model, [[5]], max_new_tokens=5)[0] == [9, 11, 13]
+    assert ij.generate_ids(model, [[5]], max_new_tokens=5, stop_ids=())[0] == chain[1:]
+    engine = ij.Engine(model, max_len=32)
+    request = engine.submit([5], max_tokens=5)
+    engine.run_until_done([request])
+    assert (request.tokens, request.finish_reason) == ([9, 11], "stop")  # (the stop id is not in tokens)
