@@ -204,5 +204,6 @@ def _result(handle, item, stream: TextStream) -> dict:
         out.update(token_ids=handle.tokens[:n], token_logprobs=handle.token_logprobs[:n],
                    top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs[:n]])
     if calls:
-        out["tool_calls"], out["finish_reason"] = calls, "tool_calls"
+        out["tool_calls"] = calls
+        out["finish_reason"] = "length" if reason == "length" else "tool_calls"  # cut by max_tokens: "length"
     return out

@@ -60,9 +60,12 @@ def _content(msg: Mapping, i: int, optional: bool = False) -> str:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []
         for part in content:
-            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            # an assistant's refusal (a part OpenAI's models send back) is its text, too
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            key = "refusal" if kind == "refusal" and msg.get("role") == "assistant" else "text"
+            if kind != key or not isinstance(part.get(key), str):
                 raise FormatError(f"messages[{i}].content: only text parts are supported")
-            parts.append(part["text"])
+            parts.append(part[key])
         return "".join(parts)
     raise FormatError(f"messages[{i}].content must be a string or a list of text parts")
 
@@ -76,9 +79,12 @@ def _call_text(call: Mapping, i: int) -> str:
     try:
         params = json.loads(args) if isinstance(args, str) else args
     except json.JSONDecodeError:
-        raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} are not valid JSON") from None
-    if not isinstance(params, Mapping):  # a JSON object (HF-style messages give it as a dict)
-        raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} must be a JSON object")
+        params = None
+    if not isinstance(params, Mapping):  # a JSON object (HF-style messages give it as a dict); else the
+        if not isinstance(args, str):  # string as it was generated (a model's malformed call, replayed)
+            raise FormatError(f"messages[{i}].tool_calls: arguments of {fn['name']!r} must be a JSON object "
+                              "or a string")
+        params = args
     return f"{CALL_START}\n{json.dumps({'name': fn['name'], 'parameters': params}, ensure_ascii=False)}{ACTION_END}"
 
 
@@ -165,7 +171,8 @@ def chat_prompt(tok, messages: Sequence[Mapping], tools: Sequence[Mapping] | Non
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:
     """Model output -> (content, OpenAI ``tool_calls``). A call whose JSON does not parse, or that has no
-    string ``name`` or no object ``parameters``, stays text. With calls, the content is the text around
+    string ``name`` or no object ``parameters``, stays text, unless the output ends inside it (cut by
+    ``max_tokens``): then it is dropped, markers and all. With calls, the content is the text around
     them less the whitespace before each call and at the end (and at the start when the reply opens with
     a call): the rule :class:`TextStream` streams by, so streamed and whole replies agree."""
     return _split_calls(text)
@@ -184,7 +191,7 @@ def _arguments(params: Any) -> str | None:
 
 def _split_calls(text: str) -> tuple[str, list[dict]]:
     """(the content, the calls) by :func:`parse_tool_calls`' rule."""
-    content, calls, rest = [], [], text
+    content, calls, rest, cut = [], [], text, False
     while CALL_START in rest:
         before, _, after = rest.partition(CALL_START)
         body, found, rest = after.partition(ACTION_END)
@@ -194,12 +201,16 @@ def _split_calls(text: str) -> tuple[str, list[dict]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             name = args = None
         if not isinstance(name, str) or not name or args is None:
+            if not found:  # the reply ended inside this call (max_tokens cut it): no call, and no markup
+                content.append(before.rstrip())  # shown as content either
+                cut, rest = True, ""
+                break
             content.append(before + CALL_START + body + found)
             continue
         content.append(before.rstrip())
         calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                       "function": {"name": name, "arguments": args}})
-    if not calls:
+    if not calls and not cut:
         return text, []
     content.append(rest)
     out = "".join(content).rstrip()
@@ -264,8 +275,8 @@ class TextStream:
         """The rest of the content (not yet returned by push) and the tool calls, once generation ended."""
         if self.in_call:
             content, calls = _split_calls(self.text)
-            if calls:  # the content around the calls, less what push returned (all before the first call)
-                return content[min(self.sent, self.call_at):], calls
+            if calls or not self.forced:  # the content around the calls, less what push returned (all of it
+                return content[min(self.sent, self.call_at):], calls  # before the first call)
         return self.text[self.sent:], []  # a forced start was never to be sent: sent starts past it
 
     def reply(self) -> tuple[str, list[dict]]:

@@ -159,10 +159,19 @@ class Choice:
                 "top_logprobs": shown, "text_offset": offsets}
 
     def finish_reason(self) -> str:
+        """OpenAI's reason: "stop" or "length" ("tool_calls" is the caller's, which sees the calls)."""
         reason = "length" if self.keep is not None and self.shown >= self.keep else self.handle.finish_reason
-        if self.text.stopped or reason == "stop":
-            return "stop"
-        return "length" if reason == "length" else (reason or "stop")
+        return "length" if reason == "length" and not self.text.stopped else "stop"
+
+    def failure(self) -> APIError | None:
+        """The error to answer with when the engine ended this choice without a reply: a failed step, or
+        a cancellation that no stop string asked for (the server is stopping)."""
+        reason = self.handle.finish_reason or ""
+        if reason.startswith("error"):
+            return APIError(500, f"generation failed ({reason})", kind="server_error")
+        if reason == "cancelled" and not self.text.stopped:
+            return APIError(503, "the request was cancelled: the server is stopping", kind="server_error")
+        return None
 
     def logprobs(self, count: int, chat: bool) -> dict | None:
         """OpenAI's logprobs object for this choice's next ``count`` tokens (None without logprobs)."""
@@ -288,7 +297,10 @@ def create_app(engine: Engine, tok, model_name: str):
             raise APIError(400, f"unknown parameter {typo[0]!r}; did you mean {typo[1]!r}?", param=typo[0])
         fmt = extra.get("response_format")
         plain_text = fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text")  # all we can promise
-        unsupported = [("logit_bias", bool(extra.get("logit_bias"))), ("response_format", not plain_text)]
+        unsupported = [("logit_bias", bool(extra.get("logit_bias"))), ("response_format", not plain_text),
+                       ("audio", extra.get("audio") is not None), ("modalities", extra.get("modalities") not in
+                                                                   (None, ["text"])),
+                       ("web_search_options", extra.get("web_search_options") is not None)]
         if isinstance(req, ChatRequest):  # the legacy function-calling fields: tools replaced them
             unsupported += [(name, extra.get(name) is not None) for name in ("functions", "function_call")]
         if isinstance(req, CompletionRequest):
@@ -298,10 +310,11 @@ def create_app(engine: Engine, tok, model_name: str):
             if used:
                 hint = "; send them as tools (and tool_choice)" if name.startswith("function") else ""
                 raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        named = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = getattr(req, named)
         if max_tokens is not None and max_tokens <= 0 and not scores_only(req):
-            raise APIError(400, f"max_tokens must be a positive integer (0 only with echo), got {max_tokens}",
-                           param="max_tokens")
+            raise APIError(400, f"{named} must be a positive integer (0 only with echo), got {max_tokens}",
+                           param=named)
         for i, prompt in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             room = engine.max_len - len(prompt)
@@ -310,14 +323,14 @@ def create_app(engine: Engine, tok, model_name: str):
                                param="messages" if isinstance(req, ChatRequest) else "prompt",
                                code="context_length_exceeded")
             if max_tokens is not None and max_tokens > room:
-                raise APIError(400, f"{which} has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds "
-                               f"the context of {engine.max_len} tokens", param="max_tokens",
+                raise APIError(400, f"{which} has {len(prompt)} tokens; with {named}={max_tokens} that exceeds "
+                               f"the context of {engine.max_len} tokens", param=named,
                                code="context_length_exceeded")
             if req.min_tokens > room:  # without max_tokens the reply may fill the context, not more
                 raise APIError(400, f"{which} has {len(prompt)} tokens; min_tokens={req.min_tokens} exceeds the "
                                f"{room} left in the context of {engine.max_len} tokens", param="min_tokens")
         if req.min_tokens < 0 or (max_tokens is not None and req.min_tokens > max_tokens):
-            raise APIError(400, f"min_tokens must be from 0 to max_tokens, got {req.min_tokens}", param="min_tokens")
+            raise APIError(400, f"min_tokens must be from 0 to {named}, got {req.min_tokens}", param="min_tokens")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(req, name)
             if value is not None and not -2 <= value <= 2:
@@ -325,8 +338,9 @@ def create_app(engine: Engine, tok, model_name: str):
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         kw = dict(max_tokens=1 if scores_only(req) else max_tokens,
                   temperature=1.0 if req.temperature is None else req.temperature,
-                  top_p=1.0 if req.top_p is None else req.top_p,
-                  top_k=0 if req.top_k in (None, -1) else req.top_k,  # -1 is vLLM's "off"
+                  # top_p 0 (OpenAI accepts it) keeps the most likely token only: top_k 1
+                  top_p=1.0 if req.top_p in (None, 0) else req.top_p,
+                  top_k=1 if req.top_p == 0 else 0 if req.top_k in (None, -1) else req.top_k,  # -1: vLLM's "off"
                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   seed=req.seed if req.seed is not None else int.from_bytes(uuid.uuid4().bytes[:4], "little"),
@@ -428,6 +442,9 @@ def create_app(engine: Engine, tok, model_name: str):
                 c.handle.cancel()
 
         obj = ("chat.completion" if chat else "text_completion")
+
+        def tool_calls_reason(reason: str) -> str:
+            return "length" if reason == "length" else "tool_calls"
         if not req.stream:
             watcher = asyncio.ensure_future(cancel_on_disconnect())
             try:
@@ -435,9 +452,9 @@ def create_app(engine: Engine, tok, model_name: str):
                     pass
             finally:
                 watcher.cancel()
-            failed = [c.handle.finish_reason for c in choices if (c.handle.finish_reason or "").startswith("error")]
-            if failed:
-                raise APIError(500, f"generation failed ({failed[0]})", kind="server_error")
+            failed = next((e for e in map(Choice.failure, choices) if e is not None), None)
+            if failed is not None:
+                raise failed
             body = []
             for c in choices:
                 echoed, echo_logprobs = c.echoed() if c.echo is not None else ("", None)  # offsets start here
@@ -446,8 +463,8 @@ def create_app(engine: Engine, tok, model_name: str):
                 if chat:
                     content, calls = c.text.reply()
                     message = {"role": "assistant", "content": content or (None if calls else "")}
-                    if calls:
-                        message["tool_calls"], reason = calls, "tool_calls"
+                    if calls:  # (a reply cut by max_tokens stays "length", as OpenAI's)
+                        message["tool_calls"], reason = calls, tool_calls_reason(reason)
                     body.append(choice(c, message=message, reason=reason, logprobs=logprobs))
                 else:
                     if echo_logprobs is not None:  # the prompt's tokens first, then the completion's
@@ -487,12 +504,16 @@ def create_app(engine: Engine, tok, model_name: str):
                     yield sse({**head, "choices": [choice(c, delta={"content": delta}, txt=delta, logprobs=logprobs)]})
                 if finished:
                     left -= 1
+                    failed = c.failure()
+                    if failed is not None:  # OpenAI's error event (its client raises it), and no more
+                        yield sse(failed.body())
+                        return
                     reason = c.finish_reason()
                     rest, calls = c.text.finish()
                     if rest:
                         yield sse({**head, "choices": [choice(c, delta={"content": rest}, txt=rest)]})
                     if calls:
-                        reason = "tool_calls"
+                        reason = tool_calls_reason(reason)
                         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                         yield sse({**head, "choices": [choice(c, delta={"tool_calls": deltas})]})
                     last = {**head, "choices": [choice(c, delta={}, reason=reason, txt="")]}

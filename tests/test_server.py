@@ -332,7 +332,11 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(tiny):
         ({**ok, "frequency_penalty": 3}, False, 400, "frequency_penalty", "from -2 to 2"),
         ({**ok, "messages": [{"role": "wizard", "content": "x"}]}, False, 400, "messages", "wizard"),
         ({**ok, "messages": [{"role": "user", "content": "word " * 400}]}, False, 400, None, "context"),
-        ({**ok, "top_p": 0}, False, 400, None, "top_p"),
+        ({**ok, "top_p": -0.5}, False, 400, None, "top_p"),
+        ({**ok, "max_completion_tokens": 0}, False, 400, "max_completion_tokens", "max_completion_tokens must be"),
+        ({"model": "tiny-chat", "messages": ok["messages"], "max_completion_tokens": 1000}, False, 400,
+         "max_completion_tokens", "with max_completion_tokens=1000"),
+        ({**ok, "modalities": ["text", "audio"]}, False, 400, "modalities", "not supported"),
         ({**ok, "min_tokens": 5}, False, 400, "min_tokens", "from 0 to max_tokens"),
         ({"model": "tiny-chat", "messages": ok["messages"], "min_tokens": 1000}, False, 400, "min_tokens",
          "left in the context"),
@@ -515,6 +519,8 @@ def test_openai_defaults_nulls_and_other_paths(tiny):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     sampled = dict(model="tiny-chat", prompt="The river", max_tokens=8, temperature=1.0, seed=3)
+    # top_p 0 (OpenAI's range is 0 to 1) keeps only the most likely token: the greedy text
+    assert client.completions.create(**sampled, top_p=0).choices[0].text == greedy(model, tok, "The river", 8)
     everything = client.completions.create(**sampled, extra_body={"top_k": 2**31})
     assert everything.choices[0].text == client.completions.create(**sampled).choices[0].text
     for field, value in (("temperature", -1), ("top_k", -2), ("repetition_penalty", 0), ("seed", 1.5)):
@@ -562,6 +568,24 @@ def test_tool_calls_come_back_as_openai_tool_calls(tool_server):
                                           max_tokens=40, temperature=0)
     assert none.choices[0].message.content == plain.choices[0].message.content
     assert not none.choices[0].message.tool_calls
+
+
+def test_a_tool_call_cut_by_max_tokens_is_length_and_leaks_no_markup(tool_server):
+    """max_tokens that ends the reply inside its call: finish_reason "length", the content before the
+    call, no tool call and no marker text, streamed or not."""
+    server, tok = tool_server
+    client = server.client()
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    cut = len(tok.encode(REPLY + "<|action_start|><|plugin|>", add_bos=False)) + 3  # three tokens of the JSON
+    out = client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS, max_tokens=cut,
+                                         temperature=0)
+    assert (out.choices[0].finish_reason, out.choices[0].message.content) == ("length", REPLY)
+    assert not out.choices[0].message.tool_calls
+    chunks = list(client.chat.completions.create(model="tool-model", messages=messages, tools=TOOLS,
+                                                 max_tokens=cut, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
+    assert not [c for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert chunks[-1].choices[0].finish_reason == "length"
 
 
 def test_python_chat_with_tools_answers_as_the_server_does(tool_server):
@@ -765,6 +789,39 @@ def test_streamed_and_whole_replies_agree_on_the_content_around_calls():
         assert parse_tool_calls(text) == (text, []), body
 
 
+def test_a_reply_that_ends_inside_a_call_drops_it_streamed_or_not():
+    from internlm_jax.chat_format import TextStream, parse_tool_calls
+
+    call = "<|action_start|><|plugin|>\n" + '{"name": "f", "parameters": {"x": 1}}' + "<|action_end|>"
+    partial = "<|action_start|><|plugin|>\n" + '{"name": "f", "para'
+    cases = {"One moment. " + partial: ("One moment.", 0), partial: ("", 0), "a" + call + " b " + partial: ("a b", 1),
+             "<|action_start|><|plugin|>": ("", 0)}
+    for text, (want, calls) in cases.items():
+        assert (parse_tool_calls(text)[0], len(parse_tool_calls(text)[1])) == (want, calls), text
+        for size in (1, 4):
+            stream = TextStream(tools=True)
+            sent = "".join(stream.push(text[i:i + size]) for i in range(0, len(text), size))
+            rest, got = stream.finish()
+            assert (sent + rest, stream.reply()[0], len(got)) == (want, want, calls), (text, size)
+    # a call that the model ended (with <|action_end|>) but whose JSON is bad stays text, as before
+    bad = "x<|action_start|><|plugin|>\n{oops}<|action_end|>"
+    assert parse_tool_calls(bad) == (bad, [])
+
+
+def test_replayed_history_may_hold_a_malformed_call_and_a_refusal():
+    """What a client sends back is what it got: a call whose arguments are not a JSON object (a model's
+    slip) is rendered as the string it was, and an assistant's refusal part is its text."""
+    from internlm_jax.chat_format import FormatError, to_internlm_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "[1"}}
+    got = to_internlm_messages([{"role": "assistant", "content": None, "tool_calls": [call]},
+                                {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}])
+    assert got[0]["content"] == '<|action_start|><|plugin|>\n{"name": "f", "parameters": "[1"}<|action_end|>'
+    assert got[1]["content"] == "No."
+    with pytest.raises(FormatError, match=r"messages\[0\]\.content: only text parts"):
+        to_internlm_messages([{"role": "user", "content": [{"type": "refusal", "refusal": "No."}]}])
+
+
 def test_interpreter_and_plugin_channels_keep_their_names():
     """InternLM's agent format (FACTS: tool use): system and environment messages name their channel;
     ``tool``/``function`` results are plugin results."""
@@ -956,3 +1013,40 @@ def test_an_unexpected_error_is_a_500_in_openais_shape_and_the_server_keeps_serv
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "The river", "max_tokens": 3,
                                                       "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(model, tok, "The river", 3)
+
+
+def test_a_failed_engine_step_ends_a_stream_with_an_error_event_the_openai_client_raises(tiny):
+    """A generation that fails mid-stream does not end like a normal reply (no made-up finish_reason):
+    the stream sends OpenAI's error event, which the openai client raises; a whole reply is a 500."""
+    from fastapi.testclient import TestClient
+
+    from internlm_jax.server import create_app
+
+    _, model, tok = tiny
+    engine = ij.Engine(model, max_batch=1, max_len=64)
+    execute = engine._execute
+
+    def broken(plan):
+        raise RuntimeError("the device fell over")
+
+    app = create_app(engine, tok, "tiny")
+    body = {"model": "tiny", "prompt": "The river", "max_tokens": 3, "temperature": 0}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        engine._execute = broken
+        r = client.post("/v1/completions", json={**body, "stream": True})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        assert events[-1]["error"]["type"] == "server_error", r.text
+        assert "generation failed (error:RuntimeError)" in events[-1]["error"]["message"]
+        assert "[DONE]" not in r.text and not [e for e in events if "choices" in e and e["choices"]
+                                               and e["choices"][0]["finish_reason"]]
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "generation failed" in r.json()["error"]["message"]
+        engine._execute = execute
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy(model, tok, "The river", 3)
+    # the openai client turns the event into an exception (its parser, fed the server's bytes)
+    stream = openai.Stream(cast_to=object, response=httpx.Response(
+        200, content=f"data: {json.dumps(events[-1])}\n\n".encode(), request=httpx.Request("POST", "http://x")),
+        client=openai.OpenAI(api_key="x", base_url="http://x"))
+    with pytest.raises(openai.APIError, match="generation failed"):
+        list(stream)
