@@ -183,6 +183,9 @@ class InternLM2Config:
             raise ValueError(
                 f"{source}: not an InternLM2 config (model_type={model_type!r}, architectures={archs!r}); "
                 f"expected model_type {MODEL_TYPE!r}")
+        if isinstance(archs, list) and archs and ARCHITECTURE not in archs:  # e.g. InternLM2ForRewardModel
+            raise ValueError(f"{source}: architectures {archs!r} is not supported; internlm-jax loads "
+                             f"{ARCHITECTURE} (the causal language model) checkpoints")
         fields = {f.name for f in dataclasses.fields(cls)} - set(NOT_IN_JSON)
         kwargs: dict[str, Any] = {}
         extra = {}

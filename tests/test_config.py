@@ -182,6 +182,11 @@ def test_not_internlm2(tmp_path):
                                                       "hidden_size": 64}))
     with pytest.raises(ValueError, match="not an InternLM2 config"):
         InternLM2Config.from_pretrained(tmp_path)
+    # InternLM2's reward model: the same model_type, another head (v_head, no output layer)
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, **RELEASED["internlm2-1_8b"],
+                                                      "architectures": ["InternLM2ForRewardModel"]}))
+    with pytest.raises(ValueError, match=r"config.json: architectures \['InternLM2ForRewardModel'\] is not supported"):
+        InternLM2Config.from_pretrained(tmp_path)
 
 
 def test_missing_and_broken_files(tmp_path):
