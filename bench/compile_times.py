@@ -37,7 +37,7 @@ def main():
         b, t = 1, args.cache
         ds = DecodeState(spec((b, cfg.vocab_size), jnp.float32), KVCache.abstract(cfg, b, t, args.dtype),
                          spec((b,), jnp.int32), spec((b, cfg.vocab_size), bool), spec((b,), bool), spec((), jnp.int32),
-                         jax.eval_shape(lambda: jax.random.key(0)))
+                         jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
         kw = dict(sampling=SamplingParams(), stop_ids=(2,))
         scalar = spec((), jnp.int32)
         row = {"layers": cfg.num_hidden_layers}

@@ -46,6 +46,7 @@ from .generation import (
     SamplingParams,
     bucket_length,
     check_keywords,
+    check_stop_ids,
     default_stop_ids,
     generator_for,
     model_limit,
@@ -157,16 +158,24 @@ class Engine:
                  max_queue: int = 256, decode_chunk: int = 8, stop_ids: Sequence[int] | None = None,
                  step_timeout_s: float = 600.0):
         max_len = serving_length(model) if max_len is None else max_len
+        sizes = {}
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
+            value = int(value) if isinstance(value, np.integer) else value
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EngineError(f"{name} must be a positive integer, got {value!r}")
+                raise EngineError(f"{name} must be a positive integer, got {value!r}", name)
+            sizes[name] = value
+        max_batch, max_len, prefill_chunk, max_queue, decode_chunk = sizes.values()
         self.gen = generator_for(model)
         self.config = model.config
         self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
         self.prefill_chunk = 1 << (prefill_chunk.bit_length() - 1)  # a power of two
         self.decode_chunk = decode_chunk
-        self.stop_ids = tuple(int(s) for s in (default_stop_ids(model.config) if stop_ids is None else stop_ids))
+        try:
+            self.stop_ids = default_stop_ids(model.config) if stop_ids is None else \
+                check_stop_ids(stop_ids, model.config.vocab_size)
+        except (TypeError, ValueError) as e:
+            raise EngineError(str(e), "stop_ids") from None
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[_Row | None] = [None] * max_batch
         self.lock = threading.Lock()
@@ -274,6 +283,9 @@ class Engine:
         The step is decided on the host (:meth:`_plan`), sent to the other processes of a multi-host
         job (which run :meth:`follow`), run on the devices by every process (:meth:`_execute`), and its
         tokens handed to the requests (:meth:`_collect`)."""
+        if self._looping():
+            raise EngineError("the engine runs its own loop (start() was called): submit requests and wait "
+                              "for them (run_until_done, or request.finished), or stop() it first")
         if self.multihost:  # the other processes run each step too: Ctrl-C only between steps
             self.interrupts.arm()
             self.interrupts.check()
@@ -302,10 +314,22 @@ class Engine:
         finally:
             ignored.disarm()
 
+    def _looping(self) -> bool:
+        """Whether the background loop (:meth:`start`) runs the steps, and this is another thread."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and threading.current_thread() is not thread
+
     def run_until_done(self, requests: Sequence[Request] = ()) -> None:
-        """Drive :meth:`step` on this thread until nothing is waiting or running (and ``requests``, which
-        must have been submitted here, are finished)."""
+        """Drive :meth:`step` on this thread (or, after :meth:`start`, wait for the background loop) until
+        nothing is waiting or running and ``requests``, which must have been submitted here, are finished."""
         while self.busy or any(not r.finished.is_set() for r in requests):
+            if self._looping():
+                pending = next((r for r in requests if not r.finished.is_set()), None)
+                if pending is None:
+                    time.sleep(0.005)
+                elif not pending.finished.wait(0.05) and not self.busy and not pending.finished.wait(0.5):
+                    raise EngineError("run_until_done was given requests that were never submitted to this engine")
+                continue
             if not self.busy:
                 raise EngineError("run_until_done was given requests that were never submitted to this engine")
             self.step()
@@ -357,6 +381,7 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # never leave clients hanging: fail what is running, keep serving
+                logger.exception("engine step failed; its running requests end with error:%s", type(e).__name__)
                 if self.multihost:  # the processes may disagree now: stop (the followers time out)
                     abort(f"engine step failed on process 0 ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
                 self.stats["errors"] += 1

@@ -151,13 +151,14 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None,
                   counts: jax.Array | None = None, counter: jax.Array | None = None) -> jax.Array:
     """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw;
-    with ``counter`` ``[B]`` row ``b`` draws with ``fold_in(key, counter[b])`` (as the engine's rows do)."""
+    with ``counter`` ``[B]``, ``key`` holds a key per row and row ``b`` draws with ``fold_in(key[b],
+    counter[b])`` (as the engine's rows do)."""
     logits = process_logits(logits, params, seen, counts)
     if params.temperature == 0:
         return argmax_tokens(logits)
     if counter is None:
         return categorical_tokens(key, logits)
-    return categorical_rows(jax.vmap(lambda c: jax.random.fold_in(key, c))(counter), logits)
+    return categorical_rows(jax.vmap(jax.random.fold_in)(key, counter), logits)
 
 
 @jax.tree_util.register_dataclass
@@ -275,7 +276,7 @@ class DecodeState:
     seen: jax.Array  # [B, V] bool
     done: jax.Array  # [B] bool
     step: jax.Array  # [] int32
-    key: jax.Array
+    key: jax.Array  # [B] PRNG keys, row b's of seed + b (unused under ``rows``, which hold their own)
     rows: RowSampling | None = None  # per-row sampling (continuous batching); None: ``sampling`` for all
     counts: jax.Array | None = None  # [B, V] int32, times each token was generated; None: not tracked
     ban: jax.Array | None = None  # [B, V] bool, ids a row may not sample yet (min_tokens); None: none banned
@@ -403,8 +404,8 @@ class Generator:
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
         if ds.rows is None:
-            # each row draws with the seed's key folded with its own position, as an engine request with
-            # that seed does: a prompt samples the same tokens wherever it sits in the batch
+            # row b draws with key(seed + b) folded with its own position, as an engine request with seed
+            # seed + b does: its tokens depend on its row's seed, not on the other rows
             tok = sample_tokens(ds.logits, ds.key, sampling, ds.seen, ds.counts, counter=ds.positions)
         else:
             logits = ds.logits
@@ -497,6 +498,14 @@ class Generator:
         sharding = SingleDeviceSharding(jax.devices()[0]) if self.mesh is None else named_sharding((), (), self.mesh)
         return jax.jit(jax.random.key, out_shardings=sharding)(np.uint32(seed))  # committed, as put() makes
 
+    def row_keys(self, seed: int, rows: int) -> jax.Array:
+        """``rows`` PRNG keys, row ``b``'s that of seed ``seed + b`` (an engine request's with that seed),
+        made on the devices and split like the batch."""
+        sharding = SingleDeviceSharding(jax.devices()[0]) if self.mesh is None else \
+            named_sharding(("batch",), (rows,), self.mesh)
+        return jax.jit(_seed_keys, static_argnames=("rows",), out_shardings=sharding)(np.uint32(seed % 2**32),
+                                                                                      rows=rows)
+
     def layout(self, s: int, max_new_tokens: int):
         """For a prepared prompt of ``s`` tokens: (cache length, where the last prompt token sits, the
         slot base of decode tokens, the zigzag token order or None)."""
@@ -577,10 +586,15 @@ class Generator:
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
         ds = DecodeState(logits, cache, self.put((batch.positions[:, -1] + 1).astype(np.int32), ("batch",)),
                          self.put(seen, ("batch", "act_vocab")), self.put(np.zeros(b, bool), ("batch",)),
-                         self.put(np.int32(0), ()), self.key(seed), None,
+                         self.put(np.int32(0), ()), self.row_keys(seed, b), None,
                          self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
                          if counts else None)
         return ds
+
+
+def _seed_keys(seed, rows: int) -> jax.Array:
+    """The keys of seeds ``seed .. seed + rows - 1`` (a module-level function: jit compiles it once)."""
+    return jax.vmap(jax.random.key)(seed + jnp.arange(rows, dtype=jnp.uint32))
 
 
 def prompt_chunks(n: int, s: int, chunk: int, cache_len: int) -> list[tuple[int, int, int, int]]:
@@ -664,6 +678,12 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
         raise TypeError(f"the second argument must be a Tokenizer, got {type(tok).__name__}")
     if stop_ids is None:
         return default_stop_ids(model.config, tok)
+    return check_stop_ids(stop_ids, model.config.vocab_size)
+
+
+def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
+    """``stop_ids`` as a tuple of ints, or a TypeError / ValueError naming the first that is not a token id
+    of the vocabulary (a string of ids, a float, a bool)."""
     if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
     out = []
@@ -674,7 +694,24 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
             out.append(operator.index(t))
         except TypeError:
             raise TypeError(f"stop_ids must be token ids (integers), got {t!r} (stop strings go in stop=)") from None
+        if not 0 <= out[-1] < vocab_size:
+            raise ValueError(f"stop id {out[-1]} is outside the vocabulary (0..{vocab_size - 1})")
     return tuple(out)
+
+
+def _token_ids(p, i: int) -> list[int]:
+    """Prompt ``i``'s token ids as ints; a float or bool among them (a slip) is an error, not truncated."""
+    if isinstance(p, np.ndarray | jax.Array) and not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"prompt {i}: token ids must be integers, got an array of {p.dtype}")
+    out = []
+    for t in p:
+        try:
+            if isinstance(t, bool | np.bool_):
+                raise TypeError
+            out.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"prompt {i}: token ids must be integers, got {t!r}") from None
+    return out
 
 
 def _as_batch(prompts) -> tuple[list, bool]:
@@ -682,6 +719,8 @@ def _as_batch(prompts) -> tuple[list, bool]:
     1-D array is one prompt."""
     if isinstance(prompts, str):
         return [prompts], True
+    if isinstance(prompts, bytes | bytearray):
+        raise TypeError("prompts must be text (str) or token ids, got bytes: decode them first")
     if not isinstance(prompts, Iterable):
         raise TypeError(f"prompts must be a string, a list of token ids, or a list of those; got "
                         f"{type(prompts).__name__}")
@@ -702,10 +741,12 @@ def _encode_prompts(tok, prompts, add_bos: bool, vocab_size: int) -> list[list[i
             if tok is None:
                 raise ValueError("a tokenizer is needed for text prompts (or pass token id lists)")
             ids = tok.encode(p, add_bos=add_bos)
-        elif isinstance(p, int | np.integer):
+        elif isinstance(p, bytes | bytearray):
+            raise TypeError(f"prompt {i} is bytes; pass text (decode it first) or a list of token ids")
+        elif isinstance(p, int | np.integer) or np.ndim(p) == 0:
             raise ValueError(f"prompt {i} is a single integer; prompts are token id lists (for one prompt: [ids])")
         else:
-            ids = [int(t) for t in p]
+            ids = _token_ids(p, i)
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
                 raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
@@ -801,18 +842,24 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     ``stop_ids`` default: :func:`default_stop_ids` (pass the tokenizer's ``stop_ids`` for another vocabulary).
 
     ``max_new_tokens`` defaults to 128, or what fits after the longest prompt within ``max_length``
-    (default: the model's context). A sampled prompt draws the same tokens wherever it sits in the
-    batch, and the same as an :class:`~internlm_jax.Engine` request with the same ``seed``."""
+    (default: the model's context). Sampled row ``b`` draws with seed ``seed + b``: the same prompt
+    repeated gives different samples, and a row's tokens are those of an :class:`~internlm_jax.Engine`
+    request with that seed, whatever the other rows hold."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     seed = seed_value(seed)
+    stop_ids = default_stop_ids(model.config) if stop_ids is None else check_stop_ids(stop_ids,
+                                                                                     model.config.vocab_size)
+    if isinstance(prompts, str | bytes | bytearray):
+        raise TypeError(f"generate_ids takes token id lists, got {type(prompts).__name__} (text: generate)")
+    prompts = list(prompts) if isinstance(prompts, Iterable) and not isinstance(prompts, np.ndarray | jax.Array) \
+        else prompts
     if len(prompts) == 0:
         return []
     prompts = _encode_prompts(None, prompts, add_bos=False, vocab_size=model.config.vocab_size)
     prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, _max_length(model, max_length), truncate)
     gen = generator_for(model)
     ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
-    stop_ids = default_stop_ids(model.config) if stop_ids is None else stop_ids
-    tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, tuple(int(s) for s in stop_ids))
+    tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, stop_ids)
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 
 

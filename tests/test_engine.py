@@ -483,6 +483,21 @@ def test_engine_defaults_and_misuse():
     stranger = ij.Engine(model, stop_ids=()).check([3, 4], max_tokens=2)
     with pytest.raises(ij.EngineError, match="never submitted"):
         ij.Engine(model, stop_ids=()).run_until_done([stranger])
+    # started: run_until_done waits for the background loop instead of stepping the same state beside it,
+    # and step() from another thread is refused
+    looping = ij.Engine(model, max_batch=2, max_len=32, stop_ids=()).start()
+    try:
+        requests = [looping.submit([5, 6, 7, 8], max_tokens=12) for _ in range(5)]
+        looping.run_until_done(requests)
+        want = ij.generate_ids(model, [[5, 6, 7, 8]], max_new_tokens=12, stop_ids=())[0]
+        assert [(r.tokens, r.finish_reason) for r in requests] == [(want, "length")] * 5
+        assert looping.stats["errors"] == 0
+        with pytest.raises(ij.EngineError, match="runs its own loop"):
+            looping.step()
+        with pytest.raises(ij.EngineError, match="never submitted"):
+            looping.run_until_done([stranger])
+    finally:
+        looping.stop()
     # numpy scalars (a sweep over np.arange) are the numbers they hold; a vanishing temperature is greedy
     engine = ij.Engine(model, stop_ids=())
     swept = engine.submit([3, 4, 5], max_tokens=6, temperature=np.float32(0.5), top_k=np.int64(5), seed=3)
@@ -554,3 +569,32 @@ def test_a_bf16_layer_scan_on_cpu_converts_one_layer_at_a_time():
     assert layers_f32 > 2 * temp["ours"] and temp["ours"] <= temp["default"]
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(jax.jit(forward)(state, ids)))
     assert ij.InternLM2(cfg, seed=0).scan_compiler_options() == {}  # float32 weights and compute: none
+
+
+def test_a_failed_engine_step_is_logged_with_its_traceback(caplog):
+    """The background loop fails the running requests of a step that raised and keeps serving; the
+    exception itself goes to the log (it was only counted)."""
+    import logging
+
+    model = ij.InternLM2(CFG, seed=0)
+    engine = ij.Engine(model, max_batch=1, max_len=32, stop_ids=())
+    execute = engine._execute
+
+    def broken(plan):
+        raise RuntimeError("the device fell over")
+
+    engine._execute = broken
+    engine.start()
+    try:
+        with caplog.at_level(logging.ERROR, logger="internlm_jax.engine"):
+            failed = engine.submit([3, 4], max_tokens=2)
+            failed.finished.wait(60)
+        assert failed.finish_reason == "error:RuntimeError"
+        record = next(r for r in caplog.records if "engine step failed" in r.getMessage())
+        assert "the device fell over" in str(record.exc_info[1])
+        engine._execute = execute
+        ok = engine.submit([3, 4], max_tokens=2)
+        engine.run_until_done([ok])
+        assert ok.tokens == ij.generate_ids(model, [[3, 4]], max_new_tokens=2, stop_ids=())[0]
+    finally:
+        engine.stop()

@@ -157,18 +157,19 @@ def test_sampling_reproducible_and_greedy_limits(model):
     assert ij.generate_ids(model, PROMPTS, temperature=0.7, top_p=1e-6, seed=3, **kw) == greedy
 
 
-def test_a_sampled_prompt_draws_the_same_tokens_anywhere_in_the_batch_and_in_the_engine(model):
-    """Each row draws with the seed's key folded with its own position: a prompt's sampled tokens do not
-    depend on the rows around it, and equal an engine request with the same seed."""
+def test_each_sampled_row_draws_with_its_own_seed_like_an_engine_request(model):
+    """Row b draws with seed + b: a prompt repeated in a batch gives different samples, a row's tokens
+    do not depend on what the other rows hold, and equal an engine request with that seed."""
     kw = dict(max_new_tokens=8, stop_ids=(), temperature=1.0, top_p=0.95, seed=5)
-    alone = ij.generate_ids(model, [PROMPTS[1]], **kw)[0]
-    assert alone != ij.generate_ids(model, [PROMPTS[1]], **{**kw, "seed": 6})[0]
-    assert ij.generate_ids(model, [PROMPTS[0], PROMPTS[1]], **kw)[1] == alone
-    assert ij.generate_ids(model, [PROMPTS[1], PROMPTS[1]], **kw) == [alone, alone]
+    alone = {s: ij.generate_ids(model, [PROMPTS[1]], **{**kw, "seed": s})[0] for s in (5, 6)}
+    assert alone[5] != alone[6]
+    assert ij.generate_ids(model, [PROMPTS[1], PROMPTS[1]], **kw) == [alone[5], alone[6]]
+    assert ij.generate_ids(model, [PROMPTS[0], PROMPTS[1]], **kw)[1] == alone[6]
+    assert ij.generate_ids(model, [PROMPTS[2], PROMPTS[1]], **kw)[1] == alone[6]
     engine = ij.Engine(model, max_batch=2, max_len=32, stop_ids=())
-    request = engine.submit(PROMPTS[1], max_tokens=8, temperature=1.0, top_p=0.95, seed=5)
-    engine.run_until_done([request])
-    assert request.tokens == alone
+    requests = [engine.submit(PROMPTS[1], max_tokens=8, temperature=1.0, top_p=0.95, seed=s) for s in (5, 6)]
+    engine.run_until_done(requests)
+    assert [r.tokens for r in requests] == [alone[5], alone[6]]
 
 
 def test_defaults_fit_the_context_and_ids_are_checked(model):
@@ -258,6 +259,27 @@ def test_common_argument_slips_are_named(model, tmp_path):
             ij.generate(*args, max_new_tokens=2, **kw)
     for stop_ids in (jnp.asarray([2, 5]), [jnp.int32(2), np.int64(5)], range(2, 3)):  # integers of any kind
         ij.generate(model, tok, [[3, 4]], max_new_tokens=2, stop_ids=stop_ids)
+    # the same checks for token ids in (generate_ids) and the engine: no silent int() of a slip
+    ids_cases = [(([[5.0, 6.0, 7.5]],), {}, TypeError, "prompt 0: token ids must be integers, got 5.0"),
+                 (([[True, False]],), {}, TypeError, "prompt 0: token ids must be integers, got True"),
+                 ((np.array([[5.0, 6.0]]),), {}, TypeError, "prompt 0: token ids must be integers, got an array"),
+                 ((jnp.array([5, 6, 7]),), {}, ValueError, "prompt 0 is a single integer"),
+                 (("hi",), {}, TypeError, "generate_ids takes token id lists, got str"),
+                 (([b"hi"],), {}, TypeError, "prompt 0 is bytes"),
+                 (([[3, 4]],), {"stop_ids": "23"}, TypeError, "stop_ids must be a list of token ids"),
+                 (([[3, 4]],), {"stop_ids": [2.5]}, TypeError, r"stop_ids must be token ids \(integers\)"),
+                 (([[3, 4]],), {"stop_ids": [-5]}, ValueError, "stop id -5 is outside the vocabulary")]
+    for args, kw, error, words in ids_cases:
+        with pytest.raises(error, match=words):
+            ij.generate_ids(model, *args, max_new_tokens=2, **kw)
+    with pytest.raises(TypeError, match="got bytes: decode them first"):
+        ij.generate(model, tok, b"hi", max_new_tokens=2)
+    assert ij.generate_ids(model, np.array([[3, 4]], np.int64), max_new_tokens=2, stop_ids=()) == \
+        ij.generate_ids(model, [[3, 4]], max_new_tokens=2, stop_ids=())
+    for stop_ids, words in (("2", "stop_ids must be a list"), ([-5, 1000], "stop id -5 is outside")):
+        with pytest.raises(ij.EngineError, match=words):
+            ij.Engine(model, stop_ids=stop_ids)
+    assert ij.Engine(model, max_len=np.int64(32), max_batch=np.int32(2)).max_len == 32
     with pytest.raises(TypeError, match="first argument must be an InternLM2 model"):
         ij.stream(tok, model, "hi")
     with pytest.raises(TypeError, match="second argument must be a Tokenizer"):

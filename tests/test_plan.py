@@ -70,7 +70,7 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     logits, cache = gen.prefill(gen.state, gen.layers, ids, mask, pos, index, cache_len=cache_len, last=last)
     ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)),
                      gen.put(np.zeros((b, CFG.vocab_size), bool), ("batch", "act_vocab")),
-                     gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.key(0))
+                     gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.split(jax.random.key(0), b))
     m = gen.step.lower(gen.state, gen.layers, ds, jnp.int32(base), sampling=SamplingParams(),
                        stop_ids=(2,)).compile().memory_analysis()
     dec = got["decode_step"]
