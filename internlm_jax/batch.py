@@ -44,11 +44,16 @@ class BatchInputError(ValueError):
     """An input line that cannot run (the message names the file, line and field)."""
 
 
-def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
-    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced"}]`` (``forced``:
-    the reply's start that ``tool_choice`` puts at the end of the prompt)."""
+def input_lines(path: str | os.PathLike):
+    """``(where, line object)`` for each non-blank line of an input file, with what needs no model
+    checked: UTF-8 JSON objects, each with a unique string or integer ``id``, no unsupported or misspelt
+    key (``null`` values dropped: they mean the default). The CLI runs it before the model loads."""
     path = Path(path)
-    out, seen = [], {}
+    if path.is_dir():
+        raise BatchInputError(f"--input {path} is a folder; give the JSONL file's path")
+    if not path.is_file():
+        raise BatchInputError(f"--input {path} does not exist")
+    seen = {}
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             where = f"{path}:{n}"
@@ -77,68 +82,98 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
             if rid in seen:
                 raise BatchInputError(f"{where}: id {rid!r} already used on line {seen[rid]}")
             seen[rid] = n
-            given = [k for k in ("prompt", "messages", "prompt_ids") if k in item]
-            if len(given) != 1:
-                raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
-            forced, tools = "", False
-            try:
-                if "prompt" in item:
-                    if not isinstance(item["prompt"], str) or not item["prompt"]:
-                        raise BatchInputError(f"{where}: 'prompt' must be a non-empty string")
-                    ids = tok.encode(item["prompt"])
-                elif "messages" in item:
-                    ids, forced, tools = chat_prompt(tok, item["messages"], item.get("tools"), item.get("tool_choice"))
-                else:
-                    ids = item["prompt_ids"]
-                    if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-                        raise BatchInputError(f"{where}: 'prompt_ids' must be a list of integers")
-            except (FormatError, ValueError, TypeError) as e:
-                if isinstance(e, BatchInputError):
-                    raise
-                raise BatchInputError(f"{where}: {e}") from None
-            kw = {k: v for k, v in defaults.items() if k != "stop"}
-            if "max_new_tokens" in item and "max_tokens" not in item:  # the CLI's and generate()'s name
-                item["max_tokens"] = item["max_new_tokens"]
-            kw.update({k: item[k] for k in OPTIONS if k in item})
-            if kw.get("max_tokens") is None:  # as generate(): the default, or what fits in the context
-                if len(ids) >= engine.max_len:
-                    raise BatchInputError(f"{where}: the prompt has {len(ids)} tokens; the context (--max-len) "
-                                          f"is {engine.max_len}")
-                kw["max_tokens"] = min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids))
-            stop = item.get("stop")
-            stop = defaults.get("stop") if stop is None else stop  # absent or null: the command's --stop
-            stop = stop or []
-            stop = [stop] if isinstance(stop, str) else stop
-            if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
-                raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")
-            stop_token_ids = item.get("stop_token_ids") or []
-            if not isinstance(stop_token_ids, list) or not all(isinstance(s, int) for s in stop_token_ids):
-                raise BatchInputError(f"{where}: 'stop_token_ids' must be a list of token ids")
-            kw["stop_ids"] = [s for s in stop if isinstance(s, int)] + stop_token_ids
-            try:
-                engine.check(ids, **kw)
-            except EngineError as e:
-                raise BatchInputError(f"{where}: {e}") from None
-            out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                        "chat": "messages" in item, "forced": forced, "tools": tools, "shown": 0})
+            yield where, item
+
+
+def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
+    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced"}]`` (``forced``:
+    the reply's start that ``tool_choice`` puts at the end of the prompt)."""
+    out = []
+    for where, item in input_lines(path):
+        rid = item["id"]
+        given = [k for k in ("prompt", "messages", "prompt_ids") if k in item]
+        if len(given) != 1:
+            raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
+        forced, tools = "", False
+        try:
+            if "prompt" in item:
+                if not isinstance(item["prompt"], str) or not item["prompt"]:
+                    raise BatchInputError(f"{where}: 'prompt' must be a non-empty string")
+                ids = tok.encode(item["prompt"])
+            elif "messages" in item:
+                ids, forced, tools = chat_prompt(tok, item["messages"], item.get("tools"), item.get("tool_choice"))
+            else:
+                ids = item["prompt_ids"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+                    raise BatchInputError(f"{where}: 'prompt_ids' must be a list of integers")
+        except (FormatError, ValueError, TypeError) as e:
+            if isinstance(e, BatchInputError):
+                raise
+            raise BatchInputError(f"{where}: {e}") from None
+        kw = {k: v for k, v in defaults.items() if k != "stop"}
+        if "max_new_tokens" in item and "max_tokens" not in item:  # the CLI's and generate()'s name
+            item["max_tokens"] = item["max_new_tokens"]
+        kw.update({k: item[k] for k in OPTIONS if k in item})
+        if kw.get("max_tokens") is None:  # as generate(): the default, or what fits in the context
+            if len(ids) >= engine.max_len:
+                raise BatchInputError(f"{where}: the prompt has {len(ids)} tokens; the context (--max-len) "
+                                      f"is {engine.max_len}")
+            kw["max_tokens"] = min(DEFAULT_NEW_TOKENS, engine.max_len - len(ids))
+        stop = item.get("stop")
+        stop = defaults.get("stop") if stop is None else stop  # absent or null: the command's --stop
+        stop = stop or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, (str, int)) for s in stop):
+            raise BatchInputError(f"{where}: 'stop' must be a string or a list of strings / token ids")
+        stop_token_ids = item.get("stop_token_ids") or []
+        if not isinstance(stop_token_ids, list) or not all(isinstance(s, int) for s in stop_token_ids):
+            raise BatchInputError(f"{where}: 'stop_token_ids' must be a list of token ids")
+        kw["stop_ids"] = [s for s in stop if isinstance(s, int)] + stop_token_ids
+        try:
+            engine.check(ids, **kw)
+        except EngineError as e:
+            raise BatchInputError(f"{where}: {e}") from None
+        out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
+                    "chat": "messages" in item, "forced": forced, "tools": tools, "shown": 0})
     return out
+
+
+OUTPUT_KEYS = frozenset({"id", "finish_reason", "completion_tokens"})  # in every line this command writes
+
+
+def check_output(path: Path) -> None:
+    """An --output the command can append to and read back on a rerun: a regular file (or none yet) in
+    a folder, not a pipe, terminal or folder."""
+    if path.is_dir():
+        raise BatchInputError(f"--output {path} is a folder; give the output file's path")
+    if path.exists() and not path.is_file():
+        raise BatchInputError(f"--output {path} is not a regular file (a pipe or device: a rerun reads the "
+                              "output back to skip finished ids); give a file path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise BatchInputError(f"--output {path}: {parent} is a file, not a folder")
 
 
 def finished_ids(path: Path) -> set:
     """Ids already in the output; a torn last line is cut off first (it never finished writing)."""
+    check_output(path)
     if not path.exists():
         return set()
-    if path.is_dir():
-        raise BatchInputError(f"--output {path} is a folder; give the output file's path")
     raw = path.read_bytes()
     end = raw.rfind(b"\n") + 1
     done = set()
     for n, line in enumerate(raw[:end].splitlines(), 1):  # checked before anything is cut
         if line.strip():
             try:
-                done.add(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise BatchInputError(f"{path}:{n}: not an output line of this command; refusing to append") from None
+                record = json.loads(line)
+                if not OUTPUT_KEYS <= record.keys():  # e.g. a copy of the input: its ids are not done
+                    raise KeyError
+                done.add(record["id"])
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise BatchInputError(f"{path}:{n}: not an output line of this command (it has no "
+                                      f"{', '.join(sorted(OUTPUT_KEYS))}); refusing to append") from None
     if end != len(raw):
         with open(path, "r+b") as f:
             f.truncate(end)

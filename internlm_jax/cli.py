@@ -49,6 +49,8 @@ def add_mesh_args(parser: argparse.ArgumentParser, tensor: int = 1) -> None:
 
 def _simulate_devices(n: int | None) -> None:
     """Ask XLA for ``n`` CPU devices; only possible before JAX has started."""
+    if n is not None and n < 0:
+        raise ValueError(f"--devices must be 0 (the real devices) or a positive number of CPU devices, got {n}")
     if not n:
         return
     if "jax" in sys.modules:
@@ -162,6 +164,14 @@ def _sampling_kwargs(args) -> dict:
                 frequency_penalty=args.frequency_penalty, seed=args.seed, truncate=args.truncate)
 
 
+def _check_sizes(args, *names: str) -> None:
+    """Engine size flags (--max-batch, --max-len, ...) as positive integers, before the model loads."""
+    for name in names:
+        value = getattr(args, name.replace("-", "_"))
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+
+
 def cmd_generate(args) -> None:
     if args.prompt is not None and args.input is not None:
         raise ValueError("give --prompt or --input (a JSONL file of requests), not both")
@@ -169,6 +179,24 @@ def cmd_generate(args) -> None:
         raise ValueError("give --prompt or --input (a JSONL file of requests)")
     if args.input is not None and args.output is None:
         raise ValueError("--input needs --output (the JSONL file results are appended to)")
+    if args.prompt is not None:
+        given = [f for f, v in (("--output", args.output), ("--max-len", args.max_len),
+                                ("--max-batch", args.max_batch)) if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} goes with --input (a JSONL file of requests), not --prompt")
+    _check_sizes(args, "max-batch", "max-len")
+    # the files and every line's syntax, before minutes of loading (where this is process 0: only it reads
+    # --input; under --distributed the process index is known after the load's start, and run_batch checks)
+    if args.input is not None and args.process_id == 0 and not args.distributed:
+        from pathlib import Path
+
+        from .batch import check_output, input_lines
+
+        if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
+            raise ValueError(f"--output {args.output} is the input file; results go to a file of their own")
+        check_output(Path(args.output))
+        for _ in input_lines(args.input):
+            pass
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts
     from .generation import default_stop_ids, generate, stream
 
@@ -178,7 +206,7 @@ def cmd_generate(args) -> None:
         from .batch import run_batch
         from .engine import Engine, serving_length
 
-        engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len or serving_length(model),
+        engine = Engine(model, max_batch=args.max_batch or 8, max_len=args.max_len or serving_length(model),
                         stop_ids=default_stop_ids(model.config, tok))
         from .multihost import PeerFailed, finish
 
@@ -194,8 +222,6 @@ def cmd_generate(args) -> None:
                         seed=args.seed)
         error = None
         try:
-            if not os.path.isfile(args.input):
-                raise FileNotFoundError(f"--input {args.input} does not exist")
             result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
         except KeyboardInterrupt:
             error = "interrupted (Ctrl-C)"
@@ -223,6 +249,17 @@ def cmd_generate(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+    _check_sizes(args, "max-batch", "max-len", "max-queue", "prefill-chunk")
+    if not (getattr(args, "coordinator", None) or getattr(args, "distributed", False)):
+        import socket  # one process: a port in use or a bad --host is named now, not after the load
+
+        try:
+            with socket.create_server((args.host, args.port)):
+                pass
+        except OSError as e:
+            raise OSError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})") from None
     model, tok = _load_for_generation(args)
     from .server import serve
 
@@ -248,7 +285,15 @@ def cmd_chat(args) -> None:
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         print("assistant> " if interactive else "", end="", flush=True)
-        reply = chat(model, tok, messages, stream_to=lambda p: print(p, end="", flush=True), **_sampling_kwargs(args))
+        try:
+            reply = chat(model, tok, messages, stream_to=lambda p: print(p, end="", flush=True),
+                         **_sampling_kwargs(args))
+        except ValueError as e:  # this turn cannot run (the conversation outgrew the context, bad text):
+            messages.pop()  # say so and keep the session
+            print(f"\nerror: {str(e).splitlines()[0]}" + (" (the conversation is longer than the context: "
+                  "start a new session, or pass --truncate to keep its end)" if "exceeds max_length" in str(e)
+                  else ""), file=sys.stderr, flush=True)
+            continue
         print()
         messages.append(reply)
 
@@ -505,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--input", help="JSONL, one request per line: {\"id\", \"prompt\" | \"messages\" | "
                      "\"prompt_ids\", optional max_tokens, temperature, ...}")
     gen.add_argument("--output", help="JSONL results, appended; a rerun skips ids already there")
-    gen.add_argument("--max-batch", type=int, default=8, help="with --input: sequences decoded together (default 8)")
+    gen.add_argument("--max-batch", type=int, help="with --input: sequences decoded together (default 8)")
     gen.add_argument("--max-len", type=int, default=None, help="with --input: prompt + output tokens per "
                      "request (default: the model's context, at most 4096)")
     add_distributed_args(gen)

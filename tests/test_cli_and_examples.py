@@ -43,6 +43,83 @@ def test_misused_flags_are_named_before_any_work(tmp_path, capsys):
         assert words in err and err.strip().count("\n") == 0, err
 
 
+def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
+    """generate --input's files and line syntax, the engine sizes, serve's port, --devices: each one line
+    naming the flag or file:line, before the model (here: a folder that does not exist) is looked at."""
+    import os
+    import socket
+
+    from internlm_jax.cli import main
+
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"id": 1, "prompt": "x"}\n')
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": 1, "prompt": "x"}\n{"id": 2, "prompt": \n')
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "afile").write_text("x")
+    model = ["--model", str(tmp_path / "nowhere")]
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        cases = [
+            (["generate", *model, "--input", str(tmp_path / "missing.jsonl"), "--output", "o"],
+             "--input .*does not exist"),
+            (["generate", *model, "--input", str(tmp_path), "--output", "o"], "--input .* is a folder"),
+            (["generate", *model, "--input", str(bad), "--output", "o"], r"bad.jsonl:2: not valid JSON"),
+            (["generate", *model, "--input", str(good), "--output", str(tmp_path / "pipe")], "not a regular file"),
+            (["generate", *model, "--input", str(good), "--output", str(tmp_path / "afile" / "o.jsonl")],
+             "afile is a file, not a folder"),
+            (["generate", *model, "--input", str(good), "--output", str(good)], "is the input file"),
+            (["generate", *model, "--input", str(good), "--output", "o", "--max-len", "0"],
+             "--max-len must be a positive integer, got 0"),
+            (["generate", *model, "--prompt", "x", "--output", "o.jsonl"], "--output goes with --input"),
+            (["generate", *model, "--prompt", "x", "--max-batch", "4"], "--max-batch goes with --input"),
+            (["serve", *model, "--port", "99999"], "--port must be from 0 to 65535"),
+            (["serve", *model, "--port", port], f"--port {port}: cannot listen there"),
+            (["serve", *model, "--max-queue", "0"], "--max-queue must be a positive integer"),
+            (["generate", *model, "--prompt", "x", "--devices", "-1"], "--devices must be 0"),
+        ]
+        for argv, words in cases:
+            assert main(argv) == 1, argv
+            err = capsys.readouterr().err
+            assert re.search(words, err) and err.strip().count("\n") == 0, (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_batch_output_must_be_this_commands_output(tmp_path):
+    """A rerun skips the ids already in the output, so a file that is not this command's output (a copy
+    of the input) is refused, not taken as all done."""
+    from internlm_jax.batch import BatchInputError, finished_ids
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "prompt": "x"}\n')
+    with pytest.raises(BatchInputError, match="out.jsonl:1: not an output line of this command"):
+        finished_ids(out)
+    out.write_text('{"id": 1, "text": "y", "prompt_tokens": 2, "completion_tokens": 1, "finish_reason": "stop"}\n'
+                   '{"id": 2, "te')
+    assert finished_ids(out) == {1} and out.read_text().endswith("}\n")  # the torn line is cut off
+
+
+def test_chat_goes_on_after_a_turn_that_cannot_run(tmp_path, capsys, monkeypatch):
+    """A turn that does not fit the context is named and dropped; the session goes on with the next."""
+    import io
+    import sys
+
+    import internlm_jax as ij
+    from internlm_jax.cli import main
+
+    texts = ["the river runs past the mesh", "sharded arrays sleep under quiet stars"] * 20
+    tok = ij.Tokenizer.train(texts, tmp_path / "tokenizer.model", vocab_size=300)
+    cfg = ij.InternLM2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    ij.InternLM2(cfg, seed=0).save_pretrained(tmp_path / "m", extra_files=[(tmp_path / "tokenizer.model",
+                                                                           "tokenizer.model")])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the river " * 40 + "\nhi\n"))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "3", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert "exceeds max_length=64" in err and "start a new session, or pass --truncate" in err
+    assert out.strip(), out  # the second turn was answered
+
+
 def test_first_hour_slips_are_named(tmp_path, capsys):
     """A preset name, a weights file or a folder without a tokenizer as --model; bf16 for --dtype; text
     where ids go; a name where a config goes; one string given to Tokenizer.train."""

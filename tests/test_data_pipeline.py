@@ -157,6 +157,9 @@ def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
     bad.write_text('{"text": "fine"}\n\n{"txt": "no"}\n')  # named file:line, as the in-memory reader does
     with pytest.raises(ValueError, match=r"bad.jsonl:3: not a JSON object with a 'text' field"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
+    bad.write_text('{"text": "fine"}\n{"text": "cut\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON \("):
+        tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
     bad.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not UTF-8"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)

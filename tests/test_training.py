@@ -352,6 +352,16 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
                           "model.overrides: only a preset takes overrides")]:
         with pytest.raises(ValueError, match=re.escape(words)):
             train(TrainConfig.from_dict({"model": model, "data": {"train": [missing]}}))
+    (tmp_path / "afile").write_text("x")
+    for changes, words in [({"model": {"preset": "nope"}}, "model.preset: unknown preset 'nope'"),
+                           ({"log": {"jsonl": str(tmp_path)}}, "log.jsonl: .* is a folder"),
+                           ({"checkpoint": {"dir": str(tmp_path / "afile")}}, "checkpoint.dir: .*afile is a file"),
+                           ({"checkpoint": {"dir": str(tmp_path / "afile" / "ckpt")}},
+                            "checkpoint.dir: .*afile is a file, not a folder"),
+                           ({"export_hf": str(tmp_path / "afile" / "hf")}, "export_hf: .*afile is a file")]:
+        with pytest.raises(ValueError, match=words):  # named before anything is built (it was after a step)
+            train(TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b"}, "data": {"train": [missing]},
+                                         **changes}))
     with pytest.raises(ValueError, match="tokenizer: demo .* set checkpoint.dir"):
         train(TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b"}, "tokenizer": "demo",
                                      "data": {"train": [missing]}}))

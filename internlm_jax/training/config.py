@@ -204,7 +204,11 @@ class TrainConfig(Section):
         if m.checkpoint:
             return InternLM2Config.from_pretrained(m.checkpoint)
         try:
-            return InternLM2Config.preset(m.preset).replace(**m.overrides.model_dump(exclude_unset=True))
+            preset = InternLM2Config.preset(m.preset)
+        except ValueError as e:
+            raise ValueError(self._named(f"model.preset: {e}")) from None
+        try:
+            return preset.replace(**m.overrides.model_dump(exclude_unset=True))
         except ValueError as e:
             raise ValueError(self._named(f"model.overrides: {e}")) from None
 
@@ -237,7 +241,25 @@ class TrainConfig(Section):
                              f"data.batch_size ({self.data.batch_size})")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        # what the run writes, named now rather than after its first steps
+        for field, path, folder in (("log.jsonl", self.log.jsonl, False), ("checkpoint.dir", self.checkpoint.dir, True),
+                                    ("export_hf", self.export_hf, True)):
+            if path:
+                _check_writable(field, Path(path), folder)
         self.architecture()
+
+
+def _check_writable(field: str, path: Path, folder: bool) -> None:
+    """A path the run can create: a folder (``folder``) or a file, not the other kind, under folders."""
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{field}: {path} is a file, not a folder")
+    if not folder and path.is_dir():
+        raise ValueError(f"{field}: {path} is a folder; give the file's path")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{field}: {parent} is a file, not a folder")
 
 
 def describe(error: ValidationError) -> str:

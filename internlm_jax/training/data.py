@@ -97,8 +97,11 @@ def line_document(tokenizer, line: str, where: str, *, plain: bool, fmt: str = "
     key = "messages" if fmt == "chat" else text_key
     try:
         record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    try:
         value = record[key]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         what = "a 'messages' list" if fmt == "chat" else f"a {key!r} field"
         raise ValueError(f"{where}: not a JSON object with {what}") from None
     if fmt == "chat":
