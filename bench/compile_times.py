@@ -35,9 +35,7 @@ def main():
         model = ij.InternLM2.abstract(cfg, dtype=args.dtype)
         gen = generator_for(model)
         b, t = 1, args.cache
-        ds = DecodeState(spec((b, cfg.vocab_size), jnp.float32), KVCache.abstract(cfg, b, t, args.dtype),
-                         spec((b,), jnp.int32), spec((b, cfg.vocab_size), bool), spec((b,), bool), spec((), jnp.int32),
-                         jax.eval_shape(lambda: jax.random.split(jax.random.key(0), b)))
+        ds = DecodeState.abstract(cfg, b, KVCache.abstract(cfg, b, t, args.dtype))
         kw = dict(sampling=SamplingParams(), stop_ids=(2,))
         scalar = spec((), jnp.int32)
         row = {"layers": cfg.num_hidden_layers}

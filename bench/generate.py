@@ -124,10 +124,7 @@ def step_bytes(model, cache_lens=(256, 2048), batch=1):
     cfg = model.config
     out = []
     for t in cache_lens:
-        v = jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32)
-        ds = DecodeState(v, KVCache.abstract(cfg, batch, t, model.dtype), jax.ShapeDtypeStruct((batch,), jnp.int32),
-                         jax.ShapeDtypeStruct((batch, cfg.vocab_size), bool), jax.ShapeDtypeStruct((batch,), bool),
-                         jax.ShapeDtypeStruct((), jnp.int32), jax.eval_shape(lambda: jax.random.key(0)))
+        ds = DecodeState.abstract(cfg, batch, KVCache.abstract(cfg, batch, t, model.dtype))
         t0 = time.perf_counter()
         c = gen.step.lower(gen.state, gen.abstract_layers(), ds, jax.ShapeDtypeStruct((), jnp.int32),
                            sampling=SamplingParams(), stop_ids=()).compile()

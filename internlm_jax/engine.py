@@ -406,7 +406,7 @@ class Engine:
         ds = DecodeState(gen.put(np.zeros((b, cfg.vocab_size), np.float32), ("batch", "act_vocab")), cache,
                          vec(np.zeros(b, np.int32)),
                          gen.put(np.zeros((b, cfg.vocab_size), bool), ("batch", "act_vocab")),
-                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), gen.key(0), rows)
+                         vec(np.ones(b, bool)), gen.put(np.int32(self.steps), ()), rows)
         return ds, vec(np.full(b, IDLE, np.int32))
 
     def _plan(self) -> dict:

@@ -149,16 +149,13 @@ def process_logits(logits: jax.Array, params: SamplingParams, seen: jax.Array | 
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, seen: jax.Array | None,
-                  counts: jax.Array | None = None, counter: jax.Array | None = None) -> jax.Array:
-    """Next tokens ``[B]`` from logits ``[B, V]``: argmax when temperature is 0, else a categorical draw;
-    with ``counter`` ``[B]``, ``key`` holds a key per row and row ``b`` draws with ``fold_in(key[b],
-    counter[b])`` (as the engine's rows do)."""
+                  counts: jax.Array | None = None) -> jax.Array:
+    """Next tokens ``[B]`` from logits ``[B, V]`` with one key and static values: argmax when temperature
+    is 0, else a categorical draw (the decode programs use :func:`sample_rows`)."""
     logits = process_logits(logits, params, seen, counts)
     if params.temperature == 0:
         return argmax_tokens(logits)
-    if counter is None:
-        return categorical_tokens(key, logits)
-    return categorical_rows(jax.vmap(jax.random.fold_in)(key, counter), logits)
+    return categorical_tokens(key, logits)
 
 
 @jax.tree_util.register_dataclass
@@ -176,6 +173,18 @@ class RowSampling:
     frequency_penalty: jax.Array  # float32, 0 = off
     min_position: jax.Array  # int32: the ids in ``DecodeState.ban`` are not sampled below it (min_tokens)
     ignore_stop: jax.Array  # bool: the stop ids do not end the row (ignore_eos)
+
+    @staticmethod
+    def uniform(params: SamplingParams, keys: jax.Array, put) -> "RowSampling":
+        """Every row with ``params``' values (``generate``'s batch), row ``b`` drawing with ``keys[b]``;
+        ``put(array, axes)`` places each on the devices. The values are inputs of the compiled step, so
+        another temperature or top-p does not compile it again."""
+        b = keys.shape[0]
+        full = lambda value, dtype: put(np.full(b, value, dtype), ("batch",))  # noqa: E731
+        return RowSampling(full(params.temperature, np.float32), full(params.top_k, np.int32),
+                           full(params.top_p, np.float32), full(params.repetition_penalty, np.float32), keys,
+                           full(params.presence_penalty, np.float32), full(params.frequency_penalty, np.float32),
+                           full(0, np.int32), full(False, bool))
 
     @staticmethod
     def features(params: Sequence[SamplingParams]) -> SamplingParams:
@@ -266,9 +275,9 @@ class PreparedBatch:
 @dataclasses.dataclass(frozen=True)
 class DecodeState:
     """Everything a decode step carries: the next logits, the cache, each sequence's next position,
-    the tokens seen (repetition penalty), which sequences stopped, the step number, the PRNG key, and
-    (only when presence/frequency penalties may apply) how often each token was generated, and (only
-    once a request sets ``min_tokens``) the ids each row may not sample yet."""
+    the tokens seen (repetition penalty), which sequences stopped, the step number, each row's sampling
+    values and PRNG key, and (only when presence/frequency penalties may apply) how often each token
+    was generated, and (only once a request sets ``min_tokens``) the ids each row may not sample yet."""
 
     logits: jax.Array  # [B, V] float32
     cache: KVCache
@@ -276,10 +285,27 @@ class DecodeState:
     seen: jax.Array  # [B, V] bool
     done: jax.Array  # [B] bool
     step: jax.Array  # [] int32
-    key: jax.Array  # [B] PRNG keys, row b's of seed + b (unused under ``rows``, which hold their own)
-    rows: RowSampling | None = None  # per-row sampling (continuous batching); None: ``sampling`` for all
+    rows: RowSampling  # per-row sampling values and keys (generate: the same values in every row)
     counts: jax.Array | None = None  # [B, V] int32, times each token was generated; None: not tracked
     ban: jax.Array | None = None  # [B, V] bool, ids a row may not sample yet (min_tokens); None: none banned
+
+    @staticmethod
+    def abstract(config, batch: int, cache: KVCache, mesh=None, logits=None) -> "DecodeState":
+        """The state as ShapeDtypeStructs (placed as :meth:`Generator.put` places it), for lowering the
+        decode programs without running a prefill (the planner, benchmarks)."""
+        def spec(shape, dtype, axes=("batch",)):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=None if mesh is None else
+                                        named_sharding(axes, shape, mesh))
+
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch))
+        f32, i32 = jnp.float32, jnp.int32
+        rows = RowSampling(spec((batch,), f32), spec((batch,), i32), spec((batch,), f32), spec((batch,), f32),
+                           spec(keys.shape, keys.dtype), spec((batch,), f32), spec((batch,), f32),
+                           spec((batch,), i32), spec((batch,), bool))
+        vocab = (batch, config.vocab_size)
+        return DecodeState(spec(vocab, f32, ("batch", "act_vocab")) if logits is None else logits, cache,
+                           spec((batch,), i32), spec(vocab, bool, ("batch", "act_vocab")), spec((batch,), bool),
+                           jax.ShapeDtypeStruct((), i32), rows)
 
 
 class Generator:
@@ -397,41 +423,37 @@ class Generator:
         (its token is the pad); ``scores`` is None, or with ``logprobs >= 0`` the tokens'
         :class:`TokenScores` with the top ``logprobs`` alternatives. Decode token ``step`` goes to slot
         ``base + step``; with a sequence axis to shard ``step % n`` at local slot ``base + step // n``
-        (the shards fill evenly). With per-row
-        sampling (``ds.rows``, the engine's continuous batching) ``base`` is per row, ``sampling`` only
-        says which filters are compiled in, and a stopped row's position no longer advances."""
+        (the shards fill evenly). The sampling values are the rows' (``ds.rows``): ``sampling`` only says
+        which filters are compiled in (:meth:`RowSampling.features`), so new values do not recompile. The
+        engine's rows (``base`` per row) keep their slots in order on any mesh, and a stopped row's
+        position no longer advances."""
         model = nnx.merge(self.graphdef, state)
         stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
         pad = stop_ids[0] if stop_ids else 0
-        if ds.rows is None:
-            # row b draws with key(seed + b) folded with its own position, as an engine request with seed
-            # seed + b does: its tokens depend on its row's seed, not on the other rows
-            tok = sample_tokens(ds.logits, ds.key, sampling, ds.seen, ds.counts, counter=ds.positions)
-        else:
-            logits = ds.logits
-            if ds.ban is not None:  # min_tokens: a row's stop ids are not sampled below its min_position
-                logits = jnp.where(ds.ban & (ds.positions < ds.rows.min_position)[:, None], -jnp.inf, logits)
-            tok = sample_rows(logits, ds.rows, ds.positions, sampling, ds.seen, ds.counts)
+        engine = base.ndim == 1  # the engine's rows each have their own slot base
+        logits = ds.logits
+        if ds.ban is not None:  # min_tokens: a row's stop ids are not sampled below its min_position
+            logits = jnp.where(ds.ban & (ds.positions < ds.rows.min_position)[:, None], -jnp.inf, logits)
+        # row b draws with its key folded with its position: its tokens do not depend on the other rows
+        tok = sample_rows(logits, ds.rows, ds.positions, sampling, ds.seen, ds.counts)
         tok = jnp.where(ds.done, pad, tok)
         scores = token_scores(ds.logits, tok, logprobs) if logprobs >= 0 else None
         emitted = ~ds.done
-        stopped = jnp.isin(tok, stops)
-        if ds.rows is not None:  # ignore_eos rows go on past the stop ids
-            stopped &= ~ds.rows.ignore_stop
+        stopped = jnp.isin(tok, stops) & ~ds.rows.ignore_stop  # ignore_eos rows go on past the stop ids
         done = ds.done | stopped
         # per-row scatters vmapped (the batch a batching dim): local to each device where the batch is split
         seen = jax.vmap(lambda s, t: s.at[t].set(True))(ds.seen, tok)
         counts = None if ds.counts is None else jax.vmap(lambda c, t, e: c.at[t].add(e))(
             ds.counts, tok, emitted.astype(jnp.int32))
-        if self.n == 1 or ds.rows is not None:  # the engine's rows keep their slots in order on any mesh
+        if self.n == 1 or engine:  # the engine's rows keep their slots in order on any mesh
             owner, slot = None, base + ds.step
         else:
             owner, slot = ds.step % self.n, base + ds.step // self.n
         logits, cache = model.forward_decode(tok, ds.positions, ds.cache, slot, owner=owner, layers=layers)
         vec = lambda x, axes=("batch",): constrain(x, axes, self.mesh)  # noqa: E731 - the shardings put() gives
-        positions = ds.positions + 1 if ds.rows is None else ds.positions + (~done).astype(jnp.int32)
+        positions = ds.positions + (~done).astype(jnp.int32) if engine else ds.positions + 1
         new = DecodeState(vec(logits, ("batch", "act_vocab")), cache.constrain(self.mesh), vec(positions),
-                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.key, ds.rows,
+                          vec(seen, ("batch", "act_vocab")), vec(done), ds.step + 1, ds.rows,
                           None if counts is None else vec(counts, ("batch", "act_vocab")), ds.ban)
         return new, tok, emitted, scores
 
@@ -451,15 +473,16 @@ class Generator:
     def decode(self, ds: DecodeState, base, max_new_tokens: int, sampling: SamplingParams,
                stop_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, DecodeState]:
         """Run chunks until every sequence stopped or ``max_new_tokens`` were made; returns
-        ``(tokens [B, max_new_tokens], number made per sequence [B], final state)``."""
+        ``(tokens [B, max_new_tokens], number made per sequence [B], final state)``. ``sampling``'s values
+        are the state's (:meth:`start` put them there); it only picks the filters compiled in."""
         k = self.settings.decode_chunk
         out, ok = [], []
         made = 0
-        layers = self.layers
+        layers, features = self.layers, RowSampling.features([sampling])
         while made < max_new_tokens:
             # whole chunks, then the remainder in power-of-two chunks (a few programs, no wasted steps)
             steps = min(k, 1 << ((max_new_tokens - made).bit_length() - 1))
-            ds, tokens, emitted, _ = self.chunk(self.state, layers, ds, base, steps=steps, sampling=sampling,
+            ds, tokens, emitted, _ = self.chunk(self.state, layers, ds, base, steps=steps, sampling=features,
                                              stop_ids=stop_ids)
             out.append(tokens)
             ok.append(emitted)
@@ -492,12 +515,6 @@ class Generator:
         host = np.asarray(x)  # a mesh over many processes: each gives its own shards of the same value
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
-    def key(self, seed: int) -> jax.Array:
-        """The PRNG key of ``seed``, made on the devices (replicated like the programs' outputs): a key
-        cannot be put from the host onto a mesh that spans processes."""
-        sharding = SingleDeviceSharding(jax.devices()[0]) if self.mesh is None else named_sharding((), (), self.mesh)
-        return jax.jit(jax.random.key, out_shardings=sharding)(np.uint32(seed))  # committed, as put() makes
-
     def row_keys(self, seed: int, rows: int) -> jax.Array:
         """``rows`` PRNG keys, row ``b``'s that of seed ``seed + b`` (an engine request's with that seed),
         made on the devices and split like the batch."""
@@ -519,14 +536,16 @@ class Generator:
         return n * bucket_length(base + -(-max_new_tokens // n)), int(np.argmax(order == s - 1)), base, order
 
     def start(self, batch: PreparedBatch, max_new_tokens: int, seed: int = 0,
-              counts: bool = False) -> tuple[DecodeState, jax.Array]:
-        """Prefill; returns the decode state (first logits, cache, next positions, tokens seen; with
-        ``counts`` zero counts of generated tokens) and the slot base of decode tokens."""
+              sampling: SamplingParams | None = None) -> tuple[DecodeState, jax.Array]:
+        """Prefill; returns the decode state (first logits, cache, next positions, tokens seen, every row
+        with ``sampling``'s values, row ``b`` with seed ``seed + b``; zero counts of generated tokens
+        where its penalties count them) and the slot base of decode tokens."""
+        sampling = sampling or SamplingParams()
         b, s = batch.ids.shape
         cache_len, last, base, order = self.layout(s, max_new_tokens)
         if self.prefills_in_chunks(max(batch.lengths)):
             logits, cache = self._prefill_in_chunks(batch, cache_len, self.settings.long_prompt_chunk)
-            return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
+            return self._decode_state(batch, logits, cache, seed, sampling), self.put(np.int32(base), ())
         index = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
         arrays = [batch.ids, batch.mask, batch.positions, index]
         if order is not None:  # permuted on the host: the devices get their chunks directly
@@ -537,7 +556,7 @@ class Generator:
         ids, mask, positions, index = (self.put(a, ("batch", "seq")) for a in arrays)
         logits, cache = self.prefill(self.state, self.layers, ids, mask, positions, index, cache_len=cache_len,
                                      last=last)
-        return self._decode_state(batch, logits, cache, seed, counts), self.put(np.int32(base), ())
+        return self._decode_state(batch, logits, cache, seed, sampling), self.put(np.int32(base), ())
 
     def prefills_in_chunks(self, longest: int) -> bool:
         """Whether :meth:`start` prefills a batch whose longest prompt has ``longest`` tokens in
@@ -577,18 +596,18 @@ class Generator:
             logits = jax.device_put(logits, named_sharding(("batch", "act_vocab"), logits.shape, self.mesh))
         return logits, cache
 
-    def _decode_state(self, batch: PreparedBatch, logits, cache, seed: int, counts: bool) -> DecodeState:
-        """The decode state after a prefill: first logits, cache, next positions, tokens seen (and with
-        ``counts`` zero counts of generated tokens)."""
+    def _decode_state(self, batch: PreparedBatch, logits, cache, seed: int, sampling: SamplingParams) -> DecodeState:
+        """The decode state after a prefill: first logits, cache, next positions, tokens seen, the rows'
+        sampling values and keys (and zero counts of generated tokens where the penalties use them)."""
         b = len(batch.lengths)
         seen = np.zeros((b, self.config.vocab_size), bool)
         for i in range(b):
             seen[i, batch.ids[i][batch.mask[i] > 0]] = True
         ds = DecodeState(logits, cache, self.put((batch.positions[:, -1] + 1).astype(np.int32), ("batch",)),
                          self.put(seen, ("batch", "act_vocab")), self.put(np.zeros(b, bool), ("batch",)),
-                         self.put(np.int32(0), ()), self.row_keys(seed, b), None,
+                         self.put(np.int32(0), ()), RowSampling.uniform(sampling, self.row_keys(seed, b), self.put),
                          self.put(np.zeros((b, self.config.vocab_size), np.int32), ("batch", "act_vocab"))
-                         if counts else None)
+                         if sampling.counts_tokens else None)
         return ds
 
 
@@ -858,7 +877,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int
     prompts = _encode_prompts(None, prompts, add_bos=False, vocab_size=model.config.vocab_size)
     prompts, max_new_tokens = _check_lengths(prompts, max_new_tokens, _max_length(model, max_length), truncate)
     gen = generator_for(model)
-    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, sampling=sampling)
     tokens, num, _ = gen.decode(ds, base, max_new_tokens, sampling, stop_ids)
     return [tokens[i, : num[i]].tolist() for i in range(len(prompts))]
 
@@ -919,12 +938,12 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
 
 def _stream(model, tok, prompts, max_new_tokens, sampling, seed, stop_ids, stop, skip_special_tokens):
     gen = generator_for(model)
-    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, counts=sampling.counts_tokens)
+    ds, base = gen.start(gen.prepare(prompts), max_new_tokens, seed=seed, sampling=sampling)
     decoder = tok.stream_decoder(skip_special_tokens=skip_special_tokens)
     text = TextStream(stop)  # holds back what may still become a stop string
-    layers = gen.layers
+    layers, features = gen.layers, RowSampling.features([sampling])
     for _ in range(max_new_tokens):  # the same step function as the chunks, one token per call
-        ds, token, _, _ = gen.step(gen.state, layers, ds, base, sampling=sampling, stop_ids=stop_ids)
+        ds, token, _, _ = gen.step(gen.state, layers, ds, base, sampling=features, stop_ids=stop_ids)
         t = int(to_host(token)[0])
         if t in stop_ids:
             break

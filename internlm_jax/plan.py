@@ -422,12 +422,8 @@ def _compile_programs(cfg: InternLM2Config, mesh, *, context: int, batch: int, m
                     if chunked else None
                 finish(pre, compiled, program_costs(cfg, "prefill", seq=s, chunks=spans, **costs))
             out.append(pre)
-        vec = _abstract((batch,), jnp.int32, ("batch",), mesh)
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        seen = _abstract((batch, cfg.vocab_size), bool, ("batch", "act_vocab"), mesh)
-        flags = _abstract((batch,), bool, ("batch",), mesh)
-        ds = DecodeState(logits, cache, vec, seen, flags, scalar,
-                         jax.eval_shape(lambda: jax.random.split(jax.random.key(0), batch)))
+        ds = DecodeState.abstract(cfg, batch, cache, mesh, logits=logits)
         layers = gen.abstract_layers()  # the per-layer weight arrays the decode programs read, if any
         for name in ("decode_step", "decode_loop"):
             if name not in programs:

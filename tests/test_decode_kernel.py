@@ -16,7 +16,6 @@ from internlm_jax.attention import dense_attention
 from internlm_jax.decode_kernel import ragged_decode_attention, ragged_decode_attention_gpu, supported, supported_on
 from internlm_jax.generation import Generator, SamplingParams
 from internlm_jax.ring import pallas_interpret
-from internlm_jax.sharding import named_sharding
 
 # head_dim 128 (what the kernel takes), GQA 2:1
 CFG = ij.InternLM2Config(vocab_size=128, hidden_size=512, intermediate_size=128, num_hidden_layers=2,
@@ -219,15 +218,9 @@ def test_the_decode_step_compiles_with_the_mosaic_kernel_for_tpu(topology, axes)
     devices, _ = tpu_devices(topology)
     mesh = ij.make_mesh(devices=devices, **{"fsdp": 1, **axes})
     b, t = 2, 2048
-
-    def spec(shape, dtype, names):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(names, shape, mesh))
-
     cache = KVCache.abstract(CFG, b, t, jnp.bfloat16, mesh)
-    vec, scalar = spec((b,), jnp.int32, ("batch",)), jax.ShapeDtypeStruct((), jnp.int32)
-    ds = DecodeState(spec((b, CFG.vocab_size), jnp.float32, ("batch", "act_vocab")), cache, vec,
-                     spec((b, CFG.vocab_size), jnp.bool_, ("batch", "act_vocab")), spec((b,), jnp.bool_, ("batch",)),
-                     scalar, jax.eval_shape(lambda: jax.random.key(0)))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    ds = DecodeState.abstract(CFG, b, cache, mesh)
     texts = {}
     for impl in ("ragged", "dense"):
         model = ij.InternLM2.abstract(CFG, mesh=mesh, dtype="bfloat16").configure(decode_attention=impl)

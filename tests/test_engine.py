@@ -335,9 +335,7 @@ def test_a_decode_step_moves_the_weights_and_the_cache_once(batch):
     out = []
     for t in (512, 4096):
         cache = KVCache.abstract(cfg, batch, t, jnp.float32)
-        ds = DecodeState(spec((batch, cfg.vocab_size), jnp.float32), cache, spec((batch,), jnp.int32),
-                         spec((batch, cfg.vocab_size), bool), spec((batch,), bool), spec((), jnp.int32),
-                         jax.eval_shape(lambda: jax.random.key(0)))
+        ds = DecodeState.abstract(cfg, batch, cache)
         compiled = gen.step.lower(gen.state, gen.abstract_layers(), ds, spec((), jnp.int32),
                                   sampling=SamplingParams(), stop_ids=()).compile()
         cost = compiled.cost_analysis()
@@ -366,7 +364,7 @@ def test_decode_chunks_and_single_steps_make_the_same_tokens_and_stop_alike():
     gen = generator_for(model)
     sampling = SamplingParams(temperature=0.9, top_k=20)
     want = ij.generate_ids(model, prompts, max_new_tokens=7, temperature=0.9, top_k=20, seed=5, stop_ids=())
-    ds, base = gen.start(gen.prepare(prompts), 7, seed=5)
+    ds, base = gen.start(gen.prepare(prompts), 7, seed=5, sampling=sampling)
     steps = []
     for _ in range(7):
         ds, tok, _, _ = gen.step(gen.state, gen.layers, ds, base, sampling=sampling, stop_ids=())

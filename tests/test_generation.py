@@ -98,6 +98,15 @@ def test_prompt_lengths_share_compiled_programs(model, caplog):
     assert not compiled, compiled
     ij.generate_ids(model, [list(range(3, 23))], max_new_tokens=4, stop_ids=())  # 20 tokens: the 32 bucket
     assert gen.prefill._cache_size() == prefill + 1
+    # sampling values are inputs of the decode programs: a sweep compiles the filters it switches on once
+    sweep = dict(max_new_tokens=4, stop_ids=(), top_k=5, top_p=0.9, repetition_penalty=1.1)
+    ij.generate_ids(model, [[3, 4, 5]], temperature=0.7, **sweep)
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for t, k, p in ((0.71, 5, 0.9), (0.9, 7, 0.8), (1.3, 40, 0.95)):
+            ij.generate_ids(model, [[3, 4, 5]], **{**sweep, "temperature": t, "top_k": k, "top_p": p}, seed=2)
+    compiled = [r.getMessage()[:40] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert not compiled, compiled
 
 
 def test_the_decode_chunk_updates_the_donated_cache_in_place(model):

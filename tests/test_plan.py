@@ -12,7 +12,7 @@ import reference as ref
 from hf_fixtures import run_python, tiny_config, write_hf_checkpoint
 
 import internlm_jax as ij
-from internlm_jax.generation import DecodeState, Generator, SamplingParams
+from internlm_jax.generation import DecodeState, Generator, RowSampling, SamplingParams
 from internlm_jax.plan import CHIPS, parse_topology, plan
 from internlm_jax.settings import EngineSettings
 from internlm_jax.sharding import named_sharding
@@ -70,7 +70,8 @@ def test_plan_memory_is_the_memory_of_the_programs_the_library_runs(axes):
     logits, cache = gen.prefill(gen.state, gen.layers, ids, mask, pos, index, cache_len=cache_len, last=last)
     ds = DecodeState(logits, cache, gen.put(np.zeros(b, np.int32), ("batch",)),
                      gen.put(np.zeros((b, CFG.vocab_size), bool), ("batch", "act_vocab")),
-                     gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0), jax.random.split(jax.random.key(0), b))
+                     gen.put(np.zeros(b, bool), ("batch",)), jnp.int32(0),
+                     RowSampling.uniform(SamplingParams(), gen.row_keys(0, b), gen.put))
     m = gen.step.lower(gen.state, gen.layers, ds, jnp.int32(base), sampling=SamplingParams(),
                        stop_ids=(2,)).compile().memory_analysis()
     dec = got["decode_step"]
