@@ -833,7 +833,8 @@ def default_stop_ids(config, tok=None) -> tuple[int, ...]:
     ids = [*config.eos_token_ids, *config.generation_eos_token_ids]
     ids += [IM_END_ID] if config.vocab_size > IM_END_ID else []
     ids += list(tok.stop_ids) if tok is not None else []
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    # (a tokenizer larger than the model's vocabulary: its ids past the vocabulary can never be sampled)
+    return tuple(dict.fromkeys(int(i) for i in ids if 0 <= i < config.vocab_size))
 
 
 def check_keywords(outer, given: Iterable[str], inner, taken: Iterable[str] = ()) -> None:

@@ -2,6 +2,7 @@
 the decode drivers (chunk and step)."""
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -507,6 +508,11 @@ def test_engine_defaults_and_misuse():
     # without stop_ids: the config's eos and, only in InternLM2's vocabulary, <|im_end|>
     assert ij.Engine(model).stop_ids == (CFG.eos_token_id,)
     assert default_stop_ids(CFG.replace(vocab_size=92544, eos_token_id=5)) == (5, 92542)
+    # a tokenizer larger than the model (a small model with the released tokenizer): its <|im_end|>
+    # can never be sampled, and the engine takes the stop ids as they are
+    released = types.SimpleNamespace(stop_ids=[2, 92542])
+    assert default_stop_ids(CFG, released) == (CFG.eos_token_id,)
+    assert ij.Engine(model, stop_ids=default_stop_ids(CFG, released)).stop_ids == (CFG.eos_token_id,)
 
 
 def _huge_kb(address: int) -> int:
