@@ -27,17 +27,20 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key
-from .engine import Engine, EngineError, QueueFull
 from .files import progress_bar
-from .generation import DEFAULT_NEW_TOKENS
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
 TUNED = OPTIONS + ("max_new_tokens", "stop_token_ids")  # what a line may set; the rest of a line is its content
 UNSUPPORTED = ("n", "best_of", "logit_bias", "response_format", "suffix", "echo", "stream", "functions",
                "function_call")
+
+
+if TYPE_CHECKING:  # no JAX at import: the CLI checks --input and --output before JAX starts
+    from .engine import Engine
 
 
 class BatchInputError(ValueError):
@@ -88,6 +91,9 @@ def input_lines(path: str | os.PathLike):
 def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
     """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced"}]`` (``forced``:
     the reply's start that ``tool_choice`` puts at the end of the prompt)."""
+    from .engine import EngineError
+    from .generation import DEFAULT_NEW_TOKENS
+
     out = []
     for where, item in input_lines(path):
         rid = item["id"]
@@ -183,6 +189,8 @@ def finished_ids(path: Path) -> set:
 def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | None = None,
               progress: bool | None = None) -> dict:
     """Run every request of ``input_path`` not yet in ``output_path``; returns counts and tokens/s."""
+    from .engine import QueueFull
+
     output_path = Path(output_path)
     if output_path.exists() and Path(input_path).exists() and output_path.samefile(input_path):
         raise BatchInputError(f"--output {output_path} is the input file; results go to a file of their own")

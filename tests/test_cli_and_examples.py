@@ -83,6 +83,10 @@ def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
             err = capsys.readouterr().err
             assert re.search(words, err) and err.strip().count("\n") == 0, (argv, err)
     assert not (tmp_path / "o").exists()
+    # the checks start no JAX: simulated devices (and a multi-host job) can still be set up after them
+    done = _run(["-m", "internlm_jax", "generate", *model, "--input", str(good), "--output", str(tmp_path / "o"),
+                 "--devices", "4"])
+    assert done.returncode == 1 and "--model: no config.json" in done.stderr, done.stderr[-2000:]
 
 
 def test_a_batch_output_must_be_this_commands_output(tmp_path):
