@@ -185,9 +185,9 @@ def cmd_generate(args) -> None:
         if given:
             raise ValueError(f"{given[0]} goes with --input (a JSONL file of requests), not --prompt")
     _check_sizes(args, "max-batch", "max-len")
-    # the files and every line's syntax, before minutes of loading (where this is process 0: only it reads
-    # --input; under --distributed the process index is known after the load's start, and run_batch checks)
-    if args.input is not None and args.process_id == 0 and not args.distributed:
+    # the files and every line's syntax, before minutes of loading (one process; in a multi-host job only
+    # process 0 reads --input, and run_batch checks it there, where a failure reaches the other processes)
+    if args.input is not None and not args.coordinator and not args.distributed:
         from pathlib import Path
 
         from .batch import check_output, input_lines
