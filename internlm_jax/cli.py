@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -45,6 +46,11 @@ def add_mesh_args(parser: argparse.ArgumentParser, tensor: int = 1) -> None:
     g.add_argument("--fsdp", type=int, default=-1, help="batch and parameter shards (default -1: the rest)")
     g.add_argument("--tensor", type=int, default=tensor, help=f"heads / MLP columns (default {tensor})")
     g.add_argument("--sequence", type=int, default=1, help="tokens and KV cache slots: ring attention (default 1)")
+
+
+def _progress(args) -> bool | None:
+    """Progress bars: off with --quiet, else where stderr is a terminal (not in a log file)."""
+    return False if args.quiet else None
 
 
 def _simulate_devices(n: int | None) -> None:
@@ -144,7 +150,7 @@ def _load_for_generation(args):
         for name, value in _sampling_kwargs(args).items():
             same[f"--{name.replace('_', '-')}"] = repr(value) if isinstance(value, (list, tuple)) else value
     check_same(same, "flags")
-    model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=not args.quiet)
+    model = InternLM2.from_pretrained(args.model, mesh=mesh, dtype=args.dtype, progress=_progress(args))
     return model, tok
 
 
@@ -222,7 +228,7 @@ def cmd_generate(args) -> None:
                         seed=args.seed)
         error = None
         try:
-            result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=not args.quiet)
+            result = run_batch(engine, tok, args.input, args.output, defaults=defaults, progress=_progress(args))
         except KeyboardInterrupt:
             error = "interrupted (Ctrl-C)"
             raise
@@ -362,13 +368,19 @@ def cmd_train(args) -> None:
     train(cfg)
 
 
+def _chunk_bytes(mb: float) -> int:
+    if not math.isfinite(mb) or mb <= 0:
+        raise ValueError(f"--chunk-mb must be a positive number, got {mb}")
+    return max(1, int(mb * (1 << 20)))
+
+
 def cmd_data_tokenize(args) -> None:
     from .training.tokenize import tokenize_corpus
 
     t = time.perf_counter()
     index = tokenize_corpus(args.tokenizer, args.input, args.output, fmt=args.format, text_key=args.text_key,
-                            workers=args.workers, chunk_bytes=int(args.chunk_mb * (1 << 20)),
-                            overwrite=args.overwrite, progress=None if not args.quiet else False)
+                            workers=args.workers, chunk_bytes=_chunk_bytes(args.chunk_mb),
+                            overwrite=args.overwrite, progress=_progress(args))
     if not args.quiet:
         seconds = time.perf_counter() - t
         print(f"wrote {args.output}: {index['tokens']:,} tokens, {index['documents']:,} documents in "
@@ -448,7 +460,7 @@ def cmd_convert(args) -> None:
     from conversion.convert import hf_to_orbax, orbax_to_hf, train_to_hf
 
     t = time.perf_counter()
-    progress = not args.quiet
+    progress = _progress(args)
     with _conversion_run(quiet=not args.debug):
         if args.direction == "hf-to-orbax":
             out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, progress=progress)

@@ -77,6 +77,9 @@ def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
             (["serve", *model, "--port", port], f"--port {port}: cannot listen there"),
             (["serve", *model, "--max-queue", "0"], "--max-queue must be a positive integer"),
             (["generate", *model, "--prompt", "x", "--devices", "-1"], "--devices must be 0"),
+            (["data", "tokenize", "--tokenizer", "t", "--input", "i", "--output", "o", "--chunk-mb", "nan"],
+             "--chunk-mb must be a positive number, got nan"),
+            (["train", "--config", str(tmp_path)], "training config .* is a folder"),
         ]
         for argv, words in cases:
             assert main(argv) == 1, argv

@@ -668,9 +668,10 @@ def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path,
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
 
 
-def test_ctrl_c_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_the_steps_run_and_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, capsys):
     """A Ctrl-C that lands in the last step is not dropped: the final checkpoint is completed, the run
-    stops with KeyboardInterrupt and says where its checkpoints are, and nothing is exported."""
+    stops with KeyboardInterrupt and says where its checkpoints are, and nothing is exported. Between
+    periodic saves, the step it stops after is saved, and the run resumes from there exactly."""
     import os
     import signal
 
@@ -691,3 +692,25 @@ def test_ctrl_c_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, 
     assert "interrupted: checkpoints up to step 2 are in" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # between periodic saves: the steps run since the last one are saved too, and resuming goes on exactly
+    calls.clear()
+    for d in ("b", "c"):
+        (tmp_path / d).mkdir()
+    every5 = {"checkpoint": {"dir": str(tmp_path / "b" / "ckpt"), "every": 5, "async_save": False}, "steps": 6}
+
+    def ctrl_c_in_step_3(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return take(*args)
+
+    monkeypatch.setattr(loop, "_global_batch", ctrl_c_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_token_run(tmp_path / "b", **every5))
+    assert "interrupted: checkpoints up to step 3 are in" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "_global_batch", take)
+    resumed = train(_token_run(tmp_path / "b", **every5))
+    whole = train(_token_run(tmp_path / "c", **{**every5, "checkpoint": {**every5["checkpoint"],
+                                                                          "dir": str(tmp_path / "c" / "ckpt")}}))
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in whole[3:]]

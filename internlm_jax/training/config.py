@@ -166,10 +166,14 @@ class TrainConfig(Section):
         import yaml
 
         file = Path(path)
+        if file.is_dir():
+            raise IsADirectoryError(f"training config {file} is a folder; give the YAML file's path")
         if not file.is_file():
             raise FileNotFoundError(f"training config {file} does not exist")
         try:
-            data = yaml.safe_load(file.read_text())
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{file}: not UTF-8 text") from None
         except yaml.YAMLError as e:
             raise ValueError(f"{file}: not valid YAML ({e})") from None
         cfg = cls.from_dict(data, str(file))

@@ -359,15 +359,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     t_last, logged = time.perf_counter(), start  # the time and step of the last log
     # one process: Ctrl-C stops between steps, after the save under way (many: the CLI leaves at once, since
     # the processes would each stop at a different step)
-    interrupts = HeldInterrupt("training stops after this step")
+    interrupts = HeldInterrupt("training stops after this step (and saves it)")
     if jax.process_count() == 1:
         interrupts.arm()
+    completed = start  # the last step whose results params and opt_state hold
     try:
         for step in range(start, cfg.steps):
             interrupts.check()
             batch = _global_batch(next(loader), mesh, d.batch_size)
             params, opt_state, m = step_fn(params, opt_state, batch, step)
-            done = step + 1
+            done = completed = step + 1
             record = {}
             if done % cfg.log.every == 0 or done == cfg.steps:
                 m = jax.device_get(m)
@@ -396,6 +397,8 @@ def train(cfg: TrainConfig) -> list[dict]:
         interrupts.check()  # Ctrl-C in the last step: stop here too, before the export
     except KeyboardInterrupt:
         if mgr is not None and jax.process_count() == 1:  # (many: waiting on the others could hang)
+            if completed > (mgr.latest_step() or 0):  # the steps since the last periodic save are kept too
+                _save(mgr, completed, params, opt_state, loader, force=True)
             mgr.wait_until_finished()  # the save under way is completed, not left half written
             mgr.close()
             print(f"interrupted: checkpoints up to step {mgr.latest_step()} are in {cfg.checkpoint.dir}; "
