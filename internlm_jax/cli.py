@@ -482,8 +482,12 @@ def cmd_plan(args) -> None:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only TPU devices; nothing runs here
     import json
 
-    from .plan import plan
+    from .plan import PROGRAMS, plan
 
+    unknown = [p for p in args.programs.split(",") if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"--programs: unknown program {unknown[0]!r}; use some of {', '.join(PROGRAMS)}")
+    _check_sizes(args, "batch", "max-new-tokens", "context", "max-tries")
     sizes = {k: getattr(args, k) for k in ("data", "fsdp", "tensor", "sequence") if getattr(args, k) is not None}
     if sizes:
         sizes.setdefault("fsdp", -1)
@@ -617,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "default: the model's max_position_embeddings")
     pl.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     pl.add_argument("--max-new-tokens", type=int, default=256, help="decode room in the KV cache (default 256)")
-    pl.add_argument("--dtype", default="bfloat16", help="compute / cache dtype (default bfloat16)")
+    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], type=_dtype_name,
+                    help="compute / cache dtype (default bfloat16)")
     pl.add_argument("--programs", default="prefill,decode_step,decode_loop,train_step",
                     help="comma-separated subset of prefill, decode_step, decode_loop, train_step (default: all)")
     pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],

@@ -80,6 +80,8 @@ def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
             (["data", "tokenize", "--tokenizer", "t", "--input", "i", "--output", "o", "--chunk-mb", "nan"],
              "--chunk-mb must be a positive number, got nan"),
             (["train", "--config", str(tmp_path)], "training config .* is a folder"),
+            (["plan", "--model", "internlm2-1_8b", "--programs", "prefill,bogus"], "--programs: unknown program 'bogus'"),
+            (["plan", "--model", "internlm2-1_8b", "--max-new-tokens", "-20"], "--max-new-tokens must be a positive"),
         ]
         for argv, words in cases:
             assert main(argv) == 1, argv
