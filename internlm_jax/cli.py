@@ -48,9 +48,9 @@ def add_mesh_args(parser: argparse.ArgumentParser, tensor: int = 1) -> None:
     g.add_argument("--sequence", type=int, default=1, help="tokens and KV cache slots: ring attention (default 1)")
 
 
-def _progress(args) -> bool | None:
-    """Progress bars: off with --quiet, else where stderr is a terminal (not in a log file)."""
-    return False if args.quiet else None
+def _progress(args) -> bool:
+    """Progress bars on long work: on unless --quiet (in a log file too: a long load shows it is alive)."""
+    return not args.quiet
 
 
 def _simulate_devices(n: int | None) -> None:
@@ -380,7 +380,7 @@ def cmd_data_tokenize(args) -> None:
     t = time.perf_counter()
     index = tokenize_corpus(args.tokenizer, args.input, args.output, fmt=args.format, text_key=args.text_key,
                             workers=args.workers, chunk_bytes=_chunk_bytes(args.chunk_mb),
-                            overwrite=args.overwrite, progress=_progress(args))
+                            overwrite=args.overwrite, progress=None if not args.quiet else False)
     if not args.quiet:
         seconds = time.perf_counter() - t
         print(f"wrote {args.output}: {index['tokens']:,} tokens, {index['documents']:,} documents in "
@@ -484,6 +484,9 @@ def cmd_plan(args) -> None:
 
     from .plan import PROGRAMS, plan
 
+    dtype = _dtype_name(args.dtype)  # (after the devices are set up: it imports JAX)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}")
     unknown = [p for p in args.programs.split(",") if p not in PROGRAMS]
     if unknown:
         raise ValueError(f"--programs: unknown program {unknown[0]!r}; use some of {', '.join(PROGRAMS)}")
@@ -493,7 +496,7 @@ def cmd_plan(args) -> None:
         sizes.setdefault("fsdp", -1)
     say = None if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     result = plan(args.model, args.topology, context=args.context, batch=args.batch, mesh=sizes or None,
-                  max_new_tokens=args.max_new_tokens, dtype=args.dtype, programs=args.programs.split(","),
+                  max_new_tokens=args.max_new_tokens, dtype=dtype, programs=args.programs.split(","),
                   remat=args.remat, attention_impl=args.attention, decode_impl=args.decode,
                   suggest=not args.no_suggest,
                   max_tries=args.max_tries, progress=say)
@@ -621,8 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "default: the model's max_position_embeddings")
     pl.add_argument("--batch", type=int, default=1, help="sequences (default 1)")
     pl.add_argument("--max-new-tokens", type=int, default=256, help="decode room in the KV cache (default 256)")
-    pl.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"], type=_dtype_name,
-                    help="compute / cache dtype (default bfloat16)")
+    pl.add_argument("--dtype", default="bfloat16", help="compute / cache dtype: float32, bfloat16 (bf16) or "
+                                                        "float16 (default bfloat16)")
     pl.add_argument("--programs", default="prefill,decode_step,decode_loop,train_step",
                     help="comma-separated subset of prefill, decode_step, decode_loop, train_step (default: all)")
     pl.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"],

@@ -80,7 +80,9 @@ def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
             (["data", "tokenize", "--tokenizer", "t", "--input", "i", "--output", "o", "--chunk-mb", "nan"],
              "--chunk-mb must be a positive number, got nan"),
             (["train", "--config", str(tmp_path)], "training config .* is a folder"),
-            (["plan", "--model", "internlm2-1_8b", "--programs", "prefill,bogus"], "--programs: unknown program 'bogus'"),
+            (["plan", "--model", "internlm2-1_8b", "--programs", "prefill,bogus"],
+             "--programs: unknown program 'bogus'"),
+            (["plan", "--model", "internlm2-1_8b", "--dtype", "fp8"], "--dtype must be float32, bfloat16 or float16"),
             (["plan", "--model", "internlm2-1_8b", "--max-new-tokens", "-20"], "--max-new-tokens must be a positive"),
         ]
         for argv, words in cases:

@@ -668,7 +668,18 @@ def test_two_processes_train_with_only_tensor_and_sequence_across_them(tmp_path,
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
 
 
-def test_ctrl_c_saves_the_steps_run_and_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def terminal_ctrl_c():
+    """SIGINT handled as in a Python started from a terminal (a test runner's worker may ignore it)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_saves_the_steps_run_and_in_the_last_step_stops_before_the_export(tmp_path, monkeypatch, capsys,
+                                                                                 terminal_ctrl_c):
     """A Ctrl-C that lands in the last step is not dropped: the final checkpoint is completed, the run
     stops with KeyboardInterrupt and says where its checkpoints are, and nothing is exported. Between
     periodic saves, the step it stops after is saved, and the run resumes from there exactly."""
