@@ -437,7 +437,8 @@ def _silence_libraries():
 @contextlib.contextmanager
 def _conversion_run(quiet: bool):
     """While a conversion runs: SIGTERM cleans up the temporary output as Ctrl-C does, and when
-    ``quiet`` (no --debug) the libraries' own reports stay off stderr. All restored afterwards."""
+    ``quiet`` (no --debug) the libraries' own reports stay off stderr. Restored afterwards, except the
+    silencing after a failure: the libraries' threads may report it again at any moment until the exit."""
     import signal
 
     def interrupt(signum, frame):
@@ -449,8 +450,8 @@ def _conversion_run(quiet: bool):
         yield
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
-        if restore is not None:
-            restore()
+    if restore is not None:  # (reached only when the conversion succeeded)
+        restore()
 
 
 _SILENCED_AT_EXIT = []
