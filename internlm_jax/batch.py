@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key
-from .files import progress_bar
+from .chat_format import FormatError, TextStream, calls_finish_reason, chat_prompt, feed_tokens, misspelt_key
+from .files import file_in_the_way, progress_bar
 
 OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
            "frequency_penalty", "seed", "logprobs", "min_tokens", "ignore_eos")
@@ -147,24 +147,24 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
 OUTPUT_KEYS = frozenset({"id", "finish_reason", "completion_tokens"})  # in every line this command writes
 
 
-def check_output(path: Path) -> None:
+def check_output(path: Path, input_path: str | os.PathLike) -> None:
     """An --output the command can append to and read back on a rerun: a regular file (or none yet) in
-    a folder, not a pipe, terminal or folder."""
+    a folder, not a pipe, terminal or folder, and not the input file."""
+    if path.exists() and Path(input_path).exists() and path.samefile(input_path):
+        raise BatchInputError(f"--output {path} is the input file; results go to a file of their own")
     if path.is_dir():
         raise BatchInputError(f"--output {path} is a folder; give the output file's path")
     if path.exists() and not path.is_file():
         raise BatchInputError(f"--output {path} is not a regular file (a pipe or device: a rerun reads the "
                               "output back to skip finished ids); give a file path")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if parent.exists() and not parent.is_dir():
-        raise BatchInputError(f"--output {path}: {parent} is a file, not a folder")
+    blocked = file_in_the_way(path)
+    if blocked is not None:
+        raise BatchInputError(f"--output {path}: {blocked} is a file, not a folder")
 
 
 def finished_ids(path: Path) -> set:
-    """Ids already in the output; a torn last line is cut off first (it never finished writing)."""
-    check_output(path)
+    """Ids already in the output (checked by :func:`check_output`); a torn last line is cut off first (it
+    never finished writing)."""
     if not path.exists():
         return set()
     raw = path.read_bytes()
@@ -192,8 +192,7 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
     from .engine import QueueFull
 
     output_path = Path(output_path)
-    if output_path.exists() and Path(input_path).exists() and output_path.samefile(input_path):
-        raise BatchInputError(f"--output {output_path} is the input file; results go to a file of their own")
+    check_output(output_path, input_path)
     requests = read_requests(input_path, tok, engine, defaults or {})
     done = finished_ids(output_path)
     todo = [r for r in requests if r["id"] not in done]
@@ -247,6 +246,5 @@ def _result(handle, item, stream: TextStream) -> dict:
         out.update(token_ids=handle.tokens[:n], token_logprobs=handle.token_logprobs[:n],
                    top_logprobs=[[list(pair) for pair in top] for top in handle.top_logprobs[:n]])
     if calls:
-        out["tool_calls"] = calls
-        out["finish_reason"] = "length" if reason == "length" else "tool_calls"  # cut by max_tokens: "length"
+        out["tool_calls"], out["finish_reason"] = calls, calls_finish_reason(reason)
     return out

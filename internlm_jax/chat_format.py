@@ -287,6 +287,11 @@ class TextStream:
         return content, calls
 
 
+def calls_finish_reason(reason: str) -> str:
+    """OpenAI's finish_reason of a reply with tool calls: "tool_calls", unless max_tokens cut it ("length")."""
+    return "length" if reason == "length" else "tool_calls"
+
+
 def feed_tokens(text: TextStream, decoder, tokens, finished: bool = False) -> tuple[str, int]:
     """Push generated ``tokens`` through a tokenizer's stream ``decoder`` into ``text``, up to the token
     that completes a stop string (a reply ends there); with ``finished`` also the decoder's held bytes.

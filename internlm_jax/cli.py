@@ -198,9 +198,7 @@ def cmd_generate(args) -> None:
 
         from .batch import check_output, input_lines
 
-        if os.path.exists(args.output) and os.path.exists(args.input) and os.path.samefile(args.input, args.output):
-            raise ValueError(f"--output {args.output} is the input file; results go to a file of their own")
-        check_output(Path(args.output))
+        check_output(Path(args.output), args.input)
         for _ in input_lines(args.input):
             pass
     model, tok = _load_for_generation(args)  # first: it may set up simulated devices before JAX starts

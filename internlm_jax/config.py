@@ -136,15 +136,13 @@ class InternLM2Config:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"config field {name!r} must be a positive integer, got {value!r}")
         listed = dict(self.extra)
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            for value in listed.get(f"{name}_list", [getattr(self, name)]):
+        ids = [(f"config field {name!r}", listed.get(f"{name}_list", [getattr(self, name)]))
+               for name in ("bos_token_id", "eos_token_id", "pad_token_id")]
+        for field, values in ids + [("generation config field 'eos_token_id'", self.generation_eos_token_ids)]:
+            for value in values:
                 if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                    raise ValueError(f"config field {name!r} must be a token id (an integer below vocab_size "
+                    raise ValueError(f"{field} must be a token id (an integer below vocab_size "
                                      f"{self.vocab_size}) or a list of them, got {value!r}")
-        for value in self.generation_eos_token_ids:
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"generation config field 'eos_token_id' must be a token id (an integer below "
-                                 f"vocab_size {self.vocab_size}) or a list of them, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

@@ -29,6 +29,15 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.path.expanduser(path)))
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest existing folder-to-be above ``path`` when it is a file (nothing can be created under
+    it), else None."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent if parent.exists() and not parent.is_dir() else None
+
+
 def check_local(path) -> None:
     """Refuse a URL (``gs://``, ``s3://``, ``hf://``): checkpoints are read and written on a local or
     mounted file system; copied as a path, ``gs://b/x`` would become the local folder ``gs:/b/x``."""

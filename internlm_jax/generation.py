@@ -705,32 +705,32 @@ def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
     of the vocabulary (a string of ids, a float, a bool)."""
     if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
         raise TypeError(f"stop_ids must be a list of token ids, got {stop_ids!r} (stop strings go in stop=)")
-    out = []
-    for t in stop_ids:
-        try:  # Python, numpy and 0-d JAX integers alike; not bools, floats or strings
-            if isinstance(t, bool | np.bool_):
-                raise TypeError
-            out.append(operator.index(t))
-        except TypeError:
-            raise TypeError(f"stop_ids must be token ids (integers), got {t!r} (stop strings go in stop=)") from None
-        if not 0 <= out[-1] < vocab_size:
-            raise ValueError(f"stop id {out[-1]} is outside the vocabulary (0..{vocab_size - 1})")
+    out = _integers(stop_ids, "stop_ids must be token ids (integers), got {!r} (stop strings go in stop=)")
+    bad = next((t for t in out if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"stop id {bad} is outside the vocabulary (0..{vocab_size - 1})")
     return tuple(out)
 
 
-def _token_ids(p, i: int) -> list[int]:
-    """Prompt ``i``'s token ids as ints; a float or bool among them (a slip) is an error, not truncated."""
-    if isinstance(p, np.ndarray | jax.Array) and not np.issubdtype(p.dtype, np.integer):
-        raise TypeError(f"prompt {i}: token ids must be integers, got an array of {p.dtype}")
+def _integers(values, message: str) -> list[int]:
+    """``values`` as ints (Python, numpy and 0-d JAX integers alike); a bool, float or string among them
+    (a slip, never truncated) is a TypeError with ``message`` formatted with it."""
     out = []
-    for t in p:
+    for t in values:
         try:
             if isinstance(t, bool | np.bool_):
                 raise TypeError
             out.append(operator.index(t))
         except TypeError:
-            raise TypeError(f"prompt {i}: token ids must be integers, got {t!r}") from None
+            raise TypeError(message.format(t)) from None
     return out
+
+
+def _token_ids(p, i: int) -> list[int]:
+    """Prompt ``i``'s token ids as ints."""
+    if isinstance(p, np.ndarray | jax.Array) and not np.issubdtype(p.dtype, np.integer):
+        raise TypeError(f"prompt {i}: token ids must be integers, got an array of {p.dtype}")
+    return _integers(p, f"prompt {i}: token ids must be integers, got {{!r}}")
 
 
 def _as_batch(prompts) -> tuple[list, bool]:

@@ -32,7 +32,7 @@ from typing import Any, Union
 from fastapi import Request  # here, not in create_app: FastAPI resolves the endpoints' annotations from module globals
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
 
-from .chat_format import FormatError, TextStream, chat_prompt, feed_tokens, misspelt_key, usage
+from .chat_format import FormatError, TextStream, calls_finish_reason, chat_prompt, feed_tokens, misspelt_key, usage
 from .engine import MAX_LOGPROBS, Engine, EngineError, QueueFull, serving_length
 from .generation import default_stop_ids
 from .multihost import PeerFailed, finish
@@ -442,9 +442,6 @@ def create_app(engine: Engine, tok, model_name: str):
                 c.handle.cancel()
 
         obj = ("chat.completion" if chat else "text_completion")
-
-        def tool_calls_reason(reason: str) -> str:
-            return "length" if reason == "length" else "tool_calls"
         if not req.stream:
             watcher = asyncio.ensure_future(cancel_on_disconnect())
             try:
@@ -464,7 +461,7 @@ def create_app(engine: Engine, tok, model_name: str):
                     content, calls = c.text.reply()
                     message = {"role": "assistant", "content": content or (None if calls else "")}
                     if calls:  # (a reply cut by max_tokens stays "length", as OpenAI's)
-                        message["tool_calls"], reason = calls, tool_calls_reason(reason)
+                        message["tool_calls"], reason = calls, calls_finish_reason(reason)
                     body.append(choice(c, message=message, reason=reason, logprobs=logprobs))
                 else:
                     if echo_logprobs is not None:  # the prompt's tokens first, then the completion's
@@ -513,7 +510,7 @@ def create_app(engine: Engine, tok, model_name: str):
                     if rest:
                         yield sse({**head, "choices": [choice(c, delta={"content": rest}, txt=rest)]})
                     if calls:
-                        reason = tool_calls_reason(reason)
+                        reason = calls_finish_reason(reason)
                         deltas = [{"index": k, **call} for k, call in enumerate(calls)]
                         yield sse({**head, "choices": [choice(c, delta={"tool_calls": deltas})]})
                     last = {**head, "choices": [choice(c, delta={}, reason=reason, txt="")]}

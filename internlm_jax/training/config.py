@@ -29,7 +29,7 @@ from pydantic import (
 
 from ..arrays import SHORT_DTYPE_NAMES
 from ..config import NOT_IN_JSON, InternLM2Config
-from ..files import check_local
+from ..files import check_local, file_in_the_way
 from .loss import LOSS_CHUNK
 
 # the dtype names, and their short forms (bf16, fp32, ...) as everywhere else in the library
@@ -259,11 +259,9 @@ def _check_writable(field: str, path: Path, folder: bool) -> None:
         raise ValueError(f"{field}: {path} is a file, not a folder")
     if not folder and path.is_dir():
         raise ValueError(f"{field}: {path} is a folder; give the file's path")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{field}: {parent} is a file, not a folder")
+    blocked = file_in_the_way(path)
+    if blocked is not None:
+        raise ValueError(f"{field}: {blocked} is a file, not a folder")
 
 
 def describe(error: ValidationError) -> str:
