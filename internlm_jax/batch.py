@@ -3,8 +3,8 @@
     internlm-jax generate --model DIR --input prompts.jsonl --output out.jsonl
 
 Each input line is a JSON object with an ``id`` and one of ``prompt`` (text), ``messages`` (chat, as for
-the server; ``tools`` and ``tool_choice`` allowed) or ``prompt_ids``; optional ``max_tokens`` (or
-``max_new_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
+the server; ``tools``, ``tool_choice`` and ``parallel_tool_calls`` allowed) or ``prompt_ids``; optional
+``max_tokens`` (or ``max_new_tokens``), ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``,
 ``presence_penalty``, ``frequency_penalty``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``
 (alternatives per token, 0 to 20), ``min_tokens``, ``ignore_eos`` (``null`` = the default). Other keys
 (an eval set's labels) are allowed and not read, nor copied to the output (join on ``id``), except
@@ -89,7 +89,7 @@ def input_lines(path: str | os.PathLike):
 
 
 def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) -> list[dict]:
-    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced"}]`` (``forced``:
+    """Parse and check every line: ``[{"id", "ids", "kw", "stop", "chat", "tools", "forced", "one_call"}]`` (``forced``:
     the reply's start that ``tool_choice`` puts at the end of the prompt)."""
     from .engine import EngineError
     from .generation import DEFAULT_NEW_TOKENS
@@ -101,6 +101,9 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
         if len(given) != 1:
             raise BatchInputError(f"{where}: give exactly one of 'prompt', 'messages' or 'prompt_ids'")
         forced, tools = "", False
+        one_call = item.get("parallel_tool_calls")
+        if one_call is not None and not isinstance(one_call, bool):
+            raise BatchInputError(f"{where}: 'parallel_tool_calls' must be true or false")
         try:
             if "prompt" in item:
                 if not isinstance(item["prompt"], str) or not item["prompt"]:
@@ -140,7 +143,8 @@ def read_requests(path: str | os.PathLike, tok, engine: Engine, defaults: dict) 
         except EngineError as e:
             raise BatchInputError(f"{where}: {e}") from None
         out.append({"id": rid, "ids": ids, "kw": kw, "stop": [s for s in stop if isinstance(s, str)],
-                    "chat": "messages" in item, "forced": forced, "tools": tools, "shown": 0})
+                    "chat": "messages" in item, "forced": forced, "tools": tools, "one_call": one_call is False,
+                    "shown": 0})
     return out
 
 
@@ -205,7 +209,8 @@ def run_batch(engine: Engine, tok, input_path, output_path, *, defaults: dict | 
             while pending or running:
                 while pending:  # keep the engine's queue full, never over
                     item = pending[-1]
-                    text = TextStream(item["stop"], tools=item["tools"], forced=item["forced"])
+                    text = TextStream(item["stop"], tools=item["tools"], forced=item["forced"],
+                                      one_call=item["one_call"])
                     decoder = tok.stream_decoder(skip_special_tokens=False)
 
                     def follow(request, new, item=item, text=text, decoder=decoder):  # as the server does

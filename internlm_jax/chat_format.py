@@ -225,9 +225,10 @@ class TextStream:
     True when a stop string appeared (the text is cut before it). ``forced`` is a reply's start that
     ``tool_choice`` put in the prompt (:func:`forced_reply`): the stream begins inside that call, stop
     strings are not looked for in it, and if the call does not parse only the model's own text is
-    content."""
+    content. With ``one_call`` (OpenAI's ``parallel_tool_calls: false``) the reply ends, ``stopped``,
+    after its first well-formed call."""
 
-    def __init__(self, stop: Sequence[str] = (), tools: bool = False, forced: str = ""):
+    def __init__(self, stop: Sequence[str] = (), tools: bool = False, forced: str = "", one_call: bool = False):
         self.stop = [s for s in stop if s]
         self.markers = self.stop + ([CALL_START] if tools else [])
         self.forced = forced
@@ -235,6 +236,7 @@ class TextStream:
         self.sent = len(forced)  # characters of text already returned (or never to be)
         self.stopped = False
         self.in_call, self.call_at = bool(forced), 0
+        self.one_call = one_call
 
     def _hold(self) -> int:
         """How many trailing characters could still be the start of a marker, with tools also the
@@ -263,6 +265,8 @@ class TextStream:
                 at = self.text.find(CALL_START, max(0, self.sent - len(CALL_START)))
                 if at >= 0:
                     self.in_call, self.call_at = True, at
+        if self.in_call and self.one_call:
+            self._end_after_first_call()
         if self.in_call:  # up to the call, less the whitespace before it
             safe = len(self.text[:self.call_at].rstrip())
         else:
@@ -270,6 +274,16 @@ class TextStream:
         out = self.text[self.sent:max(safe, self.sent)]
         self.sent = max(self.sent, safe)
         return out
+
+    def _end_after_first_call(self):
+        """Cut the text after the first call once that call is complete and parses."""
+        at = self.text.find(ACTION_END, self.call_at)
+        while at >= 0:
+            head = self.text[:at + len(ACTION_END)]
+            if _split_calls(head)[1]:
+                self.text, self.stopped = head, True
+                return
+            at = self.text.find(ACTION_END, at + 1)
 
     def finish(self) -> tuple[str, list[dict]]:
         """The rest of the content (not yet returned by push) and the tool calls, once generation ended."""

@@ -9,11 +9,12 @@ defaults (``null`` means the default): ``max_tokens`` (or ``max_completion_token
 reply may fill the context and a completion gets 16 tokens), ``temperature``, ``top_p``, ``top_k``,
 ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``stop`` (strings, and token ids in
 ``stop_token_ids`` or in ``stop``), ``seed``, ``min_tokens`` and ``ignore_eos`` (vLLM's: no stop id
-before ``min_tokens`` tokens; the end-of-text ids as ordinary tokens), ``tools`` (with ``tool_choice``),
-``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``, ...), ``logprobs`` (chat: with
-``top_logprobs``; completions: the number of alternatives), ``echo`` (completions: the prompt's text
-first, and with ``logprobs`` its tokens' logprobs). Every response carries ``usage`` (streams: in the
-last chunk, or with ``stream_options.include_usage`` in a final chunk of its own, as OpenAI does).
+before ``min_tokens`` tokens; the end-of-text ids as ordinary tokens), ``tools`` (with ``tool_choice``
+and ``parallel_tool_calls``), ``n`` (that many independent continuations, seeds ``seed``, ``seed + 1``,
+...), ``logprobs`` (chat: with ``top_logprobs``; completions: the number of alternatives), ``echo``
+(completions: the prompt's text first, and with ``logprobs`` its tokens' logprobs). Every response
+carries ``usage`` (streams: in the last chunk, or with ``stream_options.include_usage`` in a final chunk
+of its own, as OpenAI does).
 
 A reply ends with the token that completes a stop string: ``usage`` and logprobs count no further. Bad
 requests (and unknown paths) get a 4xx with OpenAI's error object naming the parameter; a full queue
@@ -80,6 +81,7 @@ class ChatRequest(_Request):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None  # false: the reply ends after its first call
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
 
@@ -121,11 +123,11 @@ class Choice:
     parsed with the generated text (a tool call), never sent as content."""
 
     def __init__(self, tok, index: int, handle, stop: list[str], tools: bool, echo: tuple[str, int] | None = None,
-                 keep: int | None = None, forced: str = ""):
+                 keep: int | None = None, forced: str = "", one_call: bool = False):
         self.tok, self.index, self.handle, self.echo, self.keep = tok, index, handle, echo, keep
         self.shown = 0  # generated tokens shown (all of them, or at most ``keep``)
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
-        self.text = TextStream(stop, tools=tools, forced=forced)
+        self.text = TextStream(stop, tools=tools, forced=forced, one_call=one_call)
         self.scored = 0  # tokens whose logprobs were sent
         self.offset = 0  # characters of token text so far (completions' text_offset)
 
@@ -392,7 +394,8 @@ def create_app(engine: Engine, tok, model_name: str):
                               "max_tokens": kw["max_tokens"] or (room if chat else min(16, room))}
                     handle = engine.submit(prompt, on_update=on_update(i), **params)
                     choices.append(Choice(tok, i, handle, stop, tools, echo[p] if echo else None,
-                                          0 if scores_only(req) else None, forced))
+                                          0 if scores_only(req) else None, forced,
+                                          getattr(req, "parallel_tool_calls", None) is False))
         except (QueueFull, EngineError) as e:
             for c in choices:
                 c.handle.cancel()

@@ -699,6 +699,18 @@ def test_offline_batch_lines_take_tool_choice(forced_server, tmp_path):
     assert line["finish_reason"] == "tool_calls" and line["text"] == ""
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in line["tool_calls"]] == \
         [("get_weather", {"city": "Oslo"})]
+    # parallel_tool_calls false ends the reply at the call's <|action_end|>, even where <|im_end|> would not
+    for name, one_call in (("free", None), ("one", False)):
+        src.write_text(json.dumps({"id": name, "messages": messages, "tools": TOOLS, "tool_choice": named,
+                                   "ignore_eos": True, "parallel_tool_calls": one_call}) + "\n")
+        run_batch(engine, tok, src, tmp_path / f"{name}.jsonl", defaults={"max_tokens": 40}, progress=False)
+    free, one = (json.loads((tmp_path / f"{name}.jsonl").read_text()) for name in ("free", "one"))
+    assert (free["finish_reason"], free["completion_tokens"]) == ("length", 40)
+    assert (one["finish_reason"], one["completion_tokens"]) == ("tool_calls", line["completion_tokens"])
+    assert one["tool_calls"][0]["function"] == line["tool_calls"][0]["function"]
+    src.write_text(json.dumps({"id": "x", "messages": messages, "parallel_tool_calls": "no"}) + "\n")
+    with pytest.raises(BatchInputError, match="in.jsonl:1: 'parallel_tool_calls'"):
+        run_batch(engine, tok, src, tmp_path / "other.jsonl", progress=False)
     src.write_text(json.dumps({"id": "x", "messages": messages, "tools": TOOLS, "tool_choice": "maybe"}) + "\n")
     with pytest.raises(BatchInputError, match="in.jsonl:1: tool_choice"):
         run_batch(engine, tok, src, tmp_path / "other.jsonl", progress=False)
@@ -806,6 +818,56 @@ def test_a_reply_that_ends_inside_a_call_drops_it_streamed_or_not():
     # a call that the model ended (with <|action_end|>) but whose JSON is bad stays text, as before
     bad = "x<|action_start|><|plugin|>\n{oops}<|action_end|>"
     assert parse_tool_calls(bad) == (bad, [])
+
+
+def test_parallel_tool_calls_false_ends_the_reply_after_its_first_call():
+    """OpenAI's ``parallel_tool_calls: false``: at most one call. The stream stops (as at a stop string)
+    once the first call is complete and parses; a malformed call before it stays text and does not count."""
+    from internlm_jax.chat_format import TextStream
+
+    def call(x):
+        return "<|action_start|><|plugin|>\n" + '{"name": "f", "parameters": {"x": %d}}' % x + "<|action_end|>"
+
+    bad = "<|action_start|><|plugin|>\n{oops}<|action_end|>"
+    cases = {"Sure. " + call(1) + " and " + call(2) + " done": ("Sure.", [1]),
+             "a" + bad + " b " + call(3) + call(4): ("a" + bad + " b", [3])}
+    for text, (want, xs) in cases.items():
+        for size in (1, 3, 8):
+            for one_call, n in ((True, len(xs)), (False, 2)):
+                stream = TextStream(tools=True, one_call=one_call)
+                sent = "".join(stream.push(text[i:i + size]) for i in range(0, len(text), size))
+                rest, calls = stream.finish()
+                assert stream.stopped is one_call and len(calls) == n, (text, size, one_call)
+                if one_call:
+                    assert (sent + rest, stream.reply()[0]) == (want, want)
+                    assert [json.loads(c["function"]["arguments"])["x"] for c in calls] == xs
+    stream = TextStream(tools=True, one_call=True)  # an unfinished call does not end it
+    stream.push("a" + call(1)[:-3])
+    assert not stream.stopped
+
+
+def test_parallel_tool_calls_false_stops_at_the_call_through_the_server(tool_server):
+    """The server passes parallel_tool_calls on: with ignore_eos (the model's <|im_end|> ends nothing) the
+    reply runs to max_tokens, unless parallel_tool_calls is false: then it ends at the call's
+    <|action_end|>, streamed or not."""
+    server, tok = tool_server
+    client = server.client()
+    ask = dict(model="tool-model", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+               max_tokens=40, temperature=0)
+    usual = client.chat.completions.create(**ask)
+    free = client.chat.completions.create(**ask, extra_body={"ignore_eos": True})
+    one = client.chat.completions.create(**ask, parallel_tool_calls=False, extra_body={"ignore_eos": True})
+    assert (free.choices[0].finish_reason, free.usage.completion_tokens) == ("length", 40)
+    assert (one.choices[0].finish_reason, one.choices[0].message.content) == ("tool_calls", REPLY)
+    assert one.usage.completion_tokens == usual.usage.completion_tokens
+    assert [json.loads(c.function.arguments) for c in one.choices[0].message.tool_calls] == [{"days": 3}]
+    chunks = list(client.chat.completions.create(**ask, parallel_tool_calls=False, stream=True,
+                                                 stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == one.usage.completion_tokens
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "tool_calls"
+    r = post(server, "/v1/chat/completions", {**ask, "parallel_tool_calls": "no"})
+    assert r.status_code == 400 and "parallel_tool_calls" in r.text, r.text
 
 
 def test_replayed_history_may_hold_a_malformed_call_and_a_refusal():
