@@ -101,7 +101,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 def open_safetensors(path: Path) -> dict[str, TensorRef]:
     header, start = read_safetensors_header(path)
     size = path.stat().st_size
-    refs = {}
+    refs, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -119,6 +119,13 @@ def open_safetensors(path: Path) -> dict[str, TensorRef]:
         if start + end > size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {start + end}, file has {size}")
         refs[name] = TensorRef(name, path, shape, dtype, _safetensors_loader(path, start + begin, shape, dtype))
+        spans.append((begin, end, name))
+    at = 0  # as the safetensors library requires: the tensors tile the data from its start, no gap or overlap
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} starts at data byte {begin}, "
+                                  f"{'inside the tensor before it' if begin < at else 'after a gap'} (expected {at})")
+        at = end
     return refs
 
 

@@ -142,6 +142,47 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
         InternLM2.from_pretrained(folder)
 
 
+def test_safetensors_offsets_that_overlap_or_leave_a_gap_are_refused_as_safetensors_refuses_them(tmp_path):
+    """A header may point two tensors at the same bytes (or skip bytes): the safetensors library refuses such
+    a file, and so must the loader, instead of loading one tensor's values as another's."""
+    import struct
+
+    from safetensors.numpy import load_file
+
+    folder = write_hf_checkpoint(tmp_path / "o", CFG, STATE)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    size = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names}
+    a, b = next((a, b) for a in names for b in names if a < b and size[a] == size[b]
+                and header[a]["dtype"] == header[b]["dtype"])
+
+    def rewrite(h):
+        raw = json.dumps(h, separators=(",", ":")).encode()
+        assert len(raw) <= n
+        file.write_bytes(struct.pack("<Q", n) + raw + b" " * (n - len(raw)) + data[8 + n:])
+
+    overlap = json.loads(json.dumps(header))
+    overlap[b]["data_offsets"] = header[a]["data_offsets"]
+    rewrite(overlap)
+    with pytest.raises(Exception):
+        load_file(file)
+    with pytest.raises(CheckpointError, match=r"safetensors: corrupt header: tensor .* inside the tensor before"):
+        InternLM2.from_pretrained(folder)
+    last = max(names, key=lambda k: header[k]["data_offsets"][0])
+    gap = json.loads(json.dumps(header))
+    gap.pop(last)  # the file keeps the bytes; a tensor in the middle is missing instead
+    first = min(names, key=lambda k: header[k]["data_offsets"][0])
+    gap.pop(first)
+    rewrite(gap)
+    with pytest.raises(Exception):
+        load_file(file)
+    with pytest.raises(CheckpointError, match=r"corrupt header: tensor .* after a gap \(expected 0\)"):
+        InternLM2.from_pretrained(folder)
+
+
 def test_index_naming_an_absent_shard(tmp_path):
     folder = write_hf_checkpoint(tmp_path / "s", CFG, STATE, shards=3)
     (folder / "model-00002-of-00003.safetensors").unlink()
