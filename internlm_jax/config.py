@@ -13,9 +13,10 @@ released files are handled here and nowhere else:
 * ``head_dim`` is never stored: it is ``hidden_size // num_attention_heads``.
 
 A config read from a checkpoint folder also holds that folder's ``*.py`` files (the remote code that
-its ``auto_map`` names: configuration_, modeling_, tokenization_internlm2*.py) and writes them next to
-every ``config.json`` it saves, so that HF and Orbax folders written from it (conversion in both
-directions, ``save_pretrained``, training checkpoints) load with ``trust_remote_code=True``.
+its ``auto_map`` names: configuration_, modeling_, tokenization_internlm2*.py) and its
+``generation_config.json``, and writes them next to every ``config.json`` it saves, so that HF and Orbax
+folders written from it (conversion in both directions, ``save_pretrained``, training checkpoints) load
+with ``trust_remote_code=True`` and generate as the source did (stop ids, sampling defaults).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ REFERENCE_DEFAULTS: dict[str, Any] = dict(
     pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, bias=True, rope_theta=10000.0)
 MODEL_TYPE = "internlm2"
 ARCHITECTURE = "InternLM2ForCausalLM"
-NOT_IN_JSON = ("extra", "remote_code", "generation_eos_token_ids")  # fields that are not keys of config.json
+GENERATION_FILE = "generation_config.json"
+NOT_IN_JSON = ("extra", "folder_files", "generation_eos_token_ids")  # fields that are not keys of config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +78,9 @@ class InternLM2Config:
     # Keys of config.json that the model does not use (auto_map, torch_dtype, ...), kept so that
     # writing the config back loses nothing.
     extra: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), hash=False, compare=False)
-    # (file name, bytes) of the source folder's *.py files, written back by save() (see the module docstring).
-    remote_code: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), hash=False, compare=False, repr=False)
+    # (file name, bytes) of the source folder's *.py files and generation_config.json, written back by
+    # save() (see the module docstring).
+    folder_files: tuple[tuple[str, bytes], ...] = dataclasses.field(default=(), hash=False, compare=False, repr=False)
     # ``eos_token_id`` of the folder's generation_config.json, which the reference's generate() stops on.
     generation_eos_token_ids: tuple[int, ...] = dataclasses.field(default=(), hash=False, compare=False)
 
@@ -239,8 +242,9 @@ class InternLM2Config:
         cfg = cls.from_dict(data, source=str(file))
         if not path.is_dir():
             return cfg
-        cfg = cfg.replace(remote_code=tuple((f.name, f.read_bytes()) for f in sorted(path.glob("*.py"))))
-        generation = path / "generation_config.json"
+        generation = path / GENERATION_FILE
+        kept = sorted(path.glob("*.py")) + ([generation] if generation.is_file() else [])
+        cfg = cfg.replace(folder_files=tuple((f.name, f.read_bytes()) for f in kept))
         try:
             return cfg.replace(generation_eos_token_ids=_generation_eos_ids(generation))
         except ValueError as e:
@@ -270,10 +274,10 @@ class InternLM2Config:
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``config.json`` and the remote code files into folder ``path`` (each atomically);
-        returns the config file written."""
-        for name, code in self.remote_code:
-            atomic_write(Path(path) / name, code)
+        """Write ``config.json`` and the source folder's files (:attr:`folder_files`) into folder ``path``
+        (each atomically); returns the config file written."""
+        for name, data in self.folder_files:
+            atomic_write(Path(path) / name, data)
         return atomic_write(Path(path) / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
 
     # ----------------------------------------------------------------------------------------

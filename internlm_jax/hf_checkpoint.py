@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from . import weights
 from .arrays import canonical_dtype, flat_params, get_row, row_sharding, set_row, sharding_of, stacked_buffers, to_host
-from .checkpoint import CHECKPOINT_MARKERS
+from .checkpoint import CHECKPOINT_MARKERS, META_FILE
 from .config import InternLM2Config
 from .files import absolute, atomic_directory, check_destination, progress_bar
 
@@ -341,7 +341,9 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
                     extra_files: Iterable[str | os.PathLike] = (), progress: bool | None = None) -> Path:
     """Write an HF InternLM2 folder whose tensors come from ``produce(tensor)``, one at a time, in
     checkpoint order. Written into a temporary sibling and renamed when complete, so an interrupted
-    save leaves no folder that looks like a checkpoint."""
+    save leaves no folder that looks like a checkpoint. Replacing an HF folder (``overwrite``) keeps
+    its other files, as transformers' ``save_pretrained`` does: saving a fine-tuned model over the folder
+    it came from replaces the weights and config, not the tokenizer or the model card."""
     folder = absolute(folder)
     dtype = np.dtype(dtype)
     tensors = weights.hf_tensors(cfg)
@@ -349,6 +351,7 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
     with atomic_directory(folder, overwrite=overwrite, needed_bytes=total, markers=CHECKPOINT_MARKERS) as tmp:
+        _keep_other_files(folder, tmp)
         with progress_bar(total, "writing hf", progress, postfix=f"0/{len(tensors)} tensors") as bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
@@ -366,8 +369,35 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
         cfg.replace(extra=extra).save(tmp)
         for extra in extra_files:  # a path, or (path, the name to give it)
             source, name = extra if isinstance(extra, tuple) else (extra, Path(extra).name)
+            (tmp / name).unlink(missing_ok=True)  # a kept file is a hard link: never write through it
             shutil.copy2(source, tmp / name)
     return folder
+
+
+WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth)(\.index\.json)?$")
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Hard-link (or copy) into ``new`` every entry of the HF folder ``old`` but its weights and their
+    indexes (nothing of an Orbax checkpoint: that is another kind of folder). Whatever is written into
+    ``new`` afterwards replaces a kept file by a rename or after an unlink, so ``old`` stays intact until
+    the swap."""
+    if not old.is_dir() or (old / META_FILE).exists():
+        return
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        if WEIGHT_FILE.match(entry.name) or entry.is_symlink() and not entry.exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=link)
+        else:
+            link(entry, new / entry.name)
 
 
 def save_hf_checkpoint(model, folder: str | os.PathLike, *, dtype=None, shard_size: int | str = "5GB",

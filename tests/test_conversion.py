@@ -122,6 +122,42 @@ def _remote_config_classes(tmp_path, *folders) -> list[str]:
     return out.stdout.splitlines()
 
 
+def test_saving_over_the_source_folder_keeps_its_other_files(tmp_path):
+    """``save_pretrained(folder, overwrite=True)`` over the HF folder the model came from (fine-tuning's
+    usual pattern) replaces the weights, their index and config.json, and keeps the rest (tokenizer,
+    generation config, model card, a subfolder), as transformers' save_pretrained does; an extra file
+    given replaces a kept one."""
+    from internlm_jax.generation import default_stop_ids
+
+    src = write_hf_checkpoint(tmp_path / "hf", CFG, STATE, shards=3)
+    kept = {"tokenizer.model": b"tokenizer bytes", "tokenizer_config.json": b"{}", "README.md": b"# card\n",
+            "generation_config.json": json.dumps({"eos_token_id": [2, 7], "temperature": 0.8}).encode(),
+            "chat_templates/default.jinja": b"{{ x }}", ".gitattributes": b"*.bin lfs\n"}
+    for name, data in kept.items():
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).write_bytes(data)
+    model = InternLM2.from_pretrained(src)
+    logits = np.asarray(model(IDS))
+    new_card = tmp_path / "card.md"
+    new_card.write_bytes(b"# fine-tuned\n")
+    model.save_pretrained(src, overwrite=True, extra_files=[(new_card, "README.md")])
+    assert not list(src.glob("model-*.safetensors")) and not (src / "model.safetensors.index.json").exists()
+    assert (src / "model.safetensors").is_file()
+    for name, data in kept.items():
+        assert (src / name).read_bytes() == (b"# fine-tuned\n" if name == "README.md" else data), name
+    again = InternLM2.from_pretrained(src)
+    np.testing.assert_array_equal(np.asarray(again(IDS)), logits)
+    assert default_stop_ids(again.config) == default_stop_ids(model.config) == (2, 7)
+    # into a new folder, the generation config travels with the config (stop ids and sampling defaults)
+    model.save_pretrained(tmp_path / "new")
+    assert (tmp_path / "new" / "generation_config.json").read_bytes() == kept["generation_config.json"]
+    assert not (tmp_path / "new" / "tokenizer.model").exists()  # the tokenizer's files are extra_files
+    # an Orbax checkpoint replaced by an HF folder leaves nothing of itself
+    assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
+    model.save_pretrained(tmp_path / "ox", overwrite=True)
+    assert not (tmp_path / "ox" / META_FILE).exists() and not (tmp_path / "ox" / "orbax").exists()
+
+
 def test_remote_code_travels_with_the_config(tmp_path):
     src = write_hf_checkpoint(tmp_path / "hf", dict(CFG, auto_map=AUTO_MAP), STATE)
     code = {"configuration_internlm2.py": REMOTE_CONFIG_CODE.encode(), "modeling_internlm2.py": b"# modeling\n",
