@@ -48,7 +48,7 @@ FORMAT = "internlm-jax-orbax"
 LAYOUT_VERSION = 1
 META_FILE = "internlm_jax_checkpoint.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
-                   "generation_config.json", "added_tokens.json")
+                   "generation_config.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 # Files only a checkpoint folder holds (our Orbax metadata, or HF weights): --overwrite replaces only a
 # folder with one of them. Not config.json: many other projects' folders have one.
 CHECKPOINT_MARKERS = (META_FILE, "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",

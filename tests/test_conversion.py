@@ -164,11 +164,15 @@ def test_remote_code_travels_with_the_config(tmp_path):
             "tokenization_internlm2_fast.py": b"# tokenizer\n"}
     for name, data in code.items():
         (src / name).write_bytes(data)
+    template = b"{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (src / "chat_template.jinja").write_bytes(template)  # where transformers 5 saves a tokenizer's template
     assert _convert("hf-to-orbax", src, tmp_path / "ox") == 0
     assert _convert("orbax-to-hf", tmp_path / "ox", tmp_path / "back") == 0
     InternLM2.from_pretrained(src).save_pretrained(tmp_path / "saved")
     for folder in ("ox", "back", "saved"):
         assert {p.name: p.read_bytes() for p in (tmp_path / folder).glob("*.py")} == code, folder
+    for folder in ("ox", "back"):  # the conversions carry the tokenizer's files, its chat template included
+        assert (tmp_path / folder / "chat_template.jinja").read_bytes() == template, folder
         assert json.loads((tmp_path / folder / "config.json").read_text())["auto_map"] == AUTO_MAP
     folders = (src, tmp_path / "back", tmp_path / "saved")
     assert _remote_config_classes(tmp_path, *folders) == [f"configuration_internlm2 {CFG['hidden_size']}"] * 3
