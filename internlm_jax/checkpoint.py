@@ -75,6 +75,10 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_metadata(path: str | os.PathLike) -> dict:
     file = Path(path) / META_FILE
+    if Path(path).is_dir() and not file.exists():
+        hf = any((Path(path) / name).exists() for name in CHECKPOINT_MARKERS)
+        raise OrbaxCheckpointError(f"{path}: not an {FORMAT} checkpoint (no {META_FILE})"
+                                   + ("; it holds HF weights: load it as an HF folder" if hf else ""))
     try:
         meta = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -192,8 +196,11 @@ def iter_items(path: str | os.PathLike, targets: Callable[[str], dict] | None = 
             item = path / "orbax" / name
             try:
                 restored = ckptr.restore(item, nest(targets(name))) if targets else ckptr.restore(item)
-            except Exception as e:  # orbax raises many types; say which item
-                raise OrbaxCheckpointError(f"{item}: cannot restore ({type(e).__name__}: {e})") from None
+            except Exception as e:  # orbax raises many types; say which item, in a line (not TensorStore's spec)
+                why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                why = why if len(why) <= 300 else why[:300] + " ..."
+                raise OrbaxCheckpointError(f"{item}: cannot restore, the checkpoint is damaged or incomplete "
+                                           f"({type(e).__name__}: {why})") from None
             yield name, flatten(restored)
 
 

@@ -483,6 +483,23 @@ def test_cli_errors_are_one_line_on_stderr_whatever_the_libraries_print(tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_a_damaged_or_wrong_folder_is_named_in_one_short_line_from_python(tmp_path, hf_bf16, capsys):
+    """From Python too (no CLI to shorten it), a damaged Orbax item is one line naming the item, not
+    TensorStore's multi-line spec; an HF folder given as an Orbax checkpoint is named as such."""
+    from internlm_jax.checkpoint import OrbaxCheckpointError, read_metadata
+
+    ox = _broken_orbax(tmp_path, hf_bf16)
+    with pytest.raises(OrbaxCheckpointError) as e:
+        InternLM2.from_pretrained(ox)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 600, message
+    assert message.startswith(f"{ox / 'orbax' / 'layer_00001'}: cannot restore"), message
+    with pytest.raises(OrbaxCheckpointError, match="not an internlm-jax-orbax checkpoint .*it holds HF weights"):
+        read_metadata(hf_bf16)
+    err = _one_line_error(capsys, "orbax-to-hf", hf_bf16, tmp_path / "o3")
+    assert "not an internlm-jax-orbax checkpoint" in err, err
+
+
 def test_orbax_items_are_checked_against_the_config(tmp_path, capsys, hf_bf16):
     ox = tmp_path / "ox"
     assert _convert("hf-to-orbax", hf_bf16, ox) == 0
