@@ -32,7 +32,7 @@ import json
 import logging
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from .generation import (
     DecodeState,
     RowSampling,
     SamplingParams,
+    as_int,
     bucket_length,
     check_keywords,
     check_stop_ids,
@@ -161,10 +162,11 @@ class Engine:
         sizes = {}
         for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prefill_chunk", prefill_chunk),
                             ("max_queue", max_queue), ("decode_chunk", decode_chunk)):
-            value = int(value) if isinstance(value, np.integer) else value
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise EngineError(f"{name} must be a positive integer, got {value!r}", name)
-            sizes[name] = value
+            least = 2 if name == "max_len" else 1  # a prompt token and a new one
+            if as_int(value) is None or as_int(value) < least:
+                what = "an integer of at least 2 (prompt + new tokens)" if least == 2 else "a positive integer"
+                raise EngineError(f"{name} must be {what}, got {value!r}", name)
+            sizes[name] = as_int(value)
         max_batch, max_len, prefill_chunk, max_queue, decode_chunk = sizes.values()
         self.gen = generator_for(model)
         self.config = model.config
@@ -228,19 +230,18 @@ class Engine:
         parameter that is wrong."""
         if isinstance(prompt, jax.Array | np.ndarray):  # a 1-D array of ids
             prompt = np.asarray(prompt).tolist() if np.asarray(prompt).ndim == 1 else None
-        if prompt is None or isinstance(prompt, (str, bytes)) or not all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        ids = None if prompt is None or isinstance(prompt, str | bytes) else [as_int(t) for t in prompt]
+        if ids is None or None in ids:
             raise EngineError("the prompt must be a list of token ids", "prompt")
-        prompt = [int(t) for t in prompt]
-        if isinstance(max_tokens, np.integer):
-            max_tokens = int(max_tokens)
+        prompt = ids
+        max_tokens = max_tokens if as_int(max_tokens) is None else as_int(max_tokens)
         if not prompt:
             raise EngineError("the prompt is empty", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
                               "prompt")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or max_tokens < 1:
             raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
         if len(prompt) + max_tokens > self.max_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
@@ -257,20 +258,23 @@ class Engine:
         except ValueError as e:
             raise EngineError(str(e), "seed") from None
         for name, k in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
-            if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS):
+            if k is not None and (as_int(k) is None or not 0 <= as_int(k) <= MAX_LOGPROBS):
                 raise EngineError(f"{name} must be an integer from 0 to {MAX_LOGPROBS}, got {k!r}", name)
-        if not isinstance(min_tokens, int) or isinstance(min_tokens, bool) or not 0 <= min_tokens <= max_tokens:
+        logprobs, prompt_logprobs = (None if k is None else as_int(k) for k in (logprobs, prompt_logprobs))
+        if as_int(min_tokens) is None or not 0 <= as_int(min_tokens) <= max_tokens:
             raise EngineError(f"min_tokens must be an integer from 0 to max_tokens ({max_tokens}), got {min_tokens!r}",
                               "min_tokens")
         if not isinstance(ignore_eos, bool):
             raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
-        bad = [s for s in stop_ids if isinstance(s, bool) or not isinstance(s, int | np.integer)
-               or not 0 <= s < self.config.vocab_size]
+        if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
+            raise EngineError(f"stop_ids must be a list of token ids, got {stop_ids!r}", "stop_token_ids")
+        stops = [as_int(s) for s in stop_ids]
+        bad = [s for s, i in zip(stop_ids, stops) if i is None or not 0 <= i < self.config.vocab_size]
         if bad:
             raise EngineError(f"stop token id {bad[0]!r} is not a token id (0..{self.config.vocab_size - 1})",
                               "stop_token_ids")
-        return Request(prompt, max_tokens, sampling, seed, frozenset(int(s) for s in stop_ids), logprobs,
-                       prompt_logprobs, min_tokens, ignore_eos)
+        return Request(prompt, max_tokens, sampling, seed, frozenset(stops), logprobs, prompt_logprobs,
+                       as_int(min_tokens), ignore_eos)
 
     @property
     def busy(self) -> bool:

@@ -65,7 +65,7 @@ class SamplingParams:
     def __post_init__(self):
         for f in dataclasses.fields(self):  # numpy scalars (a sweep over np.arange) as Python numbers
             value = getattr(self, f.name)
-            if isinstance(value, (np.integer, np.floating)):
+            if isinstance(value, np.integer | np.floating) or (isinstance(value, jax.Array) and value.ndim == 0):
                 object.__setattr__(self, f.name, value.item())
         if isinstance(self.temperature, (int, float)) and 0 < self.temperature < MIN_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)  # float32 logits divided by it overflow; greedy is the limit
@@ -181,7 +181,8 @@ class RowSampling:
         another temperature or top-p does not compile it again."""
         b = keys.shape[0]
         full = lambda value, dtype: put(np.full(b, value, dtype), ("batch",))  # noqa: E731
-        return RowSampling(full(params.temperature, np.float32), full(params.top_k, np.int32),
+        top_k = min(params.top_k, np.iinfo(np.int32).max)  # past the vocabulary it keeps every token anyway
+        return RowSampling(full(params.temperature, np.float32), full(top_k, np.int32),
                            full(params.top_p, np.float32), full(params.repetition_penalty, np.float32), keys,
                            full(params.presence_penalty, np.float32), full(params.frequency_penalty, np.float32),
                            full(0, np.int32), full(False, bool))
@@ -693,8 +694,9 @@ def _check_arguments(model, tok, stop_ids) -> tuple[int, ...]:
     if tok is None:
         raise ValueError("a tokenizer (the second argument) is needed to turn the output into text; for token "
                          "ids in and out use generate_ids")
-    if not (hasattr(tok, "encode") and hasattr(tok, "decode")):
-        raise TypeError(f"the second argument must be a Tokenizer, got {type(tok).__name__}")
+    if not all(hasattr(tok, name) for name in ("encode", "decode", "stop_ids", "stream_decoder")):
+        raise TypeError(f"the second argument must be an internlm_jax Tokenizer, got {type(tok).__name__} "
+                        "(load one with ij.Tokenizer.from_pretrained(folder))")
     if stop_ids is None:
         return default_stop_ids(model.config, tok)
     return check_stop_ids(stop_ids, model.config.vocab_size)
@@ -712,17 +714,25 @@ def check_stop_ids(stop_ids, vocab_size: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def as_int(value) -> int | None:
+    """``value`` as an int where it is one (Python, numpy and 0-d JAX integers alike), else None: a bool,
+    float, string or array is a slip, never truncated. The one rule for every integer argument."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def _integers(values, message: str) -> list[int]:
-    """``values`` as ints (Python, numpy and 0-d JAX integers alike); a bool, float or string among them
-    (a slip, never truncated) is a TypeError with ``message`` formatted with it."""
+    """``values`` as ints (:func:`as_int`); one that is not is a TypeError with ``message`` formatted with it."""
     out = []
     for t in values:
-        try:
-            if isinstance(t, bool | np.bool_):
-                raise TypeError
-            out.append(operator.index(t))
-        except TypeError:
-            raise TypeError(message.format(t)) from None
+        i = as_int(t)
+        if i is None:
+            raise TypeError(message.format(t))
+        out.append(i)
     return out
 
 
@@ -746,7 +756,7 @@ def _as_batch(prompts) -> tuple[list, bool]:
     if isinstance(prompts, np.ndarray | jax.Array):
         return ([prompts], True) if prompts.ndim == 1 else (list(prompts), False)
     prompts = list(prompts)
-    if prompts and all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompts):
+    if prompts and all(as_int(t) is not None for t in prompts):
         return [prompts], True
     return prompts, False
 
@@ -779,12 +789,12 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int | None, limit: 
                    default: int = DEFAULT_NEW_TOKENS) -> tuple[list[list[int]], int]:
     """The prompts (cut from the left with ``truncate``) and the number of new tokens. Without
     ``max_new_tokens``, ``default`` tokens, or as many as fit after the longest prompt."""
+    _check_flags(truncate=truncate)
     if max_new_tokens is None:
         max_new_tokens = max(1, min(default, limit - max(map(len, prompts))))
-    if isinstance(max_new_tokens, np.integer):
-        max_new_tokens = int(max_new_tokens)
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    if as_int(max_new_tokens) is None or as_int(max_new_tokens) < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    max_new_tokens = as_int(max_new_tokens)
     room = limit - max_new_tokens
     if room < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within max_length={limit}")
@@ -799,23 +809,32 @@ def _check_lengths(prompts: list[list[int]], max_new_tokens: int | None, limit: 
     return out, max_new_tokens
 
 
+def _check_flags(**flags) -> None:
+    """Switches must be booleans: a string such as "no" would otherwise count as true."""
+    for name, value in flags.items():
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _max_length(model, max_length) -> int:
     if max_length is None:
         return model_limit(model.config)
-    if not isinstance(max_length, int | np.integer) or isinstance(max_length, bool) or max_length < 2:
+    if as_int(max_length) is None or as_int(max_length) < 2:
         raise ValueError(f"max_length must be an integer of at least 2 (prompt + new tokens), got {max_length!r}")
-    return int(max_length)
+    return as_int(max_length)
 
 
 def seed_value(seed) -> int:
     """The 32-bit PRNG seed of a request's ``seed`` (any integer); ValueError for anything else. One rule
     for generate and the engine, so the same seed draws the same tokens in both."""
-    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+    if as_int(seed) is None:
         raise ValueError(f"seed must be an integer, got {seed!r}")
-    return int(seed) % (1 << 32)
+    return as_int(seed) % (1 << 32)
 
 
 def _stop_strings(stop) -> list[str]:
+    if stop is not None and not isinstance(stop, str | Iterable):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r} (token ids go in stop_ids=)")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stop):
         raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
@@ -905,6 +924,7 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     ``stop`` strings cut the text before the first one that appears.
     """
     check_keywords(generate, kwargs, generate_ids, taken=("model", "prompts", "tok"))
+    _check_flags(add_bos=add_bos, skip_special_tokens=skip_special_tokens)
     stop_ids = _check_arguments(model, tok, stop_ids)
     batch, single = _as_batch(prompts)
     stop = _stop_strings(stop)
@@ -927,6 +947,7 @@ def stream(model, tok, prompt: str | Sequence[int], *, max_new_tokens: int | Non
     for. Without ``max_new_tokens``, ``default_new_tokens`` or as many as fit."""
     sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     seed, stop = seed_value(seed), _stop_strings(stop)
+    _check_flags(add_bos=add_bos, skip_special_tokens=skip_special_tokens)
     stop_ids = _check_arguments(model, tok, stop_ids)
     batch, single = _as_batch(prompt)
     if not single:

@@ -1,6 +1,7 @@
 """Generation: greedy fidelity to the reference's cached generation, bucketing, stops, sampling, errors."""
 
 import logging
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -258,7 +259,13 @@ def test_common_argument_slips_are_named(model, tmp_path):
     tok = ij.Tokenizer.train(texts, tmp_path / "t.model")
     cases = [((tok, model, "hi"), {}, TypeError, "first argument must be an InternLM2 model, got Tokenizer"),
              ((model, None, [[3, 4]]), {}, ValueError, "a tokenizer .* is needed to turn the output into text"),
-             ((model, model, "hi"), {}, TypeError, "second argument must be a Tokenizer, got InternLM2"),
+             ((model, model, "hi"), {}, TypeError, "second argument must be an internlm_jax Tokenizer, got InternLM2"),
+             ((model, SimpleNamespace(encode=tok.encode, decode=tok.decode), "hi"), {}, TypeError,
+              "must be an internlm_jax Tokenizer, got SimpleNamespace"),  # e.g. an HF tokenizer: no stop_ids
+             ((model, tok, "hi"), {"stop": 5}, ValueError, "stop must be a string or a list of strings, got 5"),
+             ((model, tok, "hi"), {"skip_special_tokens": "no"}, TypeError, "skip_special_tokens must be True or"),
+             ((model, tok, "hi"), {"add_bos": 0}, TypeError, "add_bos must be True or False, got 0"),
+             ((model, tok, [[3, 4]]), {"truncate": "no"}, TypeError, "truncate must be True or False"),
              ((model, tok, 5), {}, TypeError, "prompts must be a string, a list of token ids"),
              ((model, tok, [[3, 4]]), {"stop_ids": "x"}, TypeError, "stop_ids must be a list of token ids"),
              ((model, tok, [[3, 4]]), {"stop_ids": [2, "x"]}, TypeError, r"stop_ids must be token ids \(integers\)"),
@@ -289,9 +296,27 @@ def test_common_argument_slips_are_named(model, tmp_path):
         with pytest.raises(ij.EngineError, match=words):
             ij.Engine(model, stop_ids=stop_ids)
     assert ij.Engine(model, max_len=np.int64(32), max_batch=np.int32(2)).max_len == 32
+    with pytest.raises(ij.EngineError, match="max_len must be an integer of at least 2"):
+        ij.Engine(model, max_len=1)
+    # 0-d JAX integers and floats count as the Python numbers they hold, everywhere (one rule)
+    as_jax = dict(seed=jnp.int32(3), max_new_tokens=jnp.int32(3), max_length=jnp.int32(20),
+                  temperature=jnp.float32(0.7), top_k=jnp.int32(5))
+    plain = {k: v.item() for k, v in as_jax.items()}
+    assert ij.generate_ids(model, [[3, 4]], stop_ids=(), **as_jax) == ij.generate_ids(model, [[3, 4]], stop_ids=(),
+                                                                                        **plain)
+    assert ij.generate(model, tok, list(jnp.asarray([3, 4])), max_new_tokens=2) == \
+        ij.generate(model, tok, [3, 4], max_new_tokens=2)  # a flat list of JAX integers is one prompt
+    eng = ij.Engine(model, max_batch=1, max_len=32, max_queue=np.int64(4))
+    assert eng.check(list(jnp.asarray([3, 4])), max_tokens=jnp.int32(2), min_tokens=jnp.int32(1),
+                     stop_ids=[jnp.int32(2)], logprobs=jnp.int32(1)).prompt == [3, 4]
+    with pytest.raises(ij.EngineError, match="stop_ids must be a list of token ids, got 5"):
+        eng.check([3, 4], max_tokens=2, stop_ids=5)
+    # a top_k past int32 keeps every token, as one past the vocabulary does (generate and the engine alike)
+    wide = dict(max_new_tokens=4, temperature=1.0, seed=1, stop_ids=())
+    assert ij.generate_ids(model, [[3, 4]], top_k=2**31, **wide) == ij.generate_ids(model, [[3, 4]], **wide)
     with pytest.raises(TypeError, match="first argument must be an InternLM2 model"):
         ij.stream(tok, model, "hi")
-    with pytest.raises(TypeError, match="second argument must be a Tokenizer"):
+    with pytest.raises(TypeError, match="second argument must be an internlm_jax Tokenizer"):
         ij.chat(model, model, [{"role": "user", "content": "hi"}])
     # a misspelt keyword is named against the function the user called, with the name meant
     engine = ij.Engine(model, max_batch=1, max_len=32)
