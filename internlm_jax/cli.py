@@ -432,6 +432,10 @@ def _silence_libraries():
     return restore
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be so that the same clean-up runs."""
+
+
 @contextlib.contextmanager
 def _conversion_run(quiet: bool):
     """While a conversion runs: SIGTERM cleans up the temporary output as Ctrl-C does, and when
@@ -440,7 +444,7 @@ def _conversion_run(quiet: bool):
     import signal
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     restore = _silence_libraries() if quiet else None
@@ -658,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except Terminated:  # SIGTERM during a conversion: cleaned up as for Ctrl-C, the shell's code for SIGTERM
+        print("terminated", file=sys.stderr, flush=True)
+        return 128 + 15
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         if _in_multihost_job():  # the others may be inside a collective with this process: leaving together
