@@ -51,6 +51,7 @@ class RopeScaling:
     factor: float
 
     def to_dict(self) -> dict[str, Any]:
+        """The config.json form: ``{"type": ..., "factor": ...}``."""
         return {"type": self.type, "factor": self.factor}
 
 
@@ -94,6 +95,7 @@ class InternLM2Config:
     # ----------------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
+        """Per-head size: never stored in config.json, always ``hidden_size // num_attention_heads``."""
         return self.hidden_size // self.num_attention_heads
 
     @property
@@ -291,6 +293,7 @@ class InternLM2Config:
 
     @staticmethod
     def preset_names() -> list[str]:
+        """The released models :meth:`preset` knows (also ``internlm-jax presets``)."""
         return sorted(PRESETS)
 
 

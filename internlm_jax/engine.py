@@ -278,6 +278,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
+        """Whether any request is waiting or running (``step()`` has work to do)."""
         return bool(self.waiting) or any(r is not None for r in self.rows)
 
     # --- one scheduling step --------------------------------------------------------------------

@@ -495,6 +495,8 @@ class Generator:
         return tokens, emitted.sum(axis=1), ds
 
     def prepare(self, prompts: Sequence[Sequence[int]], bucket: int | None = None) -> PreparedBatch:
+        """Token id lists as one left-padded batch (ids, mask, positions counted from each prompt's first
+        token), padded to the compiled prompt length of the longest (:meth:`prompt_length`)."""
         lengths = [len(p) for p in prompts]
         s = self.prompt_length(max(lengths), bucket)
         ids = np.zeros((len(prompts), s), np.int32)
@@ -919,7 +921,8 @@ def generate(model, tok, prompts: str | Sequence[str | Sequence[int]], *, max_ne
     A prompt is a string or a list of token ids; one prompt gives a string, a list of them a list.
     Sampling: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``repetition_penalty``,
     ``presence_penalty``, ``frequency_penalty`` (see :class:`SamplingParams`), ``seed``.
-    Each sequence stops at its own stop id (default: the tokenizer's, ``</s>`` and ``<|im_end|>``)
+    Each sequence stops at its own stop id (default: :func:`default_stop_ids`: the ids of config.json's and
+    generation_config.json's ``eos_token_id``, ``<|im_end|>`` and the tokenizer's)
     or after ``max_new_tokens`` (see :func:`generate_ids`); the stop token is not part of the text.
     ``stop`` strings cut the text before the first one that appears.
     """

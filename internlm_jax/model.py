@@ -374,6 +374,7 @@ class InternLM2(nnx.Module):
         return hf_checkpoint.save_hf_checkpoint(self, folder, **kwargs)
 
     def num_parameters(self) -> int:
+        """How many parameters the model holds (the released 7B: 7,737,708,544)."""
         return sum(int(np.prod(p.get_value().shape)) for p in flat_params(self).values())
 
     # --- forward --------------------------------------------------------------------------
