@@ -102,6 +102,11 @@ def test_bad_chat_lines_are_named(data, tmp_path):
     bad.write_text('{"text": "x"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:1: not a JSON object with a 'messages' list"):
         PackedDataset([str(bad)], tok, 16, fmt="chat")
+    # a reply whose text is missing (misspelt, or null without calls) is refused: it would train an empty reply
+    for reply in ({"role": "assistant", "contnet": "hello"}, {"role": "assistant", "content": None}):
+        bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, reply]}) + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: messages\[1\] \(assistant\) has no 'content' and no tool"):
+            PackedDataset([str(bad)], tok, 16, fmt="chat")
 
 
 def test_replies_starting_with_a_newline_are_trained_as_the_model_makes_them(tokenizer_path, tmp_path):

@@ -64,6 +64,12 @@ def chat_document(tokenizer, messages, where: str, tools=None) -> tuple[list[int
 
     if tools is not None and not isinstance(tools, list):
         raise ValueError(f"{where}: 'tools' must be a list of function definitions, got {type(tools).__name__}")
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        # a reply with no text and no call (a misspelt "content") would teach the model to stop at once
+        if isinstance(m, dict) and m.get("role") == "assistant" and m.get("content") is None and \
+                not m.get("tool_calls") and not m.get("function_call"):
+            raise ValueError(f"{where}: messages[{i}] (assistant) has no 'content' and no tool calls to train on"
+                             + (f" (keys: {', '.join(map(repr, m))})" if set(m) - {"role", "content"} else ""))
     try:
         msgs = to_internlm_messages(messages, tools)
         text = tokenizer.apply_chat_template(msgs, tokenize=False)
