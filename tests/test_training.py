@@ -335,7 +335,9 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
              "model: {overrides: {hidden_sise: 64}}": "model.overrides.hidden_sise: unknown key",
              "model: {overrides: {num_hidden_layers: two}}": "model.overrides.num_hidden_layers: Input should be "
                                                               "a valid integer",
-             "model: {overrides: {vocab_size: true}}": "model.overrides.vocab_size: expected a number"}
+             "model: {overrides: {vocab_size: true}}": "model.overrides.vocab_size: expected a number",
+             "seed: -1": "seed: Input should be greater than or equal to 0",
+             "seed: 4294967296": "seed: Input should be less than 4294967296"}
     for text, words in cases.items():
         with pytest.raises(ValueError, match=re.escape(words)):
             TrainConfig.from_dict(yaml.safe_load(text))
@@ -379,6 +381,14 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
         assert main(["train", "--config", str(bad)]) == 1
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+    # a key given twice: YAML loaders keep the last silently (here the first optim block would be lost)
+    bad.write_text("model: {preset: internlm2-1_8b}\noptim: {lr: 3e-4, warmup_steps: 0}\nsteps: 2\n"
+                   "optim: {weight_decay: 0.5}\ndata: {train: [x.txt], seq_len: 8, seq_len: 16}\n")
+    with pytest.raises(ValueError, match=r"run.yaml: not valid YAML \(.*key 'optim' is given twice \(line 4\)"):
+        TrainConfig.from_yaml(str(bad))
+    bad.write_text("data: {train: [x.txt], seq_len: 8, seq_len: 16}\n")
+    with pytest.raises(ValueError, match=r"key 'seq_len' is given twice \(line 1\)"):
+        TrainConfig.from_yaml(str(bad))
     bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\nexport_hf: gs://bucket/hf\n")
     with pytest.raises(ValueError, match="export_hf: gs://bucket/hf: remote paths"):  # not joined to the YAML's folder
         TrainConfig.from_yaml(str(bad))

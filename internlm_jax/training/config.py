@@ -144,7 +144,7 @@ class TrainConfig(Section):
     log: LogSection = Field(default_factory=LogSection)
     steps: int = Field(1000, ge=1)
     eval_every: int = Field(0, ge=0)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=1 << 32)  # the data order's (grain's range) and the initialisation's
     export_hf: str | None = None  # write the trained weights as an HF folder at the end
     _source: str | None = PrivateAttr(default=None)  # the YAML file it came from: errors name it first
 
@@ -163,6 +163,8 @@ class TrainConfig(Section):
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
+        """Read and check a YAML file (see :meth:`from_dict`); a key given twice in one mapping is an error
+        (YAML loaders keep the last silently: a repeated ``optim:`` block would drop the first)."""
         import yaml
 
         file = Path(path)
@@ -171,7 +173,7 @@ class TrainConfig(Section):
         if not file.is_file():
             raise FileNotFoundError(f"training config {file} does not exist")
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+            data = yaml.load(file.read_text(encoding="utf-8"), Loader=_unique_keys_loader())
         except UnicodeDecodeError:
             raise ValueError(f"{file}: not UTF-8 text") from None
         except yaml.YAMLError as e:
@@ -275,3 +277,22 @@ def describe(error: ValidationError) -> str:
     shown = "" if first["type"] == "missing" or isinstance(got, (dict, list)) else f" (got {got!r})"
     message = first["msg"].removeprefix("Value error, ")
     return f"{path}: {message}{shown}{more}"
+
+
+def _unique_keys_loader():
+    """PyYAML's safe loader, refusing a key repeated within one mapping (naming it and its line)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
