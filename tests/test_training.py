@@ -400,6 +400,30 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
     assert "--steps: must be at least 1 (got 0)" in err and err.count("\n") == 1, err
 
 
+def test_the_demo_tokenizer_is_kept_for_its_text_only(tmp_path, capsys):
+    """tokenizer: demo is trained once per training text: a rerun reuses it, a run on other text beside
+    it (same parent folder) trains its own instead of tokenizing with the first run's."""
+    from internlm_jax.training.loop import load_tokenizer
+
+    root = Path(__file__).parents[1] / "examples" / "data" / "tiny_corpus.txt"
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(f"zebra {i} quokka axolotl narwhal pangolin" for i in range(300)) + "\n")
+
+    def tokenizer(train, run):
+        cfg = TrainConfig.from_dict({"model": {"preset": "internlm2-1_8b"}, "tokenizer": "demo",
+                                     "data": {"train": [str(train)]}, "checkpoint": {"dir": str(tmp_path / run)}})
+        tok = load_tokenizer(cfg)
+        return tok, "trained a small SentencePiece model" in capsys.readouterr().err
+
+    first, trained = tokenizer(root, "ck1")
+    again, retrained = tokenizer(root, "ck1")
+    assert trained and not retrained and again.model_file == first.model_file
+    mine, trained = tokenizer(other, "ck2")
+    assert trained and mine.model_file != first.model_file
+    line = other.read_text().splitlines()[0]
+    assert len(mine.encode(line)) < len(first.encode(line))  # its own text is what it tokenizes compactly
+
+
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
         "num_key_value_heads": 1, "vocab_size": 400}
 

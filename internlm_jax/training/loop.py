@@ -11,6 +11,7 @@ values). ``steps`` below the checkpoint's step is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -251,7 +252,8 @@ def tokenizer_files(cfg: TrainConfig, tok) -> list[tuple[Path, str]]:
 def load_tokenizer(cfg: TrainConfig):
     """The configured tokenizer; ``tokenizer: demo`` trains a small SentencePiece model on the training
     text files (offline examples; a real checkpoint brings its own tokenizer.model) and keeps it beside
-    the checkpoints, so a resumed run tokenizes the same way."""
+    the checkpoints, named by a digest of that text: a resumed run tokenizes the same way, and a run on
+    other text beside it trains its own."""
     from ..tokenizer import Tokenizer
 
     if not cfg.tokenizer:
@@ -261,15 +263,16 @@ def load_tokenizer(cfg: TrainConfig):
     if not cfg.checkpoint.dir:
         raise ValueError("tokenizer: demo is trained once and kept beside the checkpoints, so that a resumed run "
                          "tokenizes the same way: set checkpoint.dir (or a real tokenizer.model)")
-    path = Path(cfg.checkpoint.dir).parent / "demo_tokenizer.model"
-    if path.is_file():
-        return Tokenizer(path)
     texts = []
     for file in cfg.data.train:
         if not file.endswith(".txt"):
             raise ValueError(f"tokenizer: demo trains on plain .txt files; {file} is not one (set a real tokenizer)")
         check_exists(Path(file))
         texts += [line.rstrip("\r\n") for _, line in text_lines(Path(file))]
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    path = Path(cfg.checkpoint.dir).parent / f"demo_tokenizer-{digest}.model"
+    if path.is_file():
+        return Tokenizer(path)
     print(f"tokenizer: demo: trained a small SentencePiece model on the training text -> {path}", file=sys.stderr)
     return Tokenizer.train(texts, path)
 
