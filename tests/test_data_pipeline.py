@@ -160,6 +160,13 @@ def test_bad_inputs_are_named_and_leave_no_output(corpus, tmp_path):
     bad.write_text('{"text": "fine"}\n{"text": "cut\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON \("):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
+    bad.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")  # Python's parser gives up on the nesting
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: JSON nested too deeply"):
+        tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)
+    objects = tmp_path / "objects.npy"
+    np.save(objects, np.array([1, "two", 3], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=r"objects.npy: an array of Python objects"):
+        PackedDataset([str(objects)], None, 4)
     bad.write_bytes(b'{"text": "fine"}\n\xff\xfe\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not UTF-8"):
         tokenize_corpus(model, [str(bad)], tmp_path / "o", progress=False)

@@ -127,6 +127,8 @@ class MappedArray:
                     raise ValueError(f"{self.path}: not a readable .npy file ({e})") from None
                 if fortran and len(shape) > 1:
                     raise ValueError(f"{self.path}: a Fortran-ordered array; save the token ids as a 1-D array")
+                if np.dtype(dtype).hasobject:  # pickled Python objects: nothing to map (and never unpickled)
+                    raise ValueError(f"{self.path}: an array of Python objects; save the token ids as integers")
                 offset = f.tell()
             self.dtype = np.dtype(dtype)
             size = self.path.stat().st_size

@@ -105,6 +105,8 @@ def line_document(tokenizer, line: str, where: str, *, plain: bool, fmt: str = "
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: JSON nested too deeply to read") from None
     try:
         value = record[key]
     except (KeyError, TypeError):
