@@ -33,6 +33,16 @@ def config():
         hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4)
 
 
+def bench_model():
+    """(threads, config, model): torch given this process's CPUs, the issue's model with random weights."""
+    import torch
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    cfg = config()
+    return threads, cfg, ij.InternLM2(cfg, seed=0)
+
+
 def best(fn, repeats=3):
     fn()
     ts = []
@@ -205,10 +215,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    cfg = config()
-    model = ij.InternLM2(cfg, seed=0)
+    threads, cfg, model = bench_model()
     n = model.num_parameters()
     bw = read_bandwidth()
     res = dict(jax=jax.__version__, torch=torch.__version__, threads=threads, params=n, read_bw=bw)

@@ -12,15 +12,13 @@ and as torch matmuls. Prints one JSON object (seconds, GFLOP/s).
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from generate import best, config, hf_llama  # bench/ is on sys.path when this script runs
+from generate import bench_model, best, hf_llama  # bench/ is on sys.path when this script runs
 
-import internlm_jax as ij
 from internlm_jax.rope import rope_tables
 
 # XLA:CPU options a program may be compiled with (compiler_options), picking the library for its dots
@@ -37,10 +35,7 @@ def main():
     args = ap.parse_args()
     import torch
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    cfg = config()
-    model = ij.InternLM2(cfg, seed=0)
+    threads, cfg, model = bench_model()
     s = args.tokens
     ids_np = np.random.RandomState(1).randint(3, 90000, (1, s))
     ids = jnp.asarray(ids_np)
