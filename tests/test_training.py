@@ -389,6 +389,10 @@ def test_typed_config_reads_numbers_as_written_and_names_wrong_fields(tmp_path, 
     bad.write_text("data: {train: [x.txt], seq_len: 8, seq_len: 16}\n")
     with pytest.raises(ValueError, match=r"key 'seq_len' is given twice \(line 1\)"):
         TrainConfig.from_yaml(str(bad))
+    merged = "base: &b {lr: 1.0e-3, warmup_steps: 3}\n"  # a YAML merge key may be overridden: that is no repeat
+    bad.write_text(merged + "model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\noptim:\n  <<: *b\n  lr: 2.0e-3\n")
+    with pytest.raises(ValueError, match="base: unknown key"):  # (the anchor's holder is no field: read, then named)
+        TrainConfig.from_yaml(str(bad))
     bad.write_text("model: {preset: internlm2-1_8b}\ndata: {train: [x.txt]}\nexport_hf: gs://bucket/hf\n")
     with pytest.raises(ValueError, match="export_hf: gs://bucket/hf: remote paths"):  # not joined to the YAML's folder
         TrainConfig.from_yaml(str(bad))

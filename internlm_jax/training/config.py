@@ -10,6 +10,7 @@ the same way against the fields of :class:`~internlm_jax.config.InternLM2Config`
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import typing
 from pathlib import Path
@@ -287,7 +288,11 @@ def _unique_keys_loader():
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key, collections.abc.Hashable):
+                    continue  # the safe loader names that error itself
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1})",
