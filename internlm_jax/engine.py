@@ -234,14 +234,14 @@ class Engine:
         if ids is None or None in ids:
             raise EngineError("the prompt must be a list of token ids", "prompt")
         prompt = ids
-        max_tokens = max_tokens if as_int(max_tokens) is None else as_int(max_tokens)
+        max_tokens = max_tokens if as_int(max_tokens) is None else as_int(max_tokens)  # (a bool stays one)
         if not prompt:
             raise EngineError("the prompt is empty", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
                               "prompt")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
         if len(prompt) + max_tokens > self.max_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
@@ -268,6 +268,7 @@ class Engine:
             raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
         if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
             raise EngineError(f"stop_ids must be a list of token ids, got {stop_ids!r}", "stop_token_ids")
+        stop_ids = list(stop_ids)  # (a generator is read once)
         stops = [as_int(s) for s in stop_ids]
         bad = [s for s, i in zip(stop_ids, stops) if i is None or not 0 <= i < self.config.vocab_size]
         if bad:

@@ -30,8 +30,8 @@ from jax.experimental import multihost_utils
 
 from . import weights
 from .arrays import canonical_dtype, flat_params, get_row, row_sharding, set_row, sharding_of, stacked_buffers, to_host
-from .checkpoint import CHECKPOINT_MARKERS, META_FILE
-from .config import InternLM2Config
+from .checkpoint import CHECKPOINT_MARKERS, META_FILE, TOKENIZER_FILES
+from .config import GENERATION_FILE, InternLM2Config
 from .files import absolute, atomic_directory, check_destination, progress_bar
 
 
@@ -343,15 +343,19 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     checkpoint order. Written into a temporary sibling and renamed when complete, so an interrupted
     save leaves no folder that looks like a checkpoint. Replacing an HF folder (``overwrite``) keeps
     its other files, as transformers' ``save_pretrained`` does: saving a fine-tuned model over the folder
-    it came from replaces the weights and config, not the tokenizer or the model card."""
+    it came from replaces the weights and config, not the tokenizer or the model card (the old
+    tokenizer's files go as a whole when ``extra_files`` bring a tokenizer: no mix of two)."""
     folder = absolute(folder)
     dtype = np.dtype(dtype)
     tensors = weights.hf_tensors(cfg)
     total = hf_bytes(tensors, dtype)
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
+    extra_files = [(e if isinstance(e, tuple) else (e, Path(e).name)) for e in extra_files]  # (path, name)
+    new_tokenizer = any(name in TOKENIZER_FILES and name != GENERATION_FILE for _, name in extra_files)
     with atomic_directory(folder, overwrite=overwrite, needed_bytes=total, markers=CHECKPOINT_MARKERS) as tmp:
-        _keep_other_files(folder, tmp)
+        _keep_other_files(folder, tmp, drop=[n for n in TOKENIZER_FILES if n != GENERATION_FILE] if new_tokenizer
+                          else [])
         with progress_bar(total, "writing hf", progress, postfix=f"0/{len(tensors)} tensors") as bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
@@ -367,8 +371,9 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
         if "dtype" in extra:  # transformers 5's name for torch_dtype
             extra["dtype"] = str(dtype)
         cfg.replace(extra=extra).save(tmp)
-        for extra in extra_files:  # a path, or (path, the name to give it)
-            source, name = extra if isinstance(extra, tuple) else (extra, Path(extra).name)
+        for source, name in extra_files:
+            if (tmp / name).is_dir() and not (tmp / name).is_symlink():
+                shutil.rmtree(tmp / name)
             (tmp / name).unlink(missing_ok=True)  # a kept file is a hard link: never write through it
             shutil.copy2(source, tmp / name)
     return folder
@@ -377,11 +382,11 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
 WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth)(\.index\.json)?$")
 
 
-def _keep_other_files(old: Path, new: Path) -> None:
-    """Hard-link (or copy) into ``new`` every entry of the HF folder ``old`` but its weights and their
-    indexes (nothing of an Orbax checkpoint: that is another kind of folder). Whatever is written into
-    ``new`` afterwards replaces a kept file by a rename or after an unlink, so ``old`` stays intact until
-    the swap."""
+def _keep_other_files(old: Path, new: Path, drop: Iterable[str] = ()) -> None:
+    """Hard-link (or copy) into ``new`` every entry of the HF folder ``old`` but its weights, their
+    indexes and the names in ``drop`` (nothing of an Orbax checkpoint: that is another kind of folder;
+    symbolic links are kept as links). Whatever is written into ``new`` afterwards replaces a kept file
+    by a rename or after an unlink, so ``old`` stays intact until the swap."""
     if not old.is_dir() or (old / META_FILE).exists():
         return
 
@@ -391,11 +396,14 @@ def _keep_other_files(old: Path, new: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
+    drop = set(drop)
     for entry in old.iterdir():
-        if WEIGHT_FILE.match(entry.name) or entry.is_symlink() and not entry.exists():
+        if WEIGHT_FILE.match(entry.name) or entry.name in drop:
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, new / entry.name, copy_function=link)
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), new / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link)
         else:
             link(entry, new / entry.name)
 

@@ -148,6 +148,15 @@ def test_saving_over_the_source_folder_keeps_its_other_files(tmp_path):
     again = InternLM2.from_pretrained(src)
     np.testing.assert_array_equal(np.asarray(again(IDS)), logits)
     assert default_stop_ids(again.config) == default_stop_ids(model.config) == (2, 7)
+    # a save that brings a tokenizer replaces the old one whole (no mix of two); links stay links
+    os.symlink("README.md", src / "MODEL_CARD.md")
+    new_tok = tmp_path / "tok.model"
+    new_tok.write_bytes(b"another tokenizer")
+    again.save_pretrained(src, overwrite=True, extra_files=[(new_tok, "tokenizer.model")])
+    assert (src / "tokenizer.model").read_bytes() == b"another tokenizer"
+    assert not (src / "tokenizer_config.json").exists() and (src / "generation_config.json").exists()
+    assert os.readlink(src / "MODEL_CARD.md") == "README.md"
+    assert (src / "MODEL_CARD.md").read_bytes() == b"# fine-tuned\n"
     # into a new folder, the generation config travels with the config (stop ids and sampling defaults)
     model.save_pretrained(tmp_path / "new")
     assert (tmp_path / "new" / "generation_config.json").read_bytes() == kept["generation_config.json"]

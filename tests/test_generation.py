@@ -311,6 +311,10 @@ def test_common_argument_slips_are_named(model, tmp_path):
                      stop_ids=[jnp.int32(2)], logprobs=jnp.int32(1)).prompt == [3, 4]
     with pytest.raises(ij.EngineError, match="stop_ids must be a list of token ids, got 5"):
         eng.check([3, 4], max_tokens=2, stop_ids=5)
+    with pytest.raises(ij.EngineError, match="stop token id 'x' is not a token id"):
+        eng.check([3, 4], max_tokens=2, stop_ids=(s for s in [2, "x"]))  # a generator is checked too
+    with pytest.raises(ij.EngineError, match="max_tokens must be a positive integer, got True"):
+        eng.check([3, 4], max_tokens=True)
     # a top_k past int32 keeps every token, as one past the vocabulary does (generate and the engine alike)
     wide = dict(max_new_tokens=4, temperature=1.0, seed=1, stop_ids=())
     assert ij.generate_ids(model, [[3, 4]], top_k=2**31, **wide) == ij.generate_ids(model, [[3, 4]], **wide)

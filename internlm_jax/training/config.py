@@ -288,7 +288,7 @@ def _unique_keys_loader():
         def construct_mapping(self, node, deep=False):
             seen = set()
             for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                if key_node.tag in ("tag:yaml.org,2002:merge", "tag:yaml.org,2002:value"):  # `<<: *base`, `=`
                     continue
                 key = self.construct_object(key_node, deep=deep)
                 if not isinstance(key, collections.abc.Hashable):
