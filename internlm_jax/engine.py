@@ -264,8 +264,9 @@ class Engine:
         if as_int(min_tokens) is None or not 0 <= as_int(min_tokens) <= max_tokens:
             raise EngineError(f"min_tokens must be an integer from 0 to max_tokens ({max_tokens}), got {min_tokens!r}",
                               "min_tokens")
-        if not isinstance(ignore_eos, bool):
+        if not isinstance(ignore_eos, bool | np.bool_):
             raise EngineError(f"ignore_eos must be true or false, got {ignore_eos!r}", "ignore_eos")
+        ignore_eos = bool(ignore_eos)
         if isinstance(stop_ids, str | bytes) or not isinstance(stop_ids, Iterable):
             raise EngineError(f"stop_ids must be a list of token ids, got {stop_ids!r}", "stop_token_ids")
         stop_ids = list(stop_ids)  # (a generator is read once)

@@ -315,6 +315,7 @@ def test_common_argument_slips_are_named(model, tmp_path):
         eng.check([3, 4], max_tokens=2, stop_ids=(s for s in [2, "x"]))  # a generator is checked too
     with pytest.raises(ij.EngineError, match="max_tokens must be a positive integer, got True"):
         eng.check([3, 4], max_tokens=True)
+    assert eng.check([3, 4], max_tokens=2, ignore_eos=np.bool_(True)).ignore_eos is True  # as generate's switches
     # a top_k past int32 keeps every token, as one past the vocabulary does (generate and the engine alike)
     wide = dict(max_new_tokens=4, temperature=1.0, seed=1, stop_ids=())
     assert ij.generate_ids(model, [[3, 4]], top_k=2**31, **wide) == ij.generate_ids(model, [[3, 4]], **wide)
