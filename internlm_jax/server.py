@@ -129,7 +129,8 @@ class Choice:
         self.decoder = tok.stream_decoder(skip_special_tokens=False)
         self.text = TextStream(stop, tools=tools, forced=forced, one_call=one_call)
         self.scored = 0  # tokens whose logprobs were sent
-        self.offset = 0  # characters of token text so far (completions' text_offset)
+        self.offset = 0  # characters of text so far (completions' text_offset)
+        self.spelled = tok.stream_decoder(skip_special_tokens=False)  # the characters each token adds
 
     def echoed(self) -> tuple[str, dict | None]:
         """The prompt's text and (with logprobs) its legacy logprobs object, whose tokens spell that text
@@ -146,9 +147,9 @@ class Choice:
         """The completions API's logprobs object for tokens ``ids`` (offsets continue from the last)."""
         texts = [token_text(self.tok, t)[0] for t in ids]
         offsets = []
-        for text in texts:
+        for t in ids:  # where each token starts in the text (a byte token: at the character it is part of)
             offsets.append(self.offset)
-            self.offset += len(text)
+            self.offset += len(self.spelled.push(t))
         shown = []
         for text, lp, top in zip(texts, logprobs, tops):
             if top is None:

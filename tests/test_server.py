@@ -194,7 +194,7 @@ def test_logprobs_are_the_models_in_chat_and_completions_streamed_or_not(tiny):
     lp = out.choices[0].logprobs
     np.testing.assert_allclose(lp.token_logprobs, want[np.arange(len(ids)), ids], atol=1e-4)
     assert lp.tokens == [shown(tok.token_bytes(t)) for t in ids]
-    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+    assert lp.text_offset == offsets(tok, ids)
     for chosen, logprob, top, row in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, want):
         assert top[chosen] == logprob and 2 <= len(top) <= 3  # the 2 most likely, and the chosen one
         assert sorted(top.values(), reverse=True)[:2] == pytest.approx(np.sort(row)[::-1][:2], abs=1e-4)
@@ -219,7 +219,7 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(tiny):
     for top, row in zip(lp.top_logprobs[1:], want):
         best = int(np.argmax(row))
         assert top[shown(tok.token_bytes(best))] == pytest.approx(row[best], abs=1e-4)
-    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.text_offset == offsets(tok, ids + gen)
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
     streamed = [x for c in chunks if c.choices and c.choices[0].logprobs for x in c.choices[0].logprobs.token_logprobs]
@@ -236,10 +236,26 @@ def test_echo_returns_the_prompt_and_its_logprobs_as_lm_eval_asks(tiny):
                                      logprobs=1).choices[0]
     ids = tok.encode("The river")
     assert text.text == plain.choices[0].text and "".join(text.logprobs.tokens[:len(ids) - 1]) == "The river"
-    assert text.logprobs.text_offset == [sum(map(len, text.logprobs.tokens[:i])) for i in range(len(ids) + 2)]
+    gen = strip_stop(ij.generate_ids(model, [ids], max_new_tokens=3, stop_ids=tok.stop_ids)[0], tok)
+    assert text.logprobs.text_offset == offsets(tok, ids[1:] + gen)
+    # characters made of byte tokens (shown as "bytes:\\xNN"): offsets still index the text, each byte token
+    # at the character it is part of
+    wide = client.completions.create(model="tiny-chat", prompt="café 🌊 river", max_tokens=3, temperature=0,
+                                     echo=True, logprobs=0).choices[0]
+    lp = wide.logprobs
+    assert any(t.startswith("bytes:") for t in lp.tokens) and lp.text_offset == sorted(lp.text_offset)
+    for token, at in zip(lp.tokens, lp.text_offset):
+        assert token.startswith("bytes:") or wide.text[at:at + len(token)] == token, (token, at, wide.text)
+    assert lp.text_offset[-1] < len(wide.text)
     want = model_logprobs(model, ids[:1], ids[1:])
     np.testing.assert_allclose(text.logprobs.token_logprobs[:len(ids) - 1], want[np.arange(len(ids) - 1), ids[1:]],
                                atol=1e-4)
+
+
+def offsets(tok, ids) -> list[int]:
+    """OpenAI's text_offset: where each token starts in the decoded text; a token that is part of a character
+    starts where that character does (the text before it, less an unfinished character's U+FFFD)."""
+    return [len(tok.decode(ids[:i]).rstrip("\ufffd")) for i in range(len(ids))]
 
 
 def shown(raw: bytes) -> str:
