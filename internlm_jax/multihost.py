@@ -59,8 +59,8 @@ def check_same(values: dict[str, int | float | str | None], what: str) -> None:
     def number(v) -> float:
         return float(zlib.crc32(v.encode())) if isinstance(v, str) else float("nan") if v is None else float(v)
 
-    def shown(v: float):
-        return "none" if v != v else int(v) if v.is_integer() else v
+    def shown(v: float):  # (gathered as float32 unless JAX runs in 64 bits: shown at that precision)
+        return "none" if v != v else int(v) if v.is_integer() else str(np.float32(v))
 
     mine = np.asarray([number(v) for v in values.values()], np.float64)
     every = np.asarray(multihost_utils.process_allgather(mine))  # [processes, len(values)]

@@ -595,9 +595,10 @@ def _train(config, processes: int, *args: str) -> list[tuple[str, str]]:
     return outs
 
 
-@pytest.mark.parametrize("bad", ["config", "data", "mesh"])
+@pytest.mark.parametrize("bad", ["config", "data", "mesh", "optim"])
 def test_a_config_or_data_path_that_fails_on_one_process_stops_the_others_before_training(tmp_path, bad):
-    """Process 1's config does not load, names a data file its host lacks, or another mesh; process 0's is
+    """Process 1's config does not load, names a data file its host lacks, another mesh or another learning
+    rate (which trained each process's shards differently, silently; another eval_every hung); process 0's is
     fine, and it stops at a start-up rendezvous naming process 1's error (or the setting that differs)
     instead of starting to train and waiting for it in the first collective."""
     import socket
@@ -611,16 +612,19 @@ def test_a_config_or_data_path_that_fails_on_one_process_stops_the_others_before
                                              .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
     (tmp_path / "mesh.yaml").write_text(example.replace("mesh: {data: 1,", "mesh: {data: 2,")
                                         .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
+    (tmp_path / "optim.yaml").write_text(example.replace("lr: 3.0e-3", "lr: 3.0e-2")
+                                         .replace("data/", f"{ROOT / 'examples' / 'data'}/"))
     configs = [tmp_path / "run.yaml", tmp_path / {"config": "not-on-this-host.yaml", "data": "elsewhere.yaml",
-                                                  "mesh": "mesh.yaml"}[bad]]
+                                                  "mesh": "mesh.yaml", "optim": "optim.yaml"}[bad]]
     procs = [subprocess.Popen([sys.executable, "-m", "internlm_jax", "train", "--config", str(configs[i]),
                                "--devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
                                "--process-id", str(i)], cwd=tmp_path, env=user_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [1, 1], errs
-    if bad == "mesh":
-        assert all("different training configs: mesh.data is 1 on process 0, 2 on process 1" in e for e in errs), errs
+    if bad in ("mesh", "optim"):
+        differ = "mesh.data is 1 on process 0, 2" if bad == "mesh" else "optim.lr is 0.003 on process 0, 0.03"
+        assert all(f"different training configs: {differ} on process 1" in e for e in errs), errs
         return
     what = "training config" if bad == "config" else "training data file"
     assert f"error: {what} {tmp_path}/not-on-this-host" in errs[1], errs[1]

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -148,6 +149,29 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0, lt=1 << 32)  # the data order's (grain's range) and the initialisation's
     export_hf: str | None = None  # write the trained weights as an HF folder at the end
     _source: str | None = PrivateAttr(default=None)  # the YAML file it came from: errors name it first
+
+    # what each process of a job may set for itself: paths (hosts may mount things apart; only whether one is
+    # given must agree) and its loader's threads
+    HOST_PATHS: ClassVar[frozenset] = frozenset({"tokenizer", "export_hf", "model.checkpoint", "data.train",
+                                                 "data.eval", "checkpoint.dir", "log.jsonl", "log.tensorboard"})
+    HOST_LOADER: ClassVar[frozenset] = frozenset({"data.loader_threads", "data.prefetch"})
+
+    def shared_settings(self) -> dict[str, int | float | str | None]:
+        """Every setting the processes of a job must agree on, by its field path (a list or dict as JSON
+        text): all but :attr:`HOST_LOADER`, and of :attr:`HOST_PATHS` whether each is set (or ``demo``)."""
+        out = {}
+
+        def walk(section: BaseModel, prefix: str):
+            for name in type(section).model_fields:
+                value, path = getattr(section, name), prefix + name
+                if isinstance(value, BaseModel):
+                    walk(value, path + ".")
+                elif path in self.HOST_PATHS:
+                    out[path + " (given or not)"] = value if value == "demo" else bool(value)
+                elif path not in self.HOST_LOADER:
+                    out[path] = json.dumps(value, sort_keys=True) if isinstance(value, list | dict) else value
+        walk(self, "")
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "TrainConfig":

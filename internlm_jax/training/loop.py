@@ -332,11 +332,9 @@ def train(cfg: TrainConfig) -> list[dict]:
     rows = process_rows(mesh, d.batch_size, d.seq_len)
     loader = iter(data.loader(d.batch_size, cfg.steps, rows, threads=d.loader_threads, prefetch=d.prefetch))
     rendezvous("data check")  # and so does a tokenizer or data path that is bad on one host
-    same = {f"mesh.{axis}": size for axis, size in mesh.shape.items()}  # else the programs differ, and hang
-    same.update({"data.batch_size": d.batch_size, "data.seq_len": d.seq_len, "optim.grad_accum": cfg.optim.grad_accum,
-                 "steps": cfg.steps, "the model's architecture": repr(arch),
-                 "model (dtype, param_dtype, remat, loss_chunk)": cfg.model.model_dump_json(
-                     include={"dtype", "param_dtype", "remat", "loss_chunk"})})
+    same = cfg.shared_settings()  # or the processes train differently (optim.lr), or hang (eval_every)
+    same.update({f"mesh.{axis}": size for axis, size in mesh.shape.items()})  # as resolved on each host's devices
+    same["the model's architecture"] = repr(arch)
     check_same(same, "training configs")
     model = build_model(cfg, mesh)
     graphdef, params = nnx.split(model)
