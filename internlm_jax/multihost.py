@@ -46,6 +46,24 @@ def initialize(coordinator: str | None, num_processes: int, process_id: int, fro
         threading.Thread(target=_end_when_a_process_leaves, name="internlm-jax-departures", daemon=True).start()
 
 
+def check_port_free(coordinator: str) -> None:
+    """Refuse a ``host:port`` whose port is taken on this host before process 0 starts JAX's coordination
+    service there: it would crash the process (a segmentation fault) and leave the others waiting out
+    their join timeout."""
+    import socket
+
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's TIME_WAIT is no obstacle
+        try:
+            s.bind(("0.0.0.0", int(port)))
+        except OSError as e:
+            raise ValueError(f"--coordinator {coordinator}: port {port} is in use on this host (process 0 serves "
+                             f"the job's coordinator there; pick a free port): {e.strerror}") from None
+
+
 def check_same(values: dict[str, int | float | str | None], what: str) -> None:
     """Every process of the job must hold the same ``values`` (settings); otherwise every process raises a
     ValueError naming the first that differs, instead of the job hanging or mixing programs later. Numbers

@@ -43,6 +43,32 @@ def test_misused_flags_are_named_before_any_work(tmp_path, capsys):
         assert words in err and err.strip().count("\n") == 0, err
 
 
+def test_job_flags_that_cannot_make_a_job_are_named_before_it_starts(tmp_path, capsys):
+    """--num-processes / --process-id without --coordinator (each process ran the whole job alone: every
+    output line written twice), a process id outside the job, and a coordinator port that is taken on
+    process 0's host (JAX's coordination service crashed the process) are one-line errors."""
+    import socket
+
+    from internlm_jax.cli import main
+
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"id": 1, "prompt": "x"}\n')
+    job = ["generate", "--model", str(tmp_path), "--input", str(requests), "--output", str(tmp_path / "out.jsonl")]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, words in ((["--num-processes", "2", "--process-id", "1"], "go with --coordinator"),
+                             (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+                              "--process-id must be from 0 to 1"),
+                             (["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"],
+                              f"port {port} is in use on this host")):
+            assert main(job + flags) == 1, flags
+            err = capsys.readouterr().err
+            assert words in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_files_and_flags_are_named_before_the_model_loads(tmp_path, capsys):
     """generate --input's files and line syntax, the engine sizes, serve's port, --devices: each one line
     naming the flag or file:line, before the model (here: a folder that does not exist) is looked at."""
