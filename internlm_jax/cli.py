@@ -336,20 +336,21 @@ def _start_distributed(args, preemption: bool = False) -> None:
     see :func:`~internlm_jax.multihost.initialize`."""
     _simulate_devices(args.devices)
     coordinator, environment = getattr(args, "coordinator", None), getattr(args, "distributed", False)
-    if not coordinator and (args.num_processes != 1 or args.process_id != 0):  # else each ran the job alone
+    processes, process_id = getattr(args, "num_processes", 1), getattr(args, "process_id", 0)
+    if not coordinator and (processes != 1 or process_id != 0):  # else each ran the job alone
         raise ValueError("--num-processes and --process-id go with --coordinator HOST:PORT (with --distributed "
                          "the cluster environment gives them)")
-    if coordinator and not 0 <= args.process_id < args.num_processes:
-        raise ValueError(f"--process-id must be from 0 to {args.num_processes - 1} (--num-processes "
-                         f"{args.num_processes}), got {args.process_id}")
-    if coordinator and args.process_id == 0:  # process 0 serves the coordinator: its port must be free
+    if coordinator and not 0 <= process_id < processes:
+        raise ValueError(f"--process-id must be from 0 to {processes - 1} (--num-processes {processes}), got "
+                         f"{process_id}")
+    if coordinator and process_id == 0:  # process 0 serves the coordinator: its port must be free
         from .multihost import check_port_free
 
         check_port_free(coordinator)
     if coordinator or environment:
         from .multihost import initialize
 
-        initialize(coordinator, args.num_processes, args.process_id, from_environment=environment,
+        initialize(coordinator, processes, process_id, from_environment=environment,
                    timeout_s=getattr(args, "init_timeout", 300), preemption=preemption)
 
 
