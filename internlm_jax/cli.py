@@ -247,8 +247,12 @@ def cmd_generate(args) -> None:
         text = generate(model, tok, args.prompt, **_sampling_kwargs(args))
         print(text) if leader else None
         return
-    for piece in stream(model, tok, args.prompt, **_sampling_kwargs(args)):
-        print(piece, end="", flush=True) if leader else None
+    from .interrupts import CaughtInterrupt
+
+    with CaughtInterrupt() as ctrl_c:  # a Ctrl-C lost in a garbage-collector callback ends it at the next token
+        for piece in stream(model, tok, args.prompt, **_sampling_kwargs(args)):
+            ctrl_c.check()
+            print(piece, end="", flush=True) if leader else None
     print() if leader else None
 
 

@@ -54,3 +54,33 @@ class HeldInterrupt:
         if self.previous is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
+
+
+class CaughtInterrupt:
+    """Ctrl-C raises at once, as Python's own handler does, and is raised again at the next :meth:`check`
+    when it was lost: a KeyboardInterrupt raised inside a garbage-collector callback is printed and
+    dropped, and the loop would run on (``generate --prompt`` to its last token). A context manager; off
+    the main thread it does nothing."""
+
+    def __init__(self):
+        self.pressed = False
+        self.previous = None
+
+    def __enter__(self) -> "CaughtInterrupt":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._pressed)
+        return self
+
+    def _pressed(self, signum, frame):
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
