@@ -236,7 +236,7 @@ class TextStream:
         self.sent = len(forced)  # characters of text already returned (or never to be)
         self.stopped = False
         self.in_call, self.call_at = bool(forced), 0
-        self.one_call = one_call
+        self.one_call, self.ends_seen = one_call, 0  # ends_seen: text before it holds no unchecked call end
 
     def _hold(self) -> int:
         """How many trailing characters could still be the start of a marker, with tools also the
@@ -276,14 +276,16 @@ class TextStream:
         return out
 
     def _end_after_first_call(self):
-        """Cut the text after the first call once that call is complete and parses."""
-        at = self.text.find(ACTION_END, self.call_at)
+        """Cut the text after the first call once that call is complete and parses (each call end is
+        looked at once, as it arrives)."""
+        at = self.text.find(ACTION_END, max(self.call_at, self.ends_seen))
         while at >= 0:
             head = self.text[:at + len(ACTION_END)]
             if _split_calls(head)[1]:
                 self.text, self.stopped = head, True
                 return
             at = self.text.find(ACTION_END, at + 1)
+        self.ends_seen = max(0, len(self.text) - len(ACTION_END) + 1)  # an end still arriving is looked for again
 
     def finish(self) -> tuple[str, list[dict]]:
         """The rest of the content (not yet returned by push) and the tool calls, once generation ended."""

@@ -234,15 +234,15 @@ class Engine:
         if ids is None or None in ids:
             raise EngineError("the prompt must be a list of token ids", "prompt")
         prompt = ids
-        max_tokens = max_tokens if as_int(max_tokens) is None else as_int(max_tokens)  # (a bool stays one)
         if not prompt:
             raise EngineError("the prompt is empty", "prompt")
         bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
         if bad:
             raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})",
                               "prompt")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        if as_int(max_tokens) is None or as_int(max_tokens) < 1:
             raise EngineError(f"max_tokens must be a positive integer, got {max_tokens!r}", "max_tokens")
+        max_tokens = as_int(max_tokens)
         if len(prompt) + max_tokens > self.max_len:
             raise EngineError(f"the prompt has {len(prompt)} tokens; with max_tokens={max_tokens} that exceeds the "
                               f"context of {self.max_len} tokens (the engine's max_len)", "max_tokens")
