@@ -352,10 +352,10 @@ def write_hf_folder(folder: str | os.PathLike, cfg: InternLM2Config, produce: Ca
     shards = plan_shards(tensors, dtype, parse_size(shard_size))
     by_name = {t.name: t for t in tensors}
     extra_files = [(e if isinstance(e, tuple) else (e, Path(e).name)) for e in extra_files]  # (path, name)
-    new_tokenizer = any(name in TOKENIZER_FILES and name != GENERATION_FILE for _, name in extra_files)
+    tokenizer = set(TOKENIZER_FILES) - {GENERATION_FILE}
+    new_tokenizer = any(name in tokenizer for _, name in extra_files)
     with atomic_directory(folder, overwrite=overwrite, needed_bytes=total, markers=CHECKPOINT_MARKERS) as tmp:
-        _keep_other_files(folder, tmp, drop=[n for n in TOKENIZER_FILES if n != GENERATION_FILE] if new_tokenizer
-                          else [])
+        _keep_other_files(folder, tmp, drop=tokenizer if new_tokenizer else ())
         with progress_bar(total, "writing hf", progress, postfix=f"0/{len(tensors)} tensors") as bar:
             weight_map = {}
             for k, shard in enumerate(shards, 1):
